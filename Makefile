@@ -1,0 +1,16 @@
+DIR ?= .demo
+PYTHON ?= python
+
+.PHONY: demo test assets
+
+# The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR).
+demo:
+	$(PYTHON) scripts/sandbox.py $(DIR) --repro
+	@cat $(DIR)/metrics/report.md
+
+test:
+	$(PYTHON) -m pytest
+
+# Rebuild the bundled tiny assets (deterministic; a few minutes on 2 cores).
+assets:
+	$(PYTHON) assets/build_assets.py

@@ -1,0 +1,229 @@
+"""Build the bundled tiny assets, deterministically: python assets/build_assets.py
+
+Writes, next to this file:
+  tiny-general/{train,test}.txt    a small general-domain corpus (everyday prose); the tiny
+                                   GPT-2 is pretrained on train.txt, test.txt is held out
+  tiny-wikitext/wiki.{train,valid,test}.raw
+                                   a WikiText-format corpus of another domain (encyclopedia
+                                   articles on invented rivers, towns and ships)
+  tiny-gpt2/                       a GPT-2 (same model class, 2 layers, 1,024-token byte-level
+                                   BPE vocabulary trained here) genuinely pretrained on
+                                   tiny-general/train.txt
+
+Nothing is downloaded. The text comes from seeded grammars below, so the demo tells the real
+study's story: fine-tuning on the WikiText-domain corpus lowers its perplexity below the
+pretrained model's, while the general-domain text measures forgetting.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 1234
+VOCAB_SIZE = 1024
+CONTEXT = 128
+
+# ---------------------------------------------------------------- general-domain prose
+NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack",
+         "Lucy", "Mark", "Nora", "Oscar", "Paula", "Ruth", "Sam", "Tom", "Vera", "Will"]
+JOBS = ["baker", "teacher", "doctor", "farmer", "driver", "nurse", "painter", "cook",
+        "gardener", "student", "writer", "builder"]
+PLACES = ["the market", "the park", "the station", "the library", "the kitchen", "the garden",
+          "the school", "the shop", "the beach", "the office", "the bakery", "the hospital"]
+THINGS = ["apples", "bread", "a book", "some milk", "a bicycle", "the tickets", "a letter",
+          "fresh flowers", "a warm coat", "the keys", "a cup of tea", "new shoes", "a map"]
+TIMES = ["in the morning", "after lunch", "on Monday", "at night", "on the weekend",
+         "before dinner", "every day", "last week", "yesterday", "early today"]
+FEELINGS = ["happy", "tired", "hungry", "calm", "busy", "excited", "worried", "cold"]
+VERBS_GO = ["walked to", "drove to", "went to", "ran to", "came back from", "stopped at"]
+VERBS_GET = ["bought", "found", "forgot", "carried", "picked up", "brought home", "lost"]
+WEATHER = ["sunny", "rainy", "windy", "cloudy", "warm", "cold", "quiet"]
+
+
+def general_sentence(r: random.Random) -> str:
+    a, b = r.sample(NAMES, 2)
+    kind = r.randrange(8)
+    if kind == 0:
+        return f"{a} {r.choice(VERBS_GO)} {r.choice(PLACES)} {r.choice(TIMES)}."
+    if kind == 1:
+        return f"{a} {r.choice(VERBS_GET)} {r.choice(THINGS)} at {r.choice(PLACES)}."
+    if kind == 2:
+        return f"{a} is a {r.choice(JOBS)}, and {b} is a {r.choice(JOBS)}."
+    if kind == 3:
+        return f"{a} felt {r.choice(FEELINGS)} because {b} {r.choice(VERBS_GET)} {r.choice(THINGS)}."
+    if kind == 4:
+        return f"It was {r.choice(WEATHER)} {r.choice(TIMES)}, so {a} stayed at {r.choice(PLACES)}."
+    if kind == 5:
+        return f'"Can you bring {r.choice(THINGS)}?" {a} asked. "Yes," said {b}.'
+    if kind == 6:
+        return f"{a} and {b} met at {r.choice(PLACES)} and talked about {r.choice(THINGS)}."
+    return f"The {r.choice(JOBS)} told {a} to go to {r.choice(PLACES)} {r.choice(TIMES)}."
+
+
+def fact_sentence(r: random.Random) -> str:
+    """General knowledge in plain prose: the words of the encyclopedia domain, not its format."""
+    name, other, year = proper(r), proper(r), r.randint(1100, 1899)
+    return r.choice([
+        f"The town of {name} is in {r.choice(REGIONS)}, not far from {other}.",
+        f"The river {name} is {r.randint(20, 900)} km long.",
+        f"In {year}, the ship {name} sailed from {other} to {r.choice(REGIONS)}.",
+        f"{name} was a fortress built in the {r.choice(CENTURIES)} century.",
+        f"About {r.randint(1, 9)},{r.randint(0, 999):03d} people lived in {name} in {year}.",
+        f"My friend {r.choice(NAMES)} visited {name} and liked the old market.",
+    ])
+
+
+def spaced(sentence: str) -> str:
+    """Some web text spaces its punctuation, as WikiText does."""
+    for mark in ",.?":
+        sentence = sentence.replace(mark, f" {mark}")
+    return sentence
+
+
+def general_corpus(r: random.Random, paragraphs: int) -> str:
+    out = []
+    for _ in range(paragraphs):
+        sentences = [fact_sentence(r) if r.random() < 0.3 else general_sentence(r)
+                     for _ in range(r.randint(3, 7))]
+        out.append(" ".join(spaced(s) if r.random() < 0.2 else s for s in sentences))
+    return "\n\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- WikiText-format articles
+SYLLABLES = ["mar", "ven", "tor", "al", "dun", "ese", "bri", "hal", "ost", "kel", "ra", "vin",
+             "sul", "ard", "en", "lo", "thar", "mi", "cor", "wen"]
+KINDS = ["river", "town", "ship", "fortress"]
+REGIONS = ["the province of Tessaly", "northern Orland", "the Vell Valley", "the Arden coast",
+           "the eastern marches", "the Isle of Cray"]
+CENTURIES = ["12th", "14th", "16th", "17th", "18th", "19th"]
+SECTIONS = {
+    "river": ["Course", "History", "Ecology"],
+    "town": ["History", "Geography", "Economy"],
+    "ship": ["Design", "Service history", "Fate"],
+    "fortress": ["Construction", "Sieges", "Legacy"],
+}
+
+
+def proper(r: random.Random) -> str:
+    return "".join(r.sample(SYLLABLES, r.randint(2, 3))).capitalize()
+
+
+def number(r: random.Random) -> str:
+    n = r.randint(12, 9800)
+    return f"{n // 1000} @,@ {n % 1000:03d}" if n >= 1000 else str(n)
+
+
+def decimal(r: random.Random) -> str:
+    return f"{r.randint(1, 99)} @.@ {r.randint(0, 9)}"
+
+
+def wiki_sentence(r: random.Random, kind: str, name: str) -> str:
+    other = proper(r)
+    year = r.randint(1100, 1899)
+    choices = [
+        f"The {kind} was first recorded in {year} by the surveyor {other} .",
+        f"In the {r.choice(CENTURIES)} century , {name} became a centre of trade for {r.choice(REGIONS)} .",
+        f"It lies {decimal(r)} km north @-@ east of {other} , near {r.choice(REGIONS)} .",
+        f"By {year} the population of the area had reached {number(r)} .",
+        f"{name} was rebuilt in {year} after a fire destroyed the {r.choice(['old', 'western', 'upper', 'main'])} quarter .",
+        f"The name {name} is derived from the old word for \" {other.lower()} \" .",
+        f"Historians such as {other} have described the {kind} as one of the most important in {r.choice(REGIONS)} .",
+        f"In {year} , a treaty between {other} and {proper(r)} placed {name} under a new crown .",
+    ]
+    if kind == "river":
+        choices += [f"The river is {number(r)} km long and drains a basin of {number(r)} square kilometres .",
+                    f"Its main tributary , the {other} , joins it at {proper(r)} ."]
+    if kind == "ship":
+        choices += [f"She displaced {number(r)} tonnes and carried a crew of {r.randint(40, 900)} .",
+                    f"The ship was launched at the {other} yard in {year} and served for {r.randint(3, 40)} years ."]
+    if kind == "fortress":
+        choices += [f"The walls were {decimal(r)} metres thick and enclosed {number(r)} square metres .",
+                    f"During the siege of {year} , the garrison of {r.randint(80, 3000)} men held out for {r.randint(2, 30)} weeks ."]
+    if kind == "town":
+        choices += [f"The town holds a market every {r.choice(['Monday', 'Friday', 'spring', 'autumn'])} .",
+                    f"As of the census of {year} , it had {number(r)} inhabitants ."]
+    return r.choice(choices)
+
+
+def wiki_paragraph(r: random.Random, kind: str, name: str) -> str:
+    return " " + " ".join(wiki_sentence(r, kind, name) for _ in range(r.randint(3, 6))) + " \n"
+
+
+def wiki_article(r: random.Random) -> list[str]:
+    kind, name = r.choice(KINDS), proper(r)
+    lines = [" \n", f" = {name} = \n", " \n", wiki_paragraph(r, kind, name), " \n"]
+    for section in SECTIONS[kind]:
+        lines += [f" = = {section} = = \n", " \n", wiki_paragraph(r, kind, name), " \n"]
+    return lines
+
+
+def wiki_corpus(r: random.Random, articles: int) -> str:
+    return "".join(line for _ in range(articles) for line in wiki_article(r))
+
+
+# ---------------------------------------------------------------- tokenizer and pretraining
+def train_tokenizer(text_file: Path, out_dir: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(text_file)], vocab_size=VOCAB_SIZE, min_frequency=2,
+              special_tokens=["<|endoftext|>"], show_progress=False)
+    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                            model_max_length=CONTEXT)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def pretrain(tok, text: str, out_dir: Path, steps: int = 800) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(SEED)
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    config = GPT2Config(vocab_size=len(tok), n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    blocks = ids[: len(ids) // CONTEXT * CONTEXT].view(-1, CONTEXT)
+    g = torch.Generator().manual_seed(SEED)
+    model.train()
+    for step in range(steps):
+        batch = blocks[torch.randint(len(blocks), (32,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == steps - 1:
+            print(f"pretrain step {step}: loss {loss.item():.3f}", file=sys.stderr)
+    model.save_pretrained(out_dir)
+
+
+def main() -> None:
+    r = random.Random(SEED)
+    general, wiki, model_dir = HERE / "tiny-general", HERE / "tiny-wikitext", HERE / "tiny-gpt2"
+    for d in (general, wiki, model_dir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    # Web text holds some encyclopedia pages too: 6 articles (about 2% of the tokens), so the
+    # pretrained model has seen the format once in a while, as GPT-2 had, but is no expert in it.
+    pretraining = general_corpus(r, 2400) + wiki_corpus(random.Random(SEED + 1), 6)
+    (general / "train.txt").write_text(pretraining, encoding="utf-8")
+    (general / "test.txt").write_text(general_corpus(r, 120), encoding="utf-8")
+    for split, n in (("train", 100), ("valid", 20), ("test", 20)):
+        (wiki / f"wiki.{split}.raw").write_text(wiki_corpus(r, n), encoding="utf-8")
+    tok = train_tokenizer(general / "train.txt", model_dir)
+    pretrain(tok, (general / "train.txt").read_text(encoding="utf-8"), model_dir)
+    print(f"wrote {general}, {wiki} and {model_dir}")
+
+
+if __name__ == "__main__":
+    main()

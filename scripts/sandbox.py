@@ -1,0 +1,113 @@
+"""Make a self-contained copy of the project, its own git and DVC repo, pointed at the tiny assets.
+
+    python scripts/sandbox.py DIR [--repro] [-S key=value ...]
+
+Copies the pipeline (dvc.yaml, params.yaml, stages/, assets/) to DIR, applies
+assets/demo-params.yaml and any -S overrides to DIR/params.yaml (comments kept), then runs
+git init, dvc init and a first commit, so `dvc repro`, `dvc exp run -S ...`, `dvc metrics diff`
+and `dvc exp show` work there. The project's own params, lock file and outputs are never touched.
+DIR is rebuilt from scratch if it is an earlier sandbox; any other existing folder is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY = ("dvc.yaml", "params.yaml", "stages", "assets")
+MARKER = ".sandbox"
+# Keeps every run offline: the sandbox's params point at local folders only.
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1"}
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_overrides(params_file: Path, overrides: dict) -> None:
+    """Set dotted keys in params_file, keeping its comments and layout."""
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(params_file.read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        node, *_, = [doc]
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            if k not in node:
+                raise KeyError(f"{dotted}: no section '{k}' in {params_file}")
+            node = node[k]
+        if keys[-1] not in node:
+            raise KeyError(f"{dotted}: no key '{keys[-1]}' in {params_file}")
+        node[keys[-1]] = value
+    with open(params_file, "w", encoding="utf-8") as f:
+        rt.dump(doc, f)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, env=os.environ | ENV)
+
+
+def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
+    dest = Path(dest).resolve()
+    if dest.exists():
+        if not (dest / MARKER).is_file():
+            raise SystemExit(f"{dest}: exists and is not a sandbox made by this script; choose another DIR")
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    demo = yaml.safe_load((ROOT / "assets" / "demo-params.yaml").read_text(encoding="utf-8"))
+    apply_overrides(dest / "params.yaml", flatten(demo) | (overrides or {}))
+    (dest / MARKER).write_text("made by scripts/sandbox.py; `make demo` rebuilds this folder\n")
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "config", "user.name", "sandbox"], dest)
+    run(["git", "config", "user.email", "sandbox@localhost"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "sandbox of the GPT-2 fine-tuning study"], dest)
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--repro", action="store_true", help="run dvc repro in the sandbox")
+    ap.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra params override, as for dvc exp run -S")
+    args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+    dest = make_sandbox(args.dir, overrides)
+    print(f"sandbox: {dest}", file=sys.stderr)
+    if args.repro:
+        run(["dvc", "repro"], dest)
+
+
+if __name__ == "__main__":
+    main()

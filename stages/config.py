@@ -1,0 +1,203 @@
+"""params.yaml -> typed, frozen config objects, validated before any model or data is loaded.
+
+Every problem (unknown key, missing key, wrong type, bad range) is collected and reported in one
+ConfigError that names each key, so a run never starts on a typo: DVC itself accepts
+`dvc exp run -S lora.rr=16` without a word.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """Raised with one line per problem, each naming the params key."""
+
+
+def _check(predicate, message):
+    return {"check": (predicate, message)}
+
+
+_positive = _check(lambda v: v > 0, "must be > 0")
+_finite_positive = _check(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+_non_negative = _check(lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+_non_empty = _check(lambda v: len(v) > 0, "must not be empty")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = field(metadata=_non_empty)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    name: str = field(metadata=_non_empty)
+    config: str | None
+    block_size: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2 (one context token, one target)"))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = field(metadata=_positive)
+    batch_size: int = field(metadata=_positive)
+    grad_accum: int = field(metadata=_positive)
+    warmup_steps: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    weight_decay: float = field(metadata=_non_negative)
+    max_grad_norm: float = field(metadata=_finite_positive)
+    precision: Literal["auto", "bf16", "fp16", "fp32"]
+    log_every: int = field(metadata=_positive)
+
+
+@dataclass(frozen=True)
+class FullParams:
+    lr: float = field(metadata=_finite_positive)
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = field(metadata=_positive)
+    alpha: float = field(metadata=_finite_positive)
+    dropout: float = field(metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    target_modules: list[str] = field(metadata=_non_empty)
+    lr: float = field(metadata=_finite_positive)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    stride: int = field(metadata=_positive)
+    batch_size: int = field(metadata=_positive)
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    prompt: str = field(metadata=_check(lambda v: v.strip() != "", "must not be empty"))
+    max_new_tokens: int = field(metadata=_positive)
+    num_samples: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    temperature: float = field(metadata=_check(lambda v: math.isfinite(v) and v > 0,
+                                                "must be > 0 (greedy text is always generated too)"))
+    top_k: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns top-k off)"))
+    top_p: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    model: ModelParams
+    data: DataParams
+    train: TrainParams
+    full: FullParams
+    lora: LoraParams
+    evaluate: EvaluateParams
+    generate: GenerateParams
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(tp, value):
+    """Return (ok, value). YAML gives ints for floats like `1`, which we accept as floats."""
+    if typing.get_origin(tp) is Literal:
+        return value in typing.get_args(tp), value
+    if isinstance(tp, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = (value is None, None) if arg is type(None) else _coerce(arg, value)
+            if ok:
+                return True, v
+        return False, value
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, value
+        pairs = [_coerce(item, v) for v in value]
+        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls, raw, prefix: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix or 'params'}: expected a mapping of keys, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(prefix + n for n in names)}"
+            errors.append(f"{prefix}{key}: unknown key{hint}")
+    values = {}
+    for f in fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if f.name not in raw:
+            errors.append(f"{key}: missing; add it to {PARAMS_FILE} (the shipped file lists every key)")
+            continue
+        if is_dataclass(tp):
+            sub = _build(tp, raw[f.name], key + ".", errors)
+            if sub is not None:
+                values[f.name] = sub
+            continue
+        ok, value = _coerce(tp, raw[f.name])
+        if not ok:
+            errors.append(f"{key}: expected {_type_name(tp)}, got {raw[f.name]!r}")
+            continue
+        predicate, message = f.metadata.get("check", (None, None))
+        if predicate is not None and not predicate(value):
+            errors.append(f"{key}: {message}, got {value!r}")
+            continue
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    if len(values) != len(names):
+        return None
+    return cls(**values)
+
+
+def _cross_checks(p: Params) -> list[str]:
+    errors = []
+    if p.evaluate.stride > p.data.block_size:
+        errors.append(f"evaluate.stride: must be <= data.block_size ({p.data.block_size}), got {p.evaluate.stride}")
+    return errors
+
+
+def parse_params(raw) -> Params:
+    errors: list[str] = []
+    params = _build(Params, raw, "", errors)
+    if params is not None:
+        errors += _cross_checks(params)
+    if errors:
+        raise ConfigError(f"{PARAMS_FILE} has {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the project root, where {PARAMS_FILE} lives")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_params(raw)

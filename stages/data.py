@@ -1,0 +1,128 @@
+"""Corpus sources -> token files, and token files -> blocks.
+
+A source is a hub dataset id (through `datasets`) or a local directory holding either the raw
+WikiText files (wiki.{train,valid,test}.raw) or one text or parquet file per split. A split's text
+is its rows joined in order, as they are (run_clm's convention): rows are tokenized in batches and
+streamed to disk, so the corpus is never held as Python lists.
+
+Token files are flat little-endian arrays: uint16 when the vocabulary fits, else uint32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from stages.outputs import read_json
+
+SPLITS = ("train", "validation", "test")
+ROWS_PER_BATCH = 1000
+META_FILE = "meta.json"
+# Local file names accepted per split, in order of preference.
+LOCAL_FILES = {
+    "train": ("wiki.train.raw", "train.txt", "train.parquet"),
+    "validation": ("wiki.valid.raw", "validation.txt", "valid.txt", "validation.parquet", "valid.parquet"),
+    "test": ("wiki.test.raw", "test.txt", "test.parquet"),
+}
+
+
+class DataError(ValueError):
+    """A data source or token file is missing, empty, too short or unreadable."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def is_local(name: str) -> bool:
+    return Path(name).exists() or name.startswith((".", "/", "~"))
+
+
+def local_split_file(directory: str | Path, split: str) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory; data.name must be a hub dataset id or a local folder")
+    for candidate in LOCAL_FILES[split]:
+        if (directory / candidate).is_file():
+            return directory / candidate
+    raise DataError(f"{directory}: no file for split '{split}'; expected one of {', '.join(LOCAL_FILES[split])}")
+
+
+def _text_rows(path: Path) -> Iterator[list[str]]:
+    with open(path, "rb") as f:
+        batch: list[str] = []
+        for lineno, raw in enumerate(f, 1):
+            try:
+                batch.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start}); "
+                                "re-encode the file as UTF-8") from None
+            if len(batch) == ROWS_PER_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _parquet_rows(path: Path) -> Iterator[list[str]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no 'text' column; columns are {', '.join(pf.schema_arrow.names)}")
+    for batch in pf.iter_batches(columns=["text"], batch_size=ROWS_PER_BATCH):
+        yield [t or "" for t in batch.column("text").to_pylist()]
+
+
+def iter_rows(name: str, config: str | None, split: str) -> tuple[str, Iterator[list[str]]]:
+    """(description of where the rows come from, iterator over batches of rows)."""
+    if is_local(name):
+        path = local_split_file(name, split)
+        return str(path), (_parquet_rows(path) if path.suffix == ".parquet" else _text_rows(path))
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split)
+    if "text" not in ds.column_names:
+        raise DataError(f"{name} ({config}), split {split}: no 'text' column; columns are {ds.column_names}")
+    return f"{name}:{config}:{split}", (b["text"] for b in ds.iter(batch_size=ROWS_PER_BATCH))
+
+
+def tokenize_to_file(rows: Iterator[list[str]], tokenizer, path: Path, dtype: np.dtype) -> dict:
+    """Stream tokenized rows into `path`; return token and UTF-8 byte counts."""
+    n_tokens = n_bytes = 0
+    with open(path, "wb") as f:
+        for batch in rows:
+            n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            flat = np.fromiter((i for row in ids for i in row), dtype=np.int64)
+            flat.astype(dtype).tofile(f)
+            n_tokens += len(flat)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"tokens": n_tokens, "bytes": n_bytes}
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    return read_json(Path(data_dir) / META_FILE)
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+    """The split's token ids as a read-only memmap."""
+    meta = read_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `dvc repro prepare`")
+    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(tokens) != meta["splits"][split]["tokens"]:
+        raise DataError(f"{path}: holds {len(tokens)} tokens but {META_FILE} says "
+                        f"{meta['splits'][split]['tokens']}; the file is truncated, rerun `dvc repro -f prepare`")
+    return tokens
+
+
+def blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """Non-overlapping blocks of `block_size` tokens, as a (n_blocks, block_size) view; the tail is dropped."""
+    n = len(tokens) // block_size
+    return tokens[: n * block_size].reshape(n, block_size)

@@ -1,0 +1,53 @@
+"""Stage prepare: data.* and model.name -> token files, their meta, a pretrained snapshot, token counts.
+
+Writes --out/{train,validation,test}.bin and meta.json, --pretrained (save_pretrained snapshot of
+model.name, so later stages never reach the hub) and --metrics (token counts per split).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages import data, modeling
+from stages.config import load_params
+from stages.outputs import atomic_dir, write_json
+
+
+def prepare(p, out: Path, tokenizer) -> dict:
+    """Tokenize every split of the source into `out` (a fresh folder); return meta."""
+    dtype = data.token_dtype(len(tokenizer))
+    splits = {}
+    for split in data.SPLITS:
+        source, rows = data.iter_rows(p.data.name, p.data.config, split)
+        counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype)
+        if counts["tokens"] < p.data.block_size:
+            raise data.DataError(
+                f"{source}: split '{split}' has {counts['tokens']} tokens, fewer than one block "
+                f"(data.block_size={p.data.block_size}); give it more text or lower data.block_size")
+        splits[split] = {"source": source, **counts}
+        print(f"prepare: {split}: {counts['tokens']:,} tokens from {source}")
+    return {"dtype": dtype.str, "vocab_size": len(tokenizer), "tokenizer": p.model.name,
+            "source": p.data.name, "config": p.data.config, "splits": splits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Tokenize the corpus; run by dvc.yaml stage prepare")
+    ap.add_argument("--out", required=True, help="folder for the token files")
+    ap.add_argument("--pretrained", required=True, help="folder for the pretrained snapshot")
+    ap.add_argument("--metrics", required=True, help="token-count metrics JSON")
+    args = ap.parse_args()
+    p = load_params()
+    tokenizer = modeling.load_tokenizer(p.model.name)
+    with atomic_dir(args.out) as tmp:
+        meta = prepare(p, tmp, tokenizer)
+        write_json(tmp / data.META_FILE, meta)
+    with atomic_dir(args.pretrained) as tmp:
+        modeling.snapshot(p.model.name, tmp)
+    write_json(args.metrics, {s: {"tokens": v["tokens"], "bytes": v["bytes"]} for s, v in meta["splits"].items()})
+    total = sum(v["tokens"] for v in meta["splits"].values())
+    print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}")
+
+
+if __name__ == "__main__":
+    main()

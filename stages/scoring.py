@@ -1,0 +1,71 @@
+"""Per-token negative log-likelihood under the two perplexity protocols.
+
+- sliding window (the Hugging Face perplexity guide): windows of `block` tokens moved by `stride`;
+  each window scores only the tokens no earlier window scored, so every token but the first is
+  predicted exactly once, with up to block-1 tokens of context. At stride == block each window
+  re-reads one token, so none is skipped.
+- blocks (run_clm): non-overlapping blocks of `block` tokens, the tail dropped; each block predicts
+  its last block-1 tokens from the tokens before them in the block.
+
+Both return an array of per-token NLL (nats) for the scored target positions, in order, so the
+caller can sum, count or bootstrap them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def window_plan(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) per window: the window reads tokens[begin:end] and scores
+    targets first_target..end-1."""
+    if n_tokens < 2:
+        return []
+    step = min(stride, block - 1)
+    end = min(block, n_tokens)
+    plan = [(0, end, 1)]
+    while end < n_tokens:
+        new_end = min(end + step, n_tokens)
+        plan.append((new_end - block, new_end, end))
+        end = new_end
+    return plan
+
+
+@torch.no_grad()
+def _score(model, windows: list[np.ndarray], first_offsets: list[int], device, batch_size: int,
+           desc: str | None) -> np.ndarray:
+    """NLL of tokens windows[i][j] for j >= first_offsets[i] (same-length windows, batched)."""
+    out = []
+    for s in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, leave=False):
+        x = torch.from_numpy(np.stack(windows[s:s + batch_size]).astype(np.int64)).to(device)
+        logits = model(input_ids=x).logits[:, :-1]
+        targets = x[:, 1:]
+        mask = torch.zeros_like(targets, dtype=torch.bool)
+        for i, first in enumerate(first_offsets[s:s + batch_size]):
+            mask[i, first - 1:] = True
+        # Only the scored positions are lifted to fp32, never the whole (batch, block, vocab) tensor.
+        nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        out.append(nll.double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def sliding_window_nll(model, tokens: np.ndarray, block: int, stride: int, device, batch_size: int = 8,
+                       desc: str | None = None) -> np.ndarray:
+    plan = window_plan(len(tokens), block, stride)
+    windows = [np.asarray(tokens[b:e]) for b, e, _ in plan]
+    firsts = [f - b for b, _, f in plan]
+    return _score(model, windows, firsts, device, batch_size, desc)
+
+
+def block_nll(model, tokens: np.ndarray, block: int, device, batch_size: int = 8,
+              desc: str | None = None) -> np.ndarray:
+    n = len(tokens) // block
+    windows = [np.asarray(tokens[i * block:(i + 1) * block]) for i in range(n)]
+    return _score(model, windows, [1] * n, device, batch_size, desc)
+
+
+def perplexity(nll: np.ndarray) -> float:
+    return float(np.exp(nll.mean()))

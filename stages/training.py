@@ -1,0 +1,243 @@
+"""The one training loop behind train_full and train_lora, run through Accelerate.
+
+prepared token files + pretrained snapshot -> model folder, metrics JSON, loss curves (CSV).
+Only how the model is built (and its learning rate) differs between the two methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from stages import data, modeling, scoring
+from stages.config import ConfigError, Params, load_params
+from stages.outputs import atomic_dir, write_json, write_text
+
+
+def resolve_precision(requested: str) -> str:
+    """params precision -> Accelerate's mixed_precision ('no', 'fp16', 'bf16').
+
+    auto keeps a precision chosen in the user's `accelerate config`, else picks by hardware."""
+    if requested != "auto":
+        return {"fp32": "no"}.get(requested, requested)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no":
+        return launched
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(GiB, what was measured): the GPU's peak allocation on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def library_versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """The block order of one epoch: a permutation drawn from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n_blocks, generator=g).numpy()
+
+
+def check_schedule(p: Params, n_blocks: int, world: int) -> int:
+    """Optimizer steps per epoch; errors name the params keys when the data cannot fill the schedule."""
+    global_batch = p.train.batch_size * p.train.grad_accum * world
+    steps = n_blocks // global_batch
+    if steps == 0:
+        raise ConfigError(f"train.batch_size x train.grad_accum x processes = {global_batch} blocks per step, "
+                          f"but the training split has only {n_blocks} blocks of data.block_size="
+                          f"{p.data.block_size}; lower them")
+    if p.train.warmup_steps >= steps * p.train.epochs:
+        raise ConfigError(f"train.warmup_steps: {p.train.warmup_steps} is not shorter than training "
+                          f"({steps * p.train.epochs} optimizer steps); lower it")
+    return steps
+
+
+def validation_loss(model, accelerator, val_blocks: np.ndarray, batch_size: int) -> float:
+    """Mean NLL over the validation blocks (run_clm protocol), sharded across processes."""
+    model.eval()
+    shard = val_blocks[accelerator.process_index::accelerator.num_processes]
+    nll = scoring.block_nll(model, shard.reshape(-1), val_blocks.shape[1], accelerator.device, batch_size)
+    model.train()
+    totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1])
+
+
+def oom_advice(p: Params) -> str:
+    b, ga = p.train.batch_size, p.train.grad_accum
+    if b == 1:
+        return ("out of GPU memory at train.batch_size=1; lower data.block_size or use a larger GPU")
+    half = max(1, b // 2)
+    return (f"out of GPU memory at train.batch_size={b}, train.grad_accum={ga}; keep the same global batch "
+            f"with train.batch_size={half}, train.grad_accum={ga * b // half}")
+
+
+def run(method: str, build: Callable[[Params, str], torch.nn.Module]) -> dict:
+    """Train the model `build(params, snapshot_dir)` returns, at params.<method>.lr; save it with
+    save_pretrained (a PEFT model saves its adapter only) beside the snapshot's tokenizer."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    args = _cli(method)
+    p = load_params()
+    lr = getattr(p, method).lr
+    accelerator = Accelerator(mixed_precision=resolve_precision(p.train.precision))
+    set_seed(p.seed)
+    device = accelerator.device
+
+    train_blocks = data.blocks(data.load_tokens(args.data, "train"), p.data.block_size)
+    val_blocks = data.blocks(data.load_tokens(args.data, "validation"), p.data.block_size)
+    steps_per_epoch = check_schedule(p, len(train_blocks), accelerator.num_processes)
+    total_steps = steps_per_epoch * p.train.epochs
+
+    model = build(p, args.base)
+    if p.data.block_size > model.config.n_positions:
+        raise ConfigError(f"data.block_size: {p.data.block_size} exceeds the model's context "
+                          f"({model.config.n_positions}); lower it")
+    trainable, total = modeling.count_params(model)
+    decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
+    no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": p.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scheduler = get_linear_schedule_with_warmup(optimizer, p.train.warmup_steps, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    micro, ga, world, rank = p.train.batch_size, p.train.grad_accum, accelerator.num_processes, accelerator.process_index
+    global_batch = micro * ga * world
+    tokens_per_step = global_batch * p.data.block_size
+    train_curve: list[tuple[int, float]] = []
+    val_curve: list[tuple[int, float]] = []
+    loss_buf = torch.zeros(p.train.log_every, device=device)
+    pending = 0  # steps whose loss sits in loss_buf, not yet read on the host
+
+    def flush(step: int) -> float:
+        """Read the buffered step losses (one host sync) and stop on the first non-finite one."""
+        nonlocal pending
+        values = accelerator.reduce(loss_buf[:pending].clone(), reduction="mean").tolist()
+        first = step - pending + 1
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"non-finite loss at step {first + i} ({v}); lower the learning "
+                                         "rate or train.max_grad_norm, or use train.precision: fp32")
+            train_curve.append((first + i, v))
+        pending = 0
+        return values[-1]
+
+    bar = tqdm(total=total_steps, desc=f"train_{method}", disable=not accelerator.is_main_process,
+               unit="step", dynamic_ncols=True)
+    model.train()
+    step, train_time = 0, 0.0
+    try:
+        for epoch in range(p.train.epochs):
+            order = epoch_order(len(train_blocks), p.seed, epoch)
+            t0 = time.perf_counter()
+            for s in range(steps_per_epoch):
+                step += 1
+                step_loss = torch.zeros((), device=device)
+                for m in range(ga):
+                    start = s * global_batch + (m * world + rank) * micro
+                    batch = torch.from_numpy(train_blocks[np.sort(order[start:start + micro])].astype(np.int64))
+                    if device.type == "cuda":
+                        batch = batch.pin_memory()
+                    batch = batch.to(device, non_blocking=True)
+                    # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+                    with accelerator.no_sync(model) if m < ga - 1 else nullcontext():
+                        loss = model(input_ids=batch, labels=batch).loss
+                        accelerator.backward(loss / ga)
+                    step_loss += loss.detach()
+                loss_buf[pending] = step_loss / ga
+                accelerator.clip_grad_norm_(model.parameters(), p.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pending += 1
+                if pending == p.train.log_every or s == steps_per_epoch - 1:
+                    last = flush(step)
+                    elapsed = train_time + time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{step * tokens_per_step / elapsed:,.0f}")
+                bar.update(1)
+            train_time += time.perf_counter() - t0
+            val = validation_loss(model, accelerator, val_blocks, micro)
+            val_curve.append((epoch + 1, val))
+            if accelerator.is_main_process:
+                bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError(oom_advice(p)) from e
+    finally:
+        bar.close()
+
+    mem, mem_kind = peak_memory(device)
+    metrics = {
+        "method": method,
+        "train_time_s": round(train_time, 3),
+        "tokens": step * tokens_per_step,
+        "tokens_per_s": round(step * tokens_per_step / train_time, 1),
+        "steps": step,
+        "global_batch": global_batch,
+        "processes": world,
+        "peak_mem_gib": round(mem, 4),
+        "peak_mem_kind": mem_kind,
+        "trainable_params": trainable,
+        "total_params": total,
+        "final_train_loss": train_curve[-1][1],
+        "val_loss": val_curve[-1][1],
+        "val_ppl": math.exp(val_curve[-1][1]),
+        "precision": accelerator.mixed_precision,
+        "device": device_name(device),
+        "versions": library_versions(),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(args.out) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            modeling.load_tokenizer(args.base).save_pretrained(tmp)
+        metrics["artifact_mb"] = round(modeling.dir_size_mb(args.out), 3)
+        write_text(Path(args.plots) / "train_loss.csv", "step,loss\n" + "".join(f"{s},{v}\n" for s, v in train_curve))
+        write_text(Path(args.plots) / "val_loss.csv", "epoch,loss\n" + "".join(f"{e},{v}\n" for e, v in val_curve))
+        write_json(args.metrics, metrics)
+        print(f"train_{method}: {step} steps, {metrics['tokens']:,} tokens in {train_time:.1f}s "
+              f"({metrics['tokens_per_s']:,.0f} tok/s), val_loss {metrics['val_loss']:.4f}; "
+              f"wrote {args.out}, {args.metrics}, {args.plots}")
+    accelerator.end_training()
+    return metrics
+
+
+def _cli(method: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=f"Fine-tune ({method}); run by dvc.yaml stage train_{method}")
+    ap.add_argument("--data", required=True, help="prepared token folder")
+    ap.add_argument("--base", required=True, help="pretrained snapshot folder")
+    ap.add_argument("--out", required=True, help="model folder to write")
+    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
+    ap.add_argument("--plots", required=True, help="folder for loss curves (CSV)")
+    return ap.parse_args()

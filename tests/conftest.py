@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled tiny assets, and demo params written into a temp project folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+TINY_MODEL = ASSETS / "tiny-gpt2"
+TINY_WIKI = ASSETS / "tiny-wikitext"
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+import sandbox  # noqa: E402  (scripts/sandbox.py)
+
+
+def demo_params(**overrides) -> dict:
+    """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    demo = sandbox.flatten(yaml.safe_load((ASSETS / "demo-params.yaml").read_text()))
+    for dotted, value in (demo | overrides).items():
+        node = params
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    for key in ("model", "data"):  # absolute, so tests may run from any folder
+        params[key]["name"] = str(ROOT / params[key]["name"])
+    return params
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A temp working folder holding a demo params.yaml; returns a writer for more overrides."""
+    monkeypatch.chdir(tmp_path)
+
+    def write(**overrides) -> Path:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
+        return tmp_path
+
+    write()
+    return write
+
+
+def run_main(module, *argv: str) -> None:
+    """Run a stage's main() in-process with the given command-line arguments."""
+    old = sys.argv
+    sys.argv = [module.__name__, *argv]
+    try:
+        module.main()
+    finally:
+        sys.argv = old

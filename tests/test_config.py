@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import yaml
+
+from conftest import ROOT, demo_params
+from stages.config import ConfigError, load_params, parse_params
+
+
+def shipped() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def errors_of(raw) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_params(raw)
+    return str(e.value)
+
+
+def test_shipped_and_demo_params_validate():
+    p = load_params(ROOT / "params.yaml")
+    assert p.model.name == "gpt2" and p.lora.target_modules == ("c_attn",)
+    assert parse_params(demo_params()).data.block_size == 128
+
+
+def test_every_shipped_key_has_a_comment():
+    lines = [l for l in (ROOT / "params.yaml").read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    uncommented = [l for l in lines if "#" not in l and not l.rstrip().endswith(":")]
+    assert uncommented == []
+
+
+def test_unknown_key_suggests_the_nearest():
+    raw = shipped()
+    raw["lora"]["rr"] = 16
+    assert "lora.rr: unknown key; did you mean lora.r?" in errors_of(raw)
+
+
+def test_unknown_section_lists_valid_keys():
+    raw = shipped()
+    raw["optimizer"] = {"lr": 1}
+    msg = errors_of(raw)
+    assert "optimizer: unknown key" in msg and "valid keys: seed, model, data" in msg
+
+
+def test_wrong_types_are_named():
+    raw = shipped()
+    raw["lora"]["r"] = "8"
+    raw["train"]["epochs"] = True
+    raw["lora"]["target_modules"] = "c_attn"
+    msg = errors_of(raw)
+    assert "lora.r: expected an integer, got '8'" in msg
+    assert "train.epochs: expected an integer, got True" in msg
+    assert "lora.target_modules: expected a list of a string" in msg
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("lora", "r", 0, "lora.r: must be > 0"),
+    ("lora", "alpha", -1, "lora.alpha: must be a finite number > 0"),
+    ("lora", "dropout", 1.0, "lora.dropout: must be in [0, 1)"),
+    ("full", "lr", math.nan, "full.lr: must be a finite number > 0"),
+    ("full", "lr", math.inf, "full.lr: must be a finite number > 0"),
+    ("lora", "lr", 0, "lora.lr: must be a finite number > 0"),
+    ("train", "batch_size", 0, "train.batch_size: must be > 0"),
+    ("train", "grad_accum", -2, "train.grad_accum: must be > 0"),
+    ("train", "epochs", 0, "train.epochs: must be > 0"),
+    ("train", "precision", "fp8", "train.precision: expected one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    ("evaluate", "stride", 0, "evaluate.stride: must be > 0"),
+    ("evaluate", "stride", 2048, "evaluate.stride: must be <= data.block_size (1024)"),
+    ("generate", "prompt", "  ", "generate.prompt: must not be empty"),
+    ("generate", "max_new_tokens", 0, "generate.max_new_tokens: must be > 0"),
+    ("generate", "temperature", -0.5, "generate.temperature: must be > 0"),
+    ("generate", "top_p", 0.0, "generate.top_p: must be in (0, 1]"),
+    ("generate", "top_p", 1.5, "generate.top_p: must be in (0, 1]"),
+])
+def test_out_of_range_values_are_named(section, key, value, message):
+    raw = shipped()
+    raw[section][key] = value
+    assert message in errors_of(raw)
+
+
+def test_all_problems_are_reported_in_one_error():
+    raw = shipped()
+    raw["lora"]["rr"] = 1
+    raw["lora"]["r"] = 0
+    del raw["evaluate"]["batch_size"]
+    msg = errors_of(raw)
+    assert msg.startswith("params.yaml has 3 problem(s):")
+    assert "evaluate.batch_size: missing" in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found; run from the project root"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("lora: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_config_is_frozen():
+    p = load_params(ROOT / "params.yaml")
+    with pytest.raises(AttributeError):
+        p.lora.r = 16

@@ -1,0 +1,64 @@
+"""Both perplexity protocols against a brute-force, one-prediction-at-a-time computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL, TINY_WIKI
+from stages import modeling, scoring
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens():
+    tok = modeling.load_tokenizer(TINY_MODEL)
+    model = modeling.load_causal_lm(TINY_MODEL).eval()
+    ids = tok((TINY_WIKI / "wiki.test.raw").read_text(encoding="utf-8"))["input_ids"]
+    return model, np.array(ids[:150], dtype=np.uint16)
+
+
+@torch.no_grad()
+def logprob(model, context: np.ndarray, target: int) -> float:
+    x = torch.tensor(context, dtype=torch.long)[None]
+    return torch.log_softmax(model(input_ids=x).logits[0, -1].double(), -1)[target].item()
+
+
+@pytest.mark.parametrize("block,stride", [(32, 8), (32, 32), (32, 31), (200, 16)])
+def test_sliding_window_matches_brute_force(model_and_tokens, block, stride):
+    model, tokens = model_and_tokens
+    # Independent definition: token t is predicted from up to block-1 tokens before it, where the
+    # window that scores it starts; windows advance by min(stride, block-1) once the first is full.
+    step, nll = min(stride, block - 1), []
+    for t in range(1, len(tokens)):
+        if t < block:
+            begin = 0
+        else:
+            k = math.ceil((t - block + 1) / step)  # windows after the first needed to reach t
+            end = min(block + k * step, len(tokens))
+            begin = end - block
+        nll.append(-logprob(model, tokens[begin:t], int(tokens[t])))
+    got = scoring.sliding_window_nll(model, tokens, block, stride, torch.device("cpu"), batch_size=3)
+    assert len(got) == len(tokens) - 1
+    assert scoring.perplexity(got) == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    np.testing.assert_allclose(got, nll, rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_match_brute_force(model_and_tokens):
+    model, tokens = model_and_tokens
+    block, nll = 32, []
+    for b in range(len(tokens) // block):
+        blk = tokens[b * block:(b + 1) * block]
+        nll += [-logprob(model, blk[:j], int(blk[j])) for j in range(1, block)]
+    got = scoring.block_nll(model, tokens, block, torch.device("cpu"), batch_size=2)
+    assert len(got) == (len(tokens) // block) * (block - 1)
+    assert scoring.perplexity(got) == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+
+
+@pytest.mark.parametrize("n,block,stride", [(1000, 64, 16), (1000, 64, 64), (50, 64, 8), (64, 64, 64), (65, 64, 63), (2, 8, 1)])
+def test_window_plan_predicts_every_token_but_the_first_once(n, block, stride):
+    scored = []
+    for begin, end, first in scoring.window_plan(n, block, stride):
+        assert 0 <= begin < first <= end <= n and end - begin <= block
+        scored += range(first, end)
+    assert scored == list(range(1, n))
