@@ -31,6 +31,9 @@ def repo(tmp_path_factory):
     dest = tmp_path_factory.mktemp("pipeline") / "sandbox"
     sandbox.make_sandbox(dest, {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12})
     first = dvc(dest, "repro")
+    # As a user would: commit the baseline, so that experiments and metrics diff compare against it.
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
     return dest, first
 
 
@@ -79,7 +82,9 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(repo):
 
 def test_misspelled_param_fails_before_training(repo):
     dest, _ = repo
-    proc = dvc(dest, "exp", "run", "-S", "lora.rr=16", check=False)
+    # DVC refuses `-S lora.rr=16` itself, but `+lora.rr=16` (or a hand edit) adds the key silently.
+    proc = dvc(dest, "exp", "run", "-S", "+lora.rr=16", check=False)
     assert proc.returncode != 0
     assert "lora.rr: unknown key; did you mean lora.r?" in proc.stdout + proc.stderr
+    assert stages_run(proc) == {"train_lora"}
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=dest, check=True)
