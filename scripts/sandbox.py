@@ -22,7 +22,7 @@ import yaml
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY = ("dvc.yaml", "params.yaml", "stages", "assets")
+COPY = ("dvc.yaml", "params.yaml", ".gitignore", "stages", "assets")
 MARKER = ".sandbox"
 # Keeps every run offline: the sandbox's params point at local folders only.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -56,6 +56,7 @@ class TrainParams:
     max_grad_norm: float = field(metadata=_finite_positive)
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     log_every: int = field(metadata=_positive)
+    checkpoint_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns checkpoints off)"))
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,8 @@ def main() -> None:
     p = load_params()
     torch.manual_seed(p.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = modeling.load_for_eval(args.model, args.base).to(device)
-    if p.data.block_size > model.config.n_positions:
-        raise SystemExit(f"data.block_size: {p.data.block_size} exceeds the model's context "
-                         f"({model.config.n_positions}); lower it")
+    modeling.check_context(args.base, p.data.block_size)
+    model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     t0 = time.perf_counter()

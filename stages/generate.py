@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = modeling.load_for_eval(args.model, args.base).to(device)
+    model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
     tokenizer = modeling.load_tokenizer(args.model)
     with torch.no_grad():
         texts = generate(model, tokenizer, p.generate, p.seed, device)

@@ -6,6 +6,7 @@ stage loads, so after `prepare` the pipeline runs offline and the snapshot pins 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -46,18 +47,43 @@ def load_causal_lm(name: str | Path):
     from stages.data import is_local
 
     if is_local(str(name)):
+        check_weights(Path(name))
+    return AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32)
+
+
+def check_weights(folder: Path) -> None:
+    """A save_pretrained or PEFT folder must hold complete, readable safetensors weights."""
+    from safetensors import safe_open
+
+    _check_local_model(folder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{folder}: no weights (*.safetensors); the folder is incomplete, rebuild it "
+                         "(dvc repro -f <the stage that writes it>)")
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                for key in f.keys():  # reading every tensor catches truncation past the header
+                    f.get_slice(key)[:]
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise ModelError(f"{w}: truncated or corrupt ({e}); rebuild it "
+                             "(dvc repro -f <the stage that writes it>)") from None
+
+
+def check_context(name: str | Path, block_size: int) -> None:
+    """Refuse data.block_size beyond the model's context, reading only its config."""
+    from transformers import AutoConfig
+
+    from stages.config import ConfigError
+    from stages.data import is_local
+
+    if is_local(str(name)):
         _check_local_model(Path(name))
-        weights = list(Path(name).glob("*.safetensors")) + list(Path(name).glob("*.bin"))
-        if not weights:
-            raise ModelError(f"{name}: no weights (*.safetensors); the folder is incomplete, rebuild it "
-                             "(dvc repro -f <stage that writes it>)")
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        if not is_local(str(name)):
-            raise
-        raise ModelError(f"{name}: could not be loaded ({type(e).__name__}: {e}); a weights file is "
-                         "truncated or corrupt, rebuild it (dvc repro -f <stage that writes it>)") from e
+    config = AutoConfig.from_pretrained(str(name))
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if context is not None and block_size > context:
+        raise ConfigError(f"data.block_size: {block_size} exceeds the context of {name} ({context} tokens); "
+                          f"set it to at most {context}")
 
 
 def snapshot(name: str, out_dir: Path) -> None:
@@ -96,8 +122,12 @@ def wrap_lora(model: torch.nn.Module, lora, base_name: str):
     fan_in_fan_out = any(isinstance(m, Conv1D) for m in targets.values())
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), fan_in_fan_out=fan_in_fan_out,
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_name)
-    return get_peft_model(model, config)
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    # The weights come from the local snapshot of model.name; the adapter records model.name itself,
+    # so it loads anywhere that base is available (the hub id, for the real study).
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model
 
 
 def expected_lora_params(model: torch.nn.Module, lora) -> int:
@@ -111,13 +141,19 @@ def expected_lora_params(model: torch.nn.Module, lora) -> int:
     return total
 
 
-def load_for_eval(model_dir: str | Path, base_dir: str | Path):
-    """A model ready to score: a full model folder, or base plus a PEFT adapter folder."""
+def load_for_eval(model_dir: str | Path, base_dir: str | Path, base_name: str):
+    """A model ready to score: a full model folder, or base plus a PEFT adapter folder whose
+    recorded base must be `base_name` (params model.name)."""
     model_dir = Path(model_dir)
     _check_local_model(model_dir)
     if (model_dir / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
+        recorded = json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if recorded != base_name:
+            raise ModelError(f"{model_dir}: adapter was trained on base {recorded!r}, but model.name is "
+                             f"{base_name!r}; retrain it (dvc repro train_lora) or set model.name back")
+        check_weights(model_dir)
         model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(model_dir))
     else:
         model = load_causal_lm(model_dir)

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="token-count metrics JSON")
     args = ap.parse_args()
     p = load_params()
+    modeling.check_context(p.model.name, p.data.block_size)
     tokenizer = modeling.load_tokenizer(p.model.name)
     with atomic_dir(args.out) as tmp:
         meta = prepare(p, tmp, tokenizer)

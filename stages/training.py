@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stages import data, modeling, scoring
+from stages import checkpoints, data, modeling, scoring
 from stages.config import ConfigError, Params, load_params
 from stages.outputs import atomic_dir, write_json, write_text
 
@@ -110,34 +110,38 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module]) -> dict:
 
     args = _cli(method)
     p = load_params()
-    lr = getattr(p, method).lr
+    modeling.check_context(args.base, p.data.block_size)
     accelerator = Accelerator(mixed_precision=resolve_precision(p.train.precision))
     set_seed(p.seed)
     device = accelerator.device
 
     train_blocks = data.blocks(data.load_tokens(args.data, "train"), p.data.block_size)
     val_blocks = data.blocks(data.load_tokens(args.data, "validation"), p.data.block_size)
-    steps_per_epoch = check_schedule(p, len(train_blocks), accelerator.num_processes)
-    total_steps = steps_per_epoch * p.train.epochs
+    spe = check_schedule(p, len(train_blocks), accelerator.num_processes)  # optimizer steps per epoch
+    total_steps = spe * p.train.epochs
 
     model = build(p, args.base)
-    if p.data.block_size > model.config.n_positions:
-        raise ConfigError(f"data.block_size: {p.data.block_size} exceeds the model's context "
-                          f"({model.config.n_positions}); lower it")
     trainable, total = modeling.count_params(model)
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": p.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+        lr=getattr(p, method).lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, p.train.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
     micro, ga, world, rank = p.train.batch_size, p.train.grad_accum, accelerator.num_processes, accelerator.process_index
     global_batch = micro * ga * world
     tokens_per_step = global_batch * p.data.block_size
-    train_curve: list[tuple[int, float]] = []
-    val_curve: list[tuple[int, float]] = []
+    progress = {"step": 0, "train_time": 0.0, "train_curve": [], "val_curve": []}
+    ckpt = checkpoints.Checkpointer(
+        args.checkpoints, method,
+        checkpoints.run_key(p, method, args.data, world, accelerator.mixed_precision), accelerator)
+    if (latest := ckpt.latest()) is not None:
+        progress = ckpt.load(latest)
+        if accelerator.is_main_process:
+            print(f"train_{method}: resuming from {latest} (step {progress['step']} of {total_steps})")
     loss_buf = torch.zeros(p.train.log_every, device=device)
     pending = 0  # steps whose loss sits in loss_buf, not yet read on the host
 
@@ -150,69 +154,75 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module]) -> dict:
             if not math.isfinite(v):
                 raise FloatingPointError(f"non-finite loss at step {first + i} ({v}); lower the learning "
                                          "rate or train.max_grad_norm, or use train.precision: fp32")
-            train_curve.append((first + i, v))
+            progress["train_curve"].append((first + i, v))
         pending = 0
         return values[-1]
 
-    bar = tqdm(total=total_steps, desc=f"train_{method}", disable=not accelerator.is_main_process,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train_{method}", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
-    step, train_time = 0, 0.0
+    order, t0 = None, time.perf_counter()
     try:
-        for epoch in range(p.train.epochs):
-            order = epoch_order(len(train_blocks), p.seed, epoch)
-            t0 = time.perf_counter()
-            for s in range(steps_per_epoch):
-                step += 1
-                step_loss = torch.zeros((), device=device)
-                for m in range(ga):
-                    start = s * global_batch + (m * world + rank) * micro
-                    batch = torch.from_numpy(train_blocks[np.sort(order[start:start + micro])].astype(np.int64))
-                    if device.type == "cuda":
-                        batch = batch.pin_memory()
-                    batch = batch.to(device, non_blocking=True)
-                    # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-                    with accelerator.no_sync(model) if m < ga - 1 else nullcontext():
-                        loss = model(input_ids=batch, labels=batch).loss
-                        accelerator.backward(loss / ga)
-                    step_loss += loss.detach()
-                loss_buf[pending] = step_loss / ga
-                accelerator.clip_grad_norm_(model.parameters(), p.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pending += 1
-                if pending == p.train.log_every or s == steps_per_epoch - 1:
-                    last = flush(step)
-                    elapsed = train_time + time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{step * tokens_per_step / elapsed:,.0f}")
-                bar.update(1)
-            train_time += time.perf_counter() - t0
-            val = validation_loss(model, accelerator, val_blocks, micro)
-            val_curve.append((epoch + 1, val))
-            if accelerator.is_main_process:
-                bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
+        for step in range(progress["step"] + 1, total_steps + 1):
+            epoch, s = divmod(step - 1, spe)
+            if order is None or s == 0:
+                order = epoch_order(len(train_blocks), p.seed, epoch)
+            step_loss = torch.zeros((), device=device)
+            for m in range(ga):
+                start = s * global_batch + (m * world + rank) * micro
+                batch = torch.from_numpy(train_blocks[np.sort(order[start:start + micro])].astype(np.int64))
+                if device.type == "cuda":
+                    batch = batch.pin_memory()
+                batch = batch.to(device, non_blocking=True)
+                # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+                with accelerator.no_sync(model) if m < ga - 1 else nullcontext():
+                    loss = model(input_ids=batch, labels=batch).loss
+                    accelerator.backward(loss / ga)
+                step_loss += loss.detach()
+            loss_buf[pending] = step_loss / ga
+            accelerator.clip_grad_norm_(model.parameters(), p.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending += 1
+            bar.update(1)
+            epoch_end = s == spe - 1
+            checkpoint = p.train.checkpoint_every and step % p.train.checkpoint_every == 0 and step < total_steps
+            if pending == p.train.log_every or epoch_end or checkpoint:
+                last = flush(step)
+                now = time.perf_counter()  # flush synced the device, so this time is real
+                progress["train_time"] += now - t0
+                bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{step * tokens_per_step / progress['train_time']:,.0f}")
+                if epoch_end:
+                    val = validation_loss(model, accelerator, val_blocks, micro)
+                    progress["val_curve"].append((epoch + 1, val))
+                    if accelerator.is_main_process:
+                        bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
+                if checkpoint:
+                    ckpt.save(step, progress | {"step": step})
+                t0 = time.perf_counter()
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(oom_advice(p)) from e
     finally:
         bar.close()
 
+    steps, train_time = total_steps, progress["train_time"]
     mem, mem_kind = peak_memory(device)
     metrics = {
         "method": method,
         "train_time_s": round(train_time, 3),
-        "tokens": step * tokens_per_step,
-        "tokens_per_s": round(step * tokens_per_step / train_time, 1),
-        "steps": step,
+        "tokens": steps * tokens_per_step,
+        "tokens_per_s": round(steps * tokens_per_step / train_time, 1),
+        "steps": steps,
         "global_batch": global_batch,
         "processes": world,
         "peak_mem_gib": round(mem, 4),
         "peak_mem_kind": mem_kind,
         "trainable_params": trainable,
         "total_params": total,
-        "final_train_loss": train_curve[-1][1],
-        "val_loss": val_curve[-1][1],
-        "val_ppl": math.exp(val_curve[-1][1]),
+        "final_train_loss": progress["train_curve"][-1][1],
+        "val_loss": progress["val_curve"][-1][1],
+        "val_ppl": math.exp(progress["val_curve"][-1][1]),
         "precision": accelerator.mixed_precision,
         "device": device_name(device),
         "versions": library_versions(),
@@ -223,10 +233,12 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module]) -> dict:
             accelerator.unwrap_model(model).save_pretrained(tmp)
             modeling.load_tokenizer(args.base).save_pretrained(tmp)
         metrics["artifact_mb"] = round(modeling.dir_size_mb(args.out), 3)
-        write_text(Path(args.plots) / "train_loss.csv", "step,loss\n" + "".join(f"{s},{v}\n" for s, v in train_curve))
-        write_text(Path(args.plots) / "val_loss.csv", "epoch,loss\n" + "".join(f"{e},{v}\n" for e, v in val_curve))
+        curves = {"train_loss.csv": ("step", progress["train_curve"]), "val_loss.csv": ("epoch", progress["val_curve"])}
+        for name, (x, curve) in curves.items():
+            write_text(Path(args.plots) / name, f"{x},loss\n" + "".join(f"{a},{v}\n" for a, v in curve))
         write_json(args.metrics, metrics)
-        print(f"train_{method}: {step} steps, {metrics['tokens']:,} tokens in {train_time:.1f}s "
+        ckpt.clear()
+        print(f"train_{method}: {steps} steps, {metrics['tokens']:,} tokens in {train_time:.1f}s "
               f"({metrics['tokens_per_s']:,.0f} tok/s), val_loss {metrics['val_loss']:.4f}; "
               f"wrote {args.out}, {args.metrics}, {args.plots}")
     accelerator.end_training()
@@ -240,4 +252,5 @@ def _cli(method: str) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="model folder to write")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="folder for loss curves (CSV)")
+    ap.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (not a DVC output)")
     return ap.parse_args()

@@ -3,9 +3,13 @@
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
+import time
 
 import pytest
+import yaml
 
 import sandbox
 from stages.outputs import read_json
@@ -22,23 +26,38 @@ def dvc(repo, *args, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12}
+TIMING = {"train_time_s", "tokens_per_s", "peak_mem_gib", "eval_time_s"}
+
+
 def stages_run(proc) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
+    out = proc if isinstance(proc, str) else proc.stdout + proc.stderr
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def outcome(dest) -> dict:
+    """Everything a run produced that must be reproducible: output hashes and non-timing metrics."""
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    hashes = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+              if not o["path"].endswith((".json", ".md"))}
+    metrics = {str(f.relative_to(dest)): {k: v for k, v in json.loads(f.read_text()).items() if k not in TIMING}
+               for f in sorted((dest / "metrics").rglob("*.json"))}
+    return {"hashes": hashes, "metrics": metrics}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     dest = tmp_path_factory.mktemp("pipeline") / "sandbox"
-    sandbox.make_sandbox(dest, {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12})
+    sandbox.make_sandbox(dest, SETTINGS)
     first = dvc(dest, "repro")
     # As a user would: commit the baseline, so that experiments and metrics diff compare against it.
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
-    return dest, first
+    return dest, first, outcome(dest)
 
 
 def test_repro_runs_every_stage_and_writes_every_output(repo):
-    dest, first = repo
+    dest, first, _ = repo
     assert stages_run(first) == ALL_STAGES
     for path in ("data/prepared/train.bin", "data/prepared/meta.json", "models/pretrained/model.safetensors",
                  "models/full/model.safetensors", "models/full/tokenizer.json",
@@ -52,7 +71,7 @@ def test_repro_runs_every_stage_and_writes_every_output(repo):
 
 
 def test_fine_tuning_beats_the_pretrained_model(repo):
-    dest, _ = repo
+    dest, *_ = repo
     ppl = {m: read_json(dest / f"metrics/evaluate/{m}.json")["test_ppl"] for m in ("pretrained", "full", "lora")}
     assert ppl["full"] < ppl["pretrained"] and ppl["lora"] < ppl["pretrained"], ppl
     report = (dest / "metrics/report.md").read_text()
@@ -60,14 +79,14 @@ def test_fine_tuning_beats_the_pretrained_model(repo):
 
 
 def test_second_repro_runs_nothing(repo):
-    dest, _ = repo
+    dest, *_ = repo
     again = dvc(dest, "repro")
     assert stages_run(again) == set()
     assert "up to date" in again.stdout
 
 
 def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(repo):
-    dest, _ = repo
+    dest, *_ = repo
     before = read_json(dest / "metrics/train_lora.json")["trainable_params"]
     exp = dvc(dest, "exp", "run", "-S", "lora.r=16")
     assert stages_run(exp) == LORA_STAGES
@@ -81,10 +100,62 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(repo):
 
 
 def test_misspelled_param_fails_before_training(repo):
-    dest, _ = repo
+    dest, *_ = repo
     # DVC refuses `-S lora.rr=16` itself, but `+lora.rr=16` (or a hand edit) adds the key silently.
     proc = dvc(dest, "exp", "run", "-S", "+lora.rr=16", check=False)
     assert proc.returncode != 0
     assert "lora.rr: unknown key; did you mean lora.r?" in proc.stdout + proc.stderr
     assert stages_run(proc) == {"train_lora"}
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=dest, check=True)
+
+
+def _repro_killed_when(dest, seen) -> str:
+    """Start `dvc repro`, SIGKILL its whole process group once seen(output so far) is true."""
+    proc = subprocess.Popen(["dvc", "repro"], cwd=dest, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=os.environ | sandbox.ENV, start_new_session=True)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(64), b"")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if seen(b"".join(chunks).decode(errors="replace")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    reader.join(5)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_two_clean_runs_in_two_sandboxes_are_identical(repo, tmp_path):
+    _, _, first = repo
+    other = sandbox.make_sandbox(tmp_path / "again", SETTINGS)
+    dvc(other, "repro")
+    assert outcome(other) == first
+
+
+def test_training_killed_mid_epoch_resumes_to_identical_results(repo, tmp_path):
+    _, _, first = repo
+    dest = sandbox.make_sandbox(tmp_path / "killed", SETTINGS)
+    ckpts = dest / ".checkpoints"
+    # Killed once a checkpoint of train_full (every 10 of its 53 steps) is complete, mid-epoch.
+    _repro_killed_when(dest, lambda out: "train_full" in out and any(ckpts.glob("full-*/step-*/progress.json")))
+    assert not (dest / "models/full").exists()
+    rerun = dvc(dest, "repro")
+    assert re.search(r"train_full: resuming from .*step-\d+ \(step \d+ of 53\)", rerun.stdout + rerun.stderr)
+    assert outcome(dest) == first
+    assert not any(ckpts.iterdir()), "checkpoints are removed after success"
+
+
+def test_evaluate_killed_partway_leaves_old_metrics_and_reruns_only_from_there(repo):
+    dest, *_ = repo
+    subprocess.run(["git", "checkout", "-f", "main"], cwd=dest, check=True, capture_output=True)
+    dvc(dest, "checkout", "--force")
+    old = (dest / "metrics/evaluate/pretrained.json").read_bytes()
+    sandbox.apply_overrides(dest / "params.yaml", {"evaluate.stride": 32})
+    _repro_killed_when(dest, lambda out: "sliding" in out)
+    assert (dest / "metrics/evaluate/pretrained.json").read_bytes() == old
+    assert not [f for f in (dest / "metrics").rglob("*") if f.name.endswith(".tmp")]
+    rerun = dvc(dest, "repro")
+    assert stages_run(rerun) == {"evaluate@pretrained", "evaluate@full", "evaluate@lora", "report"}

@@ -11,7 +11,7 @@ from conftest import run_main
 from stages import data, modeling, prepare, scoring, train_full, train_lora, training
 from stages.outputs import read_json
 
-ARGS = ("--data", "prep", "--base", "pre")
+ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
 
 
 @pytest.fixture
@@ -44,10 +44,10 @@ def test_full_fine_tuning_lowers_the_loss(prepared):
 
 
 def test_lora_trains_only_the_adapter(prepared, monkeypatch):
-    built = {}
+    built, original = {}, train_lora.build
 
     def build(p, base_dir):
-        built["model"] = train_lora.build(p, base_dir)
+        built["model"] = original(p, base_dir)
         return built["model"]
 
     monkeypatch.setattr(train_lora, "build", build)
