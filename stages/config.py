@@ -84,8 +84,8 @@ class GenerateParams:
     prompt: str = field(metadata=_check(lambda v: v.strip() != "", "must not be empty"))
     max_new_tokens: int = field(metadata=_positive)
     num_samples: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
-    temperature: float = field(metadata=_check(lambda v: math.isfinite(v) and v > 0,
-                                                "must be > 0 (greedy text is always generated too)"))
+    temperature: float = field(metadata=_check(lambda v: math.isfinite(v) and v >= 0,
+                                                "must be >= 0 (0 means greedy)"))
     top_k: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns top-k off)"))
     top_p: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
 

@@ -30,7 +30,10 @@ def generate(model, tokenizer, g, seed: int, device) -> dict:
     samples = []
     for i in tqdm(range(g.num_samples), desc="samples", leave=False):
         torch.manual_seed(seed + i)
-        samples.append(continuation(do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+        if g.temperature == 0:  # greedy: every "sample" is the greedy text
+            samples.append(greedy)
+        else:
+            samples.append(continuation(do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
     return {"prompt": g.prompt, "greedy": greedy, "samples": samples}
 
 

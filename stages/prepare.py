@@ -21,6 +21,8 @@ def prepare(p, out: Path, tokenizer) -> dict:
     for split in data.SPLITS:
         source, rows = data.iter_rows(p.data.name, p.data.config, split)
         counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype)
+        if counts["tokens"] == 0:
+            raise data.DataError(f"{source}: split '{split}' is empty; give it text")
         if counts["tokens"] < p.data.block_size:
             raise data.DataError(
                 f"{source}: split '{split}' has {counts['tokens']} tokens, fewer than one block "

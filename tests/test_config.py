@@ -68,7 +68,7 @@ def test_wrong_types_are_named():
     ("evaluate", "stride", 2048, "evaluate.stride: must be <= data.block_size (1024)"),
     ("generate", "prompt", "  ", "generate.prompt: must not be empty"),
     ("generate", "max_new_tokens", 0, "generate.max_new_tokens: must be > 0"),
-    ("generate", "temperature", -0.5, "generate.temperature: must be > 0"),
+    ("generate", "temperature", -0.5, "generate.temperature: must be >= 0 (0 means greedy)"),
     ("generate", "top_p", 0.0, "generate.top_p: must be in (0, 1]"),
     ("generate", "top_p", 1.5, "generate.top_p: must be in (0, 1]"),
 ])

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import run_main
-from stages import modeling, prepare, train_full, training
+from conftest import TINY_MODEL, demo_params, run_main
+from stages import checkpoints, generate, modeling, prepare, train_full, training
+from stages.data import DataError
 from stages.config import ConfigError, load_params, parse_params
 
 ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
@@ -82,3 +83,41 @@ def test_adapter_trained_on_another_base_is_refused(prepared):
         modeling.load_for_eval(prepared / "models/lora", prepared / "pre", "gpt2")
     cfg = json.loads((prepared / "models/lora/adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == p.model.name
+
+
+def test_greedy_temperature_zero_and_empty_split(project, tmp_path):
+    g = parse_params(demo_params(**{"generate.temperature": 0.0, "generate.max_new_tokens": 8})).generate
+    model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
+    with torch.no_grad():
+        out = generate.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
+    assert out["samples"] == [out["greedy"]] * 2
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for split in ("train", "validation", "test"):
+        (empty / f"{split}.txt").write_text("" if split == "validation" else "word " * 400)
+    project(**{"data.name": str(empty)})
+    with pytest.raises(DataError, match=r"validation.txt: split 'validation' is empty; give it text"):
+        run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+
+
+def test_checkpoint_key_and_partial_checkpoints(prepared):
+    from accelerate import Accelerator
+
+    p = load_params()
+    key = checkpoints.run_key(p, "full", prepared / "prep", 1, "no")
+    assert key == checkpoints.run_key(p, "full", prepared / "prep", 1, "no")
+    changed = parse_params(demo_params(**{"train.epochs": 1, "full.lr": 1e-4}))
+    assert checkpoints.run_key(changed, "full", prepared / "prep", 1, "no") != key
+    assert checkpoints.run_key(p, "full", prepared / "prep", 2, "no") != key
+
+    ckpt = checkpoints.Checkpointer(prepared / "ckpt", "full", key, Accelerator(cpu=True))
+    assert ckpt.latest() is None
+    (ckpt.dir / "step-30.tmp").mkdir(parents=True)   # killed while saving
+    (ckpt.dir / "step-20").mkdir()                   # renamed but never completed
+    (ckpt.dir / "step-10").mkdir()
+    (ckpt.dir / "step-10" / checkpoints.PROGRESS).write_text("{}")
+    assert ckpt.latest() == ckpt.dir / "step-10"
+    assert not (ckpt.dir / "step-30.tmp").exists()
+    ckpt.clear()
+    assert not (prepared / "ckpt").exists() or not any((prepared / "ckpt").iterdir())
