@@ -40,10 +40,18 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class SourceParams:
+    name: str = field(metadata=_non_empty)
+    config: str | None
+    split: str = field(metadata=_non_empty)
+
+
+@dataclass(frozen=True)
 class DataParams:
     name: str = field(metadata=_non_empty)
     config: str | None
     block_size: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2 (one context token, one target)"))
+    general: list[SourceParams]
 
 
 @dataclass(frozen=True)
@@ -71,17 +79,21 @@ class LoraParams:
     dropout: float = field(metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     target_modules: list[str] = field(metadata=_non_empty)
     lr: float = field(metadata=_finite_positive)
+    merge: bool
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     stride: int = field(metadata=_positive)
     batch_size: int = field(metadata=_positive)
+    bootstrap_samples: int = field(metadata=_check(lambda v: v >= 100, "must be >= 100"))
+    bootstrap_chunk: int = field(metadata=_positive)
 
 
 @dataclass(frozen=True)
 class GenerateParams:
     prompt: str = field(metadata=_check(lambda v: v.strip() != "", "must not be empty"))
+    extra_prompts: list[str] = field(metadata=_check(lambda v: all(t.strip() for t in v), "must not hold an empty prompt"))
     max_new_tokens: int = field(metadata=_positive)
     num_samples: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
     temperature: float = field(metadata=_check(lambda v: math.isfinite(v) and v >= 0,
@@ -161,6 +173,14 @@ def _build(cls, raw, prefix: str, errors: list[str]):
             sub = _build(tp, raw[f.name], key + ".", errors)
             if sub is not None:
                 values[f.name] = sub
+            continue
+        if typing.get_origin(tp) is list and is_dataclass(item := typing.get_args(tp)[0]):
+            if not isinstance(raw[f.name], list):
+                errors.append(f"{key}: expected a list of mappings, got {raw[f.name]!r}")
+                continue
+            subs = [_build(item, v, f"{key}[{i}].", errors) for i, v in enumerate(raw[f.name])]
+            if all(sub is not None for sub in subs):
+                values[f.name] = tuple(subs)
             continue
         ok, value = _coerce(tp, raw[f.name])
         if not ok:

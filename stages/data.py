@@ -33,6 +33,12 @@ class DataError(ValueError):
     """A data source or token file is missing, empty, too short or unreadable."""
 
 
+def general_label(source) -> str:
+    """A data.general source's short name, <last part of its name>-<split>; its token file is
+    general-<label>.bin."""
+    return f"{Path(source.name.rstrip('/')).name}-{source.split}"
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 

@@ -1,13 +1,16 @@
-"""Stage generate@<model>: a model + generate.* -> its continuations of the prompt (JSON).
+"""Stage generate@<model>: a model + generate.* -> its continuations (JSON) and their quality metrics.
 
-One greedy continuation plus generate.num_samples sampled ones, sample i seeded with seed + i, so
-the same params give the same text on the same machine.
+For the study's prompt and each extra prompt: one greedy continuation plus generate.num_samples
+sampled ones, each sample seeded from (seed, prompt, sample), so the same params give the same
+text on the same machine. Quality metrics (distinct-n, repetition, length, EOS rate) go to a
+metrics file; the texts stay out of it.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -16,41 +19,73 @@ from stages.config import load_params
 from stages.outputs import write_json
 
 
-def generate(model, tokenizer, g, seed: int, device) -> dict:
-    """{'prompt', 'greedy', 'samples'} for the generate params g."""
-    inputs = tokenizer(g.prompt, return_tensors="pt").to(device)
-    common = dict(max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
-                  attention_mask=inputs["attention_mask"])
+def text_quality(continuations: list[list[int]], eos_id: int) -> dict:
+    """Token-level quality of generated continuations (each a list of generated ids)."""
+    cut = [c[:c.index(eos_id)] if eos_id in c else c for c in continuations]
 
-    def continuation(**kw) -> str:
-        out = model.generate(input_ids=inputs["input_ids"], **common, **kw)
-        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    def distinct(n: int) -> float:
+        grams = [tuple(c[i:i + n]) for c in cut for i in range(len(c) - n + 1)]
+        return len(set(grams)) / len(grams) if grams else 0.0
 
-    greedy = continuation(do_sample=False)
-    samples = []
-    for i in tqdm(range(g.num_samples), desc="samples", leave=False):
-        torch.manual_seed(seed + i)
-        if g.temperature == 0:  # greedy: every "sample" is the greedy text
-            samples.append(greedy)
-        else:
+    repeated = total = 0
+    for c in cut:  # 4-grams that repeat an earlier 4-gram of the same text
+        seen: set = set()
+        for i in range(len(c) - 3):
+            gram = tuple(c[i:i + 4])
+            repeated += gram in seen
+            total += 1
+            seen.add(gram)
+    return {"distinct_1": distinct(1), "distinct_2": distinct(2),
+            "repetition_4gram": repeated / total if total else 0.0,
+            "mean_length": float(np.mean([len(c) for c in cut])) if cut else 0.0,
+            "eos_rate": float(np.mean([eos_id in c for c in continuations])) if continuations else 0.0,
+            "texts": len(continuations)}
+
+
+def generate(model, tokenizer, g, seed: int, device) -> tuple[list[dict], list[list[int]]]:
+    """Per prompt {'prompt', 'greedy', 'samples'}, and every continuation's generated token ids."""
+    panel, ids = [], []
+    prompts = (g.prompt, *g.extra_prompts)
+    for pi, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False)):
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        n_in = inputs["input_ids"].shape[1]
+
+        def continuation(**kw) -> list[int]:
+            out = model.generate(**inputs, max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kw)
+            return out[0, n_in:].tolist()
+
+        greedy = continuation(do_sample=False)
+        samples = []
+        for i in range(g.num_samples):
+            if g.temperature == 0:  # greedy: every "sample" is the greedy text
+                samples.append(greedy)
+                continue
+            torch.manual_seed(seed + 1000 * pi + i)
             samples.append(continuation(do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
-    return {"prompt": g.prompt, "greedy": greedy, "samples": samples}
+        decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+        panel.append({"prompt": prompt, "greedy": decode(greedy), "samples": [decode(s) for s in samples]})
+        ids += [greedy, *samples]
+    return panel, ids
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Continue the prompt; run by dvc.yaml stage generate@<model>")
+    ap = argparse.ArgumentParser(description="Continue the prompts; run by dvc.yaml stage generate@<model>")
     ap.add_argument("--model", required=True, help="model folder (full model or PEFT adapter)")
     ap.add_argument("--base", required=True, help="pretrained snapshot, the base of an adapter")
     ap.add_argument("--out", required=True, help="JSON of generated texts to write")
+    ap.add_argument("--metrics", required=True, help="generation-quality metrics JSON to write")
     args = ap.parse_args()
     p = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
     tokenizer = modeling.load_tokenizer(args.model)
     with torch.no_grad():
-        texts = generate(model, tokenizer, p.generate, p.seed, device)
-    write_json(args.out, texts)
-    print(f"generate: greedy + {len(texts['samples'])} samples of {p.generate.max_new_tokens} tokens; wrote {args.out}")
+        panel, ids = generate(model, tokenizer, p.generate, p.seed, device)
+    quality = text_quality(ids, tokenizer.eos_token_id)
+    write_json(args.out, {"prompts": panel})
+    write_json(args.metrics, quality)
+    print(f"generate: {quality['texts']} continuations of up to {p.generate.max_new_tokens} tokens for "
+          f"{len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}; wrote {args.out}, {args.metrics}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,14 @@ def snapshot(name: str, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
+def skeleton(name: str | Path) -> torch.nn.Module:
+    """The model's architecture on the meta device: its layers without loading any weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(name)))
+
+
 def module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the layers LoRA can wrap (Linear and GPT-2's Conv1D), sorted."""
     from transformers.pytorch_utils import Conv1D

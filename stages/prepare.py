@@ -1,6 +1,6 @@
 """Stage prepare: data.* and model.name -> token files, their meta, a pretrained snapshot, token counts.
 
-Writes --out/{train,validation,test}.bin and meta.json, --pretrained (save_pretrained snapshot of
+Writes --out/{train,validation,test}.bin, one general-<name>.bin per data.general source, meta.json, --pretrained (save_pretrained snapshot of
 model.name, so later stages never reach the hub) and --metrics (token counts per split).
 """
 
@@ -18,8 +18,10 @@ def prepare(p, out: Path, tokenizer) -> dict:
     """Tokenize every split of the source into `out` (a fresh folder); return meta."""
     dtype = data.token_dtype(len(tokenizer))
     splits = {}
-    for split in data.SPLITS:
-        source, rows = data.iter_rows(p.data.name, p.data.config, split)
+    jobs = [(split, p.data.name, p.data.config, split) for split in data.SPLITS]
+    jobs += [(f"general-{data.general_label(g)}", g.name, g.config, g.split) for g in p.data.general]
+    for split, name, config, source_split in jobs:
+        source, rows = data.iter_rows(name, config, source_split)
         counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype)
         if counts["tokens"] == 0:
             raise data.DataError(f"{source}: split '{split}' is empty; give it text")

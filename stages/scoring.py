@@ -69,3 +69,22 @@ def block_nll(model, tokens: np.ndarray, block: int, device, batch_size: int = 8
 
 def perplexity(nll: np.ndarray) -> float:
     return float(np.exp(nll.mean()))
+
+
+def bits_per_byte(nll: np.ndarray, n_bytes: int) -> float:
+    """Total NLL in bits over the text's UTF-8 bytes: comparable across tokenizers."""
+    return float(nll.sum() / (np.log(2) * n_bytes))
+
+
+def bootstrap_ppl_interval(nll: np.ndarray, chunk: int, samples: int, seed: int,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the perplexity, resampling consecutive chunks of ~`chunk`
+    tokens (not single tokens, whose losses are correlated with their neighbours')."""
+    n_chunks = max(1, len(nll) // chunk)
+    parts = np.array_split(nll, n_chunks)
+    sums = np.array([p.sum() for p in parts])
+    counts = np.array([len(p) for p in parts])
+    idx = np.random.default_rng(seed).integers(0, n_chunks, size=(samples, n_chunks))
+    ppl = np.exp(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
+    lo, hi = np.percentile(ppl, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)

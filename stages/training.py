@@ -101,9 +101,12 @@ def oom_advice(p: Params) -> str:
             f"with train.batch_size={half}, train.grad_accum={ga * b // half}")
 
 
-def run(method: str, build: Callable[[Params, str], torch.nn.Module]) -> dict:
+def run(method: str, build: Callable[[Params, str], torch.nn.Module],
+        finalize: Callable[..., dict] | None = None) -> dict:
     """Train the model `build(params, snapshot_dir)` returns, at params.<method>.lr; save it with
-    save_pretrained (a PEFT model saves its adapter only) beside the snapshot's tokenizer."""
+    save_pretrained (a PEFT model saves its adapter only) beside the snapshot's tokenizer.
+    `finalize(model, out_dir, params, args, check_batch)`, if given, runs on the trained model
+    before the output folder is committed and returns extra metrics."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -223,15 +226,20 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module]) -> dict:
         "final_train_loss": progress["train_curve"][-1][1],
         "val_loss": progress["val_curve"][-1][1],
         "val_ppl": math.exp(progress["val_curve"][-1][1]),
-        "precision": accelerator.mixed_precision,
+        "precision": {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision),
         "device": device_name(device),
+        "seed": p.seed,
         "versions": library_versions(),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_dir(args.out) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp)
+            trained = accelerator.unwrap_model(model)
+            trained.save_pretrained(tmp)
             modeling.load_tokenizer(args.base).save_pretrained(tmp)
+            if finalize is not None:
+                check_batch = torch.from_numpy(val_blocks[:2].astype(np.int64)).to(device)
+                metrics |= finalize(trained, tmp, p, args, check_batch)
         metrics["artifact_mb"] = round(modeling.dir_size_mb(args.out), 3)
         curves = {"train_loss.csv": ("step", progress["train_curve"]), "val_loss.csv": ("epoch", progress["val_curve"])}
         for name, (x, curve) in curves.items():

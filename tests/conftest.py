@@ -29,8 +29,8 @@ def demo_params(**overrides) -> dict:
         for k in parents:
             node = node[k]
         node[last] = value
-    for key in ("model", "data"):  # absolute, so tests may run from any folder
-        params[key]["name"] = str(ROOT / params[key]["name"])
+    for section in (params["model"], params["data"], *params["data"]["general"]):  # absolute: any cwd works
+        section["name"] = str(ROOT / section["name"])
     return params
 
 

@@ -65,6 +65,7 @@ def test_repro_runs_every_stage_and_writes_every_output(repo):
                  "metrics/train_lora.json", "metrics/plots/train_full/train_loss.csv",
                  "metrics/plots/train_lora/val_loss.csv", "metrics/report.md",
                  *[f"metrics/evaluate/{m}.json" for m in ("pretrained", "full", "lora")],
+                 *[f"metrics/generate/{m}.json" for m in ("pretrained", "full", "lora")],
                  *[f"generations/{m}.json" for m in ("pretrained", "full", "lora")]):
         assert (dest / path).is_file(), path
     assert not (dest / "models/lora/model.safetensors").exists()
@@ -76,6 +77,17 @@ def test_fine_tuning_beats_the_pretrained_model(repo):
     assert ppl["full"] < ppl["pretrained"] and ppl["lora"] < ppl["pretrained"], ppl
     report = (dest / "metrics/report.md").read_text()
     assert f"{ppl['full']:.2f}" in report and "| Model" in report
+    headings = [line for line in report.splitlines() if line.startswith("## ")]
+    assert headings == ["## Efficiency", "## Quality", "## Generation quality", "## Findings", "## Environment"]
+    assert "tiny-general-test ppl [95% CI]" in report and "LoRA integrity" in report
+
+
+def test_plots_render_both_methods(repo):
+    dest, *_ = repo
+    plots = json.loads(dvc(dest, "plots", "show", "--json").stdout)["data"]
+    assert {"Training loss", "Validation loss"} <= set(plots)
+    sources = json.dumps(plots["Training loss"])
+    assert "train_full/train_loss.csv" in sources and "train_lora/train_loss.csv" in sources
 
 
 def test_second_repro_runs_nothing(repo):
@@ -152,6 +164,8 @@ def test_evaluate_killed_partway_leaves_old_metrics_and_reruns_only_from_there(r
     dest, *_ = repo
     subprocess.run(["git", "checkout", "-f", "main"], cwd=dest, check=True, capture_output=True)
     dvc(dest, "checkout", "--force")
+    dvc(dest, "repro")  # a clean, up-to-date start whatever earlier tests left
+    assert "up to date" in dvc(dest, "status").stdout
     old = (dest / "metrics/evaluate/pretrained.json").read_bytes()
     sandbox.apply_overrides(dest / "params.yaml", {"evaluate.stride": 32})
     _repro_killed_when(dest, lambda out: "sliding" in out)
@@ -159,3 +173,42 @@ def test_evaluate_killed_partway_leaves_old_metrics_and_reruns_only_from_there(r
     assert not [f for f in (dest / "metrics").rglob("*") if f.name.endswith(".tmp")]
     rerun = dvc(dest, "repro")
     assert stages_run(rerun) == {"evaluate@pretrained", "evaluate@full", "evaluate@lora", "report"}
+
+
+def test_queued_sweep_lists_three_experiments_with_perplexities(repo):
+    dest, *_ = repo
+    dvc(dest, "exp", "run", "--queue", "-S", "lora.r=4,8,16")
+    dvc(dest, "queue", "start")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = dvc(dest, "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status
+    rows = json.loads(dvc(dest, "exp", "show", "--json").stdout)
+    found = {}
+    for commit in rows:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                r = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("lora", {}).get("r")
+                ppl = data.get("metrics", {}).get("metrics/evaluate/lora.json", {}).get("data", {}).get("test_ppl")
+                if r is not None and rev.get("name"):
+                    found[r] = ppl
+    assert {4, 8, 16} <= set(found), found
+    assert all(isinstance(found[r], float) for r in (4, 8, 16)), found
+
+
+def test_push_and_pull_restore_identical_models(repo, tmp_path):
+    dest, *_ = repo
+    dvc(dest, "remote", "add", "-d", "store", str(tmp_path / "store"))
+    dvc(dest, "push")
+    before = {p.relative_to(dest): p.read_bytes() for p in (dest / "models").glob("*/**/*") if p.is_file()}
+    import shutil
+
+    shutil.rmtree(dest / "models")
+    shutil.rmtree(dest / ".dvc" / "cache")
+    dvc(dest, "pull")
+    after = {p.relative_to(dest): p.read_bytes() for p in (dest / "models").glob("*/**/*") if p.is_file()}
+    assert after == before and any("adapter_model.safetensors" in str(p) for p in after)

@@ -1,0 +1,82 @@
+"""The report's findings: sentences written from the metrics by fixed rules, never by hand.
+
+A difference whose 95% intervals overlap is called a tie. Inputs are the metrics dicts the stages
+wrote: evaluate (per model), train (full, lora) and generation quality (per model).
+"""
+
+from __future__ import annotations
+
+NAMES = {"pretrained": "the pretrained model", "full": "full fine-tuning", "lora": "LoRA"}
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _ci(m: dict, prefix: str) -> tuple[float, float]:
+    return m[f"{prefix}_lo"], m[f"{prefix}_hi"]
+
+
+def _fmt(m: dict, prefix: str) -> str:
+    return f"{m[prefix]:.2f} (95% CI {m[f'{prefix}_lo']:.2f}–{m[f'{prefix}_hi']:.2f})"
+
+
+def perplexity_finding(ev: dict) -> list[str]:
+    order = sorted(ev, key=lambda k: ev[k]["test_ppl"])
+    best = order[0]
+    out = [f"{_cap(NAMES[best])} gives the lowest WikiText test perplexity, {_fmt(ev[best], 'test_ppl')}; "
+           + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order[1:]) + "."]
+    for other in order[1:]:
+        if _overlap(_ci(ev[best], "test_ppl"), _ci(ev[other], "test_ppl")):
+            out.append(f"{_cap(NAMES[best])} vs {NAMES[other]}: a tie; their intervals overlap.")
+    return out
+
+
+def forgetting_finding(ev: dict) -> list[str]:
+    out = []
+    for name in ev["pretrained"].get("general", {}):
+        base = ev["pretrained"]["general"][name]
+        change = {k: 100 * (ev[k]["general"][name]["ppl"] / base["ppl"] - 1) for k in ("full", "lora")}
+        forgot = {k: not _overlap(_ci(ev[k]["general"][name], "ppl"), _ci(base, "ppl")) for k in change}
+        text = (f"On general text ({name}), perplexity changed {change['full']:+.1f}% after full fine-tuning "
+                f"and {change['lora']:+.1f}% after LoRA, against the pretrained model's {base['ppl']:.2f}")
+        if not any(forgot.values()):
+            text += "; neither change lies outside the intervals: no measurable forgetting."
+        else:
+            more, less = ("full", "lora") if change["full"] > change["lora"] else ("lora", "full")
+            text += f"; {NAMES[less]} retains more of the pretrained model's general ability"
+            text += "" if forgot[more] else " (though the difference is within the intervals)"
+            text += "."
+        out.append(text)
+    return out
+
+
+def text_finding(ev: dict, gq: dict) -> list[str]:
+    best = min(ev, key=lambda k: ev[k]["test_ppl"])
+    others = [k for k in gq if k != best]
+    rep = ", ".join(f"{NAMES[k]} {gq[k]['repetition_4gram']:.3f}" for k in others)
+    dist = ", ".join(f"{NAMES[k]} {gq[k]['distinct_2']:.3f}" for k in others)
+    more_repetitive = all(gq[best]["repetition_4gram"] > gq[k]["repetition_4gram"] for k in others)
+    verdict = ("so here the lowest perplexity came with the most repetitive text" if more_repetitive
+               else "so here the lowest perplexity did not come with the most repetitive text")
+    return [f"The lowest-perplexity model ({NAMES[best]}) repeats 4-grams at rate "
+            f"{gq[best]['repetition_4gram']:.3f} (vs {rep}) with distinct-2 {gq[best]['distinct_2']:.3f} "
+            f"(vs {dist}), {verdict}."]
+
+
+def efficiency_finding(tr: dict) -> list[str]:
+    full, lora = tr["full"], tr["lora"]
+    share = 100 * lora["trainable_params"] / full["trainable_params"]
+    return [f"LoRA trains {lora['trainable_params']:,} parameters ({share:.2f}% of full fine-tuning's "
+            f"{full['trainable_params']:,}) at {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x its tokens/s, "
+            f"with {lora['peak_mem_gib'] / full['peak_mem_gib']:.2f}x its peak memory "
+            f"({full['peak_mem_kind'].replace('_', ' ')}) and an artifact "
+            f"{full['artifact_mb'] / lora['artifact_mb']:.0f}x smaller."]
+
+
+def findings(ev: dict, tr: dict, gq: dict) -> list[str]:
+    return perplexity_finding(ev) + forgetting_finding(ev) + text_finding(ev, gq) + efficiency_finding(tr)
