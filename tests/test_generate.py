@@ -10,10 +10,12 @@ def test_same_seed_same_text_and_samples_differ():
     model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
     tok = modeling.load_tokenizer(TINY_MODEL)
     with torch.no_grad():
-        a = generate.generate(model, tok, g, seed=7, device=torch.device("cpu"))
-        b = generate.generate(model, tok, g, seed=7, device=torch.device("cpu"))
-        c = generate.generate(model, tok, g, seed=8, device=torch.device("cpu"))
+        a, ids = generate.generate(model, tok, g, seed=7, device=torch.device("cpu"))
+        b, _ = generate.generate(model, tok, g, seed=7, device=torch.device("cpu"))
+        c, _ = generate.generate(model, tok, g, seed=8, device=torch.device("cpu"))
     assert a == b
-    assert a["prompt"] == "The town of" and len(a["samples"]) == 2
-    assert a["greedy"] == c["greedy"] and a["samples"] != c["samples"]
-    assert len(tok(a["greedy"])["input_ids"]) > 5
+    assert [p["prompt"] for p in a] == ["The town of", "The river", "In 1840 , the ship"]
+    assert all(len(p["samples"]) == 2 for p in a) and len(ids) == 3 * 3
+    assert [p["greedy"] for p in a] == [p["greedy"] for p in c]
+    assert [p["samples"] for p in a] != [p["samples"] for p in c]
+    assert tok.decode(ids[0], skip_special_tokens=True) == a[0]["greedy"] and len(ids[0]) > 5

@@ -89,8 +89,8 @@ def test_greedy_temperature_zero_and_empty_split(project, tmp_path):
     g = parse_params(demo_params(**{"generate.temperature": 0.0, "generate.max_new_tokens": 8})).generate
     model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
     with torch.no_grad():
-        out = generate.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
-    assert out["samples"] == [out["greedy"]] * 2
+        panel, _ = generate.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
+    assert all(p["samples"] == [p["greedy"]] * 2 for p in panel)
 
     empty = tmp_path / "empty"
     empty.mkdir()
