@@ -63,6 +63,8 @@ class TrainParams:
     weight_decay: float = field(metadata=_non_negative)
     max_grad_norm: float = field(metadata=_finite_positive)
     precision: Literal["auto", "bf16", "fp16", "fp32"]
+    compile: Literal["auto"] | bool
+    gradient_checkpointing: bool
     log_every: int = field(metadata=_positive)
     checkpoint_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns checkpoints off)"))
 
@@ -114,10 +116,14 @@ class Params:
     generate: GenerateParams
 
 
+def _is_union(tp) -> bool:
+    return isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if isinstance(tp, types.UnionType):
+    if _is_union(tp):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
@@ -128,7 +134,7 @@ def _coerce(tp, value):
     """Return (ok, value). YAML gives ints for floats like `1`, which we accept as floats."""
     if typing.get_origin(tp) is Literal:
         return value in typing.get_args(tp), value
-    if isinstance(tp, types.UnionType):
+    if _is_union(tp):
         for arg in typing.get_args(tp):
             ok, v = (value is None, None) if arg is type(None) else _coerce(arg, value)
             if ok:

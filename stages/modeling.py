@@ -48,7 +48,7 @@ def load_causal_lm(name: str | Path):
 
     if is_local(str(name)):
         check_weights(Path(name))
-    return AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32, attn_implementation="sdpa")
 
 
 def check_weights(folder: Path) -> None:

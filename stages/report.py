@@ -60,7 +60,8 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
     study = [[LABELS[m], _one_line(gen[m][0]["prompt"] + gen[m][0]["greedy"]), f"{ev[m]['test_ppl']:.2f}",
               _minutes(tr[m]["train_time_s"]) if m in tr else "no training",
               f"{tr[m]['peak_mem_gib']:.2f} GiB" if m in tr else "–"] for m in MODELS]
-    efficiency = [[LABELS[m], _minutes(tr[m]["train_time_s"]), f"{tr[m]['tokens_per_s']:,.0f}",
+    efficiency = [[LABELS[m], _minutes(tr[m]["train_time_s"]), f"{tr[m]['warmup_s']:.1f} s",
+                   f"{tr[m]['tokens_per_s']:,.0f}", f"{tr[m]['mfu']:.1%}" if "mfu" in tr[m] else "–",
                    f"{tr[m]['peak_mem_gib']:.2f} GiB", f"{tr[m]['trainable_params']:,}", f"{tr[m]['total_params']:,}",
                    f"{tr[m]['artifact_mb']:,.2f}"] for m in tr]
     general = list(ev["pretrained"]["general"])
@@ -87,8 +88,11 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
         "lower is better.", "",
         _table(study, ["Model", "Generated text", "Test perplexity", "Training time", "Peak memory"]), "",
         "## Efficiency", "",
-        _table(efficiency, ["Model", "Training time", "Tokens/s", "Peak memory", "Trainable params",
-                            "Total params", "Artifact (MB)"]), "",
+        _table(efficiency, ["Model", "Training time", "Warm-up", "Tokens/s (steady)", "MFU", "Peak memory",
+                            "Trainable params", "Total params", "Artifact (MB)"]), "",
+        f"Training time is the loop alone; warm-up is its first log interval (compilation included), "
+        f"excluded from the steady-state tokens/s. MFU: 6N + 12·L·d·T FLOPs per token (4N for LoRA's frozen "
+        f"base) over the GPU's dense bf16 peak; none on CPU. "
         f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. LoRA integrity: "
         f"{lora['trainable_params']:,} trainable parameters, r x (in + out) over the wrapped layers gives "
         f"{lora['lora_expected_trainable']:,}; merged vs base+adapter logits differ by at most "

@@ -39,11 +39,32 @@ def resolve_precision(requested: str) -> str:
     return "no"
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(GiB, what was measured): the GPU's peak allocation on CUDA, else the process's peak RSS."""
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def flops_per_token(model_config, n_params: int, block_size: int, full: bool) -> float:
+    """Training FLOPs per token: 6N + 12·L·d·T (PaLM's convention); a frozen base needs no weight
+    gradients, so LoRA counts 4N."""
+    return (6 if full else 4) * n_params + 12 * model_config.n_layer * model_config.n_embd * block_size
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The GPU's peak allocation and reservation on CUDA, else the process's peak RSS (GiB)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"
+        return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 4),
+                "peak_mem_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 4),
+                "peak_mem_kind": "cuda_max_allocated"}
+    return {"peak_mem_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4),
+            "peak_mem_kind": "cpu_peak_rss"}
 
 
 def device_name(device: torch.device) -> str:
@@ -123,21 +144,32 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module],
     spe = check_schedule(p, len(train_blocks), accelerator.num_processes)  # optimizer steps per epoch
     total_steps = spe * p.train.epochs
 
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     model = build(p, args.base)
+    if p.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = modeling.count_params(model)
+    config = getattr(model, "get_base_model", lambda: model)().config
+    compiled = p.train.compile is True or (p.train.compile == "auto" and device.type == "cuda")
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": p.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=getattr(p, method).lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, p.train.warmup_steps, total_steps)
+    if compiled:
+        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     micro, ga, world, rank = p.train.batch_size, p.train.grad_accum, accelerator.num_processes, accelerator.process_index
     global_batch = micro * ga * world
     tokens_per_step = global_batch * p.data.block_size
-    progress = {"step": 0, "train_time": 0.0, "train_curve": [], "val_curve": []}
+    # warmup_*: the first log interval (compilation, allocator and cache warm-up), kept apart from
+    # the steady state that tokens_per_s measures.
+    progress = {"step": 0, "train_time": 0.0, "warmup_time": None, "warmup_steps": 0, "train_curve": [], "val_curve": []}
     ckpt = checkpoints.Checkpointer(
         args.checkpoints, method,
         checkpoints.run_key(p, method, args.data, world, accelerator.mixed_precision), accelerator)
@@ -195,6 +227,8 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module],
                 last = flush(step)
                 now = time.perf_counter()  # flush synced the device, so this time is real
                 progress["train_time"] += now - t0
+                if progress["warmup_time"] is None:
+                    progress["warmup_time"], progress["warmup_steps"] = progress["train_time"], step
                 bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{step * tokens_per_step / progress['train_time']:,.0f}")
                 if epoch_end:
                     val = validation_loss(model, accelerator, val_blocks, micro)
@@ -210,27 +244,36 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module],
         bar.close()
 
     steps, train_time = total_steps, progress["train_time"]
-    mem, mem_kind = peak_memory(device)
+    steady_steps, steady_time = steps - progress["warmup_steps"], train_time - progress["warmup_time"]
+    if steady_steps == 0:  # a run shorter than one log interval has no steady state to measure
+        steady_steps, steady_time = steps, train_time
+    tokens_per_s = steady_steps * tokens_per_step / steady_time
+    name = device_name(device)
     metrics = {
         "method": method,
         "train_time_s": round(train_time, 3),
+        "warmup_s": round(progress["warmup_time"], 3),
         "tokens": steps * tokens_per_step,
-        "tokens_per_s": round(steps * tokens_per_step / train_time, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
         "steps": steps,
         "global_batch": global_batch,
         "processes": world,
-        "peak_mem_gib": round(mem, 4),
-        "peak_mem_kind": mem_kind,
+        **peak_memory(device),
         "trainable_params": trainable,
         "total_params": total,
         "final_train_loss": progress["train_curve"][-1][1],
         "val_loss": progress["val_curve"][-1][1],
         "val_ppl": math.exp(progress["val_curve"][-1][1]),
         "precision": {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision),
-        "device": device_name(device),
+        "device": name,
+        "compiled": compiled,
         "seed": p.seed,
         "versions": library_versions(),
     }
+    if (peak := peak_flops(name)) is not None:
+        full = trainable == total
+        fpt = flops_per_token(config, total if full else total - trainable, p.data.block_size, full)
+        metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_dir(args.out) as tmp:
