@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test assets
+.PHONY: demo test assets bench
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR).
 demo:
@@ -14,3 +14,7 @@ test:
 # Rebuild the bundled tiny assets (deterministic; a few minutes on 2 cores).
 assets:
 	$(PYTHON) assets/build_assets.py
+
+# Speed and memory, side by side in one run (GPU: GPT-2 124M; CPU: the tiny model). Writes bench-results.json.
+bench:
+	$(PYTHON) scripts/bench.py

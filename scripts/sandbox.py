@@ -26,7 +26,7 @@ COPY = ("dvc.yaml", "params.yaml", ".gitignore", "stages", "assets")
 MARKER = ".sandbox"
 # Keeps every run offline: the sandbox's params point at local folders only.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1"}
+       "DVC_NO_ANALYTICS": "1"}
 
 
 def _parse_value(text: str):

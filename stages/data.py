@@ -19,7 +19,7 @@ import numpy as np
 from stages.outputs import read_json
 
 SPLITS = ("train", "validation", "test")
-ROWS_PER_BATCH = 1000
+ROWS_PER_BATCH = 4000
 META_FILE = "meta.json"
 # Local file names accepted per split, in order of preference.
 LOCAL_FILES = {
@@ -98,13 +98,17 @@ def iter_rows(name: str, config: str | None, split: str) -> tuple[str, Iterator[
 
 def tokenize_to_file(rows: Iterator[list[str]], tokenizer, path: Path, dtype: np.dtype) -> dict:
     """Stream tokenized rows into `path`; return token and UTF-8 byte counts."""
+    # The Rust backend directly: the Python wrapper's BatchEncoding costs ~40% more for the same ids,
+    # and encode_batch_fast skips the offsets we do not need.
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     n_tokens = n_bytes = 0
     with open(path, "wb") as f:
         for batch in rows:
             n_bytes += sum(len(t.encode("utf-8")) for t in batch)
-            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            flat = np.fromiter((i for row in ids for i in row), dtype=np.int64)
-            flat.astype(dtype).tofile(f)
+            encodings = encode(batch, add_special_tokens=False)
+            flat = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings] or [np.zeros(0, dtype)])
+            flat.tofile(f)
             n_tokens += len(flat)
         f.flush()
         os.fsync(f.fileno())

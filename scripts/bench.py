@@ -1,0 +1,248 @@
+"""make bench: our training loop (full and LoRA) side by side with the HF Trainer default path, and
+our `prepare` tokenization side by side with run_clm's datasets.map + group_texts path.
+
+    python scripts/bench.py [--out bench-results.json] [--prepare-mb 540] [--skip-prepare]
+
+On a GPU it trains the GPT-2 124M architecture at random init (the compute is the same as the
+real weights'), 1024-token blocks; on CPU the bundled tiny GPT-2, 128-token blocks. Every path
+trains on the same random token stream; each runs in its own process, so peak memory is its own.
+Our paths run the real stage code (`accelerate launch -m stages.train_*`). Steady-state tokens/s
+leaves out each path's first log interval (compilation and warm-up), reported apart.
+
+The prepare comparison tokenizes a synthetic WikiText-format corpus of --prepare-mb MB (the tiny
+corpus repeated) with the bundled tokenizer, which like GPT-2's is a byte-level BPE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+ASSETS = ROOT / "assets"
+WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
+
+
+def setup(work: Path, cuda: bool) -> dict:
+    """Write a snapshot, a prepared token folder and params for the training paths."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if cuda:
+        shape = {"model": "GPT-2 124M (random init)", "block": 1024, "batch": 16, "hf_batch": 8, "tokens": 2_457_600}
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(work / "pre")
+        for f in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer: saved beside, never used
+            shutil.copy(ASSETS / "tiny-gpt2" / f, work / "pre" / f)
+        vocab = GPT2Config().vocab_size
+    else:
+        shape = {"model": "tiny GPT-2 (assets/tiny-gpt2)", "block": 128, "batch": 8, "hf_batch": 8, "tokens": 204_800}
+        shutil.copytree(ASSETS / "tiny-gpt2", work / "pre")
+        vocab = 1024
+    prep = work / "prep"
+    prep.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"train": shape["tokens"] + shape["block"], "validation": 4 * shape["block"], "test": 4 * shape["block"]}
+    for split, n in sizes.items():
+        rng.integers(0, vocab, n, dtype=np.uint16).tofile(prep / f"{split}.bin")
+    meta = {"dtype": "<u2", "vocab_size": vocab, "tokenizer": "bench", "source": "random", "config": None,
+            "splits": {s: {"tokens": n, "bytes": n} for s, n in sizes.items()}}
+    (prep / "meta.json").write_text(json.dumps(meta))
+    return shape
+
+
+def write_params(work: Path, shape: dict, compile_: str | bool = "auto") -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name"] = str(work / "pre")
+    params["data"] |= {"name": str(work), "config": None, "block_size": shape["block"], "general": []}
+    params["evaluate"]["stride"] = shape["block"] // 2
+    params["train"] |= {"epochs": 1, "batch_size": shape["batch"], "grad_accum": 1, "warmup_steps": 10,
+                        "log_every": WARMUP_STEPS, "checkpoint_every": 0, "compile": compile_}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def ours(work: Path, method: str, tag: str) -> dict:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", f"stages.train_{method}",
+           "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
+           "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
+    subprocess.run(cmd, cwd=work, check=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    m = json.loads((work / f"{tag}.json").read_text())
+    return {"path": f"ours, {method}" + (", eager" if tag.endswith("eager") else ""), "tokens": m["tokens"],
+            "tokens_per_s": m["tokens_per_s"], "warmup_s": m["warmup_s"], "mfu": m.get("mfu"),
+            "peak_mem_gib": m["peak_mem_gib"], "final_loss": m["final_train_loss"], "precision": m["precision"],
+            "device": m["device"]}
+
+
+def hf_trainer(work: Path, shape: dict) -> dict:
+    """The HF Trainer default path: fp32, batch 8; in its own process."""
+    out = work / "hf.json"
+    subprocess.run([sys.executable, __file__, "--_hf-trainer", str(work), json.dumps(shape), str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def _hf_trainer_child(work: Path, shape: dict, out: Path) -> None:
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    block, batch = shape["block"], shape["hf_batch"]
+    tokens = np.fromfile(work / "prep/train.bin", dtype="<u2")
+    blocks = torch.from_numpy(tokens[: len(tokens) // block * block].astype(np.int64)).view(-1, block)
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(blocks)
+
+        def __getitem__(self, i):
+            return {"input_ids": blocks[i], "labels": blocks[i]}
+
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks[state.global_step] = time.perf_counter()
+
+    steps = shape["tokens"] // (batch * block)
+    args = TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=batch, max_steps=steps,
+                             report_to=[], save_strategy="no", logging_steps=10**9, disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(work / "pre")
+    start = time.perf_counter()
+    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
+    steady = (steps - WARMUP_STEPS) * batch * block / (marks[steps] - marks[WARMUP_STEPS])
+    cuda = torch.cuda.is_available()
+    mem = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    out.write_text(json.dumps({"path": "HF Trainer defaults", "tokens": steps * batch * block, "tokens_per_s": round(steady, 1),
+                               "warmup_s": round(marks[WARMUP_STEPS] - start, 3), "mfu": None,
+                               "peak_mem_gib": round(mem, 4), "final_loss": None, "precision": "fp32"}))
+
+
+def corpus(path: Path, mb: int) -> None:
+    piece = (ASSETS / "tiny-wikitext" / "wiki.train.raw").read_bytes()
+    with open(path, "wb") as f:
+        for _ in range(max(1, mb * 2**20 // len(piece))):
+            f.write(piece)
+
+
+def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
+    import resource
+
+    from stages import data, modeling
+
+    tok = modeling.load_tokenizer(ASSETS / "tiny-gpt2")
+    start = time.perf_counter()
+    if which == "ours":
+        n = data.tokenize_to_file(data._text_rows(path), tok, work / "train.bin", np.dtype("<u2"))["tokens"]
+    else:  # run_clm: load_dataset("text") -> map(tokenize) -> map(group_texts), one process (its default)
+        import datasets
+
+        raw = datasets.load_dataset("text", data_files={"train": str(path)}, keep_linebreaks=True,
+                                    cache_dir=str(work / "hf-cache"))["train"]
+        tokenized = raw.map(lambda ex: tok(ex["text"]), batched=True, remove_columns=["text"])
+
+        def group_texts(examples, block=1024):
+            joined = {k: [t for row in v for t in row] for k, v in examples.items()}
+            total = len(joined["input_ids"]) // block * block
+            grouped = {k: [v[i:i + block] for i in range(0, total, block)] for k, v in joined.items()}
+            grouped["labels"] = list(grouped["input_ids"])
+            return grouped
+
+        n = sum(len(x) for x in tokenized.map(group_texts, batched=True)["input_ids"])
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out.write_text(json.dumps({"path": "ours (prepare)" if which == "ours" else "run_clm (datasets.map + group_texts)",
+                               "seconds": round(seconds, 2), "tokens": n, "peak_rss_gib": round(rss, 3)}))
+
+
+def bench_prepare(mb: int, work: Path) -> list[dict]:
+    path = work / "corpus.raw"
+    corpus(path, mb)
+    size = path.stat().st_size / 2**20
+    rows = []
+    for which in ("ours", "run_clm"):
+        out = work / f"prep-{which}.json"
+        subprocess.run([sys.executable, __file__, "--_prepare", which, str(path), str(work), str(out)], check=True)
+        r = json.loads(out.read_text())
+        rows.append(r | {"mb": round(size, 1), "mb_per_s": round(size / r["seconds"], 2)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--prepare-mb", type=int, default=540)
+    ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--_hf-trainer", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_prepare", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._hf_trainer:
+        return _hf_trainer_child(Path(args._hf_trainer[0]), json.loads(args._hf_trainer[1]), Path(args._hf_trainer[2]))
+    if args._prepare:
+        which, path, work, out = args._prepare
+        return _prepare_child(which, Path(path), Path(work), Path(out))
+
+    import torch
+    from tabulate import tabulate
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    cuda = torch.cuda.is_available()
+    results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shape = setup(work, cuda)
+        write_params(work, shape)
+        rows = [ours(work, "full", "full"), ours(work, "lora", "lora")]
+        if cuda:  # compiled and eager must agree on the loss
+            write_params(work, shape, compile_=False)
+            rows.append(ours(work, "full", "full-eager"))
+        rows.append(hf_trainer(work, shape))
+        hf = rows[-1]["tokens_per_s"]
+        for r in rows:
+            r["vs_hf_trainer"] = round(r["tokens_per_s"] / hf, 2)
+        full, lora = rows[0], rows[1]
+        results |= {"model": shape["model"], "block": shape["block"], "training": rows,
+                    "lora_over_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
+                    "lora_over_full_peak_mem": round(lora["peak_mem_gib"] / full["peak_mem_gib"], 3),
+                    "ours_over_hf_tokens_per_s": round(full["tokens_per_s"] / hf, 2)}
+        if cuda:
+            results["compiled_vs_eager_loss_rel_diff"] = abs(rows[2]["final_loss"] / full["final_loss"] - 1)
+        if not args.skip_prepare:
+            prep = bench_prepare(args.prepare_mb, work)
+            results["prepare"] = prep
+            results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
+
+    print(f"\nTraining: {results['model']}, {results['block']}-token blocks, on {results['device']}")
+    print(tabulate([[r["path"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["warmup_s"],
+                     "–" if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_mem_gib"], r["precision"],
+                     f"{r['vs_hf_trainer']:.2f}x"] for r in results["training"]],
+                   ["path", "tokens", "tokens/s (steady)", "warm-up s", "MFU", "peak mem GiB", "precision",
+                    "vs HF Trainer"], tablefmt="github"))
+    print(f"LoRA / full: {results['lora_over_full_tokens_per_s']}x tokens/s, "
+          f"{results['lora_over_full_peak_mem']}x peak memory")
+    if "compiled_vs_eager_loss_rel_diff" in results:
+        print(f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_loss_rel_diff']:.2e}")
+    if "prepare" in results:
+        print(f"\nPrepare: {results['prepare'][0]['mb']} MB synthetic WikiText-format corpus, tiny byte-level BPE")
+        print(tabulate([[r["path"], r["seconds"], r["mb_per_s"], f"{r['tokens']:,}", r["peak_rss_gib"]]
+                        for r in results["prepare"]], ["path", "seconds", "MB/s", "tokens", "peak RSS GiB"],
+                       tablefmt="github"))
+        print(f"ours vs run_clm: {results['prepare_speedup_vs_run_clm']}x faster")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nbench: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
