@@ -76,7 +76,10 @@ def ours(work: Path, method: str, tag: str) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", f"stages.train_{method}",
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
            "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
-    subprocess.run(cmd, cwd=work, check=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    # accelerate launch gives a CPU process 1 thread unless OMP_NUM_THREADS says otherwise; the HF
+    # Trainer path gets torch's default (every core), so ours gets the same.
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    subprocess.run(cmd, cwd=work, check=True, env=env)
     m = json.loads((work / f"{tag}.json").read_text())
     return {"path": f"ours, {method}" + (", eager" if tag.endswith("eager") else ""), "tokens": m["tokens"],
             "tokens_per_s": m["tokens_per_s"], "warmup_s": m["warmup_s"], "mfu": m.get("mfu"),

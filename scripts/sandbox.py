@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COPY = ("dvc.yaml", "params.yaml", ".gitignore", "stages", "assets")
 MARKER = ".sandbox"
 # Keeps every run offline: the sandbox's params point at local folders only.
+# OMP_NUM_THREADS: `accelerate launch` would otherwise give a CPU training process 1 thread.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-       "DVC_NO_ANALYTICS": "1"}
+       "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
 
 
 def _parse_value(text: str):

@@ -93,3 +93,16 @@ def test_schedule_errors_name_the_keys(project):
         training.check_schedule(load_params(), 100, 1)
     with pytest.raises(ConfigError, match="only 5 blocks"):
         training.check_schedule(load_params(), 5, 1)
+
+
+def test_mfu_inputs():
+    from transformers import GPT2Config
+
+    from stages import hardware
+
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.peak_flops("NVIDIA A10G") == 70e12 and hardware.peak_flops("NVIDIA A10") == 125e12
+    assert hardware.peak_flops("cpu (x86_64, 2 threads)") is None
+    # GPT-2 124M at 1024 context: about 855 MFLOP per trained token, the figure.
+    assert hardware.flops_per_token(GPT2Config(), 124_439_808, 1024, full=True) == pytest.approx(855e6, rel=0.01)
+    assert hardware.resolve_precision("fp32") == "no" and hardware.resolve_precision("auto") == "no"  # no GPU here
