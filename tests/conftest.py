@@ -55,3 +55,15 @@ def run_main(module, *argv: str) -> None:
         module.main()
     finally:
         sys.argv = old
+
+
+TRAIN_ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
+
+
+def prepare_in(project, **overrides) -> Path:
+    """Write demo params with `overrides` and run the prepare stage into prep/ and pre/."""
+    from stages import prepare
+
+    root = project(**overrides)
+    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+    return root

@@ -3,19 +3,14 @@
 import pytest
 import torch
 
-from conftest import TINY_MODEL, demo_params, run_main
+from conftest import TINY_MODEL, TRAIN_ARGS, demo_params, prepare_in, run_main
 from stages import checkpoints, generate, modeling, prepare, train_full, training
 from stages.data import DataError
 from stages.config import ConfigError, load_params, parse_params
 
-ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
-
-
 @pytest.fixture
 def prepared(project):
-    root = project(**{"train.epochs": 1})
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
-    return root
+    return prepare_in(project, **{"train.epochs": 1})
 
 
 def test_non_finite_loss_stops_training_and_writes_no_model(prepared, monkeypatch):
@@ -36,7 +31,7 @@ def test_non_finite_loss_stops_training_and_writes_no_model(prepared, monkeypatc
 
     monkeypatch.setattr(train_full, "build", build)
     with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 3 \(nan\)"):
-        run_main(train_full, *ARGS, "--out", "models/full", "--metrics", "m/full.json", "--plots", "m/plots")
+        run_main(train_full, *TRAIN_ARGS, "--out", "models/full", "--metrics", "m/full.json", "--plots", "m/plots")
     assert not (prepared / "models/full").exists() and not (prepared / "m/full.json").exists()
 
 
@@ -75,7 +70,7 @@ def test_adapter_trained_on_another_base_is_refused(prepared):
 
     from stages import train_lora
 
-    run_main(train_lora, *ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots")
+    run_main(train_lora, *TRAIN_ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots")
     p = load_params()
     model = modeling.load_for_eval(prepared / "models/lora", prepared / "pre", p.model.name)
     assert model is not None

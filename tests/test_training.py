@@ -7,18 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_main
-from stages import data, modeling, prepare, scoring, train_full, train_lora, training
+from conftest import TRAIN_ARGS, prepare_in, run_main
+from stages import data, modeling, scoring, train_full, train_lora, training
 from stages.outputs import read_json
-
-ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
-
 
 @pytest.fixture
 def prepared(project):
-    root = project(**{"train.epochs": 2})
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
-    return root
+    return prepare_in(project, **{"train.epochs": 2})
 
 
 def pretrained_val_loss(root) -> float:
@@ -28,7 +23,7 @@ def pretrained_val_loss(root) -> float:
 
 
 def test_full_fine_tuning_lowers_the_loss(prepared):
-    run_main(train_full, *ARGS, "--out", "models/full", "--metrics", "m/full.json", "--plots", "m/plots/full")
+    run_main(train_full, *TRAIN_ARGS, "--out", "models/full", "--metrics", "m/full.json", "--plots", "m/plots/full")
     m = read_json("m/full.json")
     curve = (prepared / "m/plots/full/train_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) - 1 == m["steps"]
@@ -51,7 +46,7 @@ def test_lora_trains_only_the_adapter(prepared, monkeypatch):
         return built["model"]
 
     monkeypatch.setattr(train_lora, "build", build)
-    run_main(train_lora, *ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots/lora")
+    run_main(train_lora, *TRAIN_ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots/lora")
     m = read_json("m/lora.json")
     # c_attn in each of the 2 layers: in 64, out 3 x 64.
     assert m["trainable_params"] == 8 * (64 + 192) * 2
