@@ -98,7 +98,7 @@ def run(method: str, build: Callable[[Params, str], torch.nn.Module],
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": p.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=getattr(p, method).lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+        lr=getattr(p, method).lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
     scheduler = get_linear_schedule_with_warmup(optimizer, p.train.warmup_steps, total_steps)
     if compiled:
         model = torch.compile(model)

@@ -113,11 +113,14 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(repo):
 
 def test_misspelled_param_fails_before_training(repo):
     dest, *_ = repo
+    lock, adapter = (dest / "dvc.lock").read_bytes(), (dest / "models/lora/adapter_model.safetensors").read_bytes()
     # DVC refuses `-S lora.rr=16` itself, but `+lora.rr=16` (or a hand edit) adds the key silently.
     proc = dvc(dest, "exp", "run", "-S", "+lora.rr=16", check=False)
     assert proc.returncode != 0
     assert "lora.rr: unknown key; did you mean lora.r?" in proc.stdout + proc.stderr
     assert stages_run(proc) == {"train_lora"}
+    assert (dest / "dvc.lock").read_bytes() == lock
+    assert (dest / "models/lora/adapter_model.safetensors").read_bytes() == adapter
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=dest, check=True)
 
 

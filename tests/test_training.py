@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import TRAIN_ARGS, prepare_in, run_main
 from stages import data, modeling, scoring, train_full, train_lora, training
+from stages.config import load_params
 from stages.outputs import read_json
 
 @pytest.fixture
@@ -101,3 +102,19 @@ def test_mfu_inputs():
     # GPT-2 124M at 1024 context: about 855 MFLOP per trained token, the figure.
     assert hardware.flops_per_token(GPT2Config(), 124_439_808, 1024, full=True) == pytest.approx(855e6, rel=0.01)
     assert hardware.resolve_precision("fp32") == "no" and hardware.resolve_precision("auto") == "no"  # no GPU here
+
+
+def test_lora_merge_exports_a_plain_transformers_model(project):
+    from transformers import AutoModelForCausalLM
+
+    root = prepare_in(project, **{"train.epochs": 1, "lora.merge": True})
+    run_main(train_lora, *TRAIN_ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots/lora")
+    merged = AutoModelForCausalLM.from_pretrained(root / "models/lora/merged").eval()
+    p = load_params()
+    adapted = modeling.load_for_eval(root / "models/lora", root / "pre", p.model.name)
+    batch = torch.from_numpy(data.blocks(data.load_tokens(root / "prep", "test"), 128)[:2].astype(np.int64))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=batch).logits, adapted(input_ids=batch).logits, atol=1e-4)
+    m = read_json(root / "m/lora.json")
+    assert m["merge_max_abs_diff"] < 1e-4 and m["lora_expected_trainable"] == m["trainable_params"]
+    assert (root / "models/lora/merged/model.safetensors").is_file()
