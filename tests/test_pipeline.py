@@ -27,7 +27,7 @@ def dvc(repo, *args, check=True) -> subprocess.CompletedProcess:
 
 
 SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12}
-TIMING = {"train_time_s", "tokens_per_s", "peak_mem_gib", "eval_time_s"}
+TIMING = {"train_time_s", "warmup_s", "tokens_per_s", "mfu", "peak_mem_gib", "peak_mem_reserved_gib", "eval_time_s"}
 
 
 def stages_run(proc) -> set[str]:
