@@ -1,7 +1,8 @@
 """Loading models and tokenizers, the pretrained snapshot, and the LoRA wrapping.
 
-Only `prepare` reads `model.name` (hub id or local folder); it saves a snapshot that every later
-stage loads, so after `prepare` the pipeline runs offline and the snapshot pins the exact weights.
+Only `prepare` loads weights from `model.name` (hub id or local folder); it saves a snapshot that
+every later stage loads, so after `prepare` the pipeline runs offline and the snapshot pins the
+exact weights.
 """
 
 from __future__ import annotations
