@@ -30,17 +30,13 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE"
        "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def apply_overrides(params_file: Path, overrides: dict) -> None:
     """Set dotted keys in params_file, keeping its comments and layout."""
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(params_file.read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
-        node, *_, = [doc]
+        node = doc
         keys = dotted.split(".")
         for k in keys[:-1]:
             if k not in node:
@@ -103,7 +99,7 @@ def main() -> None:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = _parse_value(value)
+        overrides[key] = yaml.safe_load(value)  # as dvc exp run -S parses values
     dest = make_sandbox(args.dir, overrides)
     print(f"sandbox: {dest}", file=sys.stderr)
     if args.repro:

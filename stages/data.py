@@ -36,9 +36,13 @@ class DataError(ValueError):
 
 
 def general_label(source) -> str:
-    """A data.general source's short name, <last part of its name>-<split>; its token file is
-    general-<label>.bin."""
+    """A data.general source's short name in metrics: <last part of its name>-<split>."""
     return f"{Path(source.name.rstrip('/')).name}-{source.split}"
+
+
+def general_split(source) -> str:
+    """The prepared split (token file general-<label>.bin) holding a data.general source."""
+    return f"general-{general_label(source)}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -140,9 +144,9 @@ def read_meta(data_dir: str | Path) -> dict:
     return read_json(Path(data_dir) / META_FILE)
 
 
-def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
-    """The split's token ids as a read-only memmap."""
-    meta = read_meta(data_dir)
+def load_tokens(data_dir: str | Path, split: str, meta: dict | None = None) -> np.ndarray:
+    """The split's token ids as a read-only memmap (`meta`: data_dir's meta.json, if already read)."""
+    meta = meta or read_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise DataError(f"{path}: not found; run `dvc repro prepare`")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from stages import data, modeling, scoring
@@ -20,27 +21,30 @@ from stages.config import load_params
 from stages.outputs import write_json
 
 
-def sliding_metrics(model, data_dir: str, split: str, p, device) -> dict:
+def sliding_metrics(model, tokens, n_bytes: int, p, device, desc: str) -> dict:
     """ppl, its interval, bits per byte and token count of one split under the sliding window."""
-    tokens = data.load_tokens(data_dir, split)
     nll = scoring.sliding_window_nll(model, tokens, p.data.block_size, p.evaluate.stride, device,
-                                     p.evaluate.batch_size, desc=f"{split} sliding")
+                                     p.evaluate.batch_size, desc=f"{desc} sliding")
     lo, hi = scoring.bootstrap_ppl_interval(nll, p.evaluate.bootstrap_chunk, p.evaluate.bootstrap_samples, p.seed)
-    n_bytes = data.read_meta(data_dir)["splits"][split]["bytes"]
     return {"ppl": scoring.perplexity(nll), "ppl_lo": lo, "ppl_hi": hi,
             "bpb": scoring.bits_per_byte(nll, n_bytes), "tokens": int(len(nll))}
 
 
 def evaluate(model, data_dir: str, p, device) -> dict:
+    meta = data.read_meta(data_dir)
+
+    def split_metrics(split: str) -> tuple[dict, np.ndarray]:
+        tokens = data.load_tokens(data_dir, split, meta)
+        return sliding_metrics(model, tokens, meta["splits"][split]["bytes"], p, device, split), tokens
+
     metrics: dict = {}
     for split, short in (("validation", "val"), ("test", "test")):
-        m = sliding_metrics(model, data_dir, split, p, device)
-        blocks = scoring.block_nll(model, data.load_tokens(data_dir, split), p.data.block_size, device,
-                                   p.evaluate.batch_size, desc=f"{split} blocks")
+        m, tokens = split_metrics(split)
+        blocks = scoring.block_nll(model, tokens, p.data.block_size, device, p.evaluate.batch_size,
+                                   desc=f"{split} blocks")
         metrics |= {f"{short}_{k}": v for k, v in m.items()}
         metrics |= {f"{short}_ppl_blocks": scoring.perplexity(blocks), f"{short}_tokens_blocks": int(len(blocks))}
-    metrics["general"] = {data.general_label(g): sliding_metrics(model, data_dir, f"general-{data.general_label(g)}", p, device)
-                          for g in p.data.general}
+    metrics["general"] = {data.general_label(g): split_metrics(data.general_split(g))[0] for g in p.data.general}
     return metrics
 
 

@@ -19,7 +19,7 @@ def prepare(p, out: Path, tokenizer) -> dict:
     dtype = data.token_dtype(len(tokenizer))
     splits = {}
     jobs = [(split, p.data.name, p.data.config, split) for split in data.SPLITS]
-    jobs += [(f"general-{data.general_label(g)}", g.name, g.config, g.split) for g in p.data.general]
+    jobs += [(data.general_split(g), g.name, g.config, g.split) for g in p.data.general]
     for split, name, config, source_split in jobs:
         source, rows = data.iter_rows(name, config, source_split)
         counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, TINY_WIKI, demo_params, run_main
-from stages import evaluate, findings, generate, modeling, prepare, scoring, train_lora
+from stages import data, evaluate, findings, generate, modeling, prepare, scoring, train_lora
 from stages.config import load_params, parse_params
 
 
@@ -30,7 +30,8 @@ def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(projec
     run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m.json")
     p = load_params()
     model = modeling.load_causal_lm(TINY_MODEL).eval()
-    got = evaluate.sliding_metrics(model, "prep", "test", p, torch.device("cpu"))
+    n_bytes = data.read_meta("prep")["splits"]["test"]["bytes"]
+    got = evaluate.sliding_metrics(model, data.load_tokens("prep", "test"), n_bytes, p, torch.device("cpu"), "test")
 
     # Independently: tokenize the raw file, let the HF model's own loss score each window's new
     # targets (labels -100 elsewhere), and count the file's UTF-8 bytes.
