@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from gpt2study.config import set_keys
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 ASSETS = ROOT / "assets"
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
 
@@ -64,23 +65,23 @@ def setup(work: Path, cuda: bool) -> dict:
 
 def write_params(work: Path, shape: dict, compile_: str | bool = "auto") -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["name"] = str(work / "pre")
-    params["data"] |= {"name": str(work), "config": None, "block_size": shape["block"], "general": []}
-    params["evaluate"]["stride"] = shape["block"] // 2
-    params["train"] |= {"epochs": 1, "batch_size": shape["batch"], "grad_accum": 1, "warmup_steps": 10,
-                        "log_every": WARMUP_STEPS, "checkpoint_every": 0, "compile": compile_}
+    set_keys(params, {"model.name": str(work / "pre"), "data.name": str(work), "data.config": None,
+                      "data.block_size": shape["block"], "data.general": [], "evaluate.stride": shape["block"] // 2,
+                      "train.epochs": 1, "train.batch_size": shape["batch"], "train.grad_accum": 1,
+                      "train.warmup_steps": 10, "train.log_every": WARMUP_STEPS, "train.checkpoint_every": 0,
+                      "train.compile": compile_})
     (work / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def ours(work: Path, method: str, tag: str) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", f"stages.train_{method}",
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
-           "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
+           "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
     # accelerate launch gives a CPU process 1 thread unless OMP_NUM_THREADS says otherwise; the HF
     # Trainer path gets torch's default (every core), so ours gets the same.
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     subprocess.run(cmd, cwd=work, check=True, env=env)
-    m = json.loads((work / f"{tag}.json").read_text())
+    m = json.loads((work / f"{tag}.json").read_text())[method] | json.loads((work / f"{tag}.info.json").read_text())
     return {"path": f"ours, {method}" + (", eager" if tag.endswith("eager") else ""), "tokens": m["tokens"],
             "tokens_per_s": m["tokens_per_s"], "warmup_s": m["warmup_s"], "mfu": m.get("mfu"),
             "peak_mem_gib": m["peak_mem_gib"], "final_loss": m["final_train_loss"], "precision": m["precision"],
@@ -143,7 +144,7 @@ def corpus(path: Path, mb: int) -> None:
 def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     import resource
 
-    from stages import data, modeling
+    from gpt2study import data, modeling
 
     tok = modeling.load_tokenizer(ASSETS / "tiny-gpt2")
     start = time.perf_counter()

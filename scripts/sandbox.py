@@ -2,7 +2,7 @@
 
     python scripts/sandbox.py DIR [--repro] [-S key=value ...]
 
-Copies the pipeline (dvc.yaml, params.yaml, stages/, assets/) to DIR, applies
+Copies the pipeline (dvc.yaml, params.yaml, stages/, gpt2study/, assets/) to DIR, applies
 assets/demo-params.yaml and any -S overrides to DIR/params.yaml (comments kept), then runs
 git init, dvc init and a first commit, so `dvc repro`, `dvc exp run -S ...`, `dvc metrics diff`
 and `dvc exp show` work there. The project's own params, lock file and outputs are never touched.
@@ -19,44 +19,16 @@ import sys
 from pathlib import Path
 
 import yaml
-from ruamel.yaml import YAML
+
+from gpt2study.config import flatten, override_file
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY = ("dvc.yaml", "params.yaml", ".gitignore", "stages", "assets")
+COPY = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "gpt2study", "assets")
 MARKER = ".sandbox"
 # Keeps every run offline: the sandbox's params point at local folders only.
 # OMP_NUM_THREADS: `accelerate launch` would otherwise give a CPU training process 1 thread.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-
-
-def apply_overrides(params_file: Path, overrides: dict) -> None:
-    """Set dotted keys in params_file, keeping its comments and layout."""
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(params_file.read_text(encoding="utf-8"))
-    for dotted, value in overrides.items():
-        node = doc
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            if k not in node:
-                raise KeyError(f"{dotted}: no section '{k}' in {params_file}")
-            node = node[k]
-        if keys[-1] not in node:
-            raise KeyError(f"{dotted}: no key '{keys[-1]}' in {params_file}")
-        node[keys[-1]] = value
-    with open(params_file, "w", encoding="utf-8") as f:
-        rt.dump(doc, f)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run(cmd: list[str], cwd: Path) -> None:
@@ -77,7 +49,7 @@ def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
         else:
             shutil.copy2(src, dest / name)
     demo = yaml.safe_load((ROOT / "assets" / "demo-params.yaml").read_text(encoding="utf-8"))
-    apply_overrides(dest / "params.yaml", flatten(demo) | (overrides or {}))
+    override_file(dest / "params.yaml", flatten(demo) | (overrides or {}))
     (dest / MARKER).write_text("made by scripts/sandbox.py; `make demo` rebuilds this folder\n")
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "config", "user.name", "sandbox"], dest)
@@ -87,6 +59,14 @@ def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "sandbox of the GPT-2 fine-tuning study"], dest)
     return dest
+
+
+def repro_and_commit(dest: Path) -> None:
+    """dvc repro, then commit the result as the baseline that experiments and `dvc metrics diff`
+    compare against."""
+    run(["dvc", "repro"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "demo baseline: dvc repro on the tiny assets"], dest)
 
 
 def main() -> None:
@@ -103,7 +83,7 @@ def main() -> None:
     dest = make_sandbox(args.dir, overrides)
     print(f"sandbox: {dest}", file=sys.stderr)
     if args.repro:
-        run(["dvc", "repro"], dest)
+        repro_and_commit(dest)
 
 
 if __name__ == "__main__":

@@ -1,71 +1,18 @@
 """Stage generate@<model>: a model + generate.* -> its continuations (JSON) and their quality metrics.
 
-For the study's prompt and each extra prompt: one greedy continuation plus generate.num_samples
-sampled ones, each sample seeded from (seed, prompt, sample), so the same params give the same
-text on the same machine. Quality metrics (distinct-n, repetition, length, EOS rate) go to a
-metrics file; the texts stay out of it.
+The texts go to --out; distinct-n, repetition, length and EOS rate to --metrics (a DVC metric).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from stages import modeling
-from stages.config import load_params
-from stages.outputs import write_json
-
-
-def text_quality(continuations: list[list[int]], eos_id: int) -> dict:
-    """Token-level quality of generated continuations (each a list of generated ids)."""
-    cut = [c[:c.index(eos_id)] if eos_id in c else c for c in continuations]
-
-    def distinct(n: int) -> float:
-        grams = [tuple(c[i:i + n]) for c in cut for i in range(len(c) - n + 1)]
-        return len(set(grams)) / len(grams) if grams else 0.0
-
-    repeated = total = 0
-    for c in cut:  # 4-grams that repeat an earlier 4-gram of the same text
-        seen: set = set()
-        for i in range(len(c) - 3):
-            gram = tuple(c[i:i + 4])
-            repeated += gram in seen
-            total += 1
-            seen.add(gram)
-    return {"distinct_1": distinct(1), "distinct_2": distinct(2),
-            "repetition_4gram": repeated / total if total else 0.0,
-            "mean_length": float(np.mean([len(c) for c in cut])) if cut else 0.0,
-            "eos_rate": float(np.mean([eos_id in c for c in continuations])) if continuations else 0.0,
-            "texts": len(continuations)}
-
-
-def generate(model, tokenizer, g, seed: int, device) -> tuple[list[dict], list[list[int]]]:
-    """Per prompt {'prompt', 'greedy', 'samples'}, and every continuation's generated token ids."""
-    panel, ids = [], []
-    prompts = (g.prompt, *g.extra_prompts)
-    for pi, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False)):
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
-        n_in = inputs["input_ids"].shape[1]
-
-        def continuation(**kw) -> list[int]:
-            out = model.generate(**inputs, max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kw)
-            return out[0, n_in:].tolist()
-
-        greedy = continuation(do_sample=False)
-        samples = []
-        for i in range(g.num_samples):
-            if g.temperature == 0:  # greedy: every "sample" is the greedy text
-                samples.append(greedy)
-                continue
-            torch.manual_seed(seed + 1000 * pi + i)
-            samples.append(continuation(do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
-        decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-        panel.append({"prompt": prompt, "greedy": decode(greedy), "samples": [decode(s) for s in samples]})
-        ids += [greedy, *samples]
-    return panel, ids
+from gpt2study import generation, modeling, runtime
+from gpt2study.config import load_params
+from gpt2study.outputs import write_json
 
 
 def main() -> None:
@@ -76,14 +23,14 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="generation-quality metrics JSON to write")
     args = ap.parse_args()
     p = load_params()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = runtime.eval_device()
     model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
     tokenizer = modeling.load_tokenizer(args.model)
     with torch.no_grad():
-        panel, ids = generate(model, tokenizer, p.generate, p.seed, device)
-    quality = text_quality(ids, tokenizer.eos_token_id)
+        panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device)
+    quality = generation.text_quality(ids, tokenizer.eos_token_id)
     write_json(args.out, {"prompts": panel})
-    write_json(args.metrics, quality)
+    write_json(args.metrics, {Path(args.metrics).stem: quality})  # keyed by the model, as evaluate's
     print(f"generate: {quality['texts']} continuations of up to {p.generate.max_new_tokens} tokens for "
           f"{len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}; wrote {args.out}, {args.metrics}")
 

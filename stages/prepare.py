@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import data, modeling
-from stages.config import load_params
-from stages.outputs import atomic_dir, write_json
+from gpt2study import data, modeling
+from gpt2study.config import load_params
+from gpt2study.outputs import atomic_dir, write_json
 
 
 def prepare(p, out: Path, tokenizer) -> dict:
@@ -49,7 +49,7 @@ def main() -> None:
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp)
-    write_json(args.metrics, {s: {"tokens": v["tokens"], "bytes": v["bytes"]} for s, v in meta["splits"].items()})
+    write_json(args.metrics, {"corpus": {s: {"tokens": v["tokens"], "bytes": v["bytes"]} for s, v in meta["splits"].items()}})
     total = sum(v["tokens"] for v in meta["splits"].values())
     print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}")
 

@@ -6,15 +6,18 @@ Run through `accelerate launch`, so a user's `accelerate config` applies.
 
 from __future__ import annotations
 
-from stages import modeling, training
+from gpt2study import modeling, training
+from gpt2study.config import load_params
 
 
-def build(p, base_dir: str):
+def build(p, base_dir):
     return modeling.load_causal_lm(base_dir)
 
 
 def main() -> None:
-    training.run("full", build)
+    paths = training.TrainPaths.from_cli("full")
+    p = load_params()
+    training.run("full", p, paths, build=lambda: build(p, paths.base))
 
 
 if __name__ == "__main__":

@@ -9,26 +9,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpt2study.config import flatten, set_keys
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 TINY_MODEL = ASSETS / "tiny-gpt2"
 TINY_WIKI = ASSETS / "tiny-wikitext"
-sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-import sandbox  # noqa: E402  (scripts/sandbox.py)
 
 
 def demo_params(**overrides) -> dict:
     """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    demo = sandbox.flatten(yaml.safe_load((ASSETS / "demo-params.yaml").read_text()))
-    for dotted, value in (demo | overrides).items():
-        node = params
-        *parents, last = dotted.split(".")
-        for k in parents:
-            node = node[k]
-        node[last] = value
+    set_keys(params, flatten(yaml.safe_load((ASSETS / "demo-params.yaml").read_text())) | overrides)
     for section in (params["model"], params["data"], *params["data"]["general"]):  # absolute: any cwd works
         section["name"] = str(ROOT / section["name"])
     return params
@@ -60,6 +53,12 @@ def run_main(module, *argv: str) -> None:
 TRAIN_ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
 
 
+def train_args(method: str) -> tuple[str, ...]:
+    """A training stage's command line in a `project` folder: models/<method>, m/<method>.json, ..."""
+    return (*TRAIN_ARGS, "--out", f"models/{method}", "--metrics", f"m/{method}.json",
+            "--info", f"m/{method}.info.json", "--plots", f"m/plots/{method}")
+
+
 def prepare_in(project, **overrides) -> Path:
     """Write demo params with `overrides` and run the prepare stage into prep/ and pre/."""
     from stages import prepare
@@ -67,3 +66,14 @@ def prepare_in(project, **overrides) -> Path:
     root = project(**overrides)
     run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state per process; each in-process stage run starts from none, as a
+    launched stage does."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()

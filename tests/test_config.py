@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_params
-from stages.config import ConfigError, load_params, parse_params
+from gpt2study.config import ConfigError, flatten, load_params, override_file, parse_params, set_keys
 
 
 def shipped() -> dict:
@@ -97,7 +97,24 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def test_config_is_frozen():
-    p = load_params(ROOT / "params.yaml")
-    with pytest.raises(AttributeError):
-        p.lora.r = 16
+def test_unknown_top_level_section_suggests_the_nearest():
+    raw = shipped()
+    raw["trian"] = {"epochs": 2}
+    assert "trian: unknown key; did you mean train?" in errors_of(raw)
+
+
+def test_overrides_set_dotted_keys_and_refuse_unknown_ones(tmp_path):
+    tree = {"train": {"epochs": 3, "lr": 1.0}, "seed": 1}
+    assert set_keys(tree, {"train.epochs": 1, "seed": 2}) == {"train": {"epochs": 1, "lr": 1.0}, "seed": 2}
+    assert flatten(tree) == {"train.epochs": 1, "train.lr": 1.0, "seed": 2}
+    with pytest.raises(KeyError, match="train.epoch: no key 'epoch'"):
+        set_keys(tree, {"train.epoch": 1})
+    with pytest.raises(KeyError, match="trian.epochs: no section 'trian'"):
+        set_keys(tree, {"trian.epochs": 1})
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    override_file(path, {"lora.r": 16, "generate.extra_prompts": ["x"]})
+    text = path.read_text()
+    assert "r: 16                       # adapter rank" in text  # comments kept
+    assert parse_params(yaml.safe_load(text)).lora.r == 16

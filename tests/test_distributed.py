@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_params, run_main
+from gpt2study.outputs import read_json
 from stages import prepare
-from stages.outputs import read_json
 
 
 def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[float]]:
@@ -20,13 +20,14 @@ def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[f
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", "29517",
            "-m", "stages.train_full", "--data", "prep", "--base", "pre", "--out", f"out-{tag}",
-           "--metrics", f"{tag}.json", "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
+           "--metrics", f"{tag}.json", "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = [float(line.split(",")[1]) for line in (root / f"plots-{tag}/train_loss.csv").read_text().splitlines()[1:]]
-    return read_json(root / f"{tag}.json"), curve
+    return read_json(root / f"{tag}.json")["full"] | read_json(root / f"{tag}.info.json"), curve
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_at_the_same_global_batch(project, tmp_path):
     project()
     run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m.json")

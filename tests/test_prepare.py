@@ -4,8 +4,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL, TINY_WIKI, run_main
-from stages import data, modeling, prepare
-from stages.outputs import read_json
+from gpt2study import data, modeling
+from gpt2study.config import ConfigError
+from gpt2study.outputs import read_json
+from stages import prepare
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def test_token_counts_equal_direct_tokenization(project, tokenizer):
         assert tokens.tolist() == direct
         assert meta["splits"][split]["tokens"] == len(direct)
         assert meta["splits"][split]["bytes"] == len("".join(lines).encode("utf-8"))
-    assert read_json("m/prepare.json")["test"]["tokens"] == meta["splits"]["test"]["tokens"]
+    assert read_json("m/prepare.json")["corpus"]["test"]["tokens"] == meta["splits"]["test"]["tokens"]
     assert (project() / "pre" / "model.safetensors").is_file()
     assert meta["vocab_size"] == len(tokenizer) and meta["dtype"] == "<u2"
 
@@ -88,3 +90,20 @@ def test_truncated_token_file_is_detected(project, tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(data.DataError, match="the file is truncated"):
         data.load_tokens(tmp_path / "prep", "test")
+
+
+def test_block_size_beyond_the_context_is_refused_before_tokenizing(project, tmp_path):
+    project(**{"data.block_size": 512})
+    with pytest.raises(ConfigError, match=r"data.block_size: 512 exceeds the context of .*tiny-gpt2 \(128 tokens\); set it to at most 128"):
+        run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+    assert not (tmp_path / "prep").exists()
+
+
+def test_empty_split_is_refused(project, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for split in ("train", "validation", "test"):
+        (empty / f"{split}.txt").write_text("" if split == "validation" else "word " * 400)
+    project(**{"data.name": str(empty)})
+    with pytest.raises(data.DataError, match=r"validation.txt: split 'validation' is empty; give it text"):
+        run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_WIKI
-from stages import modeling, scoring
+from conftest import TINY_MODEL, TINY_WIKI, run_main
+from gpt2study import data, modeling, scoring
+from gpt2study.config import load_params
+from stages import prepare
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,45 @@ def test_window_plan_predicts_every_token_but_the_first_once(n, block, stride):
         assert 0 <= begin < first <= end <= n and end - begin <= block
         scored += range(first, end)
     assert scored == list(range(1, n))
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    small = rng.gamma(2.0, 1.0, size=2_000)
+    large = rng.gamma(2.0, 1.0, size=50_000)
+    widths = []
+    for nll in (small, large):
+        lo, hi = scoring.bootstrap_ppl_interval(nll, chunk=100, samples=1000, seed=1)
+        assert lo < scoring.perplexity(nll) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 3  # ~ 1/sqrt(25) of the width
+    assert scoring.bootstrap_ppl_interval(small, 100, 1000, 1) == scoring.bootstrap_ppl_interval(small, 100, 1000, 1)
+
+
+def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(project):
+    project(**{"evaluate.stride": 32})
+    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m.json")
+    p = load_params()
+    model = modeling.load_causal_lm(TINY_MODEL).eval()
+    n_bytes = data.read_meta("prep")["splits"]["test"]["bytes"]
+    got = scoring.sliding_metrics(model, data.load_tokens("prep", "test"), n_bytes, 128, p.evaluate, p.seed,
+                                  torch.device("cpu"))
+
+    # Independently: tokenize the raw file, let the HF model's own loss score each window's new
+    # targets (labels -100 elsewhere), and count the file's UTF-8 bytes.
+    text = (TINY_WIKI / "wiki.test.raw").read_text(encoding="utf-8")
+    tok = modeling.load_tokenizer(TINY_MODEL)
+    ids = torch.tensor([i for row in tok(text.splitlines(keepends=True), add_special_tokens=False)["input_ids"] for i in row])
+    total = count = 0.0
+    for begin, end, first in scoring.window_plan(len(ids), 128, 32):
+        x = ids[begin:end][None]
+        labels = x.clone()
+        labels[:, : first - begin] = -100
+        with torch.no_grad():
+            loss = model(input_ids=x, labels=labels).loss.item()
+        n = end - first
+        total, count = total + loss * n, count + n
+    assert got["tokens"] == count == len(ids) - 1
+    assert got["bpb"] == pytest.approx(total / (math.log(2) * len(text.encode("utf-8"))), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert got["ppl_lo"] < got["ppl"] < got["ppl_hi"]

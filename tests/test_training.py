@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TRAIN_ARGS, prepare_in, run_main
-from stages import data, modeling, scoring, train_full, train_lora, training
-from stages.config import load_params
-from stages.outputs import read_json
+from conftest import prepare_in, run_main, train_args
+from gpt2study import data, modeling, runtime, scoring, training
+from gpt2study.config import ConfigError, load_params
+from gpt2study.outputs import read_json
+from stages import train_full, train_lora
+
 
 @pytest.fixture
 def prepared(project):
@@ -23,20 +25,20 @@ def pretrained_val_loss(root) -> float:
         return float(scoring.block_nll(model, data.load_tokens(root / "prep", "validation"), 128, torch.device("cpu")).mean())
 
 
-def test_full_fine_tuning_lowers_the_loss(prepared):
-    run_main(train_full, *TRAIN_ARGS, "--out", "models/full", "--metrics", "m/full.json", "--plots", "m/plots/full")
-    m = read_json("m/full.json")
+def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared):
+    run_main(train_full, *train_args("full"))
+    m, info = read_json("m/full.json")["full"], read_json("m/full.info.json")
     curve = (prepared / "m/plots/full/train_loss.csv").read_text().splitlines()
-    assert curve[0] == "step,loss" and len(curve) - 1 == m["steps"]
-    first, last = float(curve[1].split(",")[1]), float(curve[-1].split(",")[1])
-    assert last < first
+    # 55,281 training tokens: 431 blocks of 128, 53 steps of 8 blocks per epoch.
+    assert curve[0] == "step,loss" and len(curve) - 1 == info["steps"] == 2 * 53
+    assert float(curve[-1].split(",")[1]) < float(curve[1].split(",")[1])
     assert m["val_loss"] < pretrained_val_loss(prepared)
-    assert m["trainable_params"] == m["total_params"] > 0
-    assert m["tokens"] == m["steps"] * 8 * 128 and m["peak_mem_kind"] == "cpu_peak_rss"
-    for f in ("model.safetensors", "config.json", "tokenizer.json"):
-        assert (prepared / "models/full" / f).is_file()
-    for key in ("train_time_s", "tokens_per_s", "peak_mem_gib", "final_train_loss", "device", "artifact_mb"):
-        assert key in m
+    assert m["trainable_params"] == info["total_params"] == 173_824
+    assert info["tokens"] == info["steps"] * 8 * 128 and info["peak_mem_kind"] == "cpu_peak_rss"
+    assert info["precision"] == "fp32" and info["compiled"] is False and info["processes"] == 1
+    assert all(isinstance(v, (int, float)) for v in m.values()), "metrics hold numbers only"
+    assert sorted(f.name for f in (prepared / "models/full").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_lora_trains_only_the_adapter(prepared, monkeypatch):
@@ -47,11 +49,12 @@ def test_lora_trains_only_the_adapter(prepared, monkeypatch):
         return built["model"]
 
     monkeypatch.setattr(train_lora, "build", build)
-    run_main(train_lora, *TRAIN_ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots/lora")
-    m = read_json("m/lora.json")
+    run_main(train_lora, *train_args("lora"))
+    m = read_json("m/lora.json")["lora"]
     # c_attn in each of the 2 layers: in 64, out 3 x 64.
     assert m["trainable_params"] == 8 * (64 + 192) * 2
     assert m["val_loss"] < pretrained_val_loss(prepared)
+    assert 0 <= m["merge_max_abs_diff"] < 1e-4
 
     base = load_file(prepared / "pre" / "model.safetensors")
     state = built["model"].state_dict()
@@ -68,53 +71,110 @@ def test_lora_trains_only_the_adapter(prepared, monkeypatch):
     assert cfg["base_model_name_or_path"].endswith("tiny-gpt2") and cfg["fan_in_fan_out"] is True
 
 
-def test_lora_target_that_matches_nothing_lists_valid_names(prepared):
-    p = modeling.load_causal_lm(prepared / "pre")
-    lora = type("L", (), {"target_modules": ("c_attn", "q_proj"), "r": 8, "alpha": 16.0, "dropout": 0.0})
-    with pytest.raises(modeling.ModelError, match=r"lora.target_modules: 'q_proj' match no layer of this model; valid names: c_attn, c_fc, c_proj, lm_head"):
-        modeling.wrap_lora(p, lora, "x")
-
-
 def test_epoch_order_is_a_seeded_permutation():
     a, b = training.epoch_order(100, 42, 0), training.epoch_order(100, 42, 1)
     assert sorted(a.tolist()) == list(range(100))
     assert np.array_equal(a, training.epoch_order(100, 42, 0)) and not np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("micro_batch,grad_accum,world", [(4, 1, 1), (2, 3, 1), (4, 1, 2), (2, 2, 3)])
+def test_micro_batch_slices_cover_each_step_once(micro_batch, grad_accum, world):
+    global_batch = micro_batch * grad_accum * world
+    for step in range(3):
+        read = [i for micro in range(grad_accum) for rank in range(world)
+                for i in range(*training.micro_batch_slice(step, micro, micro_batch, grad_accum, world, rank)
+                               .indices(10**6))]
+        assert sorted(read) == list(range(step * global_batch, (step + 1) * global_batch))
+    # Two processes at half the micro-batch read, together, what one process reads alone.
+    one = training.micro_batch_slice(1, 0, 8, 1, 1, 0)
+    halves = [training.micro_batch_slice(1, 0, 4, 1, 2, r) for r in (0, 1)]
+    assert (halves[0].start, halves[1].stop) == (one.start, one.stop) and halves[0].stop == halves[1].start
+
+
+def test_step_losses_flush_in_order_and_name_the_first_non_finite_step():
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    losses = training.StepLosses(3, torch.device("cpu"))
+    for v in (1.0, 2.0, 3.0):
+        losses.add(torch.tensor(v))
+    assert losses.full() and losses.flush(13, acc) == [(11, 1.0), (12, 2.0), (13, 3.0)]
+    assert losses.pending == 0
+    losses.add(torch.tensor(0.5))
+    losses.add(torch.tensor(float("inf")))
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 15 \(inf\)"):
+        losses.flush(15, acc)
+
+
 def test_schedule_errors_name_the_keys(project):
-    from stages.config import ConfigError, load_params
-
     project(**{"train.warmup_steps": 1000})
+    train = load_params().train
     with pytest.raises(ConfigError, match="train.warmup_steps: 1000 is not shorter than training"):
-        training.check_schedule(load_params(), 100, 1)
-    with pytest.raises(ConfigError, match="only 5 blocks"):
-        training.check_schedule(load_params(), 5, 1)
+        training.check_schedule(train, 128, 100, 1)
+    with pytest.raises(ConfigError, match="only 5 blocks of data.block_size=128"):
+        training.check_schedule(train, 128, 5, 1)
 
 
-def test_mfu_inputs():
+def test_oom_advice_keeps_the_global_batch(project):
+    project(**{"train.batch_size": 8, "train.grad_accum": 2})
+    msg = training.oom_advice(load_params().train)
+    assert "train.batch_size=8, train.grad_accum=2" in msg and "train.batch_size=4, train.grad_accum=4" in msg
+
+
+def test_mfu_inputs_and_precision_choice():
     from transformers import GPT2Config
 
-    from stages import hardware
+    assert runtime.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert runtime.peak_flops("NVIDIA A10G") == 70e12 and runtime.peak_flops("NVIDIA A10") == 125e12
+    assert runtime.peak_flops("cpu (x86_64, 2 threads)") is None
+    # GPT-2 124M at 1024 context: about 855 MFLOP per trained token.
+    assert runtime.flops_per_token(GPT2Config(), 124_439_808, 1024, full=True) == pytest.approx(855e6, rel=0.01)
+    assert runtime.resolve_precision("fp32") == "no" and runtime.resolve_precision("bf16") == "bf16"
+    on_gpu = torch.cuda.is_available()
+    expected_auto = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    assert runtime.resolve_precision("auto") == expected_auto
 
-    assert hardware.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert hardware.peak_flops("NVIDIA A10G") == 70e12 and hardware.peak_flops("NVIDIA A10") == 125e12
-    assert hardware.peak_flops("cpu (x86_64, 2 threads)") is None
-    # GPT-2 124M at 1024 context: about 855 MFLOP per trained token, the figure.
-    assert hardware.flops_per_token(GPT2Config(), 124_439_808, 1024, full=True) == pytest.approx(855e6, rel=0.01)
-    assert hardware.resolve_precision("fp32") == "no" and hardware.resolve_precision("auto") == "no"  # no GPU here
+
+def test_non_finite_loss_stops_training_and_writes_no_model(project, monkeypatch):
+    root = prepare_in(project, **{"train.epochs": 1})
+    original = train_full.build
+
+    def build(p, base_dir):
+        model = original(p, base_dir)
+        calls = {"n": 0}
+
+        def poison(module, inputs, output):  # the real model, whose 3rd forward pass yields NaN
+            calls["n"] += 1
+            if calls["n"] == 3:
+                output.loss = output.loss * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_full, "build", build)
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 3 \(nan\)"):
+        run_main(train_full, *train_args("full"))
+    assert not (root / "models/full").exists() and not (root / "m/full.json").exists()
+
+
+def test_fp16_on_a_cpu_is_refused_naming_the_key(project):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on this machine's GPU")
+    prepare_in(project, **{"train.epochs": 1, "train.precision": "fp16"})
+    with pytest.raises(ConfigError, match=r"train.precision: fp16 needs a CUDA GPU .*use bf16 or fp32"):
+        run_main(train_full, *train_args("full"))
 
 
 def test_lora_merge_exports_a_plain_transformers_model(project):
     from transformers import AutoModelForCausalLM
 
     root = prepare_in(project, **{"train.epochs": 1, "lora.merge": True})
-    run_main(train_lora, *TRAIN_ARGS, "--out", "models/lora", "--metrics", "m/lora.json", "--plots", "m/plots/lora")
+    run_main(train_lora, *train_args("lora"))
     merged = AutoModelForCausalLM.from_pretrained(root / "models/lora/merged").eval()
-    p = load_params()
-    adapted = modeling.load_for_eval(root / "models/lora", root / "pre", p.model.name)
+    adapted = modeling.load_for_eval(root / "models/lora", root / "pre", load_params().model.name)
     batch = torch.from_numpy(data.blocks(data.load_tokens(root / "prep", "test"), 128)[:2].astype(np.int64))
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=batch).logits, adapted(input_ids=batch).logits, atol=1e-4)
-    m = read_json(root / "m/lora.json")
-    assert m["merge_max_abs_diff"] < 1e-4 and m["lora_expected_trainable"] == m["trainable_params"]
+    assert read_json(root / "m/lora.json")["lora"]["merge_max_abs_diff"] < 1e-4
     assert (root / "models/lora/merged/model.safetensors").is_file()

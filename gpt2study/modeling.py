@@ -1,4 +1,4 @@
-"""Loading models and tokenizers, the pretrained snapshot, and the LoRA wrapping.
+"""Loading models and tokenizers, and the pretrained snapshot.
 
 Only `prepare` loads weights from `model.name` (hub id or local folder); it saves a snapshot that
 every later stage loads, so after `prepare` the pipeline runs offline and the snapshot pins the
@@ -30,7 +30,7 @@ def _check_local_model(path: Path) -> None:
 def load_tokenizer(name: str | Path):
     from transformers import AutoTokenizer
 
-    from stages.data import is_local
+    from gpt2study.data import is_local
 
     if is_local(str(name)):
         _check_local_model(Path(name))
@@ -45,7 +45,7 @@ def load_causal_lm(name: str | Path):
     """A causal LM in fp32 from a hub id or a save_pretrained folder, with errors that name the file."""
     from transformers import AutoModelForCausalLM
 
-    from stages.data import is_local
+    from gpt2study.data import is_local
 
     if is_local(str(name)):
         check_weights(Path(name))
@@ -75,8 +75,8 @@ def check_context(name: str | Path, block_size: int) -> None:
     """Refuse data.block_size beyond the model's context, reading only its config."""
     from transformers import AutoConfig
 
-    from stages.config import ConfigError
-    from stages.data import is_local
+    from gpt2study.config import ConfigError
+    from gpt2study.data import is_local
 
     if is_local(str(name)):
         _check_local_model(Path(name))
@@ -101,53 +101,6 @@ def skeleton(name: str | Path) -> torch.nn.Module:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(name)))
-
-
-def module_names(model: torch.nn.Module) -> list[str]:
-    """Short names of the layers LoRA can wrap (Linear and GPT-2's Conv1D), sorted."""
-    from transformers.pytorch_utils import Conv1D
-
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, (torch.nn.Linear, Conv1D)) and n})
-
-
-def lora_targets(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Module]:
-    """Modules matched by target_modules; every entry must match at least one."""
-    valid = module_names(model)
-    missing = [t for t in target_modules if t not in valid]
-    if missing:
-        raise ModelError(f"lora.target_modules: {', '.join(map(repr, missing))} match no layer of this model; "
-                         f"valid names: {', '.join(valid)}")
-    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in target_modules}
-
-
-def wrap_lora(model: torch.nn.Module, lora, base_name: str):
-    """Wrap model with a PEFT LoRA adapter built from the lora params."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    targets = lora_targets(model, lora.target_modules)
-    # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear: PEFT must know.
-    fan_in_fan_out = any(isinstance(m, Conv1D) for m in targets.values())
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), fan_in_fan_out=fan_in_fan_out,
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    # The weights come from the local snapshot of model.name; the adapter records model.name itself,
-    # so it loads anywhere that base is available (the hub id, for the real study).
-    peft_model.peft_config["default"].base_model_name_or_path = base_name
-    return peft_model
-
-
-def expected_lora_params(model: torch.nn.Module, lora) -> int:
-    """r x (fan_in + fan_out) per wrapped layer: the adapter's A and B matrices."""
-    from transformers.pytorch_utils import Conv1D
-
-    total = 0
-    for m in lora_targets(model, lora.target_modules).values():
-        fan_in, fan_out = (m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1])
-        total += lora.r * (fan_in + fan_out)
-    return total
 
 
 def load_for_eval(model_dir: str | Path, base_dir: str | Path, base_name: str):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.outputs import read_json
+from gpt2study.outputs import read_json
 
 SPLITS = ("train", "validation", "test")
 ROWS_PER_BATCH = 20000

@@ -64,3 +64,8 @@ def library_versions() -> dict:
 
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def eval_device() -> torch.device:
+    """Where evaluation and generation run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -88,3 +88,13 @@ def bootstrap_ppl_interval(nll: np.ndarray, chunk: int, samples: int, seed: int,
     ppl = np.exp(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
     lo, hi = np.percentile(ppl, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, seed: int, device,
+                    desc: str | None = None) -> dict:
+    """ppl, its bootstrap interval, bits per byte and token count of one split under the sliding
+    window (`ev`: the evaluate params)."""
+    nll = sliding_window_nll(model, tokens, block, ev.stride, device, ev.batch_size, desc=desc)
+    lo, hi = bootstrap_ppl_interval(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed)
+    return {"ppl": perplexity(nll), "ppl_lo": lo, "ppl_hi": hi, "bpb": bits_per_byte(nll, n_bytes),
+            "tokens": int(len(nll))}

@@ -228,3 +228,43 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     return parse_params(raw)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'train': {'epochs': 2}} -> {'train.epochs': 2}; lists stay values."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def set_keys(tree: dict, overrides: dict) -> dict:
+    """Set dotted keys (`train.epochs`) in a params mapping, in place, as `dvc exp run -S` does; a key
+    or section that the mapping lacks is refused, so a typo in an override never passes silently."""
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, last = dotted.split(".")
+        for k in parents:
+            if not isinstance(node, dict) or k not in node:
+                raise KeyError(f"{dotted}: no section {k!r} in the params")
+            node = node[k]
+        if last not in node:
+            raise KeyError(f"{dotted}: no key {last!r} in the params")
+        node[last] = value
+    return tree
+
+
+def override_file(path: str | Path, overrides: dict) -> None:
+    """Apply dotted overrides to a params YAML file, keeping its comments and layout."""
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text(encoding="utf-8"))
+    set_keys(doc, overrides)
+    with open(path, "w", encoding="utf-8") as f:
+        rt.dump(doc, f)

@@ -1,0 +1,102 @@
+"""LoRA through PEFT: which layers to wrap, the wrapping, and the adapter's integrity checks.
+
+Checks: the trainable parameter count equals r x (in + out) over the wrapped layers, and the
+merged model (merge_and_unload) gives the same logits as base plus adapter, both in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from gpt2study import modeling
+from gpt2study.config import LoraParams
+from gpt2study.modeling import ModelError
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the layers LoRA can wrap (Linear and GPT-2's Conv1D), sorted."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D)) and n})
+
+
+def targets(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Module]:
+    """Modules matched by target_modules; every entry must match at least one."""
+    valid = module_names(model)
+    missing = [t for t in target_modules if t not in valid]
+    if missing:
+        raise ModelError(f"lora.target_modules: {', '.join(map(repr, missing))} match no layer of this model; "
+                         f"valid names: {', '.join(valid)}")
+    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in target_modules}
+
+
+def expected_params(model: torch.nn.Module, lora: LoraParams) -> int:
+    """r x (fan_in + fan_out) per wrapped layer: the adapter's A and B matrices."""
+    from transformers.pytorch_utils import Conv1D
+
+    total = 0
+    for m in targets(model, lora.target_modules).values():
+        fan_in, fan_out = (m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1])
+        total += lora.r * (fan_in + fan_out)
+    return total
+
+
+def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str):
+    """Wrap model with a PEFT LoRA adapter built from the lora params."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    matched = targets(model, lora.target_modules)
+    # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear: PEFT must know.
+    fan_in_fan_out = any(isinstance(m, Conv1D) for m in matched.values())
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), fan_in_fan_out=fan_in_fan_out,
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    # The weights come from the local snapshot of model.name; the adapter records model.name itself,
+    # so it loads anywhere that base is available (the hub id, for the real study).
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model
+
+
+def build(base_dir: str | Path, lora: LoraParams, base_name: str):
+    """The snapshot wrapped with LoRA, its trainable count checked against r x (in + out)."""
+    # Checked on the weightless skeleton first, so a bad lora.target_modules fails in seconds.
+    expected = expected_params(modeling.skeleton(base_dir), lora)
+    model = wrap(modeling.load_causal_lm(base_dir), lora, base_name)
+    trainable, _ = modeling.count_params(model)
+    if trainable != expected:
+        raise ModelError(f"LoRA has {trainable} trainable parameters, but lora.r x (in + out) over the wrapped "
+                         f"layers gives {expected}; lora.target_modules matched layers PEFT wrapped differently")
+    return model
+
+
+@torch.no_grad()
+def merge_check(peft_model, batch: torch.Tensor):
+    """(max |logits(base + adapter) - logits(merged)|, merged model), both in fp32; raises if they differ.
+
+    Both sides run outside any autocast: a model handed over still under a mixed-precision forward
+    would compare bf16 logits with fp32 ones and fail on a sound adapter."""
+    was_training, tf32 = peft_model.training, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32
+    try:
+        peft_model.eval()
+        with torch.autocast(batch.device.type, enabled=False):
+            adapted = peft_model(input_ids=batch).logits.float()
+            try:
+                merged = copy.deepcopy(peft_model).merge_and_unload()
+                diff = (adapted - merged(input_ids=batch).logits.float()).abs().max().item()
+            except RuntimeError as e:  # shapes that do not fit: the adapter's layout is wrong
+                raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}") from e
+    finally:
+        peft_model.train(was_training)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    tolerance = 1e-4 * max(1.0, adapted.abs().max().item())
+    if not diff <= tolerance:  # also catches NaN
+        raise ModelError(f"LoRA merge check failed: merged and base+adapter logits differ by {diff:.3g} "
+                         f"(tolerance {tolerance:.3g}); the adapter is corrupt or wrongly oriented")
+    return diff, merged

@@ -1,0 +1,344 @@
+"""The one training loop behind train_full and train_lora, run through Accelerate.
+
+prepared token files + a model to train -> the trained model (save_pretrained folder), numeric
+metrics, descriptive facts and loss curves. The pieces, in order: `setup` (Accelerator, data,
+optimizer, schedule), `fit` (the loop, resumable), `summarize` (metrics) and `save`. `run` chains
+them for a stage; full and LoRA differ only in the model `build` returns and LoRA's `check`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gpt2study import checkpoints, data, modeling, runtime, scoring
+from gpt2study.config import ConfigError, Params, TrainParams
+from gpt2study.outputs import atomic_dir, write_json, write_text
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where a training stage reads and writes; dvc.yaml passes each on the command line."""
+    data: Path          # prepared token folder
+    base: Path          # pretrained snapshot folder
+    out: Path           # model folder to write
+    metrics: Path       # numeric metrics JSON (a DVC metric)
+    info: Path          # descriptive facts JSON (device, versions, precision)
+    plots: Path         # folder for loss curves (CSV, DVC plots)
+    checkpoints: Path   # resumable checkpoints, outside the DVC outputs
+
+    @classmethod
+    def from_cli(cls, method: str, argv: list[str] | None = None) -> TrainPaths:
+        ap = argparse.ArgumentParser(description=f"Fine-tune ({method}); run by dvc.yaml stage train_{method}")
+        for name in cls.__dataclass_fields__:
+            ap.add_argument(f"--{name}", required=True, type=Path)
+        return cls(**vars(ap.parse_args(argv)))
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """The block order of one epoch: a permutation drawn from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n_blocks, generator=g).numpy()
+
+
+def micro_batch_slice(step_in_epoch: int, micro: int, micro_batch: int, grad_accum: int, world: int,
+                      rank: int) -> slice:
+    """The positions of the epoch's block order that process `rank` reads at micro-step `micro`.
+
+    An optimizer step covers micro_batch x grad_accum x world consecutive positions; each
+    micro-step takes world consecutive slices of micro_batch, one per process, so every block of
+    the step is read exactly once whatever the process count (the DDP test relies on this)."""
+    start = step_in_epoch * micro_batch * grad_accum * world + (micro * world + rank) * micro_batch
+    return slice(start, start + micro_batch)
+
+
+def check_schedule(train: TrainParams, block_size: int, n_blocks: int, world: int) -> int:
+    """Optimizer steps per epoch; errors name the params keys when the data cannot fill the schedule."""
+    global_batch = train.batch_size * train.grad_accum * world
+    steps = n_blocks // global_batch
+    if steps == 0:
+        raise ConfigError(f"train.batch_size x train.grad_accum x processes = {global_batch} blocks per step, "
+                          f"but the training split has only {n_blocks} blocks of data.block_size="
+                          f"{block_size}; lower them")
+    if train.warmup_steps >= steps * train.epochs:
+        raise ConfigError(f"train.warmup_steps: {train.warmup_steps} is not shorter than training "
+                          f"({steps * train.epochs} optimizer steps); lower it")
+    return steps
+
+
+def oom_advice(train: TrainParams) -> str:
+    b, ga = train.batch_size, train.grad_accum
+    if b == 1:
+        return "out of GPU memory at train.batch_size=1; lower data.block_size or use a larger GPU"
+    half = max(1, b // 2)
+    return (f"out of GPU memory at train.batch_size={b}, train.grad_accum={ga}; keep the same global batch "
+            f"with train.batch_size={half}, train.grad_accum={ga * b // half}")
+
+
+class StepLosses:
+    """Step losses kept on the device and read on the host once per log interval (one sync),
+    so the loop never waits for the GPU; a non-finite loss is reported with its exact step."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.buffer = torch.zeros(capacity, device=device)
+        self.pending = 0  # steps whose loss sits in the buffer, not yet read
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.buffer[self.pending] = loss
+        self.pending += 1
+
+    def full(self) -> bool:
+        return self.pending == len(self.buffer)
+
+    def flush(self, step: int, accelerator) -> list[tuple[int, float]]:
+        """(step, loss averaged over processes) for every pending step up to `step`."""
+        values = accelerator.reduce(self.buffer[:self.pending].clone(), reduction="mean").tolist()
+        first = step - self.pending + 1
+        self.pending = 0
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"non-finite loss at step {first + i} ({v}); lower the learning "
+                                         "rate or train.max_grad_norm, or use train.precision: fp32")
+        return [(first + i, v) for i, v in enumerate(values)]
+
+
+@dataclass
+class Progress:
+    """What a run has done so far; saved with each checkpoint, so a resumed run continues it."""
+    step: int = 0
+    train_time: float = 0.0
+    warmup_time: float | None = None  # the first log interval (compilation, caches), kept apart
+    warmup_steps: int = 0
+    train_curve: list = field(default_factory=list)  # (step, loss)
+    val_curve: list = field(default_factory=list)    # (epoch, loss)
+
+
+@dataclass
+class Session:
+    """Everything `setup` builds and the later pieces use."""
+    accelerator: object
+    model: torch.nn.Module        # as prepared by Accelerate (maybe compiled, maybe DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_blocks: np.ndarray
+    val_blocks: np.ndarray
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int             # blocks per optimizer step, over all processes
+    compiled: bool
+    config: object                # the base model's transformers config, for FLOPs
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.train_blocks.shape[1]
+
+
+def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Callable[[], torch.nn.Module],
+          data_dir: Path) -> Session:
+    """Accelerator, token blocks, the model `build()` returns, AdamW and the warmup-linear schedule."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision))
+    set_seed(seed)
+    device = accelerator.device
+    if accelerator.mixed_precision == "fp16" and device.type != "cuda":
+        # Accelerate applies neither fp16 autocast nor loss scaling on a CPU: it would train in fp32
+        # while the metrics said fp16.
+        raise ConfigError(f"train.precision: fp16 needs a CUDA GPU (this run is on {device.type}); "
+                          "use bf16 or fp32 on a CPU")
+    train_blocks = data.blocks(data.load_tokens(data_dir, "train"), block_size)
+    val_blocks = data.blocks(data.load_tokens(data_dir, "validation"), block_size)
+    world = accelerator.num_processes
+    steps_per_epoch = check_schedule(train, block_size, len(train_blocks), world)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    model = build()
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "get_base_model", lambda: model)().config
+    decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
+    no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
+    total_steps = steps_per_epoch * train.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, total_steps)
+    compiled = train.compile is True or (train.compile == "auto" and device.type == "cuda")
+    if compiled:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return Session(accelerator, model, optimizer, scheduler, train_blocks, val_blocks, steps_per_epoch,
+                   total_steps, train.batch_size * train.grad_accum * world, compiled, config)
+
+
+def _to_device(blocks: np.ndarray, device: torch.device) -> torch.Tensor:
+    batch = torch.from_numpy(blocks.astype(np.int64))
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
+def train_step(s: Session, train: TrainParams, order: np.ndarray, step_in_epoch: int) -> torch.Tensor:
+    """One optimizer step over train.grad_accum micro-batches; returns the step's mean loss, on the device."""
+    acc, ga = s.accelerator, train.grad_accum
+    step_loss = torch.zeros((), device=acc.device)
+    for micro in range(ga):
+        where = micro_batch_slice(step_in_epoch, micro, train.batch_size, ga, acc.num_processes, acc.process_index)
+        batch = _to_device(s.train_blocks[np.sort(order[where])], acc.device)
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        with acc.no_sync(s.model) if micro < ga - 1 else nullcontext():
+            loss = s.model(input_ids=batch, labels=batch).loss
+            acc.backward(loss / ga)
+        step_loss += loss.detach()
+    acc.clip_grad_norm_(s.model.parameters(), train.max_grad_norm)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return step_loss / ga
+
+
+def validation_loss(s: Session, batch_size: int) -> float:
+    """Mean NLL over the validation blocks (run_clm protocol), sharded across processes."""
+    acc = s.accelerator
+    s.model.eval()
+    shard = s.val_blocks[acc.process_index::acc.num_processes]
+    nll = scoring.block_nll(s.model, shard.reshape(-1), s.val_blocks.shape[1], acc.device, batch_size)
+    s.model.train()
+    totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=acc.device)
+    totals = acc.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1])
+
+
+def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointer, label: str) -> Progress:
+    """Train to the end of the schedule, resuming from the newest complete checkpoint if any."""
+    acc = s.accelerator
+    progress = Progress()
+    if (latest := ckpt.latest()) is not None:
+        progress = Progress(**ckpt.load(latest))
+        if acc.is_main_process:
+            print(f"{label}: resuming from {latest} (step {progress.step} of {s.total_steps})")
+    losses = StepLosses(train.log_every, acc.device)
+    bar = tqdm(total=s.total_steps, initial=progress.step, desc=label, unit="step",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    s.model.train()
+    order, t0 = None, time.perf_counter()
+    try:
+        for step in range(progress.step + 1, s.total_steps + 1):
+            epoch, step_in_epoch = divmod(step - 1, s.steps_per_epoch)
+            if order is None or step_in_epoch == 0:
+                order = epoch_order(len(s.train_blocks), seed, epoch)
+            losses.add(train_step(s, train, order, step_in_epoch))
+            bar.update(1)
+            epoch_end = step_in_epoch == s.steps_per_epoch - 1
+            checkpoint = train.checkpoint_every and step % train.checkpoint_every == 0 and step < s.total_steps
+            if not (losses.full() or epoch_end or checkpoint):
+                continue
+            progress.train_curve += losses.flush(step, acc)
+            progress.train_time += time.perf_counter() - t0  # flush synced the device, so this time is real
+            if progress.warmup_time is None:
+                progress.warmup_time, progress.warmup_steps = progress.train_time, step
+            bar.set_postfix(loss=f"{progress.train_curve[-1][1]:.3f}",
+                            tok_s=f"{step * s.tokens_per_step / progress.train_time:,.0f}")
+            if epoch_end:
+                val = validation_loss(s, train.batch_size)
+                progress.val_curve.append((epoch + 1, val))
+                if acc.is_main_process:
+                    bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
+            if checkpoint:
+                progress.step = step
+                ckpt.save(step, asdict(progress))
+            t0 = time.perf_counter()
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError(oom_advice(train)) from e
+    finally:
+        bar.close()
+    progress.step = s.total_steps
+    return progress
+
+
+def summarize(s: Session, progress: Progress, block_size: int, seed: int, method: str) -> tuple[dict, dict]:
+    """(numeric metrics, descriptive facts) of a finished run."""
+    steps, train_time = progress.step, progress.train_time
+    steady_steps, steady_time = steps - progress.warmup_steps, train_time - progress.warmup_time
+    if steady_steps == 0:  # a run shorter than one log interval has no steady state to measure
+        steady_steps, steady_time = steps, train_time
+    tokens_per_s = steady_steps * s.tokens_per_step / steady_time
+    trainable, total = modeling.count_params(s.model)
+    device, world = s.accelerator.device, s.accelerator.num_processes
+    name = runtime.device_name(device)
+    memory = runtime.peak_memory(device)
+    metrics = {"train_s": round(train_time, 3), "warmup_s": round(progress.warmup_time, 3),
+               "tokens_per_s": round(tokens_per_s, 1),
+               **{k: v for k, v in memory.items() if k != "peak_mem_kind"},
+               "trainable_params": trainable,
+               "final_train_loss": progress.train_curve[-1][1], "val_loss": progress.val_curve[-1][1]}
+    if (peak := runtime.peak_flops(name)) is not None:
+        full = trainable == total
+        fpt = runtime.flops_per_token(s.config, total if full else total - trainable, block_size, full)
+        metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
+    info = {"method": method, "steps": steps, "tokens": steps * s.tokens_per_step, "global_batch": s.global_batch,
+            "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
+            "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
+            "compiled": s.compiled, "device": name, "seed": seed, "versions": runtime.library_versions()}
+    return metrics, info
+
+
+def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -> dict:
+    """Save the trained model (a PEFT model saves its adapter only) beside the snapshot's tokenizer,
+    atomically, on the main process. `check(model, folder, batch)`, if given, runs on the trained
+    model before the folder is committed and returns extra metrics."""
+    acc = s.accelerator
+    acc.wait_for_everyone()
+    extra: dict = {}
+    if acc.is_main_process:
+        # Without Accelerate's autocast wrapper and torch.compile: the plain module whose weights
+        # are saved, so a check compares it in fp32 with its merged or reloaded self.
+        trained = acc.unwrap_model(s.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        with atomic_dir(out) as tmp:
+            trained.save_pretrained(tmp)
+            modeling.load_tokenizer(base_dir).save_pretrained(tmp)
+            if check is not None:
+                extra = check(trained, tmp, _to_device(s.val_blocks[:2], acc.device))
+        extra["artifact_mb"] = round(modeling.dir_size_mb(out), 3)
+    return extra
+
+
+def write_curves(plots: Path, progress: Progress) -> None:
+    curves = {"train_loss.csv": ("step", progress.train_curve), "val_loss.csv": ("epoch", progress.val_curve)}
+    for name, (x, curve) in curves.items():
+        write_text(plots / name, f"{x},loss\n" + "".join(f"{a},{v}\n" for a, v in curve))
+
+
+def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module],
+        check: Callable | None = None) -> dict:
+    """A training stage: setup, fit, save, then metrics, facts and curves; returns the metrics."""
+    modeling.check_context(paths.base, p.data.block_size)
+    s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data)
+    key = checkpoints.run_key(p, method, paths.data, s.accelerator.num_processes, s.accelerator.mixed_precision)
+    ckpt = checkpoints.Checkpointer(paths.checkpoints, method, key, s.accelerator)
+    progress = fit(s, p.train, p.seed, ckpt, f"train_{method}")
+    metrics, info = summarize(s, progress, p.data.block_size, p.seed, method)
+    metrics |= save(s, paths.out, paths.base, check)
+    if s.accelerator.is_main_process:
+        write_curves(paths.plots, progress)
+        write_json(paths.info, info)
+        write_json(paths.metrics, {method: metrics})  # keyed by the method: `dvc exp show` reads lora.train_s
+        ckpt.clear()
+        print(f"train_{method}: {info['steps']} steps, {info['tokens']:,} tokens in {metrics['train_s']:.1f} s "
+              f"({metrics['tokens_per_s']:,.0f} tok/s), val_loss {metrics['val_loss']:.4f}; "
+              f"wrote {paths.out}, {paths.metrics}, {paths.info}, {paths.plots}")
+    s.accelerator.end_training()
+    return metrics

@@ -1,0 +1,101 @@
+"""dvc.yaml tells DVC the truth: each stage depends on every project file it imports, and
+params.yaml as a whole is validated by a stage of its own."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+PACKAGES = ("stages", "gpt2study")
+
+
+def module_file(name: str) -> Path | None:
+    """The project file behind a dotted module name, or None for anything outside the project."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    path = ROOT / Path(*name.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return None
+
+
+def imported_files(path: Path) -> set[Path]:
+    """Project files that `path` imports anywhere, module level or inside functions, transitively."""
+    seen: set[Path] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for node in ast.walk(ast.parse(current.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                for i in range(1, len(parts) + 1):  # a package's __init__ runs too
+                    if (f := module_file(".".join(parts[:i]))) is not None and f not in seen:
+                        todo.append(f)
+    return seen
+
+
+def stage_entries() -> list[tuple[str, str, set[str]]]:
+    """(stage name, module it runs, file deps) for every stage, matrix stages expanded once."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    out = []
+    for name, stage in spec["stages"].items():
+        module = re.search(r"-m (stages\.\w+)", stage["cmd"]).group(1)
+        deps = {d for d in stage.get("deps", []) if not d.startswith("$") and d.endswith(".py")}
+        out.append((name, module, deps))
+    return out
+
+
+def stage_files(module: str) -> set[str]:
+    """Every project file `python -m module` runs: its packages' __init__ files and its imports."""
+    parts = module.split(".")
+    files = set()
+    for i in range(1, len(parts) + 1):
+        files |= imported_files(module_file(".".join(parts[:i])))
+    return {str(f.relative_to(ROOT)) for f in files}
+
+
+def missing_deps(module: str, deps: set[str]) -> list[str]:
+    return sorted(stage_files(module) - deps)
+
+
+@pytest.mark.parametrize("name,module,deps", stage_entries(), ids=[e[0] for e in stage_entries()])
+def test_every_imported_project_file_is_a_dep(name, module, deps):
+    assert missing_deps(module, deps) == [], f"dvc.yaml stage {name} imports files it does not depend on"
+
+
+@pytest.mark.parametrize("name,module,deps", stage_entries(), ids=[e[0] for e in stage_entries()])
+def test_no_dep_is_a_file_the_stage_does_not_import(name, module, deps):
+    assert sorted(deps - stage_files(module)) == [], f"dvc.yaml stage {name} depends on files it never imports"
+
+
+def test_the_check_finds_a_removed_dep():
+    name, module, deps = next(e for e in stage_entries() if e[0] == "generate")
+    assert "gpt2study/data.py" in deps  # imported through gpt2study/modeling.py
+    assert missing_deps(module, deps - {"gpt2study/data.py"}) == ["gpt2study/data.py"]
+
+
+def test_stages_folder_holds_exactly_the_dvc_stages():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    files = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__"}
+    assert files == set(spec["stages"])
+
+
+def test_training_code_does_not_import_the_report():
+    for module in ("stages.train_full", "stages.train_lora"):
+        assert not {"gpt2study/reporting.py", "gpt2study/findings.py"} & stage_files(module)

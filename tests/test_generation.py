@@ -1,0 +1,43 @@
+"""The prompt panel: seeded, reproducible generation and token-level text quality."""
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, demo_params
+from gpt2study import generation, modeling
+from gpt2study.config import parse_params
+
+
+def test_same_seed_same_text_and_samples_differ():
+    g = parse_params(demo_params(**{"generate.num_samples": 2, "generate.max_new_tokens": 20})).generate
+    model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
+    tok = modeling.load_tokenizer(TINY_MODEL)
+    with torch.no_grad():
+        a, ids = generation.generate(model, tok, g, seed=7, device=torch.device("cpu"))
+        b, _ = generation.generate(model, tok, g, seed=7, device=torch.device("cpu"))
+        c, _ = generation.generate(model, tok, g, seed=8, device=torch.device("cpu"))
+    assert a == b
+    assert [p["prompt"] for p in a] == ["The town of", "The river", "In 1840 , the ship"]
+    assert all(len(p["samples"]) == 2 for p in a) and len(ids) == 3 * 3
+    assert [p["greedy"] for p in a] == [p["greedy"] for p in c]
+    assert [p["samples"] for p in a] != [p["samples"] for p in c]
+    assert tok.decode(ids[0], skip_special_tokens=True) == a[0]["greedy"] and len(ids[0]) > 5
+
+
+def test_temperature_zero_is_greedy():
+    g = parse_params(demo_params(**{"generate.temperature": 0.0, "generate.max_new_tokens": 8})).generate
+    model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
+    with torch.no_grad():
+        panel, _ = generation.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
+    assert all(p["samples"] == [p["greedy"]] * 2 for p in panel)
+
+
+def test_text_quality_metrics():
+    eos = 0
+    q = generation.text_quality([[5, 6, 7, 8, 5, 6, 7, 8, 9], [1, 2, 3, eos, 4, 4]], eos)
+    # The second text stops at EOS after 3 tokens; what follows EOS does not count.
+    assert q["mean_length"] == (9 + 3) / 2 and q["eos_rate"] == 0.5
+    assert q["distinct_1"] == pytest.approx(8 / 12)          # {5,6,7,8,9,1,2,3} over 12 tokens
+    assert q["distinct_2"] == pytest.approx(7 / 10)          # {56 67 78 85 89 12 23} of 8 + 2 bigrams
+    assert q["repetition_4gram"] == pytest.approx(1 / 6)     # 5678 comes back once among 6 4-grams
+    assert generation.text_quality([], eos)["texts"] == 0
