@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from gpt2study import checkpoints, data, modeling, runtime, scoring
 from gpt2study.config import ConfigError, Params, TrainParams
+from gpt2study.errors import StudyError
 from gpt2study.outputs import atomic_dir, write_json, write_text
 
 
@@ -84,6 +85,14 @@ def oom_advice(train: TrainParams) -> str:
             f"with train.batch_size={half}, train.grad_accum={ga * b // half}")
 
 
+class NonFiniteLoss(StudyError, FloatingPointError):
+    """The loss became NaN or inf; names the step."""
+
+
+class OutOfMemory(StudyError, RuntimeError):
+    """The GPU ran out of memory; says how to keep the global batch with less memory."""
+
+
 class StepLosses:
     """Step losses kept on the device and read on the host once per log interval (one sync),
     so the loop never waits for the GPU; a non-finite loss is reported with its exact step."""
@@ -106,7 +115,7 @@ class StepLosses:
         self.pending = 0
         for i, v in enumerate(values):
             if not math.isfinite(v):
-                raise FloatingPointError(f"non-finite loss at step {first + i} ({v}); lower the learning "
+                raise NonFiniteLoss(f"non-finite loss at step {first + i} ({v}); lower the learning "
                                          "rate or train.max_grad_norm, or use train.precision: fp32")
         return [(first + i, v) for i, v in enumerate(values)]
 
@@ -262,7 +271,7 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
                 ckpt.save(step, asdict(progress))
             t0 = time.perf_counter()
     except torch.cuda.OutOfMemoryError as e:
-        raise RuntimeError(oom_advice(train)) from e
+        raise OutOfMemory(oom_advice(train)) from e
     finally:
         bar.close()
     progress.step = s.total_steps

@@ -68,12 +68,16 @@ def prepare_in(project, **overrides) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def reset_accelerate() -> None:
     """Accelerate keeps its state per process; each in-process stage run starts from none, as a
     launched stage does."""
-    yield
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()
