@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from gpt2study.errors import StudyError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class ModelError(ValueError):
+class ModelError(StudyError):
     """A model folder is missing files, corrupt, or does not fit the params."""
 
 
@@ -33,7 +33,12 @@ def load_tokenizer(name: str | Path):
     from gpt2study.data import is_local
 
     if is_local(str(name)):
-        _check_local_model(Path(name))
+        folder = Path(name)
+        if not folder.is_dir():
+            raise ModelError(f"{folder}: not a directory; expected a hub id or a local save_pretrained folder")
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ModelError(f"{folder}: no tokenizer.json or tokenizer_config.json; save the tokenizer there "
+                             "with save_pretrained")
     tok = AutoTokenizer.from_pretrained(str(name))
     if not getattr(tok, "is_fast", True):
         raise ModelError(f"{name}: only a slow tokenizer is available; this project needs a fast one "
@@ -43,13 +48,20 @@ def load_tokenizer(name: str | Path):
 
 def load_causal_lm(name: str | Path):
     """A causal LM in fp32 from a hub id or a save_pretrained folder, with errors that name the file."""
+    import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from gpt2study.data import is_local
 
     if is_local(str(name)):
         check_weights(Path(name))
-    return AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32, attn_implementation="sdpa")
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load; our stages print one summary line
+    model = AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32, attn_implementation="sdpa")
+    # GPT-2 configs name no loss; transformers 5 then warns on every load and uses ForCausalLM,
+    # the causal-LM loss, which is ours: say so, and the warning goes.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def check_weights(folder: Path) -> None:
@@ -97,6 +109,7 @@ def snapshot(name: str, out_dir: Path) -> None:
 
 def skeleton(name: str | Path) -> torch.nn.Module:
     """The model's architecture on the meta device: its layers without loading any weights."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
