@@ -11,11 +11,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 PROGRESS = "progress.json"
+
+
+class _SharedTensorNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_shared_tensors():
+    """GPT-2 ties lm_head.weight to the embedding; save_state stores the tensor once and warns each
+    time. Harmless: load_state restores the tie (the kill-and-resume test ends with identical
+    weights), so the note is dropped rather than printed with every checkpoint."""
+    log = logging.getLogger("accelerate.utils.other")
+    note = _SharedTensorNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
 
 
 def _hash_file(h, path: Path) -> None:
@@ -58,7 +79,8 @@ class Checkpointer:
     def save(self, step: int, progress: dict) -> None:
         tmp = self.dir / f"step-{step}.tmp"
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        with _quiet_shared_tensors():
+            self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             (tmp / PROGRESS).write_text(json.dumps(progress))

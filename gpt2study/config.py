@@ -17,10 +17,12 @@ from typing import Literal
 
 import yaml
 
+from gpt2study.errors import StudyError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(StudyError):
     """Raised with one line per problem, each naming the params key."""
 
 

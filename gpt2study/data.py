@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2study.errors import StudyError
 from gpt2study.outputs import read_json
 
 SPLITS = ("train", "validation", "test")
@@ -31,7 +32,7 @@ LOCAL_FILES = {
 }
 
 
-class DataError(ValueError):
+class DataError(StudyError):
     """A data source or token file is missing, empty, too short or unreadable."""
 
 

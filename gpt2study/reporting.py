@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from gpt2study.errors import StudyError
 from gpt2study.findings import findings
 from gpt2study.outputs import read_json
 
@@ -18,7 +19,7 @@ MODELS = ("pretrained", "full", "lora")
 LABELS = {"pretrained": "Pretrained GPT-2", "full": "Fully fine-tuned GPT-2", "lora": "LoRA fine-tuned GPT-2"}
 
 
-class ReportError(ValueError):
+class ReportError(StudyError):
     """The metrics cannot be put side by side."""
 
 

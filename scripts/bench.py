@@ -29,28 +29,27 @@ import numpy as np
 import yaml
 
 from gpt2study.config import set_keys
+from real_shapes import write_gpt2_124m  # scripts/real_shapes.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
 
 
-def setup(work: Path, cuda: bool) -> dict:
-    """Write a snapshot, a prepared token folder and params for the training paths."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+GPU_SHAPE = {"model": "GPT-2 124M (random init)", "config": {}, "block": 1024, "batch": 16, "hf_batch": 8,
+             "tokens": 2_457_600}
+CPU_SHAPE = {"model": "tiny GPT-2 (assets/tiny-gpt2)", "config": None, "block": 128, "batch": 8, "hf_batch": 8,
+             "tokens": 204_800}
 
-    torch.manual_seed(0)
-    if cuda:
-        shape = {"model": "GPT-2 124M (random init)", "block": 1024, "batch": 16, "hf_batch": 8, "tokens": 2_457_600}
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(work / "pre")
-        for f in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer: saved beside, never used
-            shutil.copy(ASSETS / "tiny-gpt2" / f, work / "pre" / f)
-        vocab = GPT2Config().vocab_size
-    else:
-        shape = {"model": "tiny GPT-2 (assets/tiny-gpt2)", "block": 128, "batch": 8, "hf_batch": 8, "tokens": 204_800}
+
+def setup(work: Path, shape: dict) -> None:
+    """Write a snapshot (`shape["config"]`: GPT2Config overrides for a random-init GPT-2 with the
+    real tokenizer, or None for the bundled tiny model) and a prepared folder of random tokens."""
+    if shape["config"] is None:
         shutil.copytree(ASSETS / "tiny-gpt2", work / "pre")
-        vocab = 1024
+    else:
+        write_gpt2_124m(work / "pre", **shape["config"])
+    vocab = json.loads((work / "pre" / "config.json").read_text())["vocab_size"]
     prep = work / "prep"
     prep.mkdir()
     rng = np.random.default_rng(0)
@@ -60,7 +59,6 @@ def setup(work: Path, cuda: bool) -> dict:
     meta = {"dtype": "<u2", "vocab_size": vocab, "tokenizer": "bench", "source": "random", "config": None,
             "splits": {s: {"tokens": n, "bytes": n} for s, n in sizes.items()}}
     (prep / "meta.json").write_text(json.dumps(meta))
-    return shape
 
 
 def write_params(work: Path, shape: dict, compile_: str | bool = "auto") -> None:
@@ -84,7 +82,8 @@ def ours(work: Path, method: str, tag: str) -> dict:
     m = json.loads((work / f"{tag}.json").read_text())[method] | json.loads((work / f"{tag}.info.json").read_text())
     return {"path": f"ours, {method}" + (", eager" if tag.endswith("eager") else ""), "tokens": m["tokens"],
             "tokens_per_s": m["tokens_per_s"], "warmup_s": m["warmup_s"], "mfu": m.get("mfu"),
-            "peak_mem_gib": m["peak_mem_gib"], "final_loss": m["final_train_loss"], "precision": m["precision"],
+            "peak_mem_gib": m["peak_mem_gib"], "peak_mem_reserved_gib": m.get("peak_mem_reserved_gib"),
+            "final_loss": m["final_train_loss"], "precision": m["precision"], "compiled": m["compiled"],
             "device": m["device"]}
 
 
@@ -127,11 +126,19 @@ def _hf_trainer_child(work: Path, shape: dict, out: Path) -> None:
     start = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
     steady = (steps - WARMUP_STEPS) * batch * block / (marks[steps] - marks[WARMUP_STEPS])
-    cuda = torch.cuda.is_available()
-    mem = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    from gpt2study import runtime
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory = runtime.peak_memory(device) if device.type == "cuda" else {
+        "peak_mem_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)}
+    peak = runtime.peak_flops(runtime.device_name(device))
+    n = sum(q.numel() for q in model.parameters())
+    mfu = None if peak is None else round(steady * runtime.flops_per_token(model.config, n, block, True) / peak, 4)
     out.write_text(json.dumps({"path": "HF Trainer defaults", "tokens": steps * batch * block, "tokens_per_s": round(steady, 1),
-                               "warmup_s": round(marks[WARMUP_STEPS] - start, 3), "mfu": None,
-                               "peak_mem_gib": round(mem, 4), "final_loss": None, "precision": "fp32"}))
+                               "warmup_s": round(marks[WARMUP_STEPS] - start, 3), "mfu": mfu,
+                               "peak_mem_gib": memory["peak_mem_gib"],
+                               "peak_mem_reserved_gib": memory.get("peak_mem_reserved_gib"), "final_loss": None,
+                               "precision": "fp32", "compiled": False}))
 
 
 def corpus(path: Path, mb: int) -> None:
@@ -207,7 +214,8 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shape = setup(work, cuda)
+        shape = GPU_SHAPE if cuda else CPU_SHAPE
+        setup(work, shape)
         # Rounds alternate the paths and each path's median round is reported: this machine's
         # speed drifts, and a path run only first or only last would carry the drift.
         rounds = []

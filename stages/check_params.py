@@ -9,6 +9,7 @@ changes.
 from __future__ import annotations
 
 from gpt2study.config import PARAMS_FILE, load_params
+from gpt2study.errors import run_stage
 
 
 def main() -> None:
@@ -17,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -18,6 +18,7 @@ import torch
 
 from gpt2study import data, modeling, runtime, scoring
 from gpt2study.config import load_params
+from gpt2study.errors import run_stage
 from gpt2study.outputs import write_json
 
 
@@ -72,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

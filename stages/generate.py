@@ -12,6 +12,7 @@ import torch
 
 from gpt2study import generation, modeling, runtime
 from gpt2study.config import load_params
+from gpt2study.errors import run_stage
 from gpt2study.outputs import write_json
 
 
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

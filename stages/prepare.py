@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2study import data, modeling
+from gpt2study import data, hub, modeling
 from gpt2study.config import load_params
+from gpt2study.errors import run_stage
 from gpt2study.outputs import atomic_dir, write_json
 
 
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="token-count metrics JSON")
     args = ap.parse_args()
     p = load_params()
+    sources = [("model.name", p.model.name, "model"), ("data.name", p.data.name, "dataset")]
+    sources += [(f"data.general[{i}].name", g.name, "dataset") for i, g in enumerate(p.data.general)]
+    hub.require([s for s in sources if not data.is_local(s[1])])
     modeling.check_context(p.model.name, p.data.block_size)
     tokenizer = modeling.load_tokenizer(p.model.name)
     with atomic_dir(args.out) as tmp:
@@ -55,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

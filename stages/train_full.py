@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gpt2study import modeling, training
 from gpt2study.config import load_params
+from gpt2study.errors import run_stage
 
 
 def build(p, base_dir):
@@ -21,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpt2study import lora, modeling, training
 from gpt2study.config import load_params
+from gpt2study.errors import run_stage
 
 
 def build(p, base_dir):
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -50,44 +50,49 @@ def imported_files(path: Path) -> set[Path]:
     return seen
 
 
-def stage_entries() -> list[tuple[str, str, set[str]]]:
-    """(stage name, module it runs, file deps) for every stage, matrix stages expanded once."""
+def stage_entries() -> list[tuple[str, list[str], set[str]]]:
+    """(stage name, project modules its command runs, file deps) for every stage."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     out = []
     for name, stage in spec["stages"].items():
-        module = re.search(r"-m (stages\.\w+)", stage["cmd"]).group(1)
+        modules = [m for m in re.findall(r"-m ([\w.]+)", stage["cmd"]) if module_file(m) is not None]
         deps = {d for d in stage.get("deps", []) if not d.startswith("$") and d.endswith(".py")}
-        out.append((name, module, deps))
+        out.append((name, modules, deps))
     return out
 
 
-def stage_files(module: str) -> set[str]:
-    """Every project file `python -m module` runs: its packages' __init__ files and its imports."""
-    parts = module.split(".")
+def stage_files(modules: list[str]) -> set[str]:
+    """Every project file that `python -m <module>` runs, for each module: its packages'
+    __init__ files and everything they import."""
     files = set()
-    for i in range(1, len(parts) + 1):
-        files |= imported_files(module_file(".".join(parts[:i])))
+    for module in modules:
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):
+            files |= imported_files(module_file(".".join(parts[:i])))
     return {str(f.relative_to(ROOT)) for f in files}
 
 
-def missing_deps(module: str, deps: set[str]) -> list[str]:
-    return sorted(stage_files(module) - deps)
+def missing_deps(modules: list[str], deps: set[str]) -> list[str]:
+    return sorted(stage_files(modules) - deps)
 
 
-@pytest.mark.parametrize("name,module,deps", stage_entries(), ids=[e[0] for e in stage_entries()])
-def test_every_imported_project_file_is_a_dep(name, module, deps):
-    assert missing_deps(module, deps) == [], f"dvc.yaml stage {name} imports files it does not depend on"
+@pytest.mark.parametrize("name,modules,deps", stage_entries(), ids=[e[0] for e in stage_entries()])
+def test_every_imported_project_file_is_a_dep(name, modules, deps):
+    assert missing_deps(modules, deps) == [], f"dvc.yaml stage {name} imports files it does not depend on"
 
 
-@pytest.mark.parametrize("name,module,deps", stage_entries(), ids=[e[0] for e in stage_entries()])
-def test_no_dep_is_a_file_the_stage_does_not_import(name, module, deps):
-    assert sorted(deps - stage_files(module)) == [], f"dvc.yaml stage {name} depends on files it never imports"
+@pytest.mark.parametrize("name,modules,deps", stage_entries(), ids=[e[0] for e in stage_entries()])
+def test_no_dep_is_a_file_the_stage_does_not_import(name, modules, deps):
+    assert sorted(deps - stage_files(modules)) == [], f"dvc.yaml stage {name} depends on files it never imports"
 
 
 def test_the_check_finds_a_removed_dep():
-    name, module, deps = next(e for e in stage_entries() if e[0] == "generate")
+    name, modules, deps = next(e for e in stage_entries() if e[0] == "generate")
     assert "gpt2study/data.py" in deps  # imported through gpt2study/modeling.py
-    assert missing_deps(module, deps - {"gpt2study/data.py"}) == ["gpt2study/data.py"]
+    assert missing_deps(modules, deps - {"gpt2study/data.py"}) == ["gpt2study/data.py"]
+    _, modules, deps = next(e for e in stage_entries() if e[0] == "train_lora")
+    assert modules == ["gpt2study.launching", "stages.train_lora"]  # the $(python -m ...) in its command counts
+    assert missing_deps(modules, deps - {"gpt2study/launching.py"}) == ["gpt2study/launching.py"]
 
 
 def test_stages_folder_holds_exactly_the_dvc_stages():
@@ -98,4 +103,4 @@ def test_stages_folder_holds_exactly_the_dvc_stages():
 
 def test_training_code_does_not_import_the_report():
     for module in ("stages.train_full", "stages.train_lora"):
-        assert not {"gpt2study/reporting.py", "gpt2study/findings.py"} & stage_files(module)
+        assert not {"gpt2study/reporting.py", "gpt2study/findings.py"} & stage_files([module])
