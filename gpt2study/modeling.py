@@ -8,6 +8,8 @@ exact weights.
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from gpt2study.errors import StudyError
@@ -116,6 +118,16 @@ def skeleton(name: str | Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(name)))
 
 
+@contextmanager
+def peft_attribute_note_silenced():
+    """PEFT (up to 0.21 at least) reads `is_gradient_checkpointing`, which transformers 5 renamed and
+    now reports with a FutureWarning on every wrap; harmless (PEFT only checks the flag), so it is
+    not shown. Other warnings still are."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_for_eval(model_dir: str | Path, base_dir: str | Path, base_name: str):
     """A model ready to score: a full model folder, or base plus a PEFT adapter folder whose
     recorded base must be `base_name` (params model.name)."""
@@ -129,7 +141,8 @@ def load_for_eval(model_dir: str | Path, base_dir: str | Path, base_name: str):
             raise ModelError(f"{model_dir}: adapter was trained on base {recorded!r}, but model.name is "
                              f"{base_name!r}; retrain it (dvc repro train_lora) or set model.name back")
         check_weights(model_dir)
-        model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(model_dir))
+        with peft_attribute_note_silenced():
+            model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(model_dir))
     else:
         model = load_causal_lm(model_dir)
     return model.eval()

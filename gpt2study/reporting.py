@@ -12,7 +12,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from gpt2study.errors import StudyError
-from gpt2study.findings import findings
+from gpt2study.findings import findings, paired_verdict
 from gpt2study.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
@@ -75,6 +75,7 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
     gen = {m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS}
     tr = {m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")}
     prep = read_json(metrics_dir / "prepare.json")["corpus"]
+    paired = read_json(metrics_dir / "compare.json")["paired"]
     protocol = _check_protocols(ev)
     lora = tr["lora"]
 
@@ -99,6 +100,10 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
     text_quality = [[LABELS[m], f"{gq[m]['distinct_1']:.3f}", f"{gq[m]['distinct_2']:.3f}",
                      f"{gq[m]['repetition_4gram']:.3f}", f"{gq[m]['mean_length']:.1f}", f"{gq[m]['eos_rate']:.2f}"]
                     for m in MODELS]
+    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie"}
+    paired_rows = [[f"{LABELS[a]} / {LABELS[b]}", f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]",
+                    verdict_text[paired_verdict(v)]]
+                   for name, v in paired.items() for a, b in [name.split("_vs_")]]
     samples = [f"- **{LABELS[m]}** ({'greedy' if i == 0 else f'sample {i}'}): {_one_line(p['prompt'] + t)}"
                for m in MODELS for p in gen[m] for i, t in enumerate([p["greedy"], *p["samples"]])]
     versions = ", ".join(f"{k} {v or 'none'}" for k, v in tr["full"]["versions"].items())
@@ -128,6 +133,10 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
         f"{protocol['bootstrap']}. Changes on general text are relative to the pretrained model. Tokenizer "
         f"`{protocol['tokenizer']}`; corpus `{protocol['source']}`: "
         + ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in prep.items()) + ".", "",
+        _table(paired_rows, ["Comparison", "Test ppl ratio [95% paired CI]", "Verdict"]), "",
+        "Paired: both models are scored on the same test tokens, and each bootstrap resample draws the same "
+        "chunks for both, so the interval covers their difference alone; a winner is called only when it "
+        "excludes 1.", "",
         "## Generation quality", "",
         _table(text_quality, ["Model", "Distinct-1", "Distinct-2", "Repeated 4-grams", "Mean length (tokens)",
                               "Stops at EOS"]), "",
@@ -135,7 +144,7 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
         "plus seeded samples each).", "",
         "<details><summary>All generated texts</summary>", "", *samples, "", "</details>", "",
         "## Findings", "",
-        *[f"- {f}" for f in findings(ev, tr, gq)], "",
+        *[f"- {f}" for f in findings(ev, tr, gq, paired)], "",
         "## Environment", "",
         f"- Training device: {tr['full']['device']}; precision {tr['full']['precision']}; "
         f"{tr['full']['processes']} process(es), global batch {tr['full']['global_batch']} blocks",

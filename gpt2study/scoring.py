@@ -91,10 +91,29 @@ def bootstrap_ppl_interval(nll: np.ndarray, chunk: int, samples: int, seed: int,
 
 
 def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, seed: int, device,
-                    desc: str | None = None) -> dict:
-    """ppl, its bootstrap interval, bits per byte and token count of one split under the sliding
-    window (`ev`: the evaluate params)."""
+                    desc: str | None = None) -> tuple[dict, np.ndarray]:
+    """(ppl, its bootstrap interval, bits per byte and token count; the per-token NLL) of one split
+    under the sliding window (`ev`: the evaluate params)."""
     nll = sliding_window_nll(model, tokens, block, ev.stride, device, ev.batch_size, desc=desc)
     lo, hi = bootstrap_ppl_interval(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed)
     return {"ppl": perplexity(nll), "ppl_lo": lo, "ppl_hi": hi, "bpb": bits_per_byte(nll, n_bytes),
-            "tokens": int(len(nll))}
+            "tokens": int(len(nll))}, nll
+
+
+def paired_ppl_ratio(nll_a: np.ndarray, nll_b: np.ndarray, chunk: int, samples: int, seed: int,
+                     level: float = 0.95) -> dict:
+    """ppl(a) / ppl(b) for two models scored on the very same tokens, with a paired chunk-bootstrap
+    interval: each resample draws the same chunks for both models, so what the two share (hard
+    passages, easy ones) cancels and only their difference varies. Identical models give 1 with
+    the interval [1, 1]; a constant per-token shift c gives exp(c)."""
+    if len(nll_a) != len(nll_b):
+        raise ValueError(f"paired scores need the same tokens: {len(nll_a)} vs {len(nll_b)} scored positions")
+    diff = np.asarray(nll_a, dtype=np.float64) - np.asarray(nll_b, dtype=np.float64)
+    n_chunks = max(1, len(diff) // chunk)
+    parts = np.array_split(diff, n_chunks)
+    sums = np.array([p.sum() for p in parts])
+    counts = np.array([len(p) for p in parts])
+    idx = np.random.default_rng(seed).integers(0, n_chunks, size=(samples, n_chunks))
+    ratios = np.exp(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
+    lo, hi = np.percentile(ratios, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return {"ratio": float(np.exp(diff.mean())), "lo": float(lo), "hi": float(hi)}

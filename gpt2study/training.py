@@ -313,9 +313,12 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
     acc.wait_for_everyone()
     extra: dict = {}
     if acc.is_main_process:
-        # Without Accelerate's autocast wrapper and torch.compile: the plain module whose weights
-        # are saved, so a check compares it in fp32 with its merged or reloaded self.
-        trained = acc.unwrap_model(s.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        trained = acc.unwrap_model(s.model, keep_torch_compile=False)  # the module build() returned
+        # Mixed precision replaced its forward with an autocast wrapper (an instance attribute, also
+        # when compiled); drop it, so that the checks compare the plain fp32 module with its merged
+        # or reloaded self. (Accelerate's keep_fp32_wrapper=False breaks a compiled PEFT model.)
+        for attr in ("forward", "_original_forward"):
+            trained.__dict__.pop(attr, None)
         with atomic_dir(out) as tmp:
             trained.save_pretrained(tmp)
             modeling.load_tokenizer(base_dir).save_pretrained(tmp)

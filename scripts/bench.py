@@ -1,7 +1,7 @@
 """make bench: our training loop (full and LoRA) side by side with the HF Trainer default path, and
 our `prepare` tokenization side by side with run_clm's datasets.map + group_texts path.
 
-    python scripts/bench.py [--out bench-results.json] [--prepare-mb 540] [--skip-prepare]
+    python scripts/bench.py [--out bench-results.json] [--prepare-mb 540] [--skip-prepare | --skip-training]
 
 On a GPU it trains the GPT-2 124M architecture at random init (the compute is the same as the
 real weights'), 1024-token blocks; on CPU the bundled tiny GPT-2, 128-token blocks. Every path
@@ -10,7 +10,7 @@ Our paths run the real stage code (`accelerate launch -m stages.train_*`). Stead
 leaves out each path's first log interval (compilation and warm-up), reported apart.
 
 The prepare comparison tokenizes a synthetic WikiText-format corpus of --prepare-mb MB (the tiny
-corpus repeated) with the bundled tokenizer, which like GPT-2's is a byte-level BPE.
+corpus repeated) with GPT-2's real tokenizer (assets/gpt2-tokenizer).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
 
     from gpt2study import data, modeling
 
-    tok = modeling.load_tokenizer(ASSETS / "tiny-gpt2")
+    tok = modeling.load_tokenizer(ASSETS / "gpt2-tokenizer")  # GPT-2's real BPE
     start = time.perf_counter()
     if which == "ours":
         n = data.tokenize_to_file(data._text_rows(path), tok, work / "train.bin", np.dtype("<u2"))["tokens"]
@@ -191,11 +191,59 @@ def bench_prepare(mb: int, work: Path) -> list[dict]:
     return rows
 
 
+def bench_training(work: Path, cuda: bool, repeats: int) -> dict:
+    """Our full and LoRA paths and the HF Trainer path on the same tokens, in alternating rounds."""
+    work.mkdir()
+    shape = GPU_SHAPE if cuda else CPU_SHAPE
+    setup(work, shape)
+    # Rounds alternate the paths and each path's median round is reported: this machine's
+    # speed drifts, and a path run only first or only last would carry the drift.
+    rounds = []
+    for _ in range(repeats or (1 if cuda else 3)):
+        write_params(work, shape)
+        rnd = [ours(work, "full", "full"), ours(work, "lora", "lora")]
+        if cuda:  # compiled and eager must agree on the loss
+            write_params(work, shape, compile_=False)
+            rnd.append(ours(work, "full", "full-eager"))
+        rounds.append(rnd + [hf_trainer(work, shape)])
+    rows = [sorted(column, key=lambda r: r["tokens_per_s"])[len(column) // 2] for column in zip(*rounds)]
+    for row, column in zip(rows, zip(*rounds)):
+        row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in column]
+    hf = rows[-1]["tokens_per_s"]
+    for r in rows:
+        r["vs_hf_trainer"] = round(r["tokens_per_s"] / hf, 2)
+    full, lora = rows[0], rows[1]
+    results = {"model": shape["model"], "block": shape["block"], "training": rows, "rounds": len(rounds),
+               "lora_over_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
+               "lora_over_full_peak_mem": round(lora["peak_mem_gib"] / full["peak_mem_gib"], 3),
+               "ours_over_hf_tokens_per_s": round(full["tokens_per_s"] / hf, 2)}
+    if cuda:
+        results["compiled_vs_eager_loss_rel_diff"] = abs(rows[2]["final_loss"] / full["final_loss"] - 1)
+    return results
+
+
+def print_training(results: dict) -> None:
+    from tabulate import tabulate
+
+    print(f"\nTraining: {results['model']}, {results['block']}-token blocks, on {results['device']}")
+    print(tabulate([[r["path"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["warmup_s"],
+                     "–" if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_mem_gib"], r["precision"],
+                     f"{r['vs_hf_trainer']:.2f}x"] for r in results["training"]],
+                   ["path", "tokens", "tokens/s (steady)", "warm-up s", "MFU", "peak mem GiB", "precision",
+                    "vs HF Trainer"], tablefmt="github"))
+    print(f"median of {results['rounds']} alternating round(s); every round's tokens/s is in the JSON")
+    print(f"LoRA / full: {results['lora_over_full_tokens_per_s']}x tokens/s, "
+          f"{results['lora_over_full_peak_mem']}x peak memory")
+    if "compiled_vs_eager_loss_rel_diff" in results:
+        print(f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_loss_rel_diff']:.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--prepare-mb", type=int, default=540)
     ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--repeats", type=int, default=0, help="rounds of the training paths (default: 3 on CPU, 1 on GPU)")
     ap.add_argument("--_hf-trainer", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_prepare", nargs=4, help=argparse.SUPPRESS)
@@ -213,50 +261,16 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        shape = GPU_SHAPE if cuda else CPU_SHAPE
-        setup(work, shape)
-        # Rounds alternate the paths and each path's median round is reported: this machine's
-        # speed drifts, and a path run only first or only last would carry the drift.
-        rounds = []
-        for _ in range(args.repeats or (1 if cuda else 3)):
-            write_params(work, shape)
-            rnd = [ours(work, "full", "full"), ours(work, "lora", "lora")]
-            if cuda:  # compiled and eager must agree on the loss
-                write_params(work, shape, compile_=False)
-                rnd.append(ours(work, "full", "full-eager"))
-            rounds.append(rnd + [hf_trainer(work, shape)])
-        rows = [sorted(column, key=lambda r: r["tokens_per_s"])[len(column) // 2] for column in zip(*rounds)]
-        for row, column in zip(rows, zip(*rounds)):
-            row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in column]
-        hf = rows[-1]["tokens_per_s"]
-        for r in rows:
-            r["vs_hf_trainer"] = round(r["tokens_per_s"] / hf, 2)
-        full, lora = rows[0], rows[1]
-        results |= {"model": shape["model"], "block": shape["block"], "training": rows,
-                    "lora_over_full_tokens_per_s": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
-                    "lora_over_full_peak_mem": round(lora["peak_mem_gib"] / full["peak_mem_gib"], 3),
-                    "ours_over_hf_tokens_per_s": round(full["tokens_per_s"] / hf, 2)}
-        if cuda:
-            results["compiled_vs_eager_loss_rel_diff"] = abs(rows[2]["final_loss"] / full["final_loss"] - 1)
+        if not args.skip_training:
+            results |= bench_training(Path(tmp) / "train", cuda, args.repeats)
         if not args.skip_prepare:
-            prep = bench_prepare(args.prepare_mb, work)
+            prep = bench_prepare(args.prepare_mb, Path(tmp))
             results["prepare"] = prep
             results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
-
-    print(f"\nTraining: {results['model']}, {results['block']}-token blocks, on {results['device']}")
-    print(tabulate([[r["path"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["warmup_s"],
-                     "–" if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_mem_gib"], r["precision"],
-                     f"{r['vs_hf_trainer']:.2f}x"] for r in results["training"]],
-                   ["path", "tokens", "tokens/s (steady)", "warm-up s", "MFU", "peak mem GiB", "precision",
-                    "vs HF Trainer"], tablefmt="github"))
-    print(f"median of {len(rounds)} alternating round(s); every round's tokens/s is in the JSON")
-    print(f"LoRA / full: {results['lora_over_full_tokens_per_s']}x tokens/s, "
-          f"{results['lora_over_full_peak_mem']}x peak memory")
-    if "compiled_vs_eager_loss_rel_diff" in results:
-        print(f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_loss_rel_diff']:.2e}")
+    if "training" in results:
+        print_training(results)
     if "prepare" in results:
-        print(f"\nPrepare: {results['prepare'][0]['mb']} MB synthetic WikiText-format corpus, tiny byte-level BPE")
+        print(f"\nPrepare: {results['prepare'][0]['mb']} MB synthetic WikiText-format corpus, GPT-2's tokenizer")
         print(tabulate([[r["path"], r["seconds"], r["mb_per_s"], f"{r['tokens']:,}", r["peak_rss_gib"]]
                         for r in results["prepare"]], ["path", "seconds", "MB/s", "tokens", "peak RSS GiB"],
                        tablefmt="github"))

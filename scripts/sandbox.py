@@ -64,7 +64,9 @@ def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
 def repro_and_commit(dest: Path) -> None:
     """dvc repro, then commit the result as the baseline that experiments and `dvc metrics diff`
     compare against."""
-    run(["dvc", "repro"], dest)
+    # --quiet: DVC's own lines (five per stage) go; each stage still prints its one-line summary,
+    # and a failing stage its error.
+    run(["dvc", "repro", "--quiet"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "demo baseline: dvc repro on the tiny assets"], dest)
 

@@ -5,7 +5,8 @@ slide a block_size window by evaluate.stride (HF perplexity guide); *_ppl_blocks
 non-overlapping blocks (run_clm). Each sliding-window perplexity carries a seeded 95% bootstrap
 interval and bits per byte; every data.general set is scored the same way, to measure forgetting.
 The numbers go to --out (a DVC metric); the protocol fingerprint, which the report uses to refuse
-mixed protocols, goes to --info. A LoRA model is scored as base plus adapter.
+mixed protocols, goes to --info; the test split's per-token NLL to --nll, for the paired
+comparisons of stage compare. A LoRA model is scored as base plus adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from gpt2study import data, modeling, runtime, scoring
 from gpt2study.config import load_params
 from gpt2study.errors import run_stage
-from gpt2study.outputs import write_json
+from gpt2study.outputs import write_array, write_json
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="prepared token folder")
     ap.add_argument("--out", required=True, help="metrics JSON to write")
     ap.add_argument("--info", required=True, help="protocol JSON to write")
+    ap.add_argument("--nll", required=True, help="the test split's per-token NLL (.npy) to write")
     args = ap.parse_args()
     p = load_params()
     torch.manual_seed(p.seed)
@@ -39,20 +41,22 @@ def main() -> None:
     meta = data.read_meta(args.data)
     block = p.data.block_size
 
-    def split_metrics(split: str, desc: str) -> dict:
+    def split_metrics(split: str, desc: str) -> tuple[dict, object]:
         tokens = data.load_tokens(args.data, split, meta)
         return scoring.sliding_metrics(model, tokens, meta["splits"][split]["bytes"], block, p.evaluate, p.seed,
                                        device, desc=f"{desc} sliding")
 
     t0 = time.perf_counter()
     metrics: dict = {}
+    nlls = {}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         for split, short in (("validation", "val"), ("test", "test")):
-            metrics |= {f"{short}_{k}": v for k, v in split_metrics(split, split).items()}
+            m, nlls[split] = split_metrics(split, split)
+            metrics |= {f"{short}_{k}": v for k, v in m.items()}
             blocks = scoring.block_nll(model, data.load_tokens(args.data, split, meta), block, device,
                                        p.evaluate.batch_size, desc=f"{split} blocks")
             metrics[f"{short}_ppl_blocks"] = scoring.perplexity(blocks)
-        metrics["general"] = {data.general_label(g): split_metrics(data.general_split(g), data.general_label(g))
+        metrics["general"] = {data.general_label(g): split_metrics(data.general_split(g), data.general_label(g))[0]
                               for g in p.data.general}
     info = {
         "eval_time_s": round(time.perf_counter() - t0, 3),
@@ -64,10 +68,11 @@ def main() -> None:
                      "bootstrap": f"{p.evaluate.bootstrap_samples} x {p.evaluate.bootstrap_chunk}-token chunks, "
                                   f"seed {p.seed}"},
     }
+    write_array(args.nll, nlls["test"].astype("float32"))
     write_json(args.info, info)
     # Keyed by the model (the --out file's name), so `dvc exp show` columns read lora.test_ppl.
     write_json(args.out, {Path(args.out).stem: metrics})
-    print(f"evaluate: test_ppl {metrics['test_ppl']:.3f} [{metrics['test_ppl_lo']:.3f}, {metrics['test_ppl_hi']:.3f}] "
+    print(f"evaluate@{Path(args.out).stem}: test_ppl {metrics['test_ppl']:.3f} [{metrics['test_ppl_lo']:.3f}, {metrics['test_ppl_hi']:.3f}] "
           f"(blocks {metrics['test_ppl_blocks']:.3f}), {len(metrics['general'])} general set(s) "
           f"in {info['eval_time_s']:.1f} s; wrote {args.out}, {args.info}")
 

@@ -32,7 +32,7 @@ def main() -> None:
     quality = generation.text_quality(ids, tokenizer.eos_token_id)
     write_json(args.out, {"prompts": panel})
     write_json(args.metrics, {Path(args.metrics).stem: quality})  # keyed by the model, as evaluate's
-    print(f"generate: {quality['texts']} continuations of up to {p.generate.max_new_tokens} tokens for "
+    print(f"generate@{Path(args.metrics).stem}: {quality['texts']} continuations of up to {p.generate.max_new_tokens} tokens for "
           f"{len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}; wrote {args.out}, {args.metrics}")
 
 

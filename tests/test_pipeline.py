@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -22,8 +23,8 @@ from scripts import sandbox
 
 pytestmark = pytest.mark.slow
 
-LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "generate@lora", "report"}
-ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "report"} | {
+LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "generate@lora", "compare", "report"}
+ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "compare", "report"} | {
     f"{s}@{m}" for s in ("evaluate", "generate") for m in ("pretrained", "full", "lora")}
 
 
@@ -147,7 +148,9 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(repo):
     assert diff["metrics/train_lora.json"]["lora.trainable_params"]["diff"] == before
     assert "lora.test_ppl" in diff["metrics/evaluate/lora.json"]
     changed = {f for f, keys in diff.items() if keys}
-    assert changed <= {"metrics/train_lora.json", "metrics/evaluate/lora.json", "metrics/generate/lora.json"}, changed
+    assert changed <= {"metrics/train_lora.json", "metrics/evaluate/lora.json", "metrics/generate/lora.json",
+                       "metrics/compare.json"}, changed
+    assert all("lora" in key for key in diff.get("metrics/compare.json", {})), diff["metrics/compare.json"]
 
 
 def test_readme_exp_show_command_fits_120_columns(repo):
@@ -245,7 +248,7 @@ def test_evaluate_killed_partway_leaves_old_metrics_and_reruns_only_from_there(r
     assert not [f for f in (dest / "metrics").rglob("*") if f.name.endswith(".tmp")]
     rerun = dvc(dest, "repro")
     # check_params finished before the kill, so only the evaluate stages and the report remain.
-    assert stages_run(rerun) == {"evaluate@pretrained", "evaluate@full", "evaluate@lora", "report"}
+    assert stages_run(rerun) == {"evaluate@pretrained", "evaluate@full", "evaluate@lora", "compare", "report"}
 
 
 def test_queued_sweep_lists_three_experiments_with_perplexities(repo):
@@ -283,3 +286,24 @@ def test_push_and_pull_restore_identical_models(repo, tmp_path):
     dvc(dest, "pull")
     after = {p.relative_to(dest): p.read_bytes() for p in (dest / "models").glob("*/**/*") if p.is_file()}
     assert after == before and any("adapter_model.safetensors" in str(p) for p in after)
+
+    # As the README says: an artifact straight from the repo and its remote, without a clone.
+    subprocess.run(["git", "commit", "-qam", "remote"], cwd=dest, check=True)
+    dvc(tmp_path, "artifacts", "get", str(dest), "gpt2-wikitext2-lora", "-o", str(tmp_path / "got"))
+    assert (tmp_path / "got/adapter_model.safetensors").read_bytes() == before[
+        (dest / "models/lora/adapter_model.safetensors").relative_to(dest)]
+
+
+def test_readme_model_loading_snippets_run(demo_build, tmp_path):
+    dest, *_ = demo_build
+    readme = (sandbox.ROOT / "README.md").read_text()
+    section = readme.split("### Use the trained models", 1)[1].split("\n### ", 1)[0]
+    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(snippets) == 2
+    outputs = []
+    for code in snippets:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=dest, capture_output=True, text=True,
+                              env=os.environ | sandbox.ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    assert outputs[0].startswith("The history of the city begins") and len(outputs[0].split()) > 10

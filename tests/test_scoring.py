@@ -85,7 +85,7 @@ def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(projec
     p = load_params()
     model = modeling.load_causal_lm(TINY_MODEL).eval()
     n_bytes = data.read_meta("prep")["splits"]["test"]["bytes"]
-    got = scoring.sliding_metrics(model, data.load_tokens("prep", "test"), n_bytes, 128, p.evaluate, p.seed,
+    got, _ = scoring.sliding_metrics(model, data.load_tokens("prep", "test"), n_bytes, 128, p.evaluate, p.seed,
                                   torch.device("cpu"))
 
     # Independently: tokenize the raw file, let the HF model's own loss score each window's new
@@ -106,3 +106,28 @@ def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(projec
     assert got["bpb"] == pytest.approx(total / (math.log(2) * len(text.encode("utf-8"))), rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert got["ppl_lo"] < got["ppl"] < got["ppl_hi"]
+
+
+def test_paired_ratio_of_identical_models_is_one_exactly():
+    nll = np.random.default_rng(0).gamma(2.0, 1.0, size=5_000)
+    assert scoring.paired_ppl_ratio(nll, nll.copy(), 100, 1000, 1) == {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
+
+
+def test_paired_ratio_of_a_constant_shift_is_the_shift():
+    nll = np.random.default_rng(0).gamma(2.0, 1.0, size=5_000)
+    r = scoring.paired_ppl_ratio(nll + 0.1, nll, 100, 1000, 1)
+    for k in ("ratio", "lo", "hi"):
+        assert r[k] == pytest.approx(math.exp(0.1), rel=1e-12)
+
+
+def test_paired_interval_is_tighter_than_unpaired_for_correlated_models():
+    rng = np.random.default_rng(0)
+    shared = rng.gamma(2.0, 1.0, size=20_000)                  # what both models find hard or easy
+    a, b = shared + rng.normal(0, 0.05, 20_000), shared + 0.02 + rng.normal(0, 0.05, 20_000)
+    paired = scoring.paired_ppl_ratio(b, a, 100, 1000, 1)
+    assert paired["lo"] > 1.0 and paired["ratio"] == pytest.approx(math.exp(0.02), rel=2e-3)
+    a_lo, a_hi = scoring.bootstrap_ppl_interval(a, 100, 1000, 1)
+    b_lo, b_hi = scoring.bootstrap_ppl_interval(b, 100, 1000, 1)
+    assert a_hi > b_lo  # separately, their intervals overlap: a tie by the old rule
+    with pytest.raises(ValueError, match="same tokens"):
+        scoring.paired_ppl_ratio(a, b[:-1], 100, 1000, 1)
