@@ -68,6 +68,7 @@ class TrainParams:
     compile: Literal["auto"] | bool
     gradient_checkpointing: bool
     log_every: int = field(metadata=_positive)
+    eval_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 scores validation once per epoch)"))
     checkpoint_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns checkpoints off)"))
 
 

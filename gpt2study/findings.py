@@ -82,15 +82,48 @@ def text_finding(ev: dict, gq: dict) -> list[str]:
             f"(vs {dist}), {verdict}."]
 
 
+def _setup(m: dict) -> str:
+    return f"{m['device']}, {m['precision']}, {m['processes']} process(es)"
+
+
 def efficiency_finding(tr: dict) -> list[str]:
+    """Speeds and memory are compared only between runs on the same device, threads, precision and
+    process count; otherwise the finding says so instead of giving a ratio."""
     full, lora = tr["full"], tr["lora"]
     share = 100 * lora["trainable_params"] / full["trainable_params"]
-    return [f"LoRA trains {lora['trainable_params']:,} parameters ({share:.2f}% of full fine-tuning's "
-            f"{full['trainable_params']:,}) at {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x its tokens/s, "
-            f"with {lora['peak_mem_gib'] / full['peak_mem_gib']:.2f}x its peak memory "
-            f"({full['peak_mem_kind'].replace('_', ' ')}) and an artifact "
-            f"{full['artifact_mb'] / lora['artifact_mb']:.0f}x smaller."]
+    text = (f"LoRA trains {lora['trainable_params']:,} parameters ({share:.2f}% of full fine-tuning's "
+            f"{full['trainable_params']:,}) and its artifact is {full['artifact_mb'] / lora['artifact_mb']:.0f}x smaller")
+    if _setup(full) == _setup(lora):
+        text += (f"; both trained on {_setup(full)}, it ran at {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x "
+                 f"full fine-tuning's tokens/s with {lora['peak_mem_gib'] / full['peak_mem_gib']:.2f}x its peak "
+                 f"memory ({full['peak_mem_kind'].replace('_', ' ')}).")
+    else:
+        text += (f"; their speeds are not compared, since they trained on different setups (full fine-tuning: "
+                 f"{_setup(full)}; LoRA: {_setup(lora)}).")
+    return [text]
 
 
-def findings(ev: dict, tr: dict, gq: dict, paired: dict) -> list[str]:
-    return perplexity_finding(ev, paired) + forgetting_finding(ev) + text_finding(ev, gq) + efficiency_finding(tr)
+def training_finding(tr: dict, reach: dict) -> list[str]:
+    out = []
+    for m, other in (("full", "lora"), ("lora", "full")):
+        r = reach[m]
+        if "seconds" in r:
+            share = r["seconds"] / tr[m]["train_s"] if tr[m]["train_s"] else 0.0
+            out.append(f"{_cap(NAMES[m])} reached {NAMES[other]}'s final validation loss ({r['target']:.4f}) after "
+                       f"{r['seconds']:.1f} s of training and {r['tokens']:,} tokens ({share:.0%} of its run).")
+        else:
+            out.append(f"{_cap(NAMES[m])} never reached {NAMES[other]}'s final validation loss ({r['target']:.4f}); "
+                       f"its best was {tr[m]['val_loss_best']:.4f}.")
+    rose = [m for m in ("full", "lora") if tr[m]["val_rise_after_best"] > 0]
+    if rose:
+        out.append("Validation loss rose after its minimum for " + " and ".join(
+            f"{NAMES[m]} (+{tr[m]['val_rise_after_best']:.4f} after step {tr[m]['val_best_step']})" for m in rose)
+            + ": a sign of overfitting.")
+    else:
+        out.append("Validation loss was lowest at the end of training for both methods: no sign of overfitting.")
+    return out
+
+
+def findings(ev: dict, tr: dict, gq: dict, paired: dict, reach: dict) -> list[str]:
+    return (perplexity_finding(ev, paired) + forgetting_finding(ev) + text_finding(ev, gq)
+            + training_finding(tr, reach) + efficiency_finding(tr))

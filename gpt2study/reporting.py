@@ -75,7 +75,8 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
     gen = {m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS}
     tr = {m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")}
     prep = read_json(metrics_dir / "prepare.json")["corpus"]
-    paired = read_json(metrics_dir / "compare.json")["paired"]
+    compare = read_json(metrics_dir / "compare.json")
+    paired, reach = compare["paired"], compare["time_to_quality"]
     protocol = _check_protocols(ev)
     lora = tr["lora"]
 
@@ -86,6 +87,16 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
                    f"{tr[m]['tokens_per_s']:,.0f}", f"{tr[m]['mfu']:.1%}" if "mfu" in tr[m] else "–",
                    f"{tr[m]['peak_mem_gib']:.2f} GiB", f"{tr[m]['trainable_params']:,}", f"{tr[m]['total_params']:,}",
                    f"{tr[m]['artifact_mb']:,.2f}"] for m in tr]
+    other = {"full": "lora", "lora": "full"}
+    validation = [[LABELS[m], f"{tr[m]['val_loss_best']:.4f} (step {tr[m]['val_best_step']})",
+                   f"{tr[m]['val_loss']:.4f}",
+                   f"+{tr[m]['val_rise_after_best']:.4f}" if tr[m]["val_rise_after_best"] > 0 else "no",
+                   duration(tr[m]["eval_s"]),
+                   f"{duration(reach[m]['seconds'])}, {reach[m]['tokens']:,} tokens" if "seconds" in reach[m]
+                   else "never",
+                   ] for m in tr]
+    validation_headers = ["Model", "Best val loss (step)", "Final val loss", "Rose after best", "Validation time",
+                          "Reached the other's final val loss after"]
     general = list(ev["pretrained"]["general"])
     quality = []
     for m in MODELS:
@@ -124,6 +135,11 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
         f"layers; merged vs base+adapter logits differ by at most "
         f"{lora['merge_max_abs_diff']:.2e}; adapter {lora['adapter_mb']:.2f} MB vs full model "
         f"{lora['base_model_mb']:.2f} MB.", "",
+        "### Validation during training", "",
+        _table(validation, validation_headers), "",
+        f"Validation loss (run_clm blocks) every {tr['full']['eval_every'] or 'epoch'}"
+        f"{' optimizer steps' if tr['full']['eval_every'] else ''}; its time is reported apart and left out of "
+        "training time and tokens/s. Curves: `dvc plots show` (against step and against training seconds).", "",
         "## Quality", "",
         _table(quality, quality_headers), "",
         f"Sliding window: {protocol['context']}-token windows moved by {protocol['stride']} tokens, every token "
@@ -144,7 +160,7 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
         "plus seeded samples each).", "",
         "<details><summary>All generated texts</summary>", "", *samples, "", "</details>", "",
         "## Findings", "",
-        *[f"- {f}" for f in findings(ev, tr, gq, paired)], "",
+        *[f"- {f}" for f in findings(ev, tr, gq, paired, reach)], "",
         "## Environment", "",
         f"- Training device: {tr['full']['device']}; precision {tr['full']['precision']}; "
         f"{tr['full']['processes']} process(es), global batch {tr['full']['global_batch']} blocks",

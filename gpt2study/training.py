@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gpt2study import checkpoints, data, modeling, runtime, scoring
+from gpt2study import checkpoints, curves, data, modeling, runtime, scoring
 from gpt2study.config import ConfigError, Params, TrainParams
 from gpt2study.errors import StudyError
-from gpt2study.outputs import atomic_dir, write_json, write_text
+from gpt2study.outputs import atomic_dir, write_json
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,14 @@ def micro_batch_slice(step_in_epoch: int, micro: int, micro_batch: int, grad_acc
     the step is read exactly once whatever the process count (the DDP test relies on this)."""
     start = step_in_epoch * micro_batch * grad_accum * world + (micro * world + rank) * micro_batch
     return slice(start, start + micro_batch)
+
+
+def validation_due(step: int, steps_per_epoch: int, total_steps: int, eval_every: int) -> bool:
+    """Whether validation loss is scored after optimizer step `step` (1-based): every eval_every
+    steps and at the last, or at each epoch's end when eval_every is 0."""
+    if eval_every:
+        return step % eval_every == 0 or step == total_steps
+    return step % steps_per_epoch == 0
 
 
 def check_schedule(train: TrainParams, block_size: int, n_blocks: int, world: int) -> int:
@@ -128,7 +136,8 @@ class Progress:
     warmup_time: float | None = None  # the first log interval (compilation, caches), kept apart
     warmup_steps: int = 0
     train_curve: list = field(default_factory=list)  # (step, loss)
-    val_curve: list = field(default_factory=list)    # (epoch, loss)
+    val_curve: list = field(default_factory=list)    # (step, training seconds, tokens, loss)
+    eval_time: float = 0.0  # seconds spent on validation, kept out of train_time and tokens/s
 
 
 @dataclass
@@ -251,9 +260,9 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
                 order = epoch_order(len(s.train_blocks), seed, epoch)
             losses.add(train_step(s, train, order, step_in_epoch))
             bar.update(1)
-            epoch_end = step_in_epoch == s.steps_per_epoch - 1
+            validate = validation_due(step, s.steps_per_epoch, s.total_steps, train.eval_every)
             checkpoint = train.checkpoint_every and step % train.checkpoint_every == 0 and step < s.total_steps
-            if not (losses.full() or epoch_end or checkpoint):
+            if not (losses.full() or validate or checkpoint):
                 continue
             progress.train_curve += losses.flush(step, acc)
             progress.train_time += time.perf_counter() - t0  # flush synced the device, so this time is real
@@ -261,10 +270,12 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
                 progress.warmup_time, progress.warmup_steps = progress.train_time, step
             bar.set_postfix(loss=f"{progress.train_curve[-1][1]:.3f}",
                             tok_s=f"{step * s.tokens_per_step / progress.train_time:,.0f}")
-            if epoch_end:
+            if validate:
+                started = time.perf_counter()
                 val = validation_loss(s, train.batch_size)
-                progress.val_curve.append((epoch + 1, val))
-                if acc.is_main_process:
+                progress.eval_time += time.perf_counter() - started
+                progress.val_curve.append((step, round(progress.train_time, 3), step * s.tokens_per_step, val))
+                if acc.is_main_process and step_in_epoch == s.steps_per_epoch - 1:
                     bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
             if checkpoint:
                 progress.step = step
@@ -278,7 +289,17 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
     return progress
 
 
-def summarize(s: Session, progress: Progress, block_size: int, seed: int, method: str) -> tuple[dict, dict]:
+def validation_summary(val_curve: list) -> dict:
+    """Final and best validation loss, the step of the best, and how far the loss rose after it
+    (0 when the last point is the best: no sign of overfitting)."""
+    losses = [point[-1] for point in val_curve]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return {"val_loss": losses[-1], "val_loss_best": losses[best], "val_best_step": val_curve[best][0],
+            "val_rise_after_best": losses[-1] - losses[best]}
+
+
+def summarize(s: Session, progress: Progress, block_size: int, seed: int, method: str,
+              eval_every: int) -> tuple[dict, dict]:
     """(numeric metrics, descriptive facts) of a finished run."""
     steps, train_time = progress.step, progress.train_time
     steady_steps, steady_time = steps - progress.warmup_steps, train_time - progress.warmup_time
@@ -293,7 +314,8 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
                "tokens_per_s": round(tokens_per_s, 1),
                **{k: v for k, v in memory.items() if k != "peak_mem_kind"},
                "trainable_params": trainable,
-               "final_train_loss": progress.train_curve[-1][1], "val_loss": progress.val_curve[-1][1]}
+               "final_train_loss": progress.train_curve[-1][1], **validation_summary(progress.val_curve),
+               "eval_s": round(progress.eval_time, 3)}
     if (peak := runtime.peak_flops(name)) is not None:
         full = trainable == total
         fpt = runtime.flops_per_token(s.config, total if full else total - trainable, block_size, full)
@@ -301,7 +323,8 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     info = {"method": method, "steps": steps, "tokens": steps * s.tokens_per_step, "global_batch": s.global_batch,
             "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
-            "compiled": s.compiled, "device": name, "seed": seed, "versions": runtime.library_versions()}
+            "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
+            "versions": runtime.library_versions()}
     return metrics, info
 
 
@@ -328,12 +351,6 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
     return extra
 
 
-def write_curves(plots: Path, progress: Progress) -> None:
-    curves = {"train_loss.csv": ("step", progress.train_curve), "val_loss.csv": ("epoch", progress.val_curve)}
-    for name, (x, curve) in curves.items():
-        write_text(plots / name, f"{x},loss\n" + "".join(f"{a},{v}\n" for a, v in curve))
-
-
 def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module],
         check: Callable | None = None) -> dict:
     """A training stage: setup, fit, save, then metrics, facts and curves; returns the metrics."""
@@ -342,10 +359,10 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     key = checkpoints.run_key(p, method, paths.data, s.accelerator.num_processes, s.accelerator.mixed_precision)
     ckpt = checkpoints.Checkpointer(paths.checkpoints, method, key, s.accelerator)
     progress = fit(s, p.train, p.seed, ckpt, f"train_{method}")
-    metrics, info = summarize(s, progress, p.data.block_size, p.seed, method)
+    metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every)
     metrics |= save(s, paths.out, paths.base, check)
     if s.accelerator.is_main_process:
-        write_curves(paths.plots, progress)
+        curves.write(paths.plots, progress.train_curve, progress.val_curve)
         write_json(paths.info, info)
         write_json(paths.metrics, {method: metrics})  # keyed by the method: `dvc exp show` reads lora.train_s
         ckpt.clear()

@@ -1,10 +1,11 @@
-"""Stage compare: the three models' per-token test NLL -> paired perplexity ratios (a DVC metric).
+"""Stage compare: per-token test NLL and validation curves -> paired ratios, time to quality (metrics).
 
 For each pair (full vs pretrained, lora vs pretrained, full vs lora): the ratio of their test
 perplexities with a 95% paired chunk-bootstrap interval. The models are scored on the very same
 tokens, so the same resampled chunks are drawn for both (gpt2study.scoring.paired_ppl_ratio): a
 tighter and more honest test than whether two separate intervals overlap. The report's findings
-call a winner only when the paired interval excludes 1.
+call a winner only when the paired interval excludes 1. Time to quality: the training seconds and
+tokens each method needed to reach the other's final validation loss (none when it never did).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2study import curves
 from gpt2study.config import load_params
 from gpt2study.errors import run_stage
 from gpt2study.outputs import write_json
@@ -25,6 +27,7 @@ PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 def main() -> None:
     ap = argparse.ArgumentParser(description="Paired model comparisons; run by dvc.yaml stage compare")
     ap.add_argument("--nll", required=True, type=Path, help="folder of <model>.npy per-token test NLL")
+    ap.add_argument("--curves", required=True, type=Path, help="folder of train_<method>/val_loss.csv")
     ap.add_argument("--out", required=True, help="metrics JSON to write")
     args = ap.parse_args()
     p = load_params()
@@ -32,7 +35,10 @@ def main() -> None:
     ev = p.evaluate
     paired = {f"{a}_vs_{b}": paired_ppl_ratio(nll[a], nll[b], ev.bootstrap_chunk, ev.bootstrap_samples, p.seed)
               for a, b in PAIRS}
-    write_json(args.out, {"paired": paired})
+    val = {m: curves.read_val(args.curves / f"train_{m}") for m in ("full", "lora")}
+    # Time to quality: when each method first reached the other's final validation loss.
+    reach = {m: curves.time_to_reach(val[m], val[other][-1]["loss"]) for m, other in (("full", "lora"), ("lora", "full"))}
+    write_json(args.out, {"paired": paired, "time_to_quality": reach})
     print("compare: test perplexity ratios " + ", ".join(
         f"{k} {v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for k, v in paired.items()) + f"; wrote {args.out}")
 

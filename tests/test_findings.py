@@ -10,11 +10,15 @@ def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, fu
 
     evs = {"pretrained": ev(10.0, 3.7), "full": ev(full_ppl, full_general), "lora": ev(lora_ppl, lora_general)}
     tr = {m: {"trainable_params": n, "tokens_per_s": t, "peak_mem_gib": 1.0, "peak_mem_kind": "cpu_peak_rss",
-              "artifact_mb": a} for m, n, t, a in (("full", 170_000, 20_000, 0.7), ("lora", 4096, 25_000, 0.07))}
+              "artifact_mb": a, "train_s": 10.0, "device": "cpu (x86_64, 2 threads)", "precision": "fp32", "processes": 1, "val_loss_best": best, "val_best_step": 100, "val_rise_after_best": rise}
+          for m, n, t, a, best, rise in (("full", 170_000, 20_000, 0.7, 1.1, 0.0), ("lora", 4096, 25_000, 0.07, 1.9, 0.0))}
     gq = {m: {"repetition_4gram": r, "distinct_2": 0.5} for m, r in (("pretrained", 0.01), ("full", full_rep), ("lora", 0.13))}
     paired = {f"{a}_vs_{b}": paired_ratio(evs[a]["test_ppl"] / evs[b]["test_ppl"])
               for a, b in (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))}
-    return evs, tr, gq, paired
+    return evs, tr, gq, paired, REACH
+
+
+REACH = {"full": {"target": 1.9, "seconds": 2.5, "tokens": 20480, "step": 20}, "lora": {"target": 1.1}}
 
 
 def paired_ratio(ratio: float, half_width: float = 0.02) -> dict:
@@ -40,9 +44,9 @@ def test_findings_follow_the_metrics():
     assert "Full fine-tuning vs LoRA: a tie on test perplexity, ratio 0.986 (95% paired CI 0.966–1.006)" in " ".join(close)
     # The same two models, tighter paired interval: now a winner, though their separate
     # intervals (+-5%) overlap.
-    evs, tr, gq, paired = _metrics(full_ppl=7.0, lora_ppl=7.1)
+    evs, tr, gq, paired, reach = _metrics(full_ppl=7.0, lora_ppl=7.1)
     paired["full_vs_lora"] = paired_ratio(7.0 / 7.1, half_width=0.005)
-    decided = " ".join(findings.findings(evs, tr, gq, paired))
+    decided = " ".join(findings.findings(evs, tr, gq, paired, reach))
     assert "Full fine-tuning has a lower test perplexity than LoRA by 1.4%, ratio 0.986" in decided
     assert "LoRA has a lower test perplexity than the pretrained model by 29.0%" in decided
 
@@ -51,3 +55,26 @@ def test_findings_follow_the_metrics():
 
     repetitive = findings.findings(*_metrics(full_rep=0.5))
     assert "came with the most repetitive text" in repetitive[5]
+
+
+def test_training_findings_give_time_to_quality_and_overfitting():
+    evs, tr, gq, paired, reach = _metrics()
+    text = " ".join(findings.findings(evs, tr, gq, paired, reach))
+    assert "Full fine-tuning reached LoRA's final validation loss (1.9000) after 2.5 s of training and 20,480 tokens (25% of its run)." in text
+    assert "LoRA never reached full fine-tuning's final validation loss (1.1000); its best was 1.9000." in text
+    assert "no sign of overfitting" in text
+    tr["full"]["val_rise_after_best"] = 0.05
+    text = " ".join(findings.findings(evs, tr, gq, paired, reach))
+    assert "Validation loss rose after its minimum for full fine-tuning (+0.0500 after step 100)" in text
+
+
+def test_speeds_are_compared_only_like_with_like():
+    evs, tr, gq, paired, reach = _metrics()
+    same = findings.findings(evs, tr, gq, paired, reach)[-1]
+    assert same.endswith("both trained on cpu (x86_64, 2 threads), fp32, 1 process(es), it ran at 1.25x full "
+                         "fine-tuning's tokens/s with 1.00x its peak memory (cpu peak rss).")
+    tr["lora"]["device"] = "cpu (x86_64, 1 threads)"
+    other = findings.findings(evs, tr, gq, paired, reach)[-1]
+    assert "x full fine-tuning's tokens/s" not in other
+    assert other.endswith("not compared, since they trained on different setups (full fine-tuning: cpu (x86_64, "
+                          "2 threads), fp32, 1 process(es); LoRA: cpu (x86_64, 1 threads), fp32, 1 process(es)).")

@@ -104,7 +104,8 @@ def test_repro_runs_every_stage_and_writes_every_output(demo_build):
                  "models/full/model.safetensors", "models/full/tokenizer.json",
                  "models/lora/adapter_model.safetensors", "metrics/prepare.json", "metrics/train_full.json",
                  "metrics/train_lora.json", "metrics/plots/train_full/train_loss.csv",
-                 "metrics/plots/train_lora/val_loss.csv", "metrics/report.md",
+                 "metrics/plots/train_lora/val_loss.csv", "metrics/report.md", "metrics/compare.json",
+                 *[f"data/nll/{m}.npy" for m in ("pretrained", "full", "lora")],
                  *[f"metrics/evaluate/{m}.json" for m in ("pretrained", "full", "lora")],
                  *[f"metrics/generate/{m}.json" for m in ("pretrained", "full", "lora")],
                  *[f"generations/{m}.json" for m in ("pretrained", "full", "lora")]):
@@ -120,6 +121,7 @@ def test_fine_tuning_beats_the_pretrained_model(demo_build):
     assert f"{ppl['full']:.2f}" in report and "| Model" in report
     headings = [line for line in report.splitlines() if line.startswith("## ")]
     assert headings == ["## Efficiency", "## Quality", "## Generation quality", "## Findings", "## Environment"]
+    assert "### Validation during training" in report and "Test ppl ratio [95% paired CI]" in report
     assert "tiny-general-test ppl [95% CI]" in report and "LoRA integrity" in report
 
 
