@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test test-fast assets tokenizer bench gpu-check
+.PHONY: demo test test-fast assets tokenizer bench gpu-check study study-demo
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
@@ -31,3 +31,13 @@ bench:
 # Run once whenever a GPU is at hand (about 8 minutes on an H100). Writes gpu-check.json.
 gpu-check:
 	$(PYTHON) scripts/gpu_check.py
+
+# Each method's learning rate over a grid, times several seeds, through the DVC queue; writes
+# study.md. Reuses experiments that already ran. Change the grid with FULL_LR, LORA_LR and SEEDS.
+STUDY_ARGS = $(if $(FULL_LR),--full-lr $(FULL_LR)) $(if $(LORA_LR),--lora-lr $(LORA_LR)) $(if $(SEEDS),--seeds $(SEEDS))
+study:
+	$(PYTHON) -m scripts.study $(STUDY_ARGS)
+
+# The same in the demo sandbox at $(DIR) (built if needed), on the tiny assets: about 5 minutes on 2 cores.
+study-demo:
+	$(PYTHON) -m scripts.study --demo --dir $(DIR) $(STUDY_ARGS)

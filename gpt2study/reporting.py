@@ -87,7 +87,6 @@ def render(metrics_dir: Path, generations_dir: Path) -> str:
                    f"{tr[m]['tokens_per_s']:,.0f}", f"{tr[m]['mfu']:.1%}" if "mfu" in tr[m] else "–",
                    f"{tr[m]['peak_mem_gib']:.2f} GiB", f"{tr[m]['trainable_params']:,}", f"{tr[m]['total_params']:,}",
                    f"{tr[m]['artifact_mb']:,.2f}"] for m in tr]
-    other = {"full": "lora", "lora": "full"}
     validation = [[LABELS[m], f"{tr[m]['val_loss_best']:.4f} (step {tr[m]['val_best_step']})",
                    f"{tr[m]['val_loss']:.4f}",
                    f"+{tr[m]['val_rise_after_best']:.4f}" if tr[m]["val_rise_after_best"] > 0 else "no",

@@ -76,18 +76,23 @@ def bits_per_byte(nll: np.ndarray, n_bytes: int) -> float:
     return float(nll.sum() / (np.log(2) * n_bytes))
 
 
-def bootstrap_ppl_interval(nll: np.ndarray, chunk: int, samples: int, seed: int,
-                           level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the perplexity, resampling consecutive chunks of ~`chunk`
+def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile interval of exp(mean of `values`), resampling consecutive chunks of ~`chunk`
     tokens (not single tokens, whose losses are correlated with their neighbours')."""
-    n_chunks = max(1, len(nll) // chunk)
-    parts = np.array_split(nll, n_chunks)
+    n_chunks = max(1, len(values) // chunk)
+    parts = np.array_split(values, n_chunks)
     sums = np.array([p.sum() for p in parts])
     counts = np.array([len(p) for p in parts])
     idx = np.random.default_rng(seed).integers(0, n_chunks, size=(samples, n_chunks))
-    ppl = np.exp(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
-    lo, hi = np.percentile(ppl, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    resampled = np.exp(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
+    lo, hi = np.percentile(resampled, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def bootstrap_ppl_interval(nll: np.ndarray, chunk: int, samples: int, seed: int,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile chunk-bootstrap interval of the perplexity."""
+    return _chunk_bootstrap(nll, chunk, samples, seed, level)
 
 
 def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, seed: int, device,
@@ -109,11 +114,5 @@ def paired_ppl_ratio(nll_a: np.ndarray, nll_b: np.ndarray, chunk: int, samples: 
     if len(nll_a) != len(nll_b):
         raise ValueError(f"paired scores need the same tokens: {len(nll_a)} vs {len(nll_b)} scored positions")
     diff = np.asarray(nll_a, dtype=np.float64) - np.asarray(nll_b, dtype=np.float64)
-    n_chunks = max(1, len(diff) // chunk)
-    parts = np.array_split(diff, n_chunks)
-    sums = np.array([p.sum() for p in parts])
-    counts = np.array([len(p) for p in parts])
-    idx = np.random.default_rng(seed).integers(0, n_chunks, size=(samples, n_chunks))
-    ratios = np.exp(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
-    lo, hi = np.percentile(ratios, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return {"ratio": float(np.exp(diff.mean())), "lo": float(lo), "hi": float(hi)}
+    lo, hi = _chunk_bootstrap(diff, chunk, samples, seed, level)  # exp(mean difference) = the ratio
+    return {"ratio": float(np.exp(diff.mean())), "lo": lo, "hi": hi}

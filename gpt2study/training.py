@@ -124,7 +124,7 @@ class StepLosses:
         for i, v in enumerate(values):
             if not math.isfinite(v):
                 raise NonFiniteLoss(f"non-finite loss at step {first + i} ({v}); lower the learning "
-                                         "rate or train.max_grad_norm, or use train.precision: fp32")
+                                    "rate or train.max_grad_norm, or use train.precision: fp32")
         return [(first + i, v) for i, v in enumerate(values)]
 
 

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,7 +126,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         raise SystemExit("gpu_check: no CUDA GPU here; run with --dry-run to check the script on a CPU")
-    shape = DRY if args.dry_run else GPU_SHAPE | {"tokens": 16 * 1024 * 110}  # 110 steps of batch 16
+    shape = DRY if args.dry_run else GPU_SHAPE | {"tokens": 16 * 1024 * 60}  # 60 steps of batch 16
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = loop_rows(Path(tmp) / "loop", shape)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import yaml
 
 from gpt2study.config import flatten, set_keys
+from scripts import sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -81,3 +84,50 @@ def reset_accelerate() -> None:
 def fresh_accelerate_state():
     yield
     reset_accelerate()
+
+
+# The pipeline tier: one demo sandbox built for the whole test run (tests copy it before changing it).
+SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12}
+# Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too).
+TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_mem_gib", "peak_mem_reserved_gib", "eval_s",
+          "eval_time_s", "seconds"}
+
+
+def dvc(repo, *args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=os.environ | sandbox.ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def outcome(dest) -> dict:
+    """Everything a run produced that must be reproducible: model and data hashes, and the
+    non-timing metrics and facts, flattened."""
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    # Loss curves carry training seconds: their losses are compared below, not their hash.
+    hashes = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith("metrics/plots")}
+    metrics = {}
+    for f in sorted((dest / "metrics").rglob("*.json")):
+        for k, v in flatten(json.loads(f.read_text())).items():
+            if k.split(".")[-1] not in TIMING and k != "versions.python":
+                metrics[f"{f.relative_to(dest)}:{k}"] = v
+    for f in sorted((dest / "metrics/plots").rglob("*.csv")):
+        for line in f.read_text().splitlines()[1:]:
+            step, *_, loss = line.split(",")
+            metrics[f"{f.relative_to(dest)}:{step}"] = float(loss)
+    return {"hashes": hashes, "metrics": metrics}
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """One demo sandbox, built once for the test run: (folder, first repro's output, outcome)."""
+    dest = tmp_path_factory.mktemp("pipeline") / "sandbox"
+    sandbox.make_sandbox(dest, SETTINGS)
+    first = dvc(dest, "repro")
+    # As a user would (and make demo does): commit the baseline that experiments compare against.
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
+    return dest, first, outcome(dest)
+
+

@@ -50,7 +50,8 @@ def run(tmp_path_factory):
     for model in ("pretrained", "lora"):
         folder = "pre" if model == "pretrained" else f"models/{model}"
         stage(root, "evaluate", "--model", folder, "--base", "pre", "--data", "prep",
-              "--out", f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json")
+              "--out", f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json",
+              "--nll", f"nll/{model}.npy")
         stage(root, "generate", "--model", folder, "--base", "pre", "--out", f"gen/{model}.json",
               "--metrics", f"m/generate/{model}.json")
     return root

@@ -1,0 +1,217 @@
+"""The study across experiments: each method's learning rate over a grid, times several seeds.
+
+    python -m scripts.study [--dir .] [--full-lr 2e-5,5e-5,1e-4] [--lora-lr 1e-4,2e-4,5e-4] [--seeds 1,2,3]
+    python -m scripts.study --demo [--dir .demo]        # the tiny assets, sized for 2 CPU cores
+
+Grid point i sets full.lr to the i-th full rate and lora.lr to the i-th LoRA rate, so one
+experiment trains both methods (each method's results depend only on its own rate and the seed);
+every point runs under every seed. Experiments are queued with `dvc exp run --queue` and run with
+`dvc queue start`; an experiment whose seed and rates already ran (an earlier study, or the
+committed baseline) is reused, so a second run of the same study trains nothing. Results are read
+through DVC's Python API (dvc.api.exp_show). Each method's rate is chosen on validation perplexity
+(mean over seeds); at the chosen rates the study reports test perplexity (mean ± sd, range), the
+full-vs-LoRA difference with a t interval over seeds, training time, peak memory and the change
+on general text. Writes <dir>/study.md and <dir>/study.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scripts.sandbox import ENV, MARKER, make_sandbox, repro_and_commit
+
+GRID = {"full_lr": [2e-5, 5e-5, 1e-4], "lora_lr": [1e-4, 2e-4, 5e-4], "seeds": [1, 2, 3]}
+# The demo: two rates per method around the demo's own (full 2e-3, LoRA 1e-2), two seeds; the
+# point (2e-3, 1e-2, seed 42) is the demo's committed baseline, so 3 experiments run.
+DEMO_GRID = {"full_lr": [1e-3, 2e-3], "lora_lr": [5e-3, 1e-2], "seeds": [42, 7]}
+METHODS = ("full", "lora")
+# Two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def points(grid: dict) -> list[tuple[int, float, float]]:
+    if len(grid["full_lr"]) != len(grid["lora_lr"]):
+        raise SystemExit("study: --full-lr and --lora-lr need as many rates each (grid point i uses the i-th of both)")
+    return [(seed, f, l) for f, l in zip(grid["full_lr"], grid["lora_lr"]) for seed in grid["seeds"]]
+
+
+def _key(seed, full_lr, lora_lr) -> tuple:
+    return int(seed), round(float(full_lr), 12), round(float(lora_lr), 12)
+
+
+def finished_runs(repo: Path) -> dict[tuple, dict]:
+    """(seed, full.lr, lora.lr) -> that run's flattened params and metrics, for the committed
+    baseline and every successful experiment (dvc.api.exp_show)."""
+    import dvc.api
+
+    runs = {}
+    for row in dvc.api.exp_show(repo=str(repo)):
+        if row.get("Experiment") == "workspace" or row.get("State") not in (None, "Success"):
+            continue
+        if row.get("lora.test_ppl") is None or row.get("full.test_ppl") is None:
+            continue
+        runs.setdefault(_key(row["seed"], row["full.lr"], row["lora.lr"]), row)
+    return runs
+
+
+def dvc(repo: Path, *args: str) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=os.environ | ENV)
+    if proc.returncode != 0:
+        raise SystemExit(f"study: dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def run_missing(repo: Path, wanted: list[tuple]) -> int:
+    """Queue and run the experiments not run yet; returns how many ran."""
+    done = finished_runs(repo)
+    missing = [p for p in wanted if _key(*p) not in done]
+    for seed, full_lr, lora_lr in missing:
+        name = re.sub(r"[^A-Za-z0-9-]", "", f"s{seed}-f{full_lr:g}-l{lora_lr:g}".replace(".", "p").replace("+", ""))
+        dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"seed={seed}", "-S", f"full.lr={full_lr}",
+            "-S", f"lora.lr={lora_lr}")
+    if missing:
+        print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
+        dvc(repo, "queue", "start", "-j", "1")
+        while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status")):
+            time.sleep(3)
+        if "Failed" in status:
+            raise SystemExit(f"study: some experiments failed (dvc queue logs <name> says why):\n{status}")
+    return len(missing)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
+    """The study's numbers from the runs of every grid point (pure: no DVC, testable)."""
+    seeds = grid["seeds"]
+    out: dict = {"seeds": seeds, "methods": {}}
+    for m in METHODS:
+        by_lr = {}
+        for i, lr in enumerate(grid[f"{m}_lr"]):
+            rows = [runs[_key(s, grid["full_lr"][i], grid["lora_lr"][i])] for s in seeds]
+            val = [r[f"{m}.val_ppl"] for r in rows]
+            by_lr[lr] = {"val_ppl": mean_sd(val), "rows": rows}
+        chosen = min(by_lr, key=lambda lr: by_lr[lr]["val_ppl"][0])
+        rows = by_lr[chosen]["rows"]
+        test = [r[f"{m}.test_ppl"] for r in rows]
+        general = [k.split(".", 1)[1] for k in rows[0] if k.startswith(f"{m}.general.") and k.endswith(".ppl")]
+        out["methods"][m] = {
+            "val_ppl_by_lr": {f"{lr:g}": {"mean": v["val_ppl"][0], "sd": v["val_ppl"][1]} for lr, v in by_lr.items()},
+            "chosen_lr": chosen,
+            "test_ppl": dict(zip(("mean", "sd"), mean_sd(test))) | {"min": min(test), "max": max(test)},
+            "test_ppl_by_seed": dict(zip(map(str, seeds), test)),
+            "train_s": mean_sd([r[f"{m}.train_s"] for r in rows])[0],
+            "peak_mem_gib": mean_sd([r[f"{m}.peak_mem_gib"] for r in rows])[0],
+            "general_change": {g.removeprefix("general.").removesuffix(".ppl"): mean_sd([100 * (r[f"{m}.{g}"] / r[f"pretrained.{g}"] - 1)
+                                                                for r in rows])[0] for g in general},
+        }
+    full, lora = (out["methods"][m]["test_ppl_by_seed"] for m in METHODS)
+    diff = [full[s] - lora[s] for s in map(str, seeds)]  # paired by seed
+    mean, sd = mean_sd(diff)
+    half = T95.get(len(diff) - 1, 1.96) * sd / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    out["full_minus_lora_test_ppl"] = {"mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "n": len(diff)}
+    return out
+
+
+def findings(s: dict) -> list[str]:
+    full, lora, d = s["methods"]["full"], s["methods"]["lora"], s["full_minus_lora_test_ppl"]
+    n = d["n"]
+    if n < 2:
+        verdict = "with one seed there is no interval over seeds; run more (--seeds)"
+    elif d["hi"] < 0:
+        verdict = (f"full fine-tuning's advantage survives tuning and seeds: it is lower by {-d['mean']:.2f} "
+                   f"(95% t interval over {n} seeds {-d['hi']:.2f} to {-d['lo']:.2f})")
+    elif d["lo"] > 0:
+        verdict = (f"LoRA is better after tuning: lower by {d['mean']:.2f} (95% t interval over {n} seeds "
+                   f"{d['lo']:.2f} to {d['hi']:.2f})")
+    else:
+        verdict = (f"the difference does not survive tuning and seeds: {d['mean']:+.2f} with a 95% t interval over "
+                   f"{n} seeds of {d['lo']:+.2f} to {d['hi']:+.2f}, which includes 0")
+    out = [f"At the rates chosen on validation (full {full['chosen_lr']:g}, LoRA {lora['chosen_lr']:g}), test "
+           f"perplexity is {full['test_ppl']['mean']:.2f} ± {full['test_ppl']['sd']:.2f} for full fine-tuning and "
+           f"{lora['test_ppl']['mean']:.2f} ± {lora['test_ppl']['sd']:.2f} for LoRA; {verdict}."]
+    out.append(f"Full fine-tuning trains in {full['train_s']:.1f} s at {full['peak_mem_gib']:.2f} GiB peak memory, "
+               f"LoRA in {lora['train_s']:.1f} s at {lora['peak_mem_gib']:.2f} GiB (means over seeds, same machine).")
+    for g in full["general_change"]:
+        out.append(f"On general text ({g}) perplexity changes {full['general_change'][g]:+.1f}% after full "
+                   f"fine-tuning and {lora['general_change'][g]:+.1f}% after LoRA (means over seeds): "
+                   + ("LoRA keeps more of the pretrained model's general ability."
+                      if lora["general_change"][g] < full["general_change"][g]
+                      else "full fine-tuning keeps more of the pretrained model's general ability."))
+    return out
+
+
+def render(s: dict, grid: dict, ran: int, reused: int, label: str) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for m in METHODS:
+        for lr, v in s["methods"][m]["val_ppl_by_lr"].items():
+            chosen = "chosen" if float(lr) == s["methods"][m]["chosen_lr"] else ""
+            rows.append([m, lr, f"{v['mean']:.3f} ± {v['sd']:.3f}", chosen])
+    at = [[m, f"{s['methods'][m]['chosen_lr']:g}",
+           f"{s['methods'][m]['test_ppl']['mean']:.3f} ± {s['methods'][m]['test_ppl']['sd']:.3f}",
+           f"{s['methods'][m]['test_ppl']['min']:.3f} – {s['methods'][m]['test_ppl']['max']:.3f}",
+           f"{s['methods'][m]['train_s']:.1f}", f"{s['methods'][m]['peak_mem_gib']:.2f}"] for m in METHODS]
+    d = s["full_minus_lora_test_ppl"]
+    return "\n".join([
+        f"# Study: learning rate per method, over seeds ({label})", "",
+        f"Grid: full.lr {', '.join(f'{x:g}' for x in grid['full_lr'])}; lora.lr "
+        f"{', '.join(f'{x:g}' for x in grid['lora_lr'])}; seeds {', '.join(map(str, grid['seeds']))}. "
+        f"{ran} experiment(s) ran now, {reused} reused.", "",
+        "## Validation perplexity by rate (mean ± sd over seeds)", "",
+        tabulate(rows, ["method", "lr", "val ppl", ""], tablefmt="github", disable_numparse=True), "",
+        "## At the chosen rates", "",
+        tabulate(at, ["method", "lr", "test ppl (mean ± sd)", "range over seeds", "train s", "peak mem GiB"],
+                 tablefmt="github", disable_numparse=True), "",
+        f"Full minus LoRA test perplexity, paired by seed: {d['mean']:+.3f} (sd {d['sd']:.3f}, 95% t interval "
+        f"{d['lo']:+.3f} to {d['hi']:+.3f}, {d['n']} seeds).", "",
+        "## Findings", "", *[f"- {f}" for f in findings(s)], "",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, default=None, help="the DVC repo (default: . ; with --demo: .demo)")
+    ap.add_argument("--demo", action="store_true", help="a demo sandbox on the tiny assets, built if needed")
+    ap.add_argument("--full-lr", help="comma-separated rates for full fine-tuning")
+    ap.add_argument("--lora-lr", help="comma-separated rates for LoRA, as many as --full-lr")
+    ap.add_argument("--seeds", help="comma-separated seeds")
+    args = ap.parse_args()
+    grid = dict(DEMO_GRID if args.demo else GRID)
+    for key, value in (("full_lr", args.full_lr), ("lora_lr", args.lora_lr), ("seeds", args.seeds)):
+        if value:
+            grid[key] = [int(v) if key == "seeds" else float(v) for v in value.split(",")]
+    repo = (args.dir or Path(".demo" if args.demo else ".")).resolve()
+    if args.demo and not ((repo / MARKER).is_file() and (repo / "dvc.lock").is_file()):
+        make_sandbox(repo)
+        repro_and_commit(repo)
+    wanted = points(grid)
+    start = time.perf_counter()
+    ran = run_missing(repo, wanted)
+    runs = finished_runs(repo)
+    if missing := [p for p in wanted if _key(*p) not in runs]:
+        raise SystemExit(f"study: no finished run for (seed, full.lr, lora.lr) {missing}")
+    s = summarize(runs, grid)
+    md = render(s, grid, ran, len(wanted) - ran, "demo: tiny assets, CPU" if args.demo else "real study")
+    (repo / "study.md").write_text(md + "\n")
+    (repo / "study.json").write_text(json.dumps(s | {"grid": grid, "ran": ran, "reused": len(wanted) - ran,
+                                                     "wall_s": round(time.perf_counter() - start, 1)}, indent=2) + "\n")
+    print(md)
+    print(f"study: {ran} experiment(s) ran, {len(wanted) - ran} reused, in {time.perf_counter() - start:.0f} s; "
+          f"wrote {repo / 'study.md'}, {repo / 'study.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The study across experiments: its summary from synthetic runs (fast), and a small real grid
+through the DVC queue in a copy of the demo build (slow), run twice: the second trains nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from scripts import sandbox, study
+
+GRID = {"full_lr": [1e-3, 2e-3], "lora_lr": [5e-3, 1e-2], "seeds": [1, 2, 3]}
+
+
+def fake_runs() -> dict:
+    """full is best at 2e-3, LoRA at 5e-3; full beats LoRA by 1.0 +- a little on every seed."""
+    runs = {}
+    for i, (f, l) in enumerate(zip(GRID["full_lr"], GRID["lora_lr"])):
+        for s in GRID["seeds"]:
+            jitter = 0.01 * s
+            runs[study._key(s, f, l)] = {
+                "full.val_ppl": 4.0 - i + jitter, "lora.val_ppl": 5.0 + i + jitter,
+                "full.test_ppl": 4.2 - i + jitter, "lora.test_ppl": 5.2 + i + 0.5 * jitter,
+                "full.train_s": 5.0, "lora.train_s": 4.0, "full.peak_mem_gib": 0.5, "lora.peak_mem_gib": 0.4,
+                "full.general.g-test.ppl": 8.0, "lora.general.g-test.ppl": 4.4, "pretrained.general.g-test.ppl": 4.0}
+    return runs
+
+
+def test_summary_chooses_rates_on_validation_and_pairs_seeds():
+    s = study.summarize(fake_runs(), GRID)
+    full, lora = s["methods"]["full"], s["methods"]["lora"]
+    assert (full["chosen_lr"], lora["chosen_lr"]) == (2e-3, 5e-3)
+    assert full["val_ppl_by_lr"]["0.002"]["mean"] == pytest.approx(3.02)
+    assert full["val_ppl_by_lr"]["0.002"]["sd"] == pytest.approx(0.01)
+    assert full["test_ppl"]["mean"] == pytest.approx(3.22) and lora["test_ppl"]["mean"] == pytest.approx(5.21)
+    d = s["full_minus_lora_test_ppl"]
+    assert d["mean"] == pytest.approx(-1.99) and d["lo"] < d["mean"] < d["hi"] < 0 and d["n"] == 3
+    assert full["general_change"] == {"g-test": pytest.approx(100.0)} and lora["general_change"]["g-test"] == pytest.approx(10.0)
+    text = " ".join(study.findings(s))
+    assert "full fine-tuning's advantage survives tuning and seeds: it is lower by 1.99" in text
+    assert "LoRA keeps more of the pretrained model's general ability" in text
+
+
+def test_a_difference_inside_the_seed_spread_is_a_tie():
+    runs = fake_runs()
+    for (seed, f, l), row in runs.items():  # LoRA as good as full, but seed-to-seed noise of +-1
+        row["lora.test_ppl"] = row["full.test_ppl"] + (1.0 if seed % 2 else -1.2)
+        row["lora.val_ppl"] = row["full.val_ppl"]
+    text = " ".join(study.findings(study.summarize(runs, GRID)))
+    assert "the difference does not survive tuning and seeds" in text and "which includes 0" in text
+
+
+@pytest.mark.slow
+def test_study_demo_runs_a_small_grid_and_reuses_it(demo_build, tmp_path):
+    import shutil
+
+    src, *_ = demo_build
+    repo = tmp_path / "sandbox"
+    shutil.copytree(src, repo, symlinks=True)
+    # The baseline (seed 42 at the demo's rates) is reused; seed 7 runs through the queue.
+    args = [sys.executable, "-m", "scripts.study", "--demo", "--dir", str(repo),
+            "--full-lr", "2e-3", "--lora-lr", "1e-2", "--seeds", "42,7"]
+    first = subprocess.run(args, cwd=sandbox.ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    result = json.loads((repo / "study.json").read_text())
+    assert (result["ran"], result["reused"]) == (1, 1)
+    assert set(result["methods"]["full"]["test_ppl_by_seed"]) == {"42", "7"}
+    assert "## At the chosen rates" in (repo / "study.md").read_text()
+    second = subprocess.run(args, cwd=sandbox.ROOT, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((repo / "study.json").read_text())["ran"] == 0
+    assert "study: 0 experiment(s) ran, 2 reused" in second.stdout
