@@ -70,22 +70,24 @@ def dvc(repo: Path, *args: str) -> str:
     return proc.stdout
 
 
-def run_missing(repo: Path, wanted: list[tuple]) -> int:
-    """Queue and run the experiments not run yet; returns how many ran."""
+def run_missing(repo: Path, wanted: list[tuple]) -> tuple[int, dict[tuple, dict]]:
+    """Queue and run the experiments not run yet; returns how many ran, and every finished run
+    (read once more only when something ran: collecting experiments costs DVC seconds)."""
     done = finished_runs(repo)
     missing = [p for p in wanted if _key(*p) not in done]
+    if not missing:
+        return 0, done
     for seed, full_lr, lora_lr in missing:
         name = re.sub(r"[^A-Za-z0-9-]", "", f"s{seed}-f{full_lr:g}-l{lora_lr:g}".replace(".", "p").replace("+", ""))
         dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"seed={seed}", "-S", f"full.lr={full_lr}",
             "-S", f"lora.lr={lora_lr}")
-    if missing:
-        print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
-        dvc(repo, "queue", "start", "-j", "1")
-        while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status")):
-            time.sleep(3)
-        if "Failed" in status:
-            raise SystemExit(f"study: some experiments failed (dvc queue logs <name> says why):\n{status}")
-    return len(missing)
+    print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
+    dvc(repo, "queue", "start", "-j", "1")
+    while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status")):
+        time.sleep(3)
+    if "Failed" in status:
+        raise SystemExit(f"study: some experiments failed (dvc queue logs <name> says why):\n{status}")
+    return len(missing), finished_runs(repo)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -199,8 +201,7 @@ def main() -> None:
         repro_and_commit(repo)
     wanted = points(grid)
     start = time.perf_counter()
-    ran = run_missing(repo, wanted)
-    runs = finished_runs(repo)
+    ran, runs = run_missing(repo, wanted)
     if missing := [p for p in wanted if _key(*p) not in runs]:
         raise SystemExit(f"study: no finished run for (seed, full.lr, lora.lr) {missing}")
     s = summarize(runs, grid)
