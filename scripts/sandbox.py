@@ -25,10 +25,10 @@ from gpt2study.config import flatten, override_file
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "gpt2study", "assets")
 MARKER = ".sandbox"
-# Keeps every run offline: the sandbox's params point at local folders only.
-# OMP_NUM_THREADS: `accelerate launch` would otherwise give a CPU training process 1 thread.
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-       "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+# Belt and braces for the sandbox's own commands: its params point at local folders only, so
+# nothing reaches for the Hub anyway. CPU threads are chosen by the stages themselves
+# (gpt2study.launching), so a command typed in the sandbox behaves as make demo does.
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
 
 
 def run(cmd: list[str], cwd: Path) -> None:
