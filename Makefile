@@ -6,7 +6,7 @@ PYTHON ?= python
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
 demo:
-	$(PYTHON) scripts/sandbox.py $(DIR) --repro
+	$(PYTHON) -m scripts.sandbox $(DIR) --repro
 	@cat $(DIR)/metrics/report.md
 
 test:
@@ -26,11 +26,11 @@ tokenizer:
 
 # Speed and memory, side by side in one run (GPU: GPT-2 124M; CPU: the tiny model). Writes bench-results.json.
 bench:
-	$(PYTHON) scripts/bench.py
+	$(PYTHON) -m scripts.bench
 
 # Run once whenever a GPU is at hand (about 8 minutes on an H100). Writes gpu-check.json.
 gpu-check:
-	$(PYTHON) scripts/gpu_check.py
+	$(PYTHON) -m scripts.gpu_check
 
 # Each method's learning rate over a grid, times several seeds, through the DVC queue; writes
 # study.md. Reuses experiments that already ran. Change the grid with FULL_LR, LORA_LR and SEEDS.

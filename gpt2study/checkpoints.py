@@ -1,8 +1,9 @@
 """Resumable training: periodic, atomic Accelerate checkpoints outside the DVC outputs.
 
 A run's checkpoints live in <root>/<method>-<key>/step-<n>/, where the key hashes everything that
-determines the run (params, the prepared data, the code, the process count and precision), so
-changed params never resume from an old checkpoint. Each checkpoint is written to a temp folder
+determines the run (run_identity: the params it reads, the prepared data, the training code, the
+process count, precision, CPU threads and library versions), so a changed run never resumes an
+old checkpoint, and says which of these differ. Each checkpoint is written to a temp folder
 and renamed when complete; partial ones are deleted, never used. After success the method's
 checkpoints are removed.
 """
@@ -45,28 +46,60 @@ def _hash_file(h, path: Path) -> None:
             h.update(chunk)
 
 
-def run_key(params, method: str, data_dir: str | Path, processes: int, precision: str) -> str:
-    """A hash of what determines the trained weights."""
+def _hash_files(paths) -> str:
     h = hashlib.sha256()
-    relevant = {"seed": params.seed, "model": asdict(params.model), "data": asdict(params.data),
-                "train": asdict(params.train), method: asdict(getattr(params, method)),
-                "processes": processes, "precision": precision}
-    h.update(json.dumps(relevant, sort_keys=True, default=list).encode())
-    for split in ("meta.json", "train.bin", "validation.bin"):
-        _hash_file(h, Path(data_dir) / split)
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        _hash_file(h, source)
+    for path in paths:
+        _hash_file(h, path)
     return h.hexdigest()[:16]
 
 
+# What a part of the identity is called in the line that explains a fresh start.
+PARTS = {"params": "params", "data": "prepared data", "code": "training code", "processes": "process count",
+         "precision": "precision", "threads": "CPU thread count", "versions": "library versions"}
+
+
+def run_identity(params, method: str, data_dir: str | Path, setup: dict) -> dict:
+    """What determines the trained weights, part by part: the params keys the training stage
+    reads, the prepared data, the project code that trains (the library and the method's stage),
+    and `setup` (process count, precision, CPU threads, library versions)."""
+    root = Path(__file__).resolve().parent.parent
+    code = sorted(Path(__file__).parent.glob("*.py")) + [root / "stages" / f"train_{method}.py"]
+    return {"params": {"seed": params.seed, "model.name": params.model.name, "data.block_size": params.data.block_size,
+                       "train": asdict(params.train), method: asdict(getattr(params, method))},
+            "data": _hash_files(Path(data_dir) / f for f in ("meta.json", "train.bin", "validation.bin")),
+            "code": _hash_files(code), **setup}
+
+
+def run_key(identity: dict) -> str:
+    """A short hash of a run's identity: the name of its checkpoint folder."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+IDENTITY = "identity.json"
+
+
 class Checkpointer:
-    def __init__(self, root: str | Path, method: str, key: str, accelerator):
-        self.root, self.method, self.acc = Path(root), method, accelerator
-        self.dir = self.root / f"{method}-{key}"
+    def __init__(self, root: str | Path, method: str, identity: dict, accelerator):
+        self.root, self.method, self.acc, self.identity = Path(root), method, accelerator, identity
+        self.dir = self.root / f"{method}-{run_key(identity)}"
+
+    def _explain_others(self) -> None:
+        """One line per checkpoint of this method that another run wrote, saying what differs."""
+        for other in sorted(self.root.glob(f"{self.method}-*")):
+            try:
+                theirs = json.loads((other / IDENTITY).read_text())
+            except (OSError, ValueError):
+                continue
+            differ = [name for part, name in PARTS.items() if theirs.get(part) != self.identity.get(part)]
+            print(f"train_{self.method}: not resuming {other}: it was written with other {', '.join(differ)}; "
+                  "starting fresh")
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint of this run; partial ones are deleted."""
+        """The newest complete checkpoint of this run; partial ones are deleted. Checkpoints of
+        other runs (other params, data, code, setup or versions) are never resumed: a line says why."""
         if not self.dir.is_dir():
+            if self.acc.is_main_process:
+                self._explain_others()
             return None
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
@@ -84,6 +117,7 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             (tmp / PROGRESS).write_text(json.dumps(progress))
+            (self.dir / IDENTITY).write_text(json.dumps(self.identity, sort_keys=True, default=list))
             final = self.dir / f"step-{step}"
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

@@ -36,14 +36,19 @@ _non_negative = _check(lambda v: math.isfinite(v) and v >= 0, "must be a finite 
 _non_empty = _check(lambda v: len(v) > 0, "must not be empty")
 
 
+_revision = _check(lambda v: v is None or v.strip() != "", "must be a commit sha, tag or branch, or null")
+
+
 @dataclass(frozen=True)
 class ModelParams:
     name: str = field(metadata=_non_empty)
+    revision: str | None = field(metadata=_revision)
 
 
 @dataclass(frozen=True)
 class SourceParams:
     name: str = field(metadata=_non_empty)
+    revision: str | None = field(metadata=_revision)
     config: str | None
     split: str = field(metadata=_non_empty)
 
@@ -51,6 +56,7 @@ class SourceParams:
 @dataclass(frozen=True)
 class DataParams:
     name: str = field(metadata=_non_empty)
+    revision: str | None = field(metadata=_revision)
     config: str | None
     block_size: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2 (one context token, one target)"))
     general: list[SourceParams]
@@ -82,7 +88,8 @@ class LoraParams:
     r: int = field(metadata=_positive)
     alpha: float = field(metadata=_finite_positive)
     dropout: float = field(metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    target_modules: list[str] = field(metadata=_non_empty)
+    target_modules: Literal["auto", "all-linear"] | list[str] = field(metadata=_check(
+        lambda v: isinstance(v, str) or len(v) > 0, "must not be an empty list (auto picks the family's default)"))
     lr: float = field(metadata=_finite_positive)
     merge: bool
 

@@ -2,8 +2,9 @@
 
 A source is a hub dataset id (through `datasets`) or a local directory holding either the raw
 WikiText files (wiki.{train,valid,test}.raw) or one text or parquet file per split. A split's text
-is its rows joined in order, as they are (run_clm's convention): rows are tokenized in batches and
-streamed to disk, so the corpus is never held as Python lists.
+is its rows joined in order: as written where rows keep their own line ends (run_clm's convention
+for WikiText), else with a blank line after each passage (join_rows). Rows are tokenized in
+batches and streamed to disk, so the corpus is never held as Python lists.
 
 Token files are flat little-endian arrays: uint16 when the vocabulary fits, else uint32.
 """
@@ -44,6 +45,11 @@ def general_label(source) -> str:
 def general_split(source) -> str:
     """The prepared split (token file general-<label>.bin) holding a data.general source."""
     return f"general-{general_label(source)}"
+
+
+def general_splits(meta: dict) -> list[tuple[str, str]]:
+    """(prepared split, label) of every data.general source in a prepared meta, in params order."""
+    return [(split, split.removeprefix("general-")) for split in meta["splits"] if split.startswith("general-")]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -103,29 +109,61 @@ def _parquet_rows(path: Path) -> Iterator[list[str]]:
         yield [t or "" for t in batch.column("text").to_pylist()]
 
 
-def iter_rows(name: str, config: str | None, split: str) -> tuple[str, Iterator[list[str]]]:
-    """(description of where the rows come from, iterator over batches of rows)."""
+def iter_rows(name: str, config: str | None, split: str,
+              revision: str | None = None) -> tuple[str, Iterator[list[str]]]:
+    """(description of where the rows come from, iterator over batches of rows); a Hub dataset at
+    `revision`."""
     if is_local(name):
         path = local_split_file(name, split)
         return str(path), (_parquet_rows(path) if path.suffix == ".parquet" else _text_rows(path))
     import datasets
 
-    ds = datasets.load_dataset(name, config, split=split)
+    ds = datasets.load_dataset(name, config, split=split, revision=revision)
     if "text" not in ds.column_names:
         raise DataError(f"{name} ({config}), split {split}: no 'text' column; columns are {ds.column_names}")
-    return f"{name}:{config}:{split}", (b["text"] for b in ds.iter(batch_size=ROWS_PER_BATCH))
+    return f"{name}@{revision}:{config}:{split}", (b["text"] for b in ds.iter(batch_size=ROWS_PER_BATCH))
 
 
-def tokenize_to_file(rows: Iterator[list[str]], tokenizer, path: Path, dtype: np.dtype) -> dict:
-    """Stream tokenized rows into `path`; return token and UTF-8 byte counts.
+def bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one before a text with its special tokens (Llama's do,
+    GPT-2's, GPT-NeoX's and Qwen2's do not), else None."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
+PASSAGE_SEPARATOR = "\n\n"
+
+
+def join_rows(rows: Iterator[list[str]]) -> tuple[str, Iterator[list[str]]]:
+    """(the separator, the rows to tokenize in order) for a source, inferred from its first batch:
+    rows that end in their own newline (WikiText, text files) are joined as written; rows that do
+    not (passages, as in LAMBADA or most parquet sets) each get PASSAGE_SEPARATOR after them, so
+    that no two passages read as one and no word loses its leading space."""
+    first = next(rows, None)
+    if first is None:
+        return "", iter(())
+    separator = "" if all(r.endswith("\n") for r in first if r) else PASSAGE_SEPARATOR
+    batches = itertools.chain([first], rows)
+    if not separator:
+        return separator, batches
+    return separator, ([r + separator for r in batch if r] for batch in batches)
+
+
+def tokenize_to_file(rows: Iterator[list[str]], tokenizer, path: Path, dtype: np.dtype,
+                     prefix: list[int] = ()) -> dict:
+    """Stream `prefix` (a BOS, say), then the tokenized rows, into `path`; return token and UTF-8
+    byte counts.
 
     The Rust backend is called directly (the Python wrapper's BatchEncoding costs ~40% more for the
     same ids; encode_batch_fast skips offsets), and the next batch is encoded on a worker thread
     (the backend releases the GIL) while this one is written."""
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    n_tokens = n_bytes = 0
+    n_tokens, n_bytes = len(prefix), 0
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        np.asarray(prefix, dtype=dtype).tofile(f)
         pending = None
         for batch in itertools.chain(rows, [None]):
             upcoming = pool.submit(encode, batch, add_special_tokens=False) if batch is not None else None

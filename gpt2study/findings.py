@@ -35,7 +35,7 @@ def paired_verdict(pair: dict) -> str:
 def perplexity_finding(ev: dict, paired: dict) -> list[str]:
     order = sorted(ev, key=lambda k: ev[k]["test_ppl"])
     best = order[0]
-    out = [f"{_cap(NAMES[best])} gives the lowest WikiText test perplexity, {_fmt(ev[best], 'test_ppl')}; "
+    out = [f"{_cap(NAMES[best])} gives the lowest test perplexity, {_fmt(ev[best], 'test_ppl')}; "
            + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order[1:]) + "."]
     for name, pair in paired.items():
         a, b = name.split("_vs_")

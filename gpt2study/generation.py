@@ -1,7 +1,9 @@
 """Seeded text generation for the prompt panel, and token-level quality of what was generated.
 
-For each prompt: one greedy continuation plus num_samples sampled ones, each sample seeded from
-(seed, prompt, sample), so the same params give the same text on the same machine.
+For each prompt: one greedy continuation plus num_samples sampled ones (none at temperature 0,
+where sampling is greedy), each sample seeded from (seed, prompt, sample), so the same params give
+the same text on the same machine. The quality metrics count each distinct continuation of a
+prompt once: a sample that repeats the greedy text or another sample adds nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +12,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gpt2study.config import GenerateParams
+from gpt2study.config import ConfigError, GenerateParams
+
+
+def check_room(prompt_lengths: dict[str, int], max_new_tokens: int, context: int | None) -> None:
+    """Refuse, before any generation, a prompt that leaves no room for max_new_tokens in the
+    model's context."""
+    if context is None:
+        return
+    for prompt, n in prompt_lengths.items():
+        if n + max_new_tokens > context:
+            raise ConfigError(f"generate.max_new_tokens: {max_new_tokens} new tokens after the {n}-token prompt "
+                              f"{prompt[:40]!r} exceed the model's context ({context} tokens); set it to at most "
+                              f"{max(context - max(prompt_lengths.values()), 0)} or shorten the prompt")
 
 
 def text_quality(continuations: list[list[int]], eos_id: int) -> dict:
@@ -37,7 +51,8 @@ def text_quality(continuations: list[list[int]], eos_id: int) -> dict:
 
 
 def generate(model, tokenizer, g: GenerateParams, seed: int, device) -> tuple[list[dict], list[list[int]]]:
-    """Per prompt {'prompt', 'greedy', 'samples'}, and every continuation's generated token ids."""
+    """Per prompt {'prompt', 'greedy', 'samples'}, and the generated token ids of each prompt's
+    distinct continuations."""
     panel, ids = [], []
     prompts = (g.prompt, *g.extra_prompts)
     for pi, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False)):
@@ -50,13 +65,10 @@ def generate(model, tokenizer, g: GenerateParams, seed: int, device) -> tuple[li
 
         greedy = continuation(do_sample=False)
         samples = []
-        for i in range(g.num_samples):
-            if g.temperature == 0:  # greedy: every "sample" is the greedy text
-                samples.append(greedy)
-                continue
+        for i in range(g.num_samples if g.temperature > 0 else 0):  # at temperature 0 a sample is the greedy text
             torch.manual_seed(seed + 1000 * pi + i)
             samples.append(continuation(do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
         decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         panel.append({"prompt": prompt, "greedy": decode(greedy), "samples": [decode(s) for s in samples]})
-        ids += [greedy, *samples]
+        ids += [list(c) for c in dict.fromkeys(tuple(c) for c in (greedy, *samples))]  # distinct, in order
     return panel, ids

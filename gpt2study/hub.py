@@ -1,19 +1,46 @@
-"""Reaching the Hugging Face Hub, or failing fast when it cannot be reached.
+"""Hub inputs: each id resolved to the commit served for its revision, or a fast, clear failure.
 
 `prepare` is the only stage that loads from the Hub (model.name, data.name, data.general). Before
-it does, `require` checks each hub id: reachable, or already in the local cache (then the run goes
-on offline); otherwise one error names the key and the two ways on, in seconds instead of the
-clients' minute of retries and a long traceback.
+it loads anything, `resolve` turns each Hub input's revision (a commit sha, a tag or a branch) into
+the commit that will be served, like a lock file: asked from the Hub when it can be reached (an
+unknown revision fails in seconds naming its key), else looked up in the local Hub cache with the
+client's own cache scan (then the run goes on offline). An input that is neither reachable nor
+complete in the cache (never downloaded, or a download that was interrupted) fails with one error
+that names the key and the two ways on, instead of the clients' minute of retries and a long
+traceback. The loaders then load exactly the resolved commits.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
-from pathlib import Path
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from gpt2study.errors import StudyError
+
+# Files a model snapshot cannot do without; a dataset's files vary, so only its revision is checked.
+MODEL_FILES = ("config.json",)
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class HubInput:
+    """One input prepare reads from the Hub."""
+    key: str               # the params key of its id: model.name, data.name, data.general[0].name
+    name: str              # the Hub id
+    repo_type: str         # "model" or "dataset"
+    revision: str | None   # as asked: a commit sha, tag or branch; None means the main branch
+
+    @property
+    def revision_key(self) -> str:
+        return self.key.removesuffix(".name") + ".revision"
+
+    @property
+    def asked(self) -> str:
+        return self.revision or "main"
 
 
 def hub_unreachable() -> str | None:
@@ -29,25 +56,67 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def offline_advice(key: str, value: str, reason: str) -> str:
-    return (f"{key}: {value!r} is a Hugging Face Hub id, and the Hub could not be reached ({reason}) nor is it "
-            f"in the local cache. Either set {key} to a local folder (README: \"A local model or dataset\"), "
-            "or run the offline demo on the bundled assets: make demo")
+def offline_advice(item: HubInput, reason: str) -> str:
+    return (f"{item.key}: {item.name!r} is a Hugging Face Hub id, and the Hub could not be reached ({reason}) nor "
+            f"is it complete in the local cache at {item.revision_key} {item.asked!r}. Either set {item.key} to a "
+            "local folder (README: \"A local model or dataset\"), or run the offline demo on the bundled assets: "
+            "make demo")
 
 
-def _cached(name: str, repo_type: str) -> bool:
-    from huggingface_hub.constants import HF_HUB_CACHE
+def served_commit(item: HubInput) -> str:
+    """The commit the Hub serves for the item's revision; errors name the key."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    return (Path(HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}").is_dir()
+    api = HfApi()
+    info = api.model_info if item.repo_type == "model" else api.dataset_info
+    try:
+        return info(item.name, revision=item.asked).sha
+    except RevisionNotFoundError:
+        raise StudyError(f"{item.revision_key}: {item.asked!r} is not a revision of {item.name} on the Hub; set a "
+                         "commit sha, tag or branch that it has") from None
+    except RepositoryNotFoundError:
+        raise StudyError(f"{item.key}: {item.name!r} is not a {item.repo_type} on the Hub (or it is gated or "
+                         "private and no token grants access)") from None
 
 
-def require(ids: list[tuple[str, str, str]]) -> None:
-    """ids: (params key, hub id, "model" or "dataset"). Raises StudyError for the first id that is
-    neither reachable nor cached; if the Hub is down but all are cached, switches the clients to
-    offline mode (before they are imported), so they read the cache without retrying."""
-    if not ids or (reason := hub_unreachable()) is None:
-        return
-    for key, name, repo_type in ids:
-        if not _cached(name, repo_type):
-            raise StudyError(offline_advice(key, name, reason))
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+def cached_commit(item: HubInput) -> str | None:
+    """The commit that the local Hub cache holds complete for the item's revision, from the Hub
+    client's own cache scan; None when it was never downloaded or a download was interrupted (a
+    blob still *.incomplete, or a model snapshot without its config or weights)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir()
+    except CacheNotFound:
+        return None
+    repo = next((r for r in cache.repos if r.repo_id == item.name and r.repo_type == item.repo_type), None)
+    if repo is None or any((repo.repo_path / "blobs").glob("*.incomplete")):
+        return None
+    is_sha = re.fullmatch(r"[0-9a-f]{7,40}", item.asked) is not None
+    for rev in repo.revisions:
+        if item.asked in rev.refs or (is_sha and rev.commit_hash.startswith(item.asked)):
+            files = {f.file_name for f in rev.files}
+            complete = item.repo_type != "model" or (set(MODEL_FILES) <= files and bool(files & set(MODEL_WEIGHTS)))
+            return rev.commit_hash if complete else None
+    return None
+
+
+def resolve(items: list[HubInput]) -> dict[str, dict]:
+    """key -> {"name", "revision" (asked), "commit" (served)} for every Hub input. Raises
+    StudyError for the first that is neither reachable nor complete in the cache; when the Hub is
+    down but all are cached, switches the clients to offline mode (before they are imported), so
+    they read the cache without retrying."""
+    if not items:
+        return {}
+    reason = hub_unreachable()
+    resolved = {}
+    for item in items:
+        commit = served_commit(item) if reason is None else cached_commit(item)
+        if commit is None:
+            raise StudyError(offline_advice(item, reason))
+        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit}
+    if reason is not None:
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return resolved

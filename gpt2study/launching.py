@@ -1,17 +1,28 @@
-"""The `accelerate launch` options for the training stages: python -m gpt2study.launching
+"""How the training stages start, and how many CPU threads a stage uses. Imports neither torch nor
+accelerate, which would cost seconds per stage.
 
-dvc.yaml runs `accelerate launch $(python -m gpt2study.launching) -m stages.train_...`. With an
-Accelerate config of the user's own (`accelerate config`), this prints nothing and that config
-applies unchanged. Without one, it prints the values accelerate would otherwise fill in with a
-seven-line warning, chosen as accelerate would (one process per GPU, several GPUs as multi-GPU),
-except CPU threads: accelerate gives a CPU process one thread unless OMP_NUM_THREADS says
-otherwise, so on a machine without a GPU the process gets every core this process may use.
-Precision is not decided here but by train.precision (gpt2study.runtime.resolve_precision).
+dvc.yaml runs `$(python -m gpt2study.launching) -m stages.train_...`; this module prints the
+launcher:
+- `accelerate launch`, bare, when the user has an Accelerate config of their own (`accelerate
+  config`): that config applies unchanged;
+- `accelerate launch` with the values accelerate would otherwise fill in with a seven-line warning
+  (one process per GPU, several GPUs as multi-GPU), when there are several GPUs;
+- plain `python` for one process on one GPU or a CPU: Accelerate runs the same loop without the
+  launcher, which would start a second interpreter and import torch twice (seconds per stage).
+
+CPU threads (`cpu_threads`): the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it
+from --num_cpu_threads_per_process), else the usable cores that are idle right now. A CPU-bound
+neighbour costs a two-thread run on two cores far more than the core it takes: OpenMP's threads
+wait on each other at every parallel region, and one of them keeps being descheduled (measured in
+the README, "Busy machines"). Precision is not decided here but by train.precision
+(gpt2study.runtime.resolve_precision).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from pathlib import Path
 
 
@@ -20,10 +31,44 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine since boot, from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user time
+    return total - idle, total
+
+
+def busy_cores(window_s: float = 0.15) -> float:
+    """How many of the machine's cores other processes keep busy: measured over `window_s` while
+    this process sleeps, else the 1-minute load average."""
+    before = _cpu_times()
+    if before is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(window_s)
+    after = _cpu_times()
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else 0.0
+
+
+def cpu_threads() -> int:
+    """Threads for a stage's CPU work: OMP_NUM_THREADS if the user (or accelerate launch) set it,
+    else the usable cores less each core that other processes keep at least 3/4 busy, at least one.
+    (A quiet machine always gets every core, so its runs stay bit-identical: the thread count
+    changes the last bits of trained weights, README "Determinism".)"""
+    if (given := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(given) > 0:
+        return int(given)
+    cores = usable_cores()
+    return max(1, cores - math.floor(busy_cores() + 0.25))
+
+
 def user_config_file() -> Path | None:
     """The user's Accelerate config, where `accelerate config` writes it (accelerate's own lookup:
-    $HF_HOME/accelerate, else $XDG_CACHE_HOME/huggingface/accelerate, else ~/.cache/...), or None.
-    Found without importing accelerate or torch, which would cost seconds per stage."""
+    $HF_HOME/accelerate, else $XDG_CACHE_HOME/huggingface/accelerate, else ~/.cache/...), or None."""
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     folder = Path(os.path.expanduser(home)) / "accelerate"
     return next((f for f in (folder / "default_config.yaml", folder / "default_config.json") if f.is_file()), None)
@@ -40,18 +85,16 @@ def gpu_count() -> int:
         return 0
 
 
-def launch_args() -> list[str]:
+def launcher() -> list[str]:
+    """The command that starts a training stage (followed by `-m stages.train_<method> ...`)."""
     if user_config_file() is not None:
-        return []
+        return ["accelerate", "launch"]
     gpus = gpu_count()
-    args = ["--num_processes", str(max(gpus, 1)), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"]
-    if gpus > 1:
-        args.append("--multi_gpu")
-    if gpus == 0:
-        args += ["--num_cpu_threads_per_process", os.environ.get("OMP_NUM_THREADS") or str(usable_cores())]
-    return args
+    if gpus <= 1:
+        return ["python"]
+    return ["accelerate", "launch", "--num_processes", str(gpus), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--multi_gpu"]
 
 
 if __name__ == "__main__":
-    print(" ".join(launch_args()))
+    print(" ".join(launcher()))

@@ -24,38 +24,63 @@ def module_names(model: torch.nn.Module) -> list[str]:
                    if isinstance(m, (torch.nn.Linear, Conv1D)) and n})
 
 
-def targets(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Module]:
-    """Modules matched by target_modules; every entry must match at least one."""
+def _set_line(names) -> str:
+    return f"-S 'lora.target_modules=[{','.join(names)}]'"
+
+
+def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
+    """lora.target_modules as the short layer names to wrap: `auto` is PEFT's own default for the
+    model's family (GPT-2 c_attn; Llama, Qwen2 q_proj and v_proj; GPT-NeoX query_key_value),
+    `all-linear` every Linear layer but the output projection, as PEFT reads it; a list must match."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
     valid = module_names(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if target_modules == "auto":
+        if model_type not in DEFAULTS:
+            raise ModelError(f"lora.target_modules: auto knows no default for model type {model_type!r}; list the "
+                             f"layers to wrap, e.g. {_set_line(valid[:2])} (valid names: {', '.join(valid)}), "
+                             "or use all-linear")
+        return list(DEFAULTS[model_type])
+    if target_modules == "all-linear":
+        output = model.get_output_embeddings()
+        return [n for n in valid if not any(m is output for name, m in model.named_modules() if name.endswith(n))]
     missing = [t for t in target_modules if t not in valid]
     if missing:
-        raise ModelError(f"lora.target_modules: {', '.join(map(repr, missing))} match no layer of this model; "
-                         f"valid names: {', '.join(valid)}")
-    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in target_modules}
+        verb = "matches" if len(missing) == 1 else "match"
+        raise ModelError(f"lora.target_modules: {', '.join(map(repr, missing))} {verb} no layer of this model; "
+                         f"valid names: {', '.join(valid)}. Set them with "
+                         f"{_set_line(DEFAULTS.get(model_type, valid[:2]))}, or use auto")
+    return list(target_modules)
 
 
-def expected_params(model: torch.nn.Module, lora: LoraParams) -> int:
+def targets(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    """The modules whose short name is in `names` (resolved by resolve_targets)."""
+    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names}
+
+
+def expected_params(model: torch.nn.Module, r: int, names: list[str]) -> int:
     """r x (fan_in + fan_out) per wrapped layer: the adapter's A and B matrices."""
     from transformers.pytorch_utils import Conv1D
 
     total = 0
-    for m in targets(model, lora.target_modules).values():
+    for m in targets(model, names).values():
         fan_in, fan_out = (m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1])
-        total += lora.r * (fan_in + fan_out)
+        total += r * (fan_in + fan_out)
     return total
 
 
-def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str):
-    """Wrap model with a PEFT LoRA adapter built from the lora params."""
+def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str, names: list[str] | None = None):
+    """Wrap model with a PEFT LoRA adapter built from the lora params (on the layers `names`,
+    resolved from lora.target_modules when not given)."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    matched = targets(model, lora.target_modules)
+    names = names or resolve_targets(model, lora.target_modules)
     # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear: PEFT must know.
-    fan_in_fan_out = any(isinstance(m, Conv1D) for m in matched.values())
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), fan_in_fan_out=fan_in_fan_out,
-                        task_type="CAUSAL_LM")
+    fan_in_fan_out = any(isinstance(m, Conv1D) for m in targets(model, names).values())
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names,
+                        fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
     with modeling.peft_attribute_note_silenced():
         peft_model = get_peft_model(model, config)
     # The weights come from the local snapshot of model.name; the adapter records model.name itself,
@@ -64,11 +89,19 @@ def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str):
     return peft_model
 
 
-def build(base_dir: str | Path, lora: LoraParams, base_name: str):
-    """The snapshot wrapped with LoRA, its trainable count checked against r x (in + out)."""
-    # Checked on the weightless skeleton first, so a bad lora.target_modules fails in seconds.
-    expected = expected_params(modeling.skeleton(base_dir), lora)
-    model = wrap(modeling.load_causal_lm(base_dir), lora, base_name)
+def plan(base_dir: str | Path, lora: LoraParams) -> tuple[list[str], int]:
+    """(the layer names to wrap, the trainable count they give), from the weightless skeleton, so
+    a bad lora.target_modules fails in seconds, before any weight is loaded."""
+    skeleton = modeling.skeleton(base_dir)
+    names = resolve_targets(skeleton, lora.target_modules)
+    return names, expected_params(skeleton, lora.r, names)
+
+
+def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple[list[str], int] | None = None):
+    """The snapshot wrapped with LoRA (on the layers `plan` gives, or gave), its trainable count
+    checked against r x (in + out)."""
+    names, expected = planned or plan(base_dir, lora)
+    model = wrap(modeling.load_causal_lm(base_dir), lora, base_name, names)
     trainable, _ = modeling.count_params(model)
     if trainable != expected:
         raise ModelError(f"LoRA has {trainable} trainable parameters, but lora.r x (in + out) over the wrapped "

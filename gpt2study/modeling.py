@@ -33,7 +33,7 @@ def _check_local_model(path: Path) -> None:
         raise ModelError(f"{path}: no config.json; this is not a save_pretrained folder")
 
 
-def load_tokenizer(name: str | Path):
+def load_tokenizer(name: str | Path, revision: str | None = None):
     from transformers import AutoTokenizer
 
     from gpt2study.data import is_local
@@ -45,15 +45,16 @@ def load_tokenizer(name: str | Path):
         if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise ModelError(f"{folder}: no tokenizer.json or tokenizer_config.json; save the tokenizer there "
                              "with save_pretrained")
-    tok = AutoTokenizer.from_pretrained(str(name))
+    tok = AutoTokenizer.from_pretrained(str(name), revision=revision)
     if not getattr(tok, "is_fast", True):
         raise ModelError(f"{name}: only a slow tokenizer is available; this project needs a fast one "
                          "(tokenizer.json)")
     return tok
 
 
-def load_causal_lm(name: str | Path):
-    """A causal LM in fp32 from a hub id or a save_pretrained folder, with errors that name the file."""
+def load_causal_lm(name: str | Path, revision: str | None = None):
+    """A causal LM in fp32 from a hub id (at `revision`) or a save_pretrained folder, with errors
+    that name the file."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -63,7 +64,8 @@ def load_causal_lm(name: str | Path):
     if is_local(str(name)):
         check_weights(Path(name))
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load; our stages print one summary line
-    model = AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(name), revision=revision, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
     # GPT-2 configs name no loss; transformers 5 then warns on every load and uses ForCausalLM,
     # the causal-LM loss, which is ours: say so, and the warning goes.
     model.loss_type = "ForCausalLM"
@@ -89,26 +91,32 @@ def check_weights(folder: Path) -> None:
                              "(dvc repro -f <the stage that writes it>)") from None
 
 
-def check_context(name: str | Path, block_size: int) -> None:
-    """Refuse data.block_size beyond the model's context, reading only its config."""
+def context_length(name: str | Path, revision: str | None = None) -> int | None:
+    """The model's context in tokens, from its config alone (None when the config states none)."""
     from transformers import AutoConfig
 
-    from gpt2study.config import ConfigError
     from gpt2study.data import is_local
 
     if is_local(str(name)):
         _check_local_model(Path(name))
-    config = AutoConfig.from_pretrained(str(name))
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(str(name), revision=revision)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_context(name: str | Path, block_size: int, revision: str | None = None) -> None:
+    """Refuse data.block_size beyond the model's context, reading only its config."""
+    from gpt2study.config import ConfigError
+
+    context = context_length(name, revision)
     if context is not None and block_size > context:
         raise ConfigError(f"data.block_size: {block_size} exceeds the context of {name} ({context} tokens); "
                           f"set it to at most {context}")
 
 
-def snapshot(name: str, out_dir: Path) -> None:
-    """Save `name`'s model and tokenizer to out_dir (already a fresh folder)."""
-    model = load_causal_lm(name)
-    tok = load_tokenizer(name)
+def snapshot(name: str, out_dir: Path, revision: str | None = None) -> None:
+    """Save `name`'s model and tokenizer (at `revision`) to out_dir (already a fresh folder)."""
+    model = load_causal_lm(name, revision)
+    tok = load_tokenizer(name, revision)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 

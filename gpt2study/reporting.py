@@ -1,12 +1,13 @@
 """The report: metrics, their descriptive facts and the generations -> GitHub markdown (tabulate).
 
 Nothing is recomputed here: every number is read from a metrics file the other stages wrote, and
-the findings are written from those numbers by fixed rules (stages/findings.py). Perplexities
+the findings are written from those numbers by fixed rules (gpt2study/findings.py). Perplexities
 measured under different protocols are never put in one column: the report refuses them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tabulate import tabulate
@@ -16,7 +17,7 @@ from gpt2study.findings import findings, paired_verdict
 from gpt2study.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
-LABELS = {"pretrained": "Pretrained GPT-2", "full": "Fully fine-tuned GPT-2", "lora": "LoRA fine-tuned GPT-2"}
+LABELS = {"pretrained": "Pretrained {}", "full": "Fully fine-tuned {}", "lora": "LoRA fine-tuned {}"}
 
 
 class ReportError(StudyError):
@@ -68,102 +69,159 @@ def _check_protocols(ev: dict) -> dict:
     return protocols["pretrained"]
 
 
-def render(metrics_dir: Path, generations_dir: Path) -> str:
-    # Each metrics file (numbers) has its facts (protocol, device, versions) beside it in <name>.info.json.
-    ev = {m: _with_info(metrics_dir / "evaluate" / f"{m}.json") for m in MODELS}
-    gq = {m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS}
-    gen = {m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS}
-    tr = {m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")}
-    prep = read_json(metrics_dir / "prepare.json")["corpus"]
-    compare = read_json(metrics_dir / "compare.json")
-    paired, reach = compare["paired"], compare["time_to_quality"]
-    protocol = _check_protocols(ev)
-    lora = tr["lora"]
+def short_name(name: str) -> str:
+    """A hub id's or folder's last part: 'openai-community/gpt2' -> 'gpt2', 'assets/tiny-gpt2' -> 'tiny-gpt2'."""
+    return Path(str(name).rstrip("/")).name or str(name)
 
-    study = [[LABELS[m], _one_line(gen[m][0]["prompt"] + gen[m][0]["greedy"]), f"{ev[m]['test_ppl']:.2f}",
-              duration(tr[m]["train_s"]) if m in tr else "no training",
-              f"{tr[m]['peak_mem_gib']:.2f} GiB" if m in tr else "–"] for m in MODELS]
-    efficiency = [[LABELS[m], duration(tr[m]["train_s"]), f"{tr[m]['warmup_s']:.1f} s",
-                   f"{tr[m]['tokens_per_s']:,.0f}", f"{tr[m]['mfu']:.1%}" if "mfu" in tr[m] else "–",
-                   f"{tr[m]['peak_mem_gib']:.2f} GiB", f"{tr[m]['trainable_params']:,}", f"{tr[m]['total_params']:,}",
-                   f"{tr[m]['artifact_mb']:,.2f}"] for m in tr]
-    validation = [[LABELS[m], f"{tr[m]['val_loss_best']:.4f} (step {tr[m]['val_best_step']})",
-                   f"{tr[m]['val_loss']:.4f}",
-                   f"+{tr[m]['val_rise_after_best']:.4f}" if tr[m]["val_rise_after_best"] > 0 else "no",
-                   duration(tr[m]["eval_s"]),
-                   f"{duration(reach[m]['seconds'])}, {reach[m]['tokens']:,} tokens" if "seconds" in reach[m]
-                   else "never",
-                   ] for m in tr]
-    validation_headers = ["Model", "Best val loss (step)", "Final val loss", "Rose after best", "Validation time",
-                          "Reached the other's final val loss after"]
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the report reads; each metrics file (numbers) has its facts beside it in <name>.info.json."""
+    ev: dict         # model -> evaluate metrics and info
+    gq: dict         # model -> generation-quality metrics
+    gen: dict        # model -> the generation panel
+    tr: dict         # method -> training metrics and info
+    corpus: dict     # split -> token and byte counts
+    sources: dict    # params key -> the input's name, revision asked and commit served
+    paired: dict     # pair -> paired test-perplexity ratio
+    reach: dict      # method -> time to the other's final validation loss
+    protocol: dict   # the evaluation protocol, the same for every model
+
+    @classmethod
+    def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
+        ev = {m: _with_info(metrics_dir / "evaluate" / f"{m}.json") for m in MODELS}
+        compare = read_json(metrics_dir / "compare.json")
+        return cls(ev=ev, gq={m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS},
+                   gen={m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS},
+                   tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
+                   corpus=read_json(metrics_dir / "prepare.json")["corpus"],
+                   sources=read_json(metrics_dir / "prepare.info.json")["inputs"], paired=compare["paired"],
+                   reach=compare["time_to_quality"], protocol=_check_protocols(ev))
+
+    def label(self, model: str) -> str:
+        """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
+        return LABELS[model].format(short_name(self.protocol["model"]))
+
+
+def headline(r: Inputs) -> list[str]:
+    rows = [[r.label(m), f"{r.ev[m]['test_ppl']:.2f}", duration(r.tr[m]["train_s"]) if m in r.tr else "no training",
+             f"{r.tr[m]['peak_mem_gib']:.2f} GiB" if m in r.tr else "–"] for m in MODELS]
+    prompt = r.gen["pretrained"][0]["prompt"]
+    texts = [f"- **{r.label(m)}**: {_one_line(prompt + r.gen[m][0]['greedy'])}" for m in MODELS]
+    source = short_name(r.protocol["source"]) + (f" ({r.protocol['config']})" if r.protocol.get("config") else "")
+    return [f"# {short_name(r.protocol['model'])} on {source}: pretrained vs full fine-tuning vs LoRA", "",
+            "Test perplexity: sliding window, lower is better.", "",
+            _table(rows, ["Model", "Test perplexity", "Training time", "Peak memory"]), "",
+            f"Greedy continuations of the prompt *{prompt}*:", "", *texts, ""]
+
+
+def efficiency(r: Inputs) -> list[str]:
+    tr, lora = r.tr, r.tr["lora"]
+    rows = [[r.label(m), duration(tr[m]["train_s"]), f"{tr[m]['warmup_s']:.1f} s", f"{tr[m]['tokens_per_s']:,.0f}",
+             f"{tr[m]['mfu']:.1%}", f"{tr[m]['peak_mem_gib']:.2f} GiB",
+             f"{tr[m]['trainable_params']:,}", f"{tr[m]['total_params']:,}", f"{tr[m]['artifact_mb']:,.2f}"] for m in tr]
+    return ["## Efficiency", "",
+            _table(rows, ["Model", "Training time", "Warm-up", "Tokens/s (steady)", "MFU", "Peak memory",
+                          "Trainable params", "Total params", "Artifact (MB)"]), "",
+            f"Training time is the loop alone; warm-up is its first log interval (compilation included), "
+            f"excluded from the steady-state tokens/s. MFU: 6N + 12·L·d·T FLOPs per token (4N for LoRA's frozen "
+            f"base) over the device's peak, {tr['full']['peak_flops'] / 1e12:,.3g} TFLOP/s "
+            f"({tr['full']['peak_flops_source']}). "
+            f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. LoRA integrity: "
+            f"{lora['trainable_params']:,} trainable parameters in the wrapped layers "
+            f"({', '.join(lora['lora_target_modules'])}), checked equal to r x (in + out) over them; merged vs base+adapter logits differ by at most "
+            f"{lora['merge_max_abs_diff']:.2e}; adapter {lora['adapter_mb']:.2f} MB vs full model "
+            f"{lora['base_model_mb']:.2f} MB.", ""]
+
+
+def validation(r: Inputs) -> list[str]:
+    tr, reach = r.tr, r.reach
+    rows = [[r.label(m), f"{tr[m]['val_loss_best']:.4f} (step {tr[m]['val_best_step']})", f"{tr[m]['val_loss']:.4f}",
+             f"+{tr[m]['val_rise_after_best']:.4f}" if tr[m]["val_rise_after_best"] > 0 else "no",
+             duration(tr[m]["eval_s"]),
+             f"{duration(reach[m]['seconds'])}, {reach[m]['tokens']:,} tokens" if "seconds" in reach[m] else "never"]
+            for m in tr]
+    every = tr["full"]["eval_every"]
+    return ["### Validation during training", "",
+            _table(rows, ["Model", "Best val loss (step)", "Final val loss", "Rose after best", "Validation time",
+                          "Reached the other's final val loss after"]), "",
+            f"Validation loss (run_clm blocks) every {every or 'epoch'}{' optimizer steps' if every else ''}; its "
+            "time is reported apart and left out of training time and tokens/s. Curves: `dvc plots show` (against "
+            "step and against training seconds).", ""]
+
+
+def quality(r: Inputs) -> list[str]:
+    ev, protocol = r.ev, r.protocol
     general = list(ev["pretrained"]["general"])
-    quality = []
+    rows = []
     for m in MODELS:
-        row = [LABELS[m], _ppl(ev[m], "val_ppl"), _ppl(ev[m], "test_ppl"), f"{ev[m]['test_bpb']:.4f}",
+        row = [r.label(m), _ppl(ev[m], "val_ppl"), _ppl(ev[m], "test_ppl"), f"{ev[m]['test_bpb']:.4f}",
                f"{ev[m]['val_ppl_blocks']:.2f}", f"{ev[m]['test_ppl_blocks']:.2f}"]
         for g in general:
             change = 100 * (ev[m]["general"][g]["ppl"] / ev["pretrained"]["general"][g]["ppl"] - 1)
             row += [_ppl(ev[m]["general"][g], "ppl"), "–" if m == "pretrained" else f"{change:+.1f}%"]
-        quality.append(row)
-    quality_headers = ["Model", "Val ppl [95% CI]", "Test ppl [95% CI]", "Test bits/byte", "Val ppl (blocks)",
-                       "Test ppl (blocks)"] + [h for g in general for h in (f"{g} ppl [95% CI]", f"{g} change")]
-    text_quality = [[LABELS[m], f"{gq[m]['distinct_1']:.3f}", f"{gq[m]['distinct_2']:.3f}",
-                     f"{gq[m]['repetition_4gram']:.3f}", f"{gq[m]['mean_length']:.1f}", f"{gq[m]['eos_rate']:.2f}"]
-                    for m in MODELS]
-    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie"}
-    paired_rows = [[f"{LABELS[a]} / {LABELS[b]}", f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]",
-                    verdict_text[paired_verdict(v)]]
-                   for name, v in paired.items() for a, b in [name.split("_vs_")]]
-    samples = [f"- **{LABELS[m]}** ({'greedy' if i == 0 else f'sample {i}'}): {_one_line(p['prompt'] + t)}"
-               for m in MODELS for p in gen[m] for i, t in enumerate([p["greedy"], *p["samples"]])]
-    versions = ", ".join(f"{k} {v or 'none'}" for k, v in tr["full"]["versions"].items())
+        rows.append(row)
+    headers = ["Model", "Val ppl [95% CI]", "Test ppl [95% CI]", "Test bits/byte", "Val ppl (blocks)",
+               "Test ppl (blocks)"] + [h for g in general for h in (f"{g} ppl [95% CI]", f"{g} change")]
+    return ["## Quality", "", _table(rows, headers), "",
+            f"Sliding window: {protocol['context']}-token windows moved by {protocol['stride']} tokens, every token "
+            f"but the first scored once ({protocol['test_tokens']:,} test, {protocol['val_tokens']:,} validation "
+            f"tokens). Blocks: non-overlapping {protocol['context']}-token blocks, tail dropped "
+            f"({protocol['test_tokens_blocks']:,} test tokens). Intervals: percentile bootstrap, "
+            f"{protocol['bootstrap']}. Changes on general text are relative to the pretrained model. Tokenizer "
+            f"`{protocol['tokenizer']}`, "
+            + (f"each split starting with its BOS token `{protocol['bos']['token']}`" if protocol.get("bos")
+               else "no BOS token (the tokenizer adds none)")
+            + f"; corpus `{protocol['source']}`: "
+            + ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in r.corpus.items()) + ". Inputs: "
+            + "; ".join(_source(key, v) for key, v in r.sources.items()) + ".", ""]
 
-    return "\n".join([
-        "# GPT-2 on WikiText-2: pretrained vs full fine-tuning vs LoRA", "",
-        f"Prompt: *{gen['pretrained'][0]['prompt']}* (greedy continuation). Test perplexity: sliding window, "
-        "lower is better.", "",
-        _table(study, ["Model", "Generated text", "Test perplexity", "Training time", "Peak memory"]), "",
-        "## Efficiency", "",
-        _table(efficiency, ["Model", "Training time", "Warm-up", "Tokens/s (steady)", "MFU", "Peak memory",
-                            "Trainable params", "Total params", "Artifact (MB)"]), "",
-        f"Training time is the loop alone; warm-up is its first log interval (compilation included), "
-        f"excluded from the steady-state tokens/s. MFU: 6N + 12·L·d·T FLOPs per token (4N for LoRA's frozen "
-        f"base) over the GPU's dense bf16 peak; none on CPU. "
-        f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. LoRA integrity: "
-        f"{lora['trainable_params']:,} trainable parameters, checked equal to r x (in + out) over the wrapped "
-        f"layers; merged vs base+adapter logits differ by at most "
-        f"{lora['merge_max_abs_diff']:.2e}; adapter {lora['adapter_mb']:.2f} MB vs full model "
-        f"{lora['base_model_mb']:.2f} MB.", "",
-        "### Validation during training", "",
-        _table(validation, validation_headers), "",
-        f"Validation loss (run_clm blocks) every {tr['full']['eval_every'] or 'epoch'}"
-        f"{' optimizer steps' if tr['full']['eval_every'] else ''}; its time is reported apart and left out of "
-        "training time and tokens/s. Curves: `dvc plots show` (against step and against training seconds).", "",
-        "## Quality", "",
-        _table(quality, quality_headers), "",
-        f"Sliding window: {protocol['context']}-token windows moved by {protocol['stride']} tokens, every token "
-        f"but the first scored once ({protocol['test_tokens']:,} test, {protocol['val_tokens']:,} validation tokens). "
-        f"Blocks: non-overlapping {protocol['context']}-token blocks, tail dropped "
-        f"({protocol['test_tokens_blocks']:,} test tokens). Intervals: percentile bootstrap, "
-        f"{protocol['bootstrap']}. Changes on general text are relative to the pretrained model. Tokenizer "
-        f"`{protocol['tokenizer']}`; corpus `{protocol['source']}`: "
-        + ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in prep.items()) + ".", "",
-        _table(paired_rows, ["Comparison", "Test ppl ratio [95% paired CI]", "Verdict"]), "",
-        "Paired: both models are scored on the same test tokens, and each bootstrap resample draws the same "
-        "chunks for both, so the interval covers their difference alone; a winner is called only when it "
-        "excludes 1.", "",
-        "## Generation quality", "",
-        _table(text_quality, ["Model", "Distinct-1", "Distinct-2", "Repeated 4-grams", "Mean length (tokens)",
-                              "Stops at EOS"]), "",
-        f"Over {gq['pretrained']['texts']} continuations per model ({len(gen['pretrained'])} prompts, greedy "
-        "plus seeded samples each).", "",
-        "<details><summary>All generated texts</summary>", "", *samples, "", "</details>", "",
-        "## Findings", "",
-        *[f"- {f}" for f in findings(ev, tr, gq, paired, reach)], "",
-        "## Environment", "",
-        f"- Training device: {tr['full']['device']}; precision {tr['full']['precision']}; "
-        f"{tr['full']['processes']} process(es), global batch {tr['full']['global_batch']} blocks",
-        f"- Evaluation precision: {protocol['precision']}",
-        f"- Versions: {versions}",
-        f"- Seed: {tr['full']['seed']}", "",
-    ])
+
+def _source(key: str, source: dict) -> str:
+    """'model.name `gpt2` at commit 607a30d783df (asked main)', or '... (a local folder)'."""
+    if source["commit"] is None:
+        return f"{key} `{source['name']}` (a local folder)"
+    asked = "" if source["commit"].startswith(source["revision"]) else f" (asked {source['revision']})"
+    return f"{key} `{source['name']}` at commit {source['commit'][:12]}{asked}"
+
+
+def paired_comparisons(r: Inputs) -> list[str]:
+    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie"}
+    rows = [[f"{r.label(a)} / {r.label(b)}", f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]",
+             verdict_text[paired_verdict(v)]] for name, v in r.paired.items() for a, b in [name.split("_vs_")]]
+    return [_table(rows, ["Comparison", "Test ppl ratio [95% paired CI]", "Verdict"]), "",
+            "Paired: both models are scored on the same test tokens, and each bootstrap resample draws the same "
+            "chunks for both, so the interval covers their difference alone; a winner is called only when it "
+            "excludes 1.", ""]
+
+
+def generation_quality(r: Inputs) -> list[str]:
+    gq, gen = r.gq, r.gen
+    rows = [[r.label(m), f"{gq[m]['distinct_1']:.3f}", f"{gq[m]['distinct_2']:.3f}", f"{gq[m]['repetition_4gram']:.3f}",
+             f"{gq[m]['mean_length']:.1f}", f"{gq[m]['eos_rate']:.2f}", str(gq[m]["texts"])] for m in MODELS]
+    samples = [f"- **{r.label(m)}** ({'greedy' if i == 0 else f'sample {i}'}): {_one_line(p['prompt'] + t)}"
+               for m in MODELS for p in gen[m] for i, t in enumerate([p["greedy"], *p["samples"]])]
+    return ["## Generation quality", "",
+            _table(rows, ["Model", "Distinct-1", "Distinct-2", "Repeated 4-grams", "Mean length (tokens)",
+                          "Stops at EOS", "Texts"]), "",
+            f"Over each model's distinct continuations of {len(gen['pretrained'])} prompt(s): the greedy one and "
+            "the seeded samples, a continuation that repeats another counted once.", "",
+            "<details><summary>All generated texts</summary>", "", *samples, "", "</details>", ""]
+
+
+def environment(r: Inputs) -> list[str]:
+    full = r.tr["full"]
+    versions = ", ".join(f"{k} {v or 'none'}" for k, v in full["versions"].items())
+    return ["## Environment", "",
+            f"- Training device: {full['device']}; precision {full['precision']}; {full['processes']} process(es), "
+            f"global batch {full['global_batch']} blocks",
+            f"- Evaluation precision: {r.protocol['precision']}",
+            f"- Versions: {versions}",
+            f"- Seed: {full['seed']}", ""]
+
+
+def render(metrics_dir: Path, generations_dir: Path) -> str:
+    r = Inputs.read(metrics_dir, generations_dir)
+    found = findings(r.ev, r.tr, r.gq, r.paired, r.reach)
+    return "\n".join([*headline(r), *efficiency(r), *validation(r), *quality(r), *paired_comparisons(r),
+                      *generation_quality(r), "## Findings", "", *[f"- {f}" for f in found], "", *environment(r)])

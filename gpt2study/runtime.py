@@ -8,6 +8,8 @@ import resource
 
 import torch
 
+from gpt2study.launching import cpu_threads
+
 
 def resolve_precision(requested: str) -> str:
     """params precision -> Accelerate's mixed_precision ('no', 'fp16', 'bf16').
@@ -29,16 +31,34 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "
 
 
 def peak_flops(device_name: str) -> float | None:
+    """A listed GPU's dense bf16 peak, from its name; None for any other device."""
     for key in sorted(PEAK_FLOPS, key=len, reverse=True):
         if key in device_name:
             return PEAK_FLOPS[key]
     return None
 
 
+def measured_peak_flops(device: torch.device, size: int = 1024, seconds: float = 0.2) -> float:
+    """What this device's matmuls reach right now, in FLOP/s: square fp32 matmuls (bf16 on a GPU)
+    repeated for about `seconds`, the best of them kept. The MFU of a device without a listed peak
+    (a CPU) is taken against this: a utilization of what the threads the run had could do."""
+    import time
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        start = time.perf_counter()
+        (a @ a).sum().item()  # .item() waits for the device
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
 def flops_per_token(model_config, n_params: int, block_size: int, full: bool) -> float:
     """Training FLOPs per token: 6N + 12·L·d·T (PaLM's convention); a frozen base needs no weight
-    gradients, so LoRA counts 4N."""
-    return (6 if full else 4) * n_params + 12 * model_config.n_layer * model_config.n_embd * block_size
+    gradients, so LoRA counts 4N. L and d are read by their generic names, which every
+    transformers config answers (GPT-2's n_layer and n_embd included)."""
+    return (6 if full else 4) * n_params + 12 * model_config.num_hidden_layers * model_config.hidden_size * block_size
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -58,14 +78,25 @@ def device_name(device: torch.device) -> str:
 
 
 def library_versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
+    """Installed versions, read from package metadata: importing peft only to ask would cost a
+    training stage that never uses it about 1.5 s."""
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+    return {"torch": torch.__version__, "cuda": torch.version.cuda,
+            **{name: version(name) for name in ("transformers", "peft", "accelerate")},
+            "python": platform.python_version()}
+
+
+def use_cpu_threads(device: torch.device) -> None:
+    """On a CPU, run torch's parallel work on gpt2study.launching.cpu_threads() threads: the
+    user's OMP_NUM_THREADS, else the cores other processes leave idle."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
 
 
 def eval_device() -> torch.device:
-    """Where evaluation and generation run: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where evaluation and generation run: the GPU when there is one (on a CPU, with the threads
+    use_cpu_threads chooses)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cpu_threads(device)
+    return device

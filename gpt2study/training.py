@@ -170,6 +170,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision))
     set_seed(seed)
     device = accelerator.device
+    runtime.use_cpu_threads(device)
     if accelerator.mixed_precision == "fp16" and device.type != "cuda":
         # Accelerate applies neither fp16 autocast nor loss scaling on a CPU: it would train in fp32
         # while the metrics said fp16.
@@ -316,14 +317,17 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
                "trainable_params": trainable,
                "final_train_loss": progress.train_curve[-1][1], **validation_summary(progress.val_curve),
                "eval_s": round(progress.eval_time, 3)}
-    if (peak := runtime.peak_flops(name)) is not None:
-        full = trainable == total
-        fpt = runtime.flops_per_token(s.config, total if full else total - trainable, block_size, full)
-        metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
+    peak, peak_source = runtime.peak_flops(name), "data sheet, dense bf16"
+    if peak is None:
+        peak, peak_source = runtime.measured_peak_flops(device), "measured, matmul probe"
+    full = trainable == total
+    fpt = runtime.flops_per_token(s.config, total if full else total - trainable, block_size, full)
+    metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
     info = {"method": method, "steps": steps, "tokens": steps * s.tokens_per_step, "global_batch": s.global_batch,
             "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
+            "peak_flops": peak, "peak_flops_source": peak_source,
             "versions": runtime.library_versions()}
     return metrics, info
 
@@ -352,14 +356,18 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
 
 
 def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module],
-        check: Callable | None = None) -> dict:
-    """A training stage: setup, fit, save, then metrics, facts and curves; returns the metrics."""
+        check: Callable | None = None, facts: dict | None = None) -> dict:
+    """A training stage: setup, fit, save, then metrics, facts (`facts` added) and curves; returns
+    the metrics."""
     modeling.check_context(paths.base, p.data.block_size)
     s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data)
-    key = checkpoints.run_key(p, method, paths.data, s.accelerator.num_processes, s.accelerator.mixed_precision)
-    ckpt = checkpoints.Checkpointer(paths.checkpoints, method, key, s.accelerator)
+    identity = checkpoints.run_identity(p, method, paths.data, {
+        "processes": s.accelerator.num_processes, "precision": s.accelerator.mixed_precision,
+        "threads": torch.get_num_threads(), "versions": runtime.library_versions()})
+    ckpt = checkpoints.Checkpointer(paths.checkpoints, method, identity, s.accelerator)
     progress = fit(s, p.train, p.seed, ckpt, f"train_{method}")
     metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every)
+    info |= facts or {}
     metrics |= save(s, paths.out, paths.base, check)
     if s.accelerator.is_main_process:
         curves.write(paths.plots, progress.train_curve, progress.val_curve)

@@ -1,12 +1,12 @@
 """make bench: our training loop (full and LoRA) side by side with the HF Trainer default path, and
 our `prepare` tokenization side by side with run_clm's datasets.map + group_texts path.
 
-    python scripts/bench.py [--out bench-results.json] [--prepare-mb 540] [--skip-prepare | --skip-training]
+    python -m scripts.bench [--out bench-results.json] [--prepare-mb 540] [--skip-prepare | --skip-training]
 
 On a GPU it trains the GPT-2 124M architecture at random init (the compute is the same as the
 real weights'), 1024-token blocks; on CPU the bundled tiny GPT-2, 128-token blocks. Every path
 trains on the same random token stream; each runs in its own process, so peak memory is its own.
-Our paths run the real stage code (`accelerate launch -m stages.train_*`). Steady-state tokens/s
+Our paths run the real stage code (`python -m stages.train_*`, as dvc.yaml does for one process). Steady-state tokens/s
 leaves out each path's first log interval (compilation and warm-up), reported apart.
 
 The prepare comparison tokenizes a synthetic WikiText-format corpus of --prepare-mb MB (the tiny
@@ -26,13 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from gpt2study.config import set_keys
-from real_shapes import write_gpt2_124m  # scripts/real_shapes.py, beside this file
+from gpt2study.synthetic import ASSETS, ROOT, local_params, write_gpt2_124m, write_params
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
 
 
@@ -61,22 +57,20 @@ def setup(work: Path, shape: dict) -> None:
     (prep / "meta.json").write_text(json.dumps(meta))
 
 
-def write_params(work: Path, shape: dict, compile_: str | bool = "auto") -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    set_keys(params, {"model.name": str(work / "pre"), "data.name": str(work), "data.config": None,
-                      "data.block_size": shape["block"], "data.general": [], "evaluate.stride": shape["block"] // 2,
-                      "train.epochs": 1, "train.batch_size": shape["batch"], "train.grad_accum": 1,
-                      "train.warmup_steps": 10, "train.log_every": WARMUP_STEPS, "train.checkpoint_every": 0,
-                      "train.compile": compile_})
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+def bench_params(work: Path, shape: dict, compile_: str | bool = "auto") -> None:
+    """params.yaml in `work` for the training paths: one epoch over the prepared random tokens."""
+    write_params(work, local_params(work / "pre", work, **{
+        "data.block_size": shape["block"], "evaluate.stride": shape["block"] // 2, "train.epochs": 1,
+        "train.batch_size": shape["batch"], "train.grad_accum": 1, "train.warmup_steps": 10,
+        "train.log_every": WARMUP_STEPS, "train.compile": compile_}))
 
 
 def ours(work: Path, method: str, tag: str) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", f"stages.train_{method}",
+    cmd = [sys.executable, "-m", f"stages.train_{method}",
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
            "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
-    # accelerate launch gives a CPU process 1 thread unless OMP_NUM_THREADS says otherwise; the HF
-    # Trainer path gets torch's default (every core), so ours gets the same.
+    # As dvc.yaml runs it for one process (gpt2study.launching). The HF Trainer path gets torch's
+    # default threads (every core), so ours gets the same rather than choosing by the load.
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     subprocess.run(cmd, cwd=work, check=True, env=env)
     m = json.loads((work / f"{tag}.json").read_text())[method] | json.loads((work / f"{tag}.info.json").read_text())
@@ -90,7 +84,8 @@ def ours(work: Path, method: str, tag: str) -> dict:
 def hf_trainer(work: Path, shape: dict) -> dict:
     """The HF Trainer default path: fp32, batch 8; in its own process."""
     out = work / "hf.json"
-    subprocess.run([sys.executable, __file__, "--_hf-trainer", str(work), json.dumps(shape), str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "scripts.bench", "--_hf-trainer", str(work), json.dumps(shape), str(out)],
+                   cwd=ROOT, check=True)
     return json.loads(out.read_text())
 
 
@@ -185,7 +180,8 @@ def bench_prepare(mb: int, work: Path) -> list[dict]:
     rows = []
     for which in ("ours", "run_clm"):
         out = work / f"prep-{which}.json"
-        subprocess.run([sys.executable, __file__, "--_prepare", which, str(path), str(work), str(out)], check=True)
+        subprocess.run([sys.executable, "-m", "scripts.bench", "--_prepare", which, str(path), str(work), str(out)],
+                       cwd=ROOT, check=True)
         r = json.loads(out.read_text())
         rows.append(r | {"mb": round(size, 1), "mb_per_s": round(size / r["seconds"], 2)})
     return rows
@@ -200,10 +196,10 @@ def bench_training(work: Path, cuda: bool, repeats: int) -> dict:
     # speed drifts, and a path run only first or only last would carry the drift.
     rounds = []
     for _ in range(repeats or (1 if cuda else 3)):
-        write_params(work, shape)
+        bench_params(work, shape)
         rnd = [ours(work, "full", "full"), ours(work, "lora", "lora")]
         if cuda:  # compiled and eager must agree on the loss
-            write_params(work, shape, compile_=False)
+            bench_params(work, shape, compile_=False)
             rnd.append(ours(work, "full", "full-eager"))
         rounds.append(rnd + [hf_trainer(work, shape)])
     rows = [sorted(column, key=lambda r: r["tokens_per_s"])[len(column) // 2] for column in zip(*rounds)]

@@ -1,6 +1,6 @@
 """make demo on a quiet machine and beside one competing CPU-bound process, side by side:
 
-    python scripts/contention.py [--rounds 1] [--out contention.json]
+    python -m scripts.contention [--rounds 1] [--out contention.json]
 
 Each round builds the demo sandbox twice (quiet, then with a busy-looping Python process running
 the whole time) and reports both wall times and their ratio. The issue's target: at most 2x.
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def demo_seconds(dest: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "scripts/sandbox.py", str(dest), "--repro"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "scripts.sandbox", str(dest), "--repro"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 

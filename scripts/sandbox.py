@@ -1,6 +1,6 @@
 """Make a self-contained copy of the project, its own git and DVC repo, pointed at the tiny assets.
 
-    python scripts/sandbox.py DIR [--repro] [-S key=value ...]
+    python -m scripts.sandbox DIR [--repro] [-S key=value ...]
 
 Copies the pipeline (dvc.yaml, params.yaml, stages/, gpt2study/, assets/) to DIR, applies
 assets/demo-params.yaml and any -S overrides to DIR/params.yaml (comments kept), then runs
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from gpt2study.config import flatten, override_file
+from gpt2study.config import override_file
+from gpt2study.synthetic import demo_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "gpt2study", "assets")
@@ -31,8 +34,31 @@ MARKER = ".sandbox"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
 
 
+class DvcError(RuntimeError):
+    """A dvc command failed; the message holds its output."""
+
+
 def run(cmd: list[str], cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, check=True, env=os.environ | ENV)
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `repo`, its output captured; raises DvcError when it fails and `check` is on."""
+    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=os.environ | ENV)
+    if check and proc.returncode != 0:
+        raise DvcError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_queue(repo: Path, poll_s: float = 2.0) -> str:
+    """`dvc queue start` one experiment at a time, then wait until the queue is empty; raises
+    DvcError when an experiment failed. Returns the final `dvc queue status`."""
+    dvc(repo, "queue", "start", "-j", "1")
+    while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status").stdout):
+        time.sleep(poll_s)
+    if "Failed" in status:
+        raise DvcError(f"some experiments failed (dvc queue logs <name> says why):\n{status}")
+    return status
 
 
 def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
@@ -48,8 +74,7 @@ def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, dest / name)
-    demo = yaml.safe_load((ROOT / "assets" / "demo-params.yaml").read_text(encoding="utf-8"))
-    override_file(dest / "params.yaml", flatten(demo) | (overrides or {}))
+    override_file(dest / "params.yaml", demo_overrides() | (overrides or {}))
     (dest / MARKER).write_text("made by scripts/sandbox.py; `make demo` rebuilds this folder\n")
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "config", "user.name", "sandbox"], dest)

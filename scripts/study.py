@@ -19,23 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from scripts.sandbox import ENV, MARKER, make_sandbox, repro_and_commit
+from scripts.sandbox import MARKER, DvcError, dvc, make_sandbox, repro_and_commit, run_queue
 
 GRID = {"full_lr": [2e-5, 5e-5, 1e-4], "lora_lr": [1e-4, 2e-4, 5e-4], "seeds": [1, 2, 3]}
 # The demo: two rates per method around the demo's own (full 2e-3, LoRA 1e-2), two seeds; the
 # point (2e-3, 1e-2, seed 42) is the demo's committed baseline, so 3 experiments run.
 DEMO_GRID = {"full_lr": [1e-3, 2e-3], "lora_lr": [5e-3, 1e-2], "seeds": [42, 7]}
 METHODS = ("full", "lora")
-# Two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def points(grid: dict) -> list[tuple[int, float, float]]:
@@ -63,13 +59,6 @@ def finished_runs(repo: Path) -> dict[tuple, dict]:
     return runs
 
 
-def dvc(repo: Path, *args: str) -> str:
-    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=os.environ | ENV)
-    if proc.returncode != 0:
-        raise SystemExit(f"study: dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
 def run_missing(repo: Path, wanted: list[tuple]) -> tuple[int, dict[tuple, dict]]:
     """Queue and run the experiments not run yet; returns how many ran, and every finished run
     (read once more only when something ran: collecting experiments costs DVC seconds)."""
@@ -82,12 +71,27 @@ def run_missing(repo: Path, wanted: list[tuple]) -> tuple[int, dict[tuple, dict]
         dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"seed={seed}", "-S", f"full.lr={full_lr}",
             "-S", f"lora.lr={lora_lr}")
     print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
-    dvc(repo, "queue", "start", "-j", "1")
-    while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status")):
-        time.sleep(3)
-    if "Failed" in status:
-        raise SystemExit(f"study: some experiments failed (dvc queue logs <name> says why):\n{status}")
+    run_queue(repo)
     return len(missing), finished_runs(repo)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile for any degrees of freedom: bisection on the CDF, itself Simpson's rule
+    over the density (within 1e-4 of the published tables; 1.96 is only the limit)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t: float) -> float:
+        x = np.linspace(0.0, t, 4001)
+        y = c * (1 + x * x / df) ** (-(df + 1) / 2)
+        return 0.5 + t / 12000 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -121,7 +125,7 @@ def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
     full, lora = (out["methods"][m]["test_ppl_by_seed"] for m in METHODS)
     diff = [full[s] - lora[s] for s in map(str, seeds)]  # paired by seed
     mean, sd = mean_sd(diff)
-    half = T95.get(len(diff) - 1, 1.96) * sd / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    half = t_quantile(0.975, len(diff) - 1) * sd / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
     out["full_minus_lora_test_ppl"] = {"mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "n": len(diff)}
     return out
 
@@ -201,7 +205,10 @@ def main() -> None:
         repro_and_commit(repo)
     wanted = points(grid)
     start = time.perf_counter()
-    ran, runs = run_missing(repo, wanted)
+    try:
+        ran, runs = run_missing(repo, wanted)
+    except DvcError as e:
+        raise SystemExit(f"study: {e}") from None
     if missing := [p for p in wanted if _key(*p) not in runs]:
         raise SystemExit(f"study: no finished run for (seed, full.lr, lora.lr) {missing}")
     s = summarize(runs, grid)

@@ -3,7 +3,9 @@
 For validation and test, both protocols over whole splits, weighted by tokens: val_ppl/test_ppl
 slide a block_size window by evaluate.stride (HF perplexity guide); *_ppl_blocks score
 non-overlapping blocks (run_clm). Each sliding-window perplexity carries a seeded 95% bootstrap
-interval and bits per byte; every data.general set is scored the same way, to measure forgetting.
+interval and bits per byte; every data.general set that prepare tokenized (its general-* splits,
+read from the prepared meta, so that evaluate reads no data.general key) is scored the same way,
+to measure forgetting.
 The numbers go to --out (a DVC metric); the protocol fingerprint, which the report uses to refuse
 mixed protocols, goes to --info; the test split's per-token NLL to --nll, for the paired
 comparisons of stage compare. A LoRA model is scored as base plus adapter.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2study import data, modeling, runtime, scoring
+from gpt2study import data, modeling, runtime, scoring, stats
 from gpt2study.config import load_params
 from gpt2study.errors import run_stage
 from gpt2study.outputs import write_array, write_json
@@ -55,14 +57,14 @@ def main() -> None:
             metrics |= {f"{short}_{k}": v for k, v in m.items()}
             blocks = scoring.block_nll(model, data.load_tokens(args.data, split, meta), block, device,
                                        p.evaluate.batch_size, desc=f"{split} blocks")
-            metrics[f"{short}_ppl_blocks"] = scoring.perplexity(blocks)
-        metrics["general"] = {data.general_label(g): split_metrics(data.general_split(g), data.general_label(g))[0]
-                              for g in p.data.general}
+            metrics[f"{short}_ppl_blocks"] = stats.perplexity(blocks)
+        metrics["general"] = {label: split_metrics(split, label)[0] for split, label in data.general_splits(meta)}
     info = {
         "eval_time_s": round(time.perf_counter() - t0, 3),
         # Numbers are comparable only between runs with the same protocol.
-        "protocol": {"context": block, "stride": p.evaluate.stride, "tokenizer": meta["tokenizer"],
-                     "source": meta["source"], "val_tokens": metrics["val_tokens"],
+        "protocol": {"model": p.model.name, "context": block, "stride": p.evaluate.stride,
+                     "tokenizer": meta["tokenizer"], "source": meta["source"], "config": meta["config"],
+                     "bos": meta.get("bos"), "val_tokens": metrics["val_tokens"],
                      "test_tokens": metrics["test_tokens"], "test_tokens_blocks": len(blocks),
                      "precision": "bf16" if bf16 else "fp32",
                      "bootstrap": f"{p.evaluate.bootstrap_samples} x {p.evaluate.bootstrap_chunk}-token chunks, "

@@ -25,14 +25,17 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params()
     device = runtime.eval_device()
-    model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
     tokenizer = modeling.load_tokenizer(args.model)
+    prompts = (p.generate.prompt, *p.generate.extra_prompts)
+    generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens,
+                          modeling.context_length(args.base))
+    model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
     with torch.no_grad():
         panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device)
     quality = generation.text_quality(ids, tokenizer.eos_token_id)
     write_json(args.out, {"prompts": panel})
     write_json(args.metrics, {Path(args.metrics).stem: quality})  # keyed by the model, as evaluate's
-    print(f"generate@{Path(args.metrics).stem}: {quality['texts']} continuations of up to {p.generate.max_new_tokens} tokens for "
+    print(f"generate@{Path(args.metrics).stem}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} tokens for "
           f"{len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}; wrote {args.out}, {args.metrics}")
 
 

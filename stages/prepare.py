@@ -1,7 +1,12 @@
-"""Stage prepare: data.* and model.name -> token files, their meta, a pretrained snapshot, token counts.
+"""Stage prepare: data.* and model.* -> token files, their meta, a pretrained snapshot, token counts
+and the inputs' provenance.
 
-Writes --out/{train,validation,test}.bin, one general-<name>.bin per data.general source, meta.json, --pretrained (save_pretrained snapshot of
-model.name, so later stages never reach the hub) and --metrics (token counts per split).
+Every Hub input (model.name, data.name, each data.general name) is first resolved from its revision
+to the commit served (gpt2study.hub), then loaded at that commit. Writes --out/{train,validation,
+test}.bin, one general-<name>.bin per data.general source, and meta.json (with the provenance, BOS
+and row separators); --pretrained (save_pretrained snapshot of model.name, so later stages never
+reach the Hub); --metrics (token counts per split) and --info (each input's revision asked and
+commit served).
 """
 
 from __future__ import annotations
@@ -10,29 +15,61 @@ import argparse
 from pathlib import Path
 
 from gpt2study import data, hub, modeling
-from gpt2study.config import load_params
+from gpt2study.config import ConfigError, Params, load_params
 from gpt2study.errors import run_stage
 from gpt2study.outputs import atomic_dir, write_json
 
 
-def prepare(p, out: Path, tokenizer) -> dict:
-    """Tokenize every split of the source into `out` (a fresh folder); return meta."""
+def inputs(p: Params) -> list[hub.HubInput]:
+    """Every input of the study, as (key, name, kind, revision); local folders among them too."""
+    items = [hub.HubInput("model.name", p.model.name, "model", p.model.revision),
+             hub.HubInput("data.name", p.data.name, "dataset", p.data.revision)]
+    return items + [hub.HubInput(f"data.general[{i}].name", g.name, "dataset", g.revision)
+                    for i, g in enumerate(p.data.general)]
+
+
+def provenance(p: Params) -> dict:
+    """key -> {"name", "revision", "commit"}: Hub inputs resolved to the commit served (a branch or
+    tag gets a one-line note with the commit and how to pin it); local folders have neither, and a
+    revision given for one is refused."""
+    items = inputs(p)
+    for item in items:
+        if data.is_local(item.name) and item.revision is not None:
+            raise ConfigError(f"{item.revision_key}: {item.name} is a local folder, which has no revisions; "
+                              "set it to null")
+    resolved = hub.resolve([item for item in items if not data.is_local(item.name)])
+    for key, r in resolved.items():
+        if not r["commit"].startswith(r["revision"]):
+            revision_key = key.removesuffix(".name") + ".revision"
+            print(f"prepare: {revision_key} {r['revision']!r} resolved to commit {r['commit']}; pin it with "
+                  f"-S '{revision_key}={r['commit']}'")
+    return {item.key: resolved.get(item.key, {"name": item.name, "revision": None, "commit": None}) for item in items}
+
+
+def prepare(p: Params, out: Path, tokenizer, commits: dict) -> dict:
+    """Tokenize every split of every source into `out` (a fresh folder), each at its commit; return meta."""
     dtype = data.token_dtype(len(tokenizer))
+    # Each split is one scored stream; it starts with BOS where the family's tokenizer adds one.
+    bos = data.bos_id(tokenizer)
     splits = {}
-    jobs = [(split, p.data.name, p.data.config, split) for split in data.SPLITS]
-    jobs += [(data.general_split(g), g.name, g.config, g.split) for g in p.data.general]
-    for split, name, config, source_split in jobs:
-        source, rows = data.iter_rows(name, config, source_split)
-        counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype)
-        if counts["tokens"] == 0:
+    jobs = [(split, p.data.name, commits["data.name"], p.data.config, split) for split in data.SPLITS]
+    jobs += [(data.general_split(g), g.name, commits[f"data.general[{i}].name"], g.config, g.split)
+             for i, g in enumerate(p.data.general)]
+    for split, name, commit, config, source_split in jobs:
+        source, rows = data.iter_rows(name, config, source_split, commit)
+        separator, rows = data.join_rows(rows)
+        counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype, [bos] if bos is not None else [])
+        if counts["bytes"] == 0:
             raise data.DataError(f"{source}: split '{split}' is empty; give it text")
         if counts["tokens"] < p.data.block_size:
             raise data.DataError(
                 f"{source}: split '{split}' has {counts['tokens']} tokens, fewer than one block "
                 f"(data.block_size={p.data.block_size}); give it more text or lower data.block_size")
-        splits[split] = {"source": source, **counts}
+        splits[split] = {"source": source, "separator": separator, **counts}
         print(f"prepare: {split}: {counts['tokens']:,} tokens from {source}")
     return {"dtype": dtype.str, "vocab_size": len(tokenizer), "tokenizer": p.model.name,
+            "bos": {"token": tokenizer.bos_token, "id": bos, "where": "start of each split"} if bos is not None
+            else None,
             "source": p.data.name, "config": p.data.config, "splits": splits}
 
 
@@ -41,21 +78,24 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for the token files")
     ap.add_argument("--pretrained", required=True, help="folder for the pretrained snapshot")
     ap.add_argument("--metrics", required=True, help="token-count metrics JSON")
+    ap.add_argument("--info", required=True, help="inputs' provenance JSON (revision asked, commit served)")
     args = ap.parse_args()
     p = load_params()
-    sources = [("model.name", p.model.name, "model"), ("data.name", p.data.name, "dataset")]
-    sources += [(f"data.general[{i}].name", g.name, "dataset") for i, g in enumerate(p.data.general)]
-    hub.require([s for s in sources if not data.is_local(s[1])])
-    modeling.check_context(p.model.name, p.data.block_size)
-    tokenizer = modeling.load_tokenizer(p.model.name)
+    sources = provenance(p)
+    commits = {key: s["commit"] for key, s in sources.items()}
+    model_commit = commits["model.name"]
+    modeling.check_context(p.model.name, p.data.block_size, model_commit)
+    tokenizer = modeling.load_tokenizer(p.model.name, model_commit)
     with atomic_dir(args.out) as tmp:
-        meta = prepare(p, tmp, tokenizer)
+        meta = prepare(p, tmp, tokenizer, commits) | {"inputs": sources}
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
-        modeling.snapshot(p.model.name, tmp)
+        modeling.snapshot(p.model.name, tmp, model_commit)
     write_json(args.metrics, {"corpus": {s: {"tokens": v["tokens"], "bytes": v["bytes"]} for s, v in meta["splits"].items()}})
+    write_json(args.info, {"inputs": sources})
     total = sum(v["tokens"] for v in meta["splits"].values())
-    print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}")
+    print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}, "
+          f"{args.info}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage train_lora: prepared data + pretrained snapshot -> PEFT LoRA adapter folder and metrics.
 
 Only the adapter trains and only the adapter (plus tokenizer) is saved; its config names
-model.name as the base. Before the folder is committed, the adapter's integrity is checked and
+model.name as the base. The layers it wraps (lora.target_modules, `auto` resolved to the family's
+default) are checked on the weightless skeleton before anything loads, and recorded in the info. Before the folder is committed, the adapter's integrity is checked and
 recorded (gpt2study.lora): the trainable count equals r x (in + out) over the wrapped layers, and
 merged and base+adapter logits agree. With lora.merge the merged model is also saved, loadable
 with plain transformers, at <out>/merged. Run through `accelerate launch`.
@@ -16,8 +17,8 @@ from gpt2study.config import load_params
 from gpt2study.errors import run_stage
 
 
-def build(p, base_dir):
-    return lora.build(base_dir, p.lora, p.model.name)
+def build(p, base_dir, planned=None):
+    return lora.build(base_dir, p.lora, p.model.name, planned)
 
 
 def check(p, base_dir: Path, model, out: Path, batch) -> dict:
@@ -33,8 +34,10 @@ def check(p, base_dir: Path, model, out: Path, batch) -> dict:
 def main() -> None:
     paths = training.TrainPaths.from_cli("lora")
     p = load_params()
-    training.run("lora", p, paths, build=lambda: build(p, paths.base),
-                 check=lambda model, out, batch: check(p, paths.base, model, out, batch))
+    planned = lora.plan(paths.base, p.lora)  # a lora.target_modules that matches nothing fails here, in seconds
+    training.run("lora", p, paths, build=lambda: build(p, paths.base, planned),
+                 check=lambda model, out, batch: check(p, paths.base, model, out, batch),
+                 facts={"lora_target_modules": planned[0]})
 
 
 if __name__ == "__main__":

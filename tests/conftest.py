@@ -12,19 +12,25 @@ import pytest
 import yaml
 
 from gpt2study.config import flatten, set_keys
+from gpt2study.synthetic import demo_overrides
 from scripts import sandbox
+from scripts.sandbox import dvc  # noqa: F401  (the tests' dvc command runner)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 TINY_MODEL = ASSETS / "tiny-gpt2"
 TINY_WIKI = ASSETS / "tiny-wikitext"
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# Every stage the tests start trains on every usable core, whatever else the machine runs: the
+# thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
+# (Left unset, stages choose by the load: gpt2study.launching.cpu_threads, tested on its own.)
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def demo_params(**overrides) -> dict:
     """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    set_keys(params, flatten(yaml.safe_load((ASSETS / "demo-params.yaml").read_text())) | overrides)
+    set_keys(params, demo_overrides() | overrides)
     for section in (params["model"], params["data"], *params["data"]["general"]):  # absolute: any cwd works
         section["name"] = str(ROOT / section["name"])
     return params
@@ -53,13 +59,23 @@ def run_main(module, *argv: str) -> None:
         sys.argv = old
 
 
-TRAIN_ARGS = ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt")
+# The prepare stage's command line in a test folder: prep/, pre/ and m/prepare{,.info}.json.
+PREPARE_ARGS = ("--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json", "--info", "m/prepare.info.json")
 
 
-def train_args(method: str) -> tuple[str, ...]:
-    """A training stage's command line in a `project` folder: models/<method>, m/<method>.json, ..."""
-    return (*TRAIN_ARGS, "--out", f"models/{method}", "--metrics", f"m/{method}.json",
-            "--info", f"m/{method}.info.json", "--plots", f"m/plots/{method}")
+def train_args(tag: str) -> tuple[str, ...]:
+    """A training stage's command line in a folder holding prep/ and pre/ (as prepare_in writes
+    them): it writes models/<tag>, m/<tag>.json, m/<tag>.info.json and m/plots/<tag>."""
+    return ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt", "--out", f"models/{tag}",
+            "--metrics", f"m/{tag}.json", "--info", f"m/{tag}.info.json", "--plots", f"m/plots/{tag}")
+
+
+def no_dropout(model_dir: Path) -> None:
+    """Switch off every dropout in a model folder's config (GPT-2's *_pdrop, other families'
+    *_dropout), so that two runs differ only by the numerics under test."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {k: 0.0 for k, v in config.items() if k.endswith(("pdrop", "dropout")) and isinstance(v, float)}
+    (model_dir / "config.json").write_text(json.dumps(config))
 
 
 def prepare_in(project, **overrides) -> Path:
@@ -67,7 +83,7 @@ def prepare_in(project, **overrides) -> Path:
     from stages import prepare
 
     root = project(**overrides)
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+    run_main(prepare, *PREPARE_ARGS)
     return root
 
 
@@ -89,15 +105,8 @@ def fresh_accelerate_state():
 # The pipeline tier: one demo sandbox built for the whole test run (tests copy it before changing it).
 SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12}
 # Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too).
-TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_mem_gib", "peak_mem_reserved_gib", "eval_s",
-          "eval_time_s", "seconds"}
-
-
-def dvc(repo, *args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=os.environ | sandbox.ENV)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_flops", "peak_mem_gib", "peak_mem_reserved_gib",
+          "eval_s", "eval_time_s", "seconds"}
 
 
 def outcome(dest) -> dict:

@@ -1,5 +1,7 @@
 """Resumable training: the checkpoint key and partial checkpoints."""
 
+import json
+
 import pytest
 
 from conftest import demo_params, prepare_in
@@ -16,13 +18,17 @@ def test_checkpoint_key_and_partial_checkpoints(prepared):
     from accelerate import Accelerator
 
     p = load_params()
-    key = checkpoints.run_key(p, "full", prepared / "prep", 1, "no")
-    assert key == checkpoints.run_key(p, "full", prepared / "prep", 1, "no")
+    setup = {"processes": 1, "precision": "no", "threads": 2, "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
+    identity = checkpoints.run_identity(p, "full", prepared / "prep", setup)
+    key = checkpoints.run_key(identity)
+    assert key == checkpoints.run_key(checkpoints.run_identity(p, "full", prepared / "prep", dict(setup)))
     changed = parse_params(demo_params(**{"train.epochs": 1, "full.lr": 1e-4}))
-    assert checkpoints.run_key(changed, "full", prepared / "prep", 1, "no") != key
-    assert checkpoints.run_key(p, "full", prepared / "prep", 2, "no") != key
+    assert checkpoints.run_key(checkpoints.run_identity(changed, "full", prepared / "prep", setup)) != key
+    # Another process count, CPU thread count or library version writes other weights: never resumed.
+    for other in ({"processes": 2}, {"threads": 1}, {"versions": {"torch": "2.13.0", "peft": "0.22.0"}}):
+        assert checkpoints.run_key(checkpoints.run_identity(p, "full", prepared / "prep", setup | other)) != key
 
-    ckpt = checkpoints.Checkpointer(prepared / "ckpt", "full", key, Accelerator(cpu=True))
+    ckpt = checkpoints.Checkpointer(prepared / "ckpt", "full", identity, Accelerator(cpu=True))
     assert ckpt.latest() is None
     (ckpt.dir / "step-30.tmp").mkdir(parents=True)   # killed while saving
     (ckpt.dir / "step-20").mkdir()                   # renamed but never completed
@@ -32,3 +38,21 @@ def test_checkpoint_key_and_partial_checkpoints(prepared):
     assert not (ckpt.dir / "step-30.tmp").exists()
     ckpt.clear()
     assert not (prepared / "ckpt").exists() or not any((prepared / "ckpt").iterdir())
+
+
+def test_a_checkpoint_of_other_versions_or_code_is_not_resumed_and_says_why(prepared, capsys):
+    from accelerate import Accelerator
+
+    p, acc = load_params(), Accelerator(cpu=True)
+    setup = {"processes": 1, "precision": "no", "threads": 2, "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
+    ours = checkpoints.run_identity(p, "full", prepared / "prep", setup)
+    for theirs, why in ((ours | {"versions": {"torch": "2.13.0", "peft": "0.20.0"}}, "library versions"),
+                        (ours | {"code": "0123456789abcdef"}, "training code")):
+        old = checkpoints.Checkpointer(prepared / "ckpt", "full", theirs, acc)
+        (old.dir / "step-10").mkdir(parents=True)
+        (old.dir / "step-10" / checkpoints.PROGRESS).write_text("{}")
+        (old.dir / checkpoints.IDENTITY).write_text(json.dumps(theirs))
+        assert checkpoints.Checkpointer(prepared / "ckpt", "full", ours, acc).latest() is None
+        line = capsys.readouterr().out.strip()
+        assert line == f"train_full: not resuming {old.dir}: it was written with other {why}; starting fresh"
+        old.clear()

@@ -19,7 +19,8 @@ def errors_of(raw) -> str:
 
 def test_shipped_and_demo_params_validate():
     p = load_params(ROOT / "params.yaml")
-    assert p.model.name == "gpt2" and p.lora.target_modules == ("c_attn",)
+    assert p.model.name == "openai-community/gpt2" and p.lora.target_modules == "auto"
+    assert len(p.model.revision) == len(p.data.revision) == 40  # pinned commits
     assert parse_params(demo_params()).data.block_size == 128
 
 
@@ -47,11 +48,11 @@ def test_wrong_types_are_named():
     raw = shipped()
     raw["lora"]["r"] = "8"
     raw["train"]["epochs"] = True
-    raw["lora"]["target_modules"] = "c_attn"
+    raw["lora"]["target_modules"] = "c_attn"  # a name, not a list
     msg = errors_of(raw)
     assert "lora.r: expected an integer, got '8'" in msg
     assert "train.epochs: expected an integer, got True" in msg
-    assert "lora.target_modules: expected a list of a string" in msg
+    assert "lora.target_modules: expected one of 'auto', 'all-linear' or a list of a string, got 'c_attn'" in msg
 
 
 @pytest.mark.parametrize("section,key,value,message", [

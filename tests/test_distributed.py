@@ -1,7 +1,6 @@
 """Several processes through Accelerate: 2 CPU processes (gloo DDP) match 1 process at the same
 global batch. Dropout is switched off in the snapshot so the two differ only by reduction order."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, demo_params, run_main
+from conftest import PREPARE_ARGS, ROOT, demo_params, no_dropout, run_main, train_args
 from gpt2study.outputs import read_json
 from stages import prepare
 
@@ -19,21 +18,18 @@ def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[f
     launch = ["--num_processes", "1"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes)]
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", "29517",
-           "-m", "stages.train_full", "--data", "prep", "--base", "pre", "--out", f"out-{tag}",
-           "--metrics", f"{tag}.json", "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
+           "-m", "stages.train_full", *train_args(tag)]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    curve = [float(line.split(",")[1]) for line in (root / f"plots-{tag}/train_loss.csv").read_text().splitlines()[1:]]
-    return read_json(root / f"{tag}.json")["full"] | read_json(root / f"{tag}.info.json"), curve
+    curve = [float(line.split(",")[1]) for line in (root / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]]
+    return read_json(root / f"m/{tag}.json")["full"] | read_json(root / f"m/{tag}.info.json"), curve
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_at_the_same_global_batch(project, tmp_path):
     project()
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m.json")
-    config = json.loads((tmp_path / "pre/config.json").read_text())
-    config |= {"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
-    (tmp_path / "pre/config.json").write_text(json.dumps(config))
+    run_main(prepare, *PREPARE_ARGS)
+    no_dropout(tmp_path / "pre")
 
     one, curve_one = train(tmp_path, 1, 8, "one")
     two, curve_two = train(tmp_path, 2, 4, "two")

@@ -104,3 +104,21 @@ def test_stages_folder_holds_exactly_the_dvc_stages():
 def test_training_code_does_not_import_the_report():
     for module in ("stages.train_full", "stages.train_lora"):
         assert not {"gpt2study/reporting.py", "gpt2study/findings.py"} & stage_files([module])
+
+
+REVISION_KEYS = ("model.revision", "data.revision", "data.general")  # each general set has its revision
+
+
+def covers(listed: list, key: str) -> bool:
+    """Whether a stage's params list covers a dotted key (a section covers its keys; `params.yaml:`, all)."""
+    names = [p if isinstance(p, str) else next(iter(p)) for p in listed]
+    return any(name == "params.yaml" or key == name or key.startswith(name + ".") for name in names)
+
+
+def test_revision_keys_are_params_of_exactly_the_stages_that_read_them():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    readers = {p.stem for p in (ROOT / "stages").glob("*.py") if "revision" in p.read_text()}
+    assert readers == {"prepare"}  # prepare alone resolves and loads revisions
+    for key in REVISION_KEYS:
+        stages = {name for name, stage in spec["stages"].items() if covers(stage.get("params", []), key)}
+        assert stages == {"check_params", "prepare"}, (key, stages)  # check_params validates the whole file

@@ -27,7 +27,7 @@ def paired_ratio(ratio: float, half_width: float = 0.02) -> dict:
 
 def test_findings_follow_the_metrics():
     base = findings.findings(*_metrics())
-    assert base[0].startswith("Full fine-tuning gives the lowest WikiText test perplexity, 3.00")
+    assert base[0].startswith("Full fine-tuning gives the lowest test perplexity, 3.00")
     assert base[1] == ("Full fine-tuning has a lower test perplexity than the pretrained model by 70.0%, "
                        "ratio 0.300 (95% paired CI 0.280–0.320).")
     rest = base[4:]
@@ -36,7 +36,7 @@ def test_findings_follow_the_metrics():
     assert "did not come with the most repetitive text" in rest[1]
 
     swapped = findings.findings(*_metrics(full_ppl=7.0, lora_ppl=3.0, full_general=3.8, lora_general=9.0))
-    assert swapped[0].startswith("LoRA gives the lowest WikiText test perplexity, 3.00")
+    assert swapped[0].startswith("LoRA gives the lowest test perplexity, 3.00")
     assert "Full fine-tuning has a higher test perplexity than LoRA" in swapped[3]
     assert "full fine-tuning retains more" in swapped[4]
 

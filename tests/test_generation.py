@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_MODEL, demo_params
 from gpt2study import generation, modeling
-from gpt2study.config import parse_params
+from gpt2study.config import ConfigError, parse_params
 
 
 def test_same_seed_same_text_and_samples_differ():
@@ -24,12 +24,31 @@ def test_same_seed_same_text_and_samples_differ():
     assert tok.decode(ids[0], skip_special_tokens=True) == a[0]["greedy"] and len(ids[0]) > 5
 
 
-def test_temperature_zero_is_greedy():
+def test_temperature_zero_is_greedy_and_counted_once():
     g = parse_params(demo_params(**{"generate.temperature": 0.0, "generate.max_new_tokens": 8})).generate
+    assert g.num_samples == 2
     model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
     with torch.no_grad():
-        panel, _ = generation.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
-    assert all(p["samples"] == [p["greedy"]] * 2 for p in panel)
+        panel, ids = generation.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
+    assert all(p["samples"] == [] for p in panel)  # a "sample" at temperature 0 would be the greedy text
+    assert len(ids) == len(panel) == 3
+
+
+def test_a_sample_that_repeats_the_greedy_text_counts_once():
+    g = parse_params(demo_params(**{"generate.top_k": 1, "generate.max_new_tokens": 8})).generate  # top-1: greedy
+    model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
+    with torch.no_grad():
+        panel, ids = generation.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))
+    assert all(p["samples"] == [p["greedy"]] * 2 for p in panel)  # shown as generated...
+    assert len(ids) == 3  # ...but each prompt's one distinct continuation is scored once
+    assert generation.text_quality(ids, 0)["texts"] == 3
+
+
+def test_a_prompt_without_room_in_the_context_is_refused_naming_the_key():
+    generation.check_room({"The town of": 3}, 125, 128)  # fits exactly
+    with pytest.raises(ConfigError, match=r"generate.max_new_tokens: 126 new tokens after the 3-token prompt "
+                                          r"'The town of' exceed the model's context \(128 tokens\); set it to at most 125"):
+        generation.check_room({"The town of": 3, "x": 1}, 126, 128)
 
 
 def test_text_quality_metrics():

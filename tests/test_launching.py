@@ -1,6 +1,12 @@
-"""The accelerate launch options the training stages get: none with a user's own Accelerate
-config, explicit defaults (and every usable core on a CPU) without one."""
+"""How the training stages start and how many CPU threads a stage takes: the user's choices win
+(an Accelerate config, OMP_NUM_THREADS), else one plain process with the cores others leave idle."""
 
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
 from gpt2study import launching
 
 
@@ -8,18 +14,42 @@ def test_a_users_accelerate_config_applies_unchanged(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     (tmp_path / "accelerate").mkdir()
     (tmp_path / "accelerate" / "default_config.yaml").write_text("num_processes: 4\n")
-    assert launching.launch_args() == []
+    assert launching.launcher() == ["accelerate", "launch"]
 
 
-def test_without_a_config_the_defaults_are_explicit(tmp_path, monkeypatch):
+def test_without_a_config_one_process_runs_plain_python_and_several_gpus_launch(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert launching.launch_args() == ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                                       "--dynamo_backend", "no", "--num_cpu_threads_per_process",
-                                       str(launching.usable_cores())]
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own thread count wins
-    assert launching.launch_args()[-1] == "3"
+    for visible in ("", "0"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert launching.launcher() == ["python"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert launching.launch_args() == ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                                       "--dynamo_backend", "no", "--multi_gpu"]
+    assert launching.launcher() == ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1",
+                                    "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
+
+
+def test_cpu_threads_leave_the_busy_cores_and_the_users_count_wins(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launching, "usable_cores", lambda: 2)
+    for busy, threads in ((0.0, 2), (0.7, 2), (0.8, 1), (1.0, 1), (1.6, 1), (5.0, 1)):
+        monkeypatch.setattr(launching, "busy_cores", lambda busy=busy: busy)
+        assert launching.cpu_threads() == threads, busy
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launching.cpu_threads() == 3
+
+
+def test_a_busy_neighbour_is_measured():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # let it start spinning
+        assert launching.busy_cores(window_s=0.3) >= 0.7  # at least the neighbour's core (more if others run)
+    finally:
+        hog.kill()
+
+
+@pytest.mark.parametrize("stage", ["check_params", "compare", "report"])
+def test_light_stages_import_no_torch(stage):
+    code = f"import sys, stages.{stage}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,8 +13,16 @@ from gpt2study.config import parse_params
 def test_lora_target_that_matches_nothing_lists_valid_names():
     model = modeling.load_causal_lm(TINY_MODEL)
     params = parse_params(demo_params(**{"lora.target_modules": ["c_attn", "q_proj"]})).lora
-    with pytest.raises(modeling.ModelError, match=r"lora.target_modules: 'q_proj' match no layer of this model; valid names: c_attn, c_fc, c_proj, lm_head"):
+    with pytest.raises(modeling.ModelError, match=r"lora.target_modules: 'q_proj' matches no layer of this model; "
+                                                  r"valid names: c_attn, c_fc, c_proj, lm_head. Set them with "
+                                                  r"-S 'lora.target_modules=\[c_attn\]', or use auto"):
         lora.wrap(model, params, "x")
+
+
+def test_auto_and_all_linear_resolve_to_layer_names():
+    model = modeling.load_causal_lm(TINY_MODEL)
+    assert lora.resolve_targets(model, "auto") == ["c_attn"]  # PEFT's GPT-2 default
+    assert lora.resolve_targets(model, "all-linear") == ["c_attn", "c_fc", "c_proj"]  # not the output layer
 
 
 def test_expected_count_for_gpt2_c_attn_at_r8():
@@ -25,8 +33,8 @@ def test_expected_count_for_gpt2_c_attn_at_r8():
 
         skeleton = GPT2LMHeadModel(GPT2Config())
     params = parse_params(demo_params()).lora
-    assert params.r == 8 and params.target_modules == ("c_attn",)
-    assert lora.expected_params(skeleton, params) == 294_912  # 12 layers x 8 x (768 + 2304)
+    assert params.r == 8 and lora.resolve_targets(skeleton, params.target_modules) == ["c_attn"]
+    assert lora.expected_params(skeleton, 8, ["c_attn"]) == 294_912  # 12 layers x 8 x (768 + 2304)
 
 
 @pytest.fixture

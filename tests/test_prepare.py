@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_MODEL, TINY_WIKI, run_main
+from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
 from gpt2study import data, modeling
 from gpt2study.config import ConfigError
 from gpt2study.outputs import read_json
@@ -16,7 +16,7 @@ def tokenizer():
 
 
 def test_token_counts_equal_direct_tokenization(project, tokenizer):
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+    run_main(prepare, *PREPARE_ARGS)
     meta = read_json("prep/meta.json")
     for split, raw in (("train", "wiki.train.raw"), ("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
         lines = (TINY_WIKI / raw).read_text(encoding="utf-8").splitlines(keepends=True)
@@ -26,6 +26,8 @@ def test_token_counts_equal_direct_tokenization(project, tokenizer):
         assert tokens.tolist() == direct
         assert meta["splits"][split]["tokens"] == len(direct)
         assert meta["splits"][split]["bytes"] == len("".join(lines).encode("utf-8"))
+        assert meta["splits"][split]["separator"] == ""  # WikiText rows keep their own newlines
+    assert meta["bos"] is None  # GPT-2's tokenizer adds no BOS: its token ids are unchanged
     assert read_json("m/prepare.json")["corpus"]["test"]["tokens"] == meta["splits"]["test"]["tokens"]
     assert (project() / "pre" / "model.safetensors").is_file()
     assert meta["vocab_size"] == len(tokenizer) and meta["dtype"] == "<u2"
@@ -71,7 +73,7 @@ def test_non_utf8_text_names_the_file(tmp_path, tokenizer):
 
 
 def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+    run_main(prepare, *PREPARE_ARGS)
     before = (tmp_path / "prep" / "train.bin").read_bytes()
     short = tmp_path / "short"
     short.mkdir()
@@ -79,13 +81,13 @@ def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
         (short / f"{split}.txt").write_text("The town of Marven . \n" * (1 if split == "test" else 50))
     project(**{"data.name": str(short)})
     with pytest.raises(data.DataError, match=r"test.txt: split 'test' has \d+ tokens, fewer than one block \(data.block_size=128\)"):
-        run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+        run_main(prepare, *PREPARE_ARGS)
     assert (tmp_path / "prep" / "train.bin").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_truncated_token_file_is_detected(project, tmp_path):
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+    run_main(prepare, *PREPARE_ARGS)
     path = tmp_path / "prep" / "test.bin"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(data.DataError, match="the file is truncated"):
@@ -95,7 +97,7 @@ def test_truncated_token_file_is_detected(project, tmp_path):
 def test_block_size_beyond_the_context_is_refused_before_tokenizing(project, tmp_path):
     project(**{"data.block_size": 512})
     with pytest.raises(ConfigError, match=r"data.block_size: 512 exceeds the context of .*tiny-gpt2 \(128 tokens\); set it to at most 128"):
-        run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+        run_main(prepare, *PREPARE_ARGS)
     assert not (tmp_path / "prep").exists()
 
 
@@ -106,4 +108,23 @@ def test_empty_split_is_refused(project, tmp_path):
         (empty / f"{split}.txt").write_text("" if split == "validation" else "word " * 400)
     project(**{"data.name": str(empty)})
     with pytest.raises(data.DataError, match=r"validation.txt: split 'validation' is empty; give it text"):
-        run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json")
+        run_main(prepare, *PREPARE_ARGS)
+
+
+def test_passages_are_joined_with_a_blank_line_and_wikitext_rows_as_written(tmp_path, tokenizer):
+    passages = ["He ate the cake", "Her friend left early", "", "The river rose"]  # LAMBADA-shaped
+    for split in ("train", "validation", "test"):
+        pq.write_table(pa.table({"text": passages}), tmp_path / f"{split}.parquet")
+    _, rows = data.iter_rows(str(tmp_path), None, "test")
+    separator, rows = data.join_rows(rows)
+    assert separator == "\n\n"
+    data.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
+    text = tokenizer.decode(np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist())
+    assert text == "He ate the cake\n\nHer friend left early\n\nThe river rose\n\n"
+    assert "cakeHer" not in text and "earlyThe" not in text
+    # Rows that end in their own newline (WikiText) are joined as written: the tokens do not change.
+    _, wiki = data.iter_rows(str(TINY_WIKI), None, "test")
+    separator, wiki = data.join_rows(wiki)
+    assert separator == ""
+    data.tokenize_to_file(wiki, tokenizer, tmp_path / "wiki.bin", np.dtype("<u2"))
+    assert np.fromfile(tmp_path / "wiki.bin", dtype="<u2").tolist() == _direct(tokenizer, TINY_WIKI / "wiki.test.raw")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_WIKI, run_main
-from gpt2study import data, modeling, scoring
+from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
+from gpt2study import data, modeling, scoring, stats
 from gpt2study.config import load_params
 from stages import prepare
 
@@ -42,7 +42,7 @@ def test_sliding_window_matches_brute_force(model_and_tokens, block, stride):
         nll.append(-logprob(model, tokens[begin:t], int(tokens[t])))
     got = scoring.sliding_window_nll(model, tokens, block, stride, torch.device("cpu"), batch_size=3)
     assert len(got) == len(tokens) - 1
-    assert scoring.perplexity(got) == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    assert stats.perplexity(got) == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
     np.testing.assert_allclose(got, nll, rtol=1e-4, atol=1e-5)
 
 
@@ -54,7 +54,7 @@ def test_blocks_match_brute_force(model_and_tokens):
         nll += [-logprob(model, blk[:j], int(blk[j])) for j in range(1, block)]
     got = scoring.block_nll(model, tokens, block, torch.device("cpu"), batch_size=2)
     assert len(got) == (len(tokens) // block) * (block - 1)
-    assert scoring.perplexity(got) == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    assert stats.perplexity(got) == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
 
 
 @pytest.mark.parametrize("n,block,stride", [(1000, 64, 16), (1000, 64, 64), (50, 64, 8), (64, 64, 64), (65, 64, 63), (2, 8, 1)])
@@ -72,16 +72,16 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_data():
     large = rng.gamma(2.0, 1.0, size=50_000)
     widths = []
     for nll in (small, large):
-        lo, hi = scoring.bootstrap_ppl_interval(nll, chunk=100, samples=1000, seed=1)
-        assert lo < scoring.perplexity(nll) < hi
+        lo, hi = stats.bootstrap_ppl_interval(nll, chunk=100, samples=1000, seed=1)
+        assert lo < stats.perplexity(nll) < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 3  # ~ 1/sqrt(25) of the width
-    assert scoring.bootstrap_ppl_interval(small, 100, 1000, 1) == scoring.bootstrap_ppl_interval(small, 100, 1000, 1)
+    assert stats.bootstrap_ppl_interval(small, 100, 1000, 1) == stats.bootstrap_ppl_interval(small, 100, 1000, 1)
 
 
 def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(project):
     project(**{"evaluate.stride": 32})
-    run_main(prepare, "--out", "prep", "--pretrained", "pre", "--metrics", "m.json")
+    run_main(prepare, *PREPARE_ARGS)
     p = load_params()
     model = modeling.load_causal_lm(TINY_MODEL).eval()
     n_bytes = data.read_meta("prep")["splits"]["test"]["bytes"]
@@ -110,12 +110,12 @@ def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(projec
 
 def test_paired_ratio_of_identical_models_is_one_exactly():
     nll = np.random.default_rng(0).gamma(2.0, 1.0, size=5_000)
-    assert scoring.paired_ppl_ratio(nll, nll.copy(), 100, 1000, 1) == {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
+    assert stats.paired_ppl_ratio(nll, nll.copy(), 100, 1000, 1) == {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
 
 
 def test_paired_ratio_of_a_constant_shift_is_the_shift():
     nll = np.random.default_rng(0).gamma(2.0, 1.0, size=5_000)
-    r = scoring.paired_ppl_ratio(nll + 0.1, nll, 100, 1000, 1)
+    r = stats.paired_ppl_ratio(nll + 0.1, nll, 100, 1000, 1)
     for k in ("ratio", "lo", "hi"):
         assert r[k] == pytest.approx(math.exp(0.1), rel=1e-12)
 
@@ -124,10 +124,10 @@ def test_paired_interval_is_tighter_than_unpaired_for_correlated_models():
     rng = np.random.default_rng(0)
     shared = rng.gamma(2.0, 1.0, size=20_000)                  # what both models find hard or easy
     a, b = shared + rng.normal(0, 0.05, 20_000), shared + 0.02 + rng.normal(0, 0.05, 20_000)
-    paired = scoring.paired_ppl_ratio(b, a, 100, 1000, 1)
+    paired = stats.paired_ppl_ratio(b, a, 100, 1000, 1)
     assert paired["lo"] > 1.0 and paired["ratio"] == pytest.approx(math.exp(0.02), rel=2e-3)
-    a_lo, a_hi = scoring.bootstrap_ppl_interval(a, 100, 1000, 1)
-    b_lo, b_hi = scoring.bootstrap_ppl_interval(b, 100, 1000, 1)
+    a_lo, a_hi = stats.bootstrap_ppl_interval(a, 100, 1000, 1)
+    b_lo, b_hi = stats.bootstrap_ppl_interval(b, 100, 1000, 1)
     assert a_hi > b_lo  # separately, their intervals overlap: a tie by the old rule
     with pytest.raises(ValueError, match="same tokens"):
-        scoring.paired_ppl_ratio(a, b[:-1], 100, 1000, 1)
+        stats.paired_ppl_ratio(a, b[:-1], 100, 1000, 1)

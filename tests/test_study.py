@@ -1,5 +1,6 @@
 """The study across experiments: its summary from synthetic runs (fast), and a small real grid
-through the DVC queue in a copy of the demo build (slow), run twice: the second trains nothing."""
+through the DVC queue (`dvc exp run --queue`, `dvc queue start`) in a copy of the demo build
+(slow), run twice: the second trains nothing."""
 
 import json
 import subprocess
@@ -50,6 +51,12 @@ def test_a_difference_inside_the_seed_spread_is_a_tie():
     assert "the difference does not survive tuning and seeds" in text and "which includes 0" in text
 
 
+@pytest.mark.parametrize("df,published", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (11, 2.2010),
+                                          (30, 2.0423), (1000, 1.9623)])
+def test_t_quantile_for_any_number_of_seeds(df, published):
+    assert study.t_quantile(0.975, df) == pytest.approx(published, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_study_demo_runs_a_small_grid_and_reuses_it(demo_build, tmp_path):
     import shutil
@@ -57,14 +64,15 @@ def test_study_demo_runs_a_small_grid_and_reuses_it(demo_build, tmp_path):
     src, *_ = demo_build
     repo = tmp_path / "sandbox"
     shutil.copytree(src, repo, symlinks=True)
-    # The baseline (seed 42 at the demo's rates) is reused; seed 7 runs through the queue.
+    # The baseline (seed 42 at the demo's rates) is reused; a second LoRA rate runs through the
+    # queue (only the LoRA stages rerun: the full rate is the baseline's).
     args = [sys.executable, "-m", "scripts.study", "--demo", "--dir", str(repo),
-            "--full-lr", "2e-3", "--lora-lr", "1e-2", "--seeds", "42,7"]
+            "--full-lr", "2e-3,2e-3", "--lora-lr", "1e-2,5e-3", "--seeds", "42"]
     first = subprocess.run(args, cwd=sandbox.ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     result = json.loads((repo / "study.json").read_text())
     assert (result["ran"], result["reused"]) == (1, 1)
-    assert set(result["methods"]["full"]["test_ppl_by_seed"]) == {"42", "7"}
+    assert set(result["methods"]["lora"]["val_ppl_by_lr"]) == {"0.01", "0.005"}
     assert "## At the chosen rates" in (repo / "study.md").read_text()
     second = subprocess.run(args, cwd=sandbox.ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]

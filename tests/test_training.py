@@ -44,8 +44,8 @@ def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared):
 def test_lora_trains_only_the_adapter(prepared, monkeypatch):
     built, original = {}, train_lora.build
 
-    def build(p, base_dir):
-        built["model"] = original(p, base_dir)
+    def build(p, base_dir, planned=None):
+        built["model"] = original(p, base_dir, planned)
         return built["model"]
 
     monkeypatch.setattr(train_lora, "build", build)

@@ -1,0 +1,114 @@
+"""Stand-ins built offline for what the Hub would serve: random-init models of real shapes and
+WikiText-format corpora of a chosen size, with params pointed at them. Used by make bench,
+scripts/gpu_check.py and the tests (the compute of random weights is the compute of real ones).
+
+No stage imports this module.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from gpt2study.config import PARAMS_FILE, flatten, set_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+TOKENIZER = ASSETS / "gpt2-tokenizer"
+SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+def write_gpt2_124m(out: Path, seed: int = 0, **config) -> Path:
+    """A save_pretrained folder: GPT2Config() (124M, 1,024 context, 50,257 vocabulary; `config`
+    overrides, e.g. n_layer=2 for a dry run) at seeded random init, beside the real tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, out / f)
+    return out
+
+
+def write_corpus(out: Path, split_bytes: dict[str, int]) -> Path:
+    """wiki.{train,valid,test}.raw of about split_bytes[split] bytes each: the tiny WikiText-format
+    corpus repeated, cut at a line end."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in split_bytes.items():
+        piece = (ASSETS / "tiny-wikitext" / SPLIT_FILES[split]).read_bytes()
+        text = piece * (n // len(piece) + 1)
+        cut = text.rfind(b"\n", 0, n) + 1 or n
+        (out / SPLIT_FILES[split]).write_bytes(text[:cut])
+    return out
+
+
+def local_params(model: Path, corpus: Path, base: str | Path = ROOT / PARAMS_FILE, **overrides) -> dict:
+    """The params at `base` pointed at a local model and corpus folder, without general sets or
+    checkpoints, with dotted `overrides` applied (as `dvc exp run -S`)."""
+    params = yaml.safe_load(Path(base).read_text(encoding="utf-8"))
+    settings = {"model.name": str(model), "model.revision": None, "data.name": str(corpus), "data.revision": None,
+                "data.config": None, "data.general": [], "train.checkpoint_every": 0}
+    return set_keys(params, settings | overrides)
+
+
+def write_params(folder: Path, params: dict) -> Path:
+    (Path(folder) / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return Path(folder) / PARAMS_FILE
+
+
+def demo_overrides() -> dict:
+    """assets/demo-params.yaml as dotted overrides."""
+    return flatten(yaml.safe_load((ASSETS / "demo-params.yaml").read_text(encoding="utf-8")))
+
+
+# The families every stage is tested on, each as its transformers config class and the sizes of a
+# tiny random model: 2 layers, width 64, 4 heads (2 key-value heads where the family has GQA).
+FAMILIES = {
+    "gpt2": ("GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128}),
+    "gpt_neox": ("GPTNeoXConfig", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                   "intermediate_size": 128, "max_position_embeddings": 128}),
+    "llama": ("LlamaConfig", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}),
+    "qwen2": ("Qwen2Config", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}),
+}
+# Llama's tokenizers put a BOS token before each text, the others do not; the tiny Llama's does too.
+LLAMA_BOS = "<|begin_of_text|>"
+
+
+def tiny_tokenizer(family: str):
+    """The bundled tiny BPE (assets/tiny-gpt2); for Llama with its own BOS token, added before each
+    text as Llama 3's tokenizer does (a template post-processor)."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_file(str(ASSETS / "tiny-gpt2" / "tokenizer.json"))
+    special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    if family == "llama":
+        backend.add_special_tokens([LLAMA_BOS])
+        bos = backend.token_to_id(LLAMA_BOS)
+        backend.post_processor = TemplateProcessing(single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A $B",
+                                                    special_tokens=[(LLAMA_BOS, bos)])
+        special["bos_token"] = LLAMA_BOS
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def write_tiny_model(family: str, out: Path, seed: int = 0) -> Path:
+    """A save_pretrained folder of a tiny random model of `family` (a FAMILIES key), deterministic
+    for a seed, beside its tiny tokenizer: about 0.2M parameters, 128-token context."""
+    import torch
+    import transformers
+
+    config_class, sizes = FAMILIES[family]
+    tokenizer = tiny_tokenizer(family)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                                 **ids, **sizes)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
