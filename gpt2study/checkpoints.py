@@ -28,8 +28,8 @@ class _SharedTensorNote(logging.Filter):
 
 @contextmanager
 def _quiet_shared_tensors():
-    """GPT-2 ties lm_head.weight to the embedding; save_state stores the tensor once and warns each
-    time. Harmless: load_state restores the tie (the kill-and-resume test ends with identical
+    """save_state stores a tensor shared by several names once and warns each time: GPT-2 ties
+    lm_head.weight to the embedding, and the loss wrapper reaches every weight by two names. Harmless: load_state restores the tie (the kill-and-resume test ends with identical
     weights), so the note is dropped rather than printed with every checkpoint."""
     log = logging.getLogger("accelerate.utils.other")
     note = _SharedTensorNote()
@@ -54,20 +54,25 @@ def _hash_files(paths) -> str:
 
 
 # What a part of the identity is called in the line that explains a fresh start.
-PARTS = {"params": "params", "data": "prepared data", "code": "training code", "processes": "process count",
-         "precision": "precision", "threads": "CPU thread count", "versions": "library versions"}
+PARTS = {"params": "params", "data": "prepared data", "base": "base model", "code": "training code",
+         "processes": "process count", "precision": "precision", "threads": "CPU thread count",
+         "versions": "library versions"}
 
 
-def run_identity(params, method: str, data_dir: str | Path, setup: dict) -> dict:
+def run_identity(params, method: str, data_dir: str | Path, base_dir: str | Path, setup: dict) -> dict:
     """What determines the trained weights, part by part: the params keys the training stage
-    reads, the prepared data, the project code that trains (the library and the method's stage),
-    and `setup` (process count, precision, CPU threads, library versions)."""
+    reads, the prepared data, the base model's snapshot (its config and weights), the project code
+    that trains (the library and the method's stage), and `setup` (process count, precision, CPU
+    threads, library versions). Plain JSON values, as a checkpoint stores them."""
     root = Path(__file__).resolve().parent.parent
     code = sorted(Path(__file__).parent.glob("*.py")) + [root / "stages" / f"train_{method}.py"]
-    return {"params": {"seed": params.seed, "model.name": params.model.name, "data.block_size": params.data.block_size,
-                       "train": asdict(params.train), method: asdict(getattr(params, method))},
-            "data": _hash_files(Path(data_dir) / f for f in ("meta.json", "train.bin", "validation.bin")),
-            "code": _hash_files(code), **setup}
+    base = sorted(Path(base_dir).glob("*.json")) + sorted(Path(base_dir).glob("*.safetensors"))
+    identity = {"params": {"seed": params.seed, "model.name": params.model.name,
+                           "data.block_size": params.data.block_size, "train": asdict(params.train),
+                           method: asdict(getattr(params, method))},
+                "data": _hash_files(Path(data_dir) / f for f in ("meta.json", "train.bin", "validation.bin")),
+                "base": _hash_files(base), "code": _hash_files(code), **setup}
+    return json.loads(json.dumps(identity, sort_keys=True, default=list))  # tuples become lists, as stored
 
 
 def run_key(identity: dict) -> str:

@@ -26,6 +26,10 @@ class ConfigError(StudyError):
     """Raised with one line per problem, each naming the params key."""
 
 
+# Accelerate's tracker names (accelerate.utils.LoggerType), without importing it.
+TRACKERS = {"aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb"}
+
+
 def _check(predicate, message):
     return {"check": (predicate, message)}
 
@@ -73,6 +77,9 @@ class TrainParams:
     precision: Literal["auto", "bf16", "fp16", "fp32"]
     compile: Literal["auto"] | bool
     gradient_checkpointing: bool
+    loss: Literal["chunked", "model"]
+    trackers: list[str] = field(metadata=_check(lambda v: set(v) <= TRACKERS,
+                                                f"must list trackers Accelerate knows: {', '.join(sorted(TRACKERS))}"))
     log_every: int = field(metadata=_positive)
     eval_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 scores validation once per epoch)"))
     checkpoint_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns checkpoints off)"))

@@ -104,19 +104,19 @@ def cached_commit(item: HubInput) -> str | None:
 
 
 def resolve(items: list[HubInput]) -> dict[str, dict]:
-    """key -> {"name", "revision" (asked), "commit" (served)} for every Hub input. Raises
-    StudyError for the first that is neither reachable nor complete in the cache; when the Hub is
-    down but all are cached, switches the clients to offline mode (before they are imported), so
-    they read the cache without retrying."""
+    """key -> {"name", "revision" (asked), "commit" (served)} for every Hub input. When the Hub is
+    down, the clients are switched to offline mode first (before they are imported), so they read
+    the cache without retrying; raises StudyError for the first input that is neither reachable
+    nor complete in the cache."""
     if not items:
         return {}
     reason = hub_unreachable()
+    if reason is not None:  # before huggingface_hub is first imported: it reads these once, at import
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     resolved = {}
     for item in items:
         commit = served_commit(item) if reason is None else cached_commit(item)
         if commit is None:
             raise StudyError(offline_advice(item, reason))
         resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit}
-    if reason is not None:
-        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return resolved

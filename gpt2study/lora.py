@@ -70,9 +70,11 @@ def expected_params(model: torch.nn.Module, r: int, names: list[str]) -> int:
     return total
 
 
-def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str, names: list[str] | None = None):
+def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str, names: list[str] | None = None,
+         base_revision: str | None = None):
     """Wrap model with a PEFT LoRA adapter built from the lora params (on the layers `names`,
-    resolved from lora.target_modules when not given)."""
+    resolved from lora.target_modules when not given); the adapter names its base and the base's
+    commit."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -86,6 +88,7 @@ def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str, names: list[s
     # The weights come from the local snapshot of model.name; the adapter records model.name itself,
     # so it loads anywhere that base is available (the hub id, for the real study).
     peft_model.peft_config["default"].base_model_name_or_path = base_name
+    peft_model.peft_config["default"].revision = base_revision  # the pinned commit; None for a local folder
     return peft_model
 
 
@@ -97,11 +100,12 @@ def plan(base_dir: str | Path, lora: LoraParams) -> tuple[list[str], int]:
     return names, expected_params(skeleton, lora.r, names)
 
 
-def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple[list[str], int] | None = None):
+def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple[list[str], int] | None = None,
+          base_revision: str | None = None):
     """The snapshot wrapped with LoRA (on the layers `plan` gives, or gave), its trainable count
     checked against r x (in + out)."""
     names, expected = planned or plan(base_dir, lora)
-    model = wrap(modeling.load_causal_lm(base_dir), lora, base_name, names)
+    model = wrap(modeling.load_causal_lm(base_dir), lora, base_name, names, base_revision)
     trainable, _ = modeling.count_params(model)
     if trainable != expected:
         raise ModelError(f"LoRA has {trainable} trainable parameters, but lora.r x (in + out) over the wrapped "

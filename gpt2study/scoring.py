@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from gpt2study.loss import position_nll
 from gpt2study.stats import bits_per_byte, bootstrap_ppl_interval, perplexity
 
 
@@ -43,14 +43,11 @@ def _score(model, windows: list[np.ndarray], first_offsets: list[int], device, b
     out = []
     for s in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, leave=False):
         x = torch.from_numpy(np.stack(windows[s:s + batch_size]).astype(np.int64)).to(device)
-        logits = model(input_ids=x).logits[:, :-1]
-        targets = x[:, 1:]
-        mask = torch.zeros_like(targets, dtype=torch.bool)
+        mask = torch.zeros((x.shape[0], x.shape[1] - 1), dtype=torch.bool, device=device)
         for i, first in enumerate(first_offsets[s:s + batch_size]):
             mask[i, first - 1:] = True
-        # Only the scored positions are lifted to fp32, never the whole (batch, block, vocab) tensor.
-        nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
-        out.append(nll.double().cpu().numpy())
+        # Only the scored positions get logits, a chunk at a time: never the whole (batch, block, vocab).
+        out.append(position_nll(model, x, mask).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gpt2study import checkpoints, curves, data, modeling, runtime, scoring
+from gpt2study import checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
 from gpt2study.config import ConfigError, Params, TrainParams
 from gpt2study.errors import StudyError
 from gpt2study.outputs import atomic_dir, write_json
@@ -35,6 +35,7 @@ class TrainPaths:
     metrics: Path       # numeric metrics JSON (a DVC metric)
     info: Path          # descriptive facts JSON (device, versions, precision)
     plots: Path         # folder for loss curves (CSV, DVC plots)
+    live: Path          # folder for the live curves of train.trackers (DVCLive's files)
     checkpoints: Path   # resumable checkpoints, outside the DVC outputs
 
     @classmethod
@@ -144,7 +145,8 @@ class Progress:
 class Session:
     """Everything `setup` builds and the later pieces use."""
     accelerator: object
-    model: torch.nn.Module        # as prepared by Accelerate (maybe compiled, maybe DDP-wrapped)
+    model: torch.nn.Module        # the model with its loss, as prepared by Accelerate (maybe compiled, DDP-wrapped)
+    trained: torch.nn.Module      # the model build() returned: what is scored and saved
     optimizer: torch.optim.Optimizer
     scheduler: object
     train_blocks: np.ndarray
@@ -161,13 +163,16 @@ class Session:
 
 
 def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Callable[[], torch.nn.Module],
-          data_dir: Path) -> Session:
-    """Accelerator, token blocks, the model `build()` returns, AdamW and the warmup-linear schedule."""
+          data_dir: Path, live_dir: Path) -> Session:
+    """Accelerator (with train.trackers, writing under live_dir), token blocks, the model `build()`
+    returns, AdamW and the warmup-linear schedule."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision))
+    tracking.require(train.trackers)
+    accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
+                              log_with=list(train.trackers) or None, project_dir=str(live_dir))
     set_seed(seed)
     device = accelerator.device
     runtime.use_cpu_threads(device)
@@ -187,6 +192,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = getattr(model, "get_base_model", lambda: model)().config
+    trained = model
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -194,12 +200,13 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
     total_steps = steps_per_epoch * train.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, total_steps)
+    model = loss.with_loss(model, train.loss)  # the loss inside the module: DDP and compile see it whole
     compiled = train.compile is True or (train.compile == "auto" and device.type == "cuda")
     if compiled:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    return Session(accelerator, model, optimizer, scheduler, train_blocks, val_blocks, steps_per_epoch,
+    return Session(accelerator, model, trained, optimizer, scheduler, train_blocks, val_blocks, steps_per_epoch,
                    total_steps, train.batch_size * train.grad_accum * world, compiled, config)
 
 
@@ -219,9 +226,9 @@ def train_step(s: Session, train: TrainParams, order: np.ndarray, step_in_epoch:
         batch = _to_device(s.train_blocks[np.sort(order[where])], acc.device)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         with acc.no_sync(s.model) if micro < ga - 1 else nullcontext():
-            loss = s.model(input_ids=batch, labels=batch).loss
-            acc.backward(loss / ga)
-        step_loss += loss.detach()
+            micro_loss = s.model(batch)
+            acc.backward(micro_loss / ga)
+        step_loss += micro_loss.detach()
     acc.clip_grad_norm_(s.model.parameters(), train.max_grad_norm)
     s.optimizer.step()
     s.scheduler.step()
@@ -234,21 +241,25 @@ def validation_loss(s: Session, batch_size: int) -> float:
     acc = s.accelerator
     s.model.eval()
     shard = s.val_blocks[acc.process_index::acc.num_processes]
-    nll = scoring.block_nll(s.model, shard.reshape(-1), s.val_blocks.shape[1], acc.device, batch_size)
+    with acc.autocast():  # the trained model itself: scored through its logits, in the run's precision
+        nll = scoring.block_nll(s.trained, shard.reshape(-1), s.val_blocks.shape[1], acc.device, batch_size)
     s.model.train()
     totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=acc.device)
     totals = acc.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1])
 
 
-def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointer, label: str) -> Progress:
-    """Train to the end of the schedule, resuming from the newest complete checkpoint if any."""
+def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointer, label: str,
+        live: tracking.LiveLog, config: dict) -> Progress:
+    """Train to the end of the schedule, resuming from the newest complete checkpoint if any, with
+    live curves through the trackers."""
     acc = s.accelerator
     progress = Progress()
     if (latest := ckpt.latest()) is not None:
         progress = Progress(**ckpt.load(latest))
         if acc.is_main_process:
             print(f"{label}: resuming from {latest} (step {progress.step} of {s.total_steps})")
+    live.start(label, config, resume=latest is not None)
     losses = StepLosses(train.log_every, acc.device)
     bar = tqdm(total=s.total_steps, initial=progress.step, desc=label, unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -265,12 +276,14 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
             checkpoint = train.checkpoint_every and step % train.checkpoint_every == 0 and step < s.total_steps
             if not (losses.full() or validate or checkpoint):
                 continue
-            progress.train_curve += losses.flush(step, acc)
+            points = losses.flush(step, acc)
+            progress.train_curve += points
             progress.train_time += time.perf_counter() - t0  # flush synced the device, so this time is real
             if progress.warmup_time is None:
                 progress.warmup_time, progress.warmup_steps = progress.train_time, step
-            bar.set_postfix(loss=f"{progress.train_curve[-1][1]:.3f}",
-                            tok_s=f"{step * s.tokens_per_step / progress.train_time:,.0f}")
+            tokens_per_s = step * s.tokens_per_step / progress.train_time
+            bar.set_postfix(loss=f"{points[-1][1]:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            val = None
             if validate:
                 started = time.perf_counter()
                 val = validation_loss(s, train.batch_size)
@@ -278,6 +291,7 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
                 progress.val_curve.append((step, round(progress.train_time, 3), step * s.tokens_per_step, val))
                 if acc.is_main_process and step_in_epoch == s.steps_per_epoch - 1:
                     bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
+            live.log(points, s.scheduler.get_last_lr()[0], tokens_per_s, val)
             if checkpoint:
                 progress.step = step
                 ckpt.save(step, asdict(progress))
@@ -307,7 +321,7 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     if steady_steps == 0:  # a run shorter than one log interval has no steady state to measure
         steady_steps, steady_time = steps, train_time
     tokens_per_s = steady_steps * s.tokens_per_step / steady_time
-    trainable, total = modeling.count_params(s.model)
+    trainable, total = modeling.count_params(s.trained)
     device, world = s.accelerator.device, s.accelerator.num_processes
     name = runtime.device_name(device)
     memory = runtime.peak_memory(device)
@@ -340,12 +354,7 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
     acc.wait_for_everyone()
     extra: dict = {}
     if acc.is_main_process:
-        trained = acc.unwrap_model(s.model, keep_torch_compile=False)  # the module build() returned
-        # Mixed precision replaced its forward with an autocast wrapper (an instance attribute, also
-        # when compiled); drop it, so that the checks compare the plain fp32 module with its merged
-        # or reloaded self. (Accelerate's keep_fp32_wrapper=False breaks a compiled PEFT model.)
-        for attr in ("forward", "_original_forward"):
-            trained.__dict__.pop(attr, None)
+        trained = s.trained  # the module build() returned, outside the loss wrapper, compile and autocast
         with atomic_dir(out) as tmp:
             trained.save_pretrained(tmp)
             modeling.load_tokenizer(base_dir).save_pretrained(tmp)
@@ -360,14 +369,17 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     """A training stage: setup, fit, save, then metrics, facts (`facts` added) and curves; returns
     the metrics."""
     modeling.check_context(paths.base, p.data.block_size)
-    s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data)
-    identity = checkpoints.run_identity(p, method, paths.data, {
+    s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live)
+    identity = checkpoints.run_identity(p, method, paths.data, paths.base, {
         "processes": s.accelerator.num_processes, "precision": s.accelerator.mixed_precision,
         "threads": torch.get_num_threads(), "versions": runtime.library_versions()})
     ckpt = checkpoints.Checkpointer(paths.checkpoints, method, identity, s.accelerator)
-    progress = fit(s, p.train, p.seed, ckpt, f"train_{method}")
+    live = tracking.LiveLog(s.accelerator, p.train.trackers, paths.live)
+    config = {"seed": p.seed, "model.name": p.model.name, "method": method, "lr": getattr(p, method).lr,
+              **{f"train.{k}": v for k, v in asdict(p.train).items() if not isinstance(v, (list, tuple))}}
+    progress = fit(s, p.train, p.seed, ckpt, f"train_{method}", live, config)
     metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every)
-    info |= facts or {}
+    info |= {"loss": p.train.loss} | (facts or {})
     metrics |= save(s, paths.out, paths.base, check)
     if s.accelerator.is_main_process:
         curves.write(paths.plots, progress.train_curve, progress.val_curve)
@@ -377,5 +389,5 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
         print(f"train_{method}: {info['steps']} steps, {info['tokens']:,} tokens in {metrics['train_s']:.1f} s "
               f"({metrics['tokens_per_s']:,.0f} tok/s), val_loss {metrics['val_loss']:.4f}; "
               f"wrote {paths.out}, {paths.metrics}, {paths.info}, {paths.plots}")
-    s.accelerator.end_training()
+    s.accelerator.end_training()  # closes the trackers too
     return metrics

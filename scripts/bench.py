@@ -2,6 +2,7 @@
 our `prepare` tokenization side by side with run_clm's datasets.map + group_texts path.
 
     python -m scripts.bench [--out bench-results.json] [--prepare-mb 540] [--skip-prepare | --skip-training]
+    python -m scripts.bench --loss     # train.loss: the model's own vs chunked, memory and tokens/s
 
 On a GPU it trains the GPT-2 124M architecture at random init (the compute is the same as the
 real weights'), 1024-token blocks; on CPU the bundled tiny GPT-2, 128-token blocks. Every path
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2study.data import token_dtype
 from gpt2study.synthetic import ASSETS, ROOT, local_params, write_gpt2_124m, write_params
 
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
@@ -48,33 +50,43 @@ def setup(work: Path, shape: dict) -> None:
     vocab = json.loads((work / "pre" / "config.json").read_text())["vocab_size"]
     prep = work / "prep"
     prep.mkdir()
-    rng = np.random.default_rng(0)
+    rng, dtype = np.random.default_rng(0), token_dtype(vocab)
     sizes = {"train": shape["tokens"] + shape["block"], "validation": 4 * shape["block"], "test": 4 * shape["block"]}
     for split, n in sizes.items():
-        rng.integers(0, vocab, n, dtype=np.uint16).tofile(prep / f"{split}.bin")
-    meta = {"dtype": "<u2", "vocab_size": vocab, "tokenizer": "bench", "source": "random", "config": None,
+        rng.integers(0, vocab, n).astype(dtype).tofile(prep / f"{split}.bin")
+    meta = {"dtype": dtype.str, "vocab_size": vocab, "tokenizer": "bench", "source": "random", "config": None,
+            "inputs": {"model.name": {"name": str(work / "pre"), "revision": None, "commit": None}},
             "splits": {s: {"tokens": n, "bytes": n} for s, n in sizes.items()}}
     (prep / "meta.json").write_text(json.dumps(meta))
 
 
-def bench_params(work: Path, shape: dict, compile_: str | bool = "auto") -> None:
+def bench_params(work: Path, shape: dict, compile_: str | bool = "auto", loss: str = "chunked") -> None:
     """params.yaml in `work` for the training paths: one epoch over the prepared random tokens."""
+    log_every = shape.get("log_every", WARMUP_STEPS)
     write_params(work, local_params(work / "pre", work, **{
         "data.block_size": shape["block"], "evaluate.stride": shape["block"] // 2, "train.epochs": 1,
-        "train.batch_size": shape["batch"], "train.grad_accum": 1, "train.warmup_steps": 10,
-        "train.log_every": WARMUP_STEPS, "train.compile": compile_}))
+        "train.batch_size": shape["batch"], "train.grad_accum": 1, "train.warmup_steps": min(10, log_every),
+        "train.log_every": log_every, "train.compile": compile_, "train.loss": loss,
+        "train.trackers": []}))  # as HF's report_to=[]
 
 
-def ours(work: Path, method: str, tag: str) -> dict:
+def ours(work: Path, method: str, tag: str, label: str | None = None, check: bool = True) -> dict | None:
+    """Our stage's training run in its own process, as a table row; with `check` off, None when
+    it ran out of GPU memory (any other failure still stops the bench)."""
     cmd = [sys.executable, "-m", f"stages.train_{method}",
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
-           "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--checkpoints", "ckpt"]
+           "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--live", f"live-{tag}", "--checkpoints", "ckpt"]
     # As dvc.yaml runs it for one process (gpt2study.launching). The HF Trainer path gets torch's
     # default threads (every core), so ours gets the same rather than choosing by the load.
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    subprocess.run(cmd, cwd=work, check=True, env=env)
+    proc = subprocess.run(cmd, cwd=work, env=env, stderr=None if check else subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        if not check and "out of GPU memory" in proc.stderr:
+            return None
+        raise SystemExit(f"bench: {' '.join(cmd)} failed ({proc.returncode}){'' if check else ':' + proc.stderr[-3000:]}")
     m = json.loads((work / f"{tag}.json").read_text())[method] | json.loads((work / f"{tag}.info.json").read_text())
-    return {"path": f"ours, {method}" + (", eager" if tag.endswith("eager") else ""), "tokens": m["tokens"],
+    label = label or f"ours, {method}" + (", eager" if tag.endswith("eager") else "")
+    return {"path": label, "batch": m["global_batch"], "loss": m["loss"], "tokens": m["tokens"],
             "tokens_per_s": m["tokens_per_s"], "warmup_s": m["warmup_s"], "mfu": m.get("mfu"),
             "peak_mem_gib": m["peak_mem_gib"], "peak_mem_reserved_gib": m.get("peak_mem_reserved_gib"),
             "final_loss": m["final_train_loss"], "precision": m["precision"], "compiled": m["compiled"],
@@ -96,7 +108,7 @@ def _hf_trainer_child(work: Path, shape: dict, out: Path) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     block, batch = shape["block"], shape["hf_batch"]
-    tokens = np.fromfile(work / "prep/train.bin", dtype="<u2")
+    tokens = np.fromfile(work / "prep/train.bin", dtype=json.loads((work / "prep/meta.json").read_text())["dtype"])
     blocks = torch.from_numpy(tokens[: len(tokens) // block * block].astype(np.int64)).view(-1, block)
 
     class Blocks(torch.utils.data.Dataset):
@@ -218,6 +230,49 @@ def bench_training(work: Path, cuda: bool, repeats: int) -> dict:
     return results
 
 
+# The loss comparison: GPT-2 124M's real shapes (peak RSS on a CPU, peak allocation on a GPU) at
+# batch 4 (at the params' 8, the model's own loss needs more than this 24 GiB machine: the OOM
+# killer stopped it), and a tiny model with Qwen2.5's 151,936-token vocabulary, where the logits
+# are nearly all of the memory. Three steps each (the first apart as warm-up).
+LOSS_SHAPES = {
+    "GPT-2 124M (random init), batch 4 x 1,024": {"model": "GPT-2 124M", "config": {}, "block": 1024, "batch": 4,
+                                                  "tokens": 4 * 1024 * 3, "log_every": 1},
+    "2-layer, 151,936-token vocabulary, batch 8 x 128": {"model": "tiny, 152k vocabulary", "block": 128, "batch": 8,
+                                                         "config": {"n_layer": 2, "n_head": 2, "n_embd": 64,
+                                                                    "n_positions": 128, "vocab_size": 151_936},
+                                                         "tokens": 8 * 128 * 3, "log_every": 1},
+}
+
+
+def bench_loss(work: Path) -> list[dict]:
+    """train.loss: model vs chunked, side by side in one run (each in its own process), per shape."""
+    rows = []
+    for i, (label, shape) in enumerate(LOSS_SHAPES.items()):
+        folder = work / f"loss-{i}"
+        folder.mkdir(parents=True)
+        setup(folder, shape)
+        pair = []
+        for kind in ("model", "chunked"):
+            bench_params(folder, shape, loss=kind)
+            pair.append(ours(folder, "full", f"full-{kind}") | {"shape": label, "loss": kind})
+        for r in pair:
+            r["vs_model_loss_mem"] = round(r["peak_mem_gib"] / pair[0]["peak_mem_gib"], 3)
+            r["vs_model_loss_tokens_per_s"] = round(r["tokens_per_s"] / pair[0]["tokens_per_s"], 3)
+        rows += pair
+    return rows
+
+
+def print_loss(rows: list[dict]) -> None:
+    from tabulate import tabulate
+
+    print("\nTraining loss: the model's own (whole logits) vs chunked, full fine-tuning, fp32")
+    print(tabulate([[r["shape"], r["loss"], f"{r['peak_mem_gib']:.2f}", f"{r['vs_model_loss_mem']:.2f}x",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['vs_model_loss_tokens_per_s']:.2f}x", f"{r['final_loss']:.4f}"]
+                    for r in rows],
+                   ["shape", "train.loss", "peak mem GiB", "vs model", "tokens/s", "vs model", "final loss"],
+                   tablefmt="github"))
+
+
 def print_training(results: dict) -> None:
     from tabulate import tabulate
 
@@ -240,6 +295,7 @@ def main() -> None:
     ap.add_argument("--prepare-mb", type=int, default=540)
     ap.add_argument("--skip-prepare", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--loss", action="store_true", help="only the loss comparison (train.loss: model vs chunked)")
     ap.add_argument("--repeats", type=int, default=0, help="rounds of the training paths (default: 3 on CPU, 1 on GPU)")
     ap.add_argument("--_hf-trainer", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_prepare", nargs=4, help=argparse.SUPPRESS)
@@ -257,12 +313,16 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_training:
+        if args.loss:
+            results["loss"] = bench_loss(Path(tmp))
+        elif not args.skip_training:
             results |= bench_training(Path(tmp) / "train", cuda, args.repeats)
-        if not args.skip_prepare:
+        if not args.skip_prepare and not args.loss:
             prep = bench_prepare(args.prepare_mb, Path(tmp))
             results["prepare"] = prep
             results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
+    if "loss" in results:
+        print_loss(results["loss"])
     if "training" in results:
         print_training(results)
     if "prepare" in results:

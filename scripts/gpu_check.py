@@ -7,8 +7,10 @@ re-implemented here). It needs `dvc` importable: on a GPU machine without it, ca
 
 1. The training loop, side by side in one run, on GPT-2 124M at random init with 1,024-token
    blocks: ours (real stage code) for full and LoRA, compiled, at train.precision auto (bf16 on
-   current GPUs); ours full eager (the compiled-vs-eager loss agreement); the HF Trainer default
-   path. For each: steady-state tokens/s, MFU, warm-up, peak allocated and reserved memory.
+   current GPUs); ours full eager (the compiled-vs-eager loss agreement); ours full with the
+   model's own loss instead of the chunked one (train.loss), at batch 16 and at the largest batch
+   that fits with each; the HF Trainer default path. For each: steady-state tokens/s, MFU,
+   warm-up, peak allocated and reserved memory.
 2. The whole pipeline, stage by stage, on a WikiText-2-sized synthetic corpus (about 2.4M training tokens, the real
    GPT-2 tokenizer), 3 epochs, with each stage's wall time.
 
@@ -45,18 +47,41 @@ DRY = {"model": "tiny GPT-2 (assets/tiny-gpt2)", "config": None, "block": 128, "
 
 
 def loop_rows(work: Path, shape: dict, dry: bool) -> list[dict]:
-    """Our loop (full and LoRA compiled, full eager) and the HF Trainer path, on the same tokens.
-    A dry run compiles full alone: one compile warm-up proves the path, a second only costs time."""
+    """Our loop (full and LoRA compiled, full eager, full with the model's own loss instead of the
+    chunked one) and the HF Trainer path, on the same tokens; on a GPU, the largest batch that fits
+    with each loss. A dry run compiles full alone: one compile warm-up proves the path."""
     work.mkdir()
     setup(work, shape)
     bench_params(work, shape, compile_=True)
     rows = [ours(work, "full", "full")]
     bench_params(work, shape, compile_=False)
     rows.append(ours(work, "full", "full-eager"))
+    # The model's own loss beside the chunked one: compiled on a GPU, eager in a dry run (one warm-up).
+    bench_params(work, shape, compile_=not dry, loss="model")
+    rows.append(ours(work, "full", "full-model-loss", "ours, full, model's own loss"))
     bench_params(work, shape, compile_=not dry)
     rows.append(ours(work, "lora", "lora"))
+    if not dry:
+        rows += [largest_batch(work, shape, loss) for loss in ("model", "chunked")]
     rows.append(hf_trainer(work, shape))
     return rows
+
+
+def largest_batch(work: Path, shape: dict, loss: str, limit: int = 256) -> dict:
+    """Full fine-tuning, compiled, at the largest power-of-two batch (from shape's) that fits: each
+    try on its own prepared tokens (12 steps); only running out of GPU memory ends the search."""
+    best, batch = None, shape["batch"]
+    while batch <= limit:
+        tried = shape | {"batch": batch, "tokens": batch * shape["block"] * 12}
+        folder = work / f"largest-{loss}-{batch}"
+        folder.mkdir()
+        setup(folder, tried)
+        bench_params(folder, tried, compile_=True, loss=loss)
+        row = ours(folder, "full", "full", f"ours, full, {loss} loss, largest batch", check=False)
+        if row is None:
+            break
+        best, batch = row, batch * 2
+    return best or {"path": f"ours, full, {loss} loss, largest batch", "error": f"batch {shape['batch']} does not fit"}
 
 
 def pipeline_commands() -> list[tuple[str, str]]:
@@ -141,11 +166,13 @@ def main() -> None:
 
     print(f"\ngpu_check on {results['device']} ({results['date']}; {shape['model']}, {shape['block']}-token blocks"
           f"{', DRY RUN' if args.dry_run else ''})")
-    table = [[r["path"], r["precision"], "yes" if r["compiled"] else "no", f"{r['tokens_per_s']:,.0f}",
-              "–" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['warmup_s']:.1f}", f"{r['peak_mem_gib']:.2f}",
-              "–" if r.get("peak_mem_reserved_gib") is None else f"{r['peak_mem_reserved_gib']:.2f}"] for r in rows]
-    table += [[f"pipeline: {p['stage']}", "", "", "", "", "", "", f"{p['wall_s']:.1f} s"] for p in pipeline]
-    print(tabulate(table, ["path / stage", "precision", "compiled", "tokens/s", "MFU", "warm-up s",
+    table = [[r["path"], r.get("batch", shape["hf_batch"]), r["precision"], "yes" if r["compiled"] else "no",
+              f"{r['tokens_per_s']:,.0f}", "–" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['warmup_s']:.1f}",
+              f"{r['peak_mem_gib']:.2f}",
+              "–" if r.get("peak_mem_reserved_gib") is None else f"{r['peak_mem_reserved_gib']:.2f}"]
+             for r in rows if "error" not in r]
+    table += [[f"pipeline: {p['stage']}", "", "", "", "", "", "", "", f"{p['wall_s']:.1f} s"] for p in pipeline]
+    print(tabulate(table, ["path / stage", "batch", "precision", "compiled", "tokens/s", "MFU", "warm-up s",
                            "peak alloc GiB", "reserved GiB / wall"], tablefmt="github"))
     print(f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_final_loss_rel_diff']:.2e}")
     for name, v in results["targets"].items():

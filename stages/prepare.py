@@ -38,11 +38,10 @@ def provenance(p: Params) -> dict:
             raise ConfigError(f"{item.revision_key}: {item.name} is a local folder, which has no revisions; "
                               "set it to null")
     resolved = hub.resolve([item for item in items if not data.is_local(item.name)])
-    for key, r in resolved.items():
-        if not r["commit"].startswith(r["revision"]):
-            revision_key = key.removesuffix(".name") + ".revision"
-            print(f"prepare: {revision_key} {r['revision']!r} resolved to commit {r['commit']}; pin it with "
-                  f"-S '{revision_key}={r['commit']}'")
+    for item in items:
+        if item.key in resolved and not (commit := resolved[item.key]["commit"]).startswith(item.asked):
+            print(f"prepare: {item.revision_key} {item.asked!r} resolved to commit {commit}; pin it with "
+                  f"-S '{item.revision_key}={commit}'")
     return {item.key: resolved.get(item.key, {"name": item.name, "revision": None, "commit": None}) for item in items}
 
 

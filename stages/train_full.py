@@ -1,7 +1,8 @@
 """Stage train_full: prepared data + pretrained snapshot -> fully fine-tuned model folder and metrics.
 
 Every weight trains; the model is saved with save_pretrained (safetensors, config, tokenizer).
-Run through `accelerate launch`, so a user's `accelerate config` applies.
+Started by gpt2study.launching: plain python for one process, `accelerate launch` for several GPUs or
+a user's `accelerate config`.
 """
 
 from __future__ import annotations

@@ -5,20 +5,20 @@ model.name as the base. The layers it wraps (lora.target_modules, `auto` resolve
 default) are checked on the weightless skeleton before anything loads, and recorded in the info. Before the folder is committed, the adapter's integrity is checked and
 recorded (gpt2study.lora): the trainable count equals r x (in + out) over the wrapped layers, and
 merged and base+adapter logits agree. With lora.merge the merged model is also saved, loadable
-with plain transformers, at <out>/merged. Run through `accelerate launch`.
+with plain transformers, at <out>/merged. Started by gpt2study.launching, as train_full is.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2study import lora, modeling, training
+from gpt2study import data, lora, modeling, training
 from gpt2study.config import load_params
 from gpt2study.errors import run_stage
 
 
-def build(p, base_dir, planned=None):
-    return lora.build(base_dir, p.lora, p.model.name, planned)
+def build(p, base_dir, planned=None, base_revision=None):
+    return lora.build(base_dir, p.lora, p.model.name, planned, base_revision)
 
 
 def check(p, base_dir: Path, model, out: Path, batch) -> dict:
@@ -35,7 +35,8 @@ def main() -> None:
     paths = training.TrainPaths.from_cli("lora")
     p = load_params()
     planned = lora.plan(paths.base, p.lora)  # a lora.target_modules that matches nothing fails here, in seconds
-    training.run("lora", p, paths, build=lambda: build(p, paths.base, planned),
+    commit = data.read_meta(paths.data)["inputs"]["model.name"]["commit"]  # what prepare loaded
+    training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit),
                  check=lambda model, out, batch: check(p, paths.base, model, out, batch),
                  facts={"lora_target_modules": planned[0]})
 

@@ -65,9 +65,10 @@ PREPARE_ARGS = ("--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.
 
 def train_args(tag: str) -> tuple[str, ...]:
     """A training stage's command line in a folder holding prep/ and pre/ (as prepare_in writes
-    them): it writes models/<tag>, m/<tag>.json, m/<tag>.info.json and m/plots/<tag>."""
+    them): it writes models/<tag>, m/<tag>.json, m/<tag>.info.json, m/plots/<tag> and m/live/<tag>."""
     return ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt", "--out", f"models/{tag}",
-            "--metrics", f"m/{tag}.json", "--info", f"m/{tag}.info.json", "--plots", f"m/plots/{tag}")
+            "--metrics", f"m/{tag}.json", "--info", f"m/{tag}.info.json", "--plots", f"m/plots/{tag}",
+            "--live", f"m/live/{tag}")
 
 
 def no_dropout(model_dir: Path) -> None:
@@ -113,9 +114,10 @@ def outcome(dest) -> dict:
     """Everything a run produced that must be reproducible: model and data hashes, and the
     non-timing metrics and facts, flattened."""
     lock = yaml.safe_load((dest / "dvc.lock").read_text())
-    # Loss curves carry training seconds: their losses are compared below, not their hash.
+    # Loss curves carry training seconds (the live ones timestamps): their losses are compared
+    # below, not their hash.
     hashes = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith("metrics/plots")}
+              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith(("metrics/plots", "metrics/live"))}
     metrics = {}
     for f in sorted((dest / "metrics").rglob("*.json")):
         for k, v in flatten(json.loads(f.read_text())).items():

@@ -19,14 +19,21 @@ def test_checkpoint_key_and_partial_checkpoints(prepared):
 
     p = load_params()
     setup = {"processes": 1, "precision": "no", "threads": 2, "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
-    identity = checkpoints.run_identity(p, "full", prepared / "prep", setup)
+
+    def key_of(params=p, **other):
+        return checkpoints.run_key(checkpoints.run_identity(params, "full", prepared / "prep", prepared / "pre",
+                                                            setup | other))
+
+    identity = checkpoints.run_identity(p, "full", prepared / "prep", prepared / "pre", setup)
     key = checkpoints.run_key(identity)
-    assert key == checkpoints.run_key(checkpoints.run_identity(p, "full", prepared / "prep", dict(setup)))
-    changed = parse_params(demo_params(**{"train.epochs": 1, "full.lr": 1e-4}))
-    assert checkpoints.run_key(checkpoints.run_identity(changed, "full", prepared / "prep", setup)) != key
+    assert key == key_of()
+    assert key_of(parse_params(demo_params(**{"train.epochs": 1, "full.lr": 1e-4}))) != key
     # Another process count, CPU thread count or library version writes other weights: never resumed.
     for other in ({"processes": 2}, {"threads": 1}, {"versions": {"torch": "2.13.0", "peft": "0.22.0"}}):
-        assert checkpoints.run_key(checkpoints.run_identity(p, "full", prepared / "prep", setup | other)) != key
+        assert key_of(**other) != key, other
+    # So does another base model: the snapshot's weights are part of the identity.
+    (prepared / "pre" / "config.json").write_text((prepared / "pre" / "config.json").read_text() + " ")
+    assert key_of() != key
 
     ckpt = checkpoints.Checkpointer(prepared / "ckpt", "full", identity, Accelerator(cpu=True))
     assert ckpt.latest() is None
@@ -45,7 +52,7 @@ def test_a_checkpoint_of_other_versions_or_code_is_not_resumed_and_says_why(prep
 
     p, acc = load_params(), Accelerator(cpu=True)
     setup = {"processes": 1, "precision": "no", "threads": 2, "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
-    ours = checkpoints.run_identity(p, "full", prepared / "prep", setup)
+    ours = checkpoints.run_identity(p, "full", prepared / "prep", prepared / "pre", setup)
     for theirs, why in ((ours | {"versions": {"torch": "2.13.0", "peft": "0.20.0"}}, "library versions"),
                         (ours | {"code": "0123456789abcdef"}, "training code")):
         old = checkpoints.Checkpointer(prepared / "ckpt", "full", theirs, acc)

@@ -117,8 +117,33 @@ def covers(listed: list, key: str) -> bool:
 
 def test_revision_keys_are_params_of_exactly_the_stages_that_read_them():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    readers = {p.stem for p in (ROOT / "stages").glob("*.py") if "revision" in p.read_text()}
-    assert readers == {"prepare"}  # prepare alone resolves and loads revisions
+    readers = {p.stem for p in (ROOT / "stages").glob("*.py") if re.search(r"\.revision\b", p.read_text())}
+    assert readers == {"prepare"}  # prepare alone reads the revision keys (train_lora reads the commit from its meta)
     for key in REVISION_KEYS:
         stages = {name for name, stage in spec["stages"].items() if covers(stage.get("params", []), key)}
         assert stages == {"check_params", "prepare"}, (key, stages)  # check_params validates the whole file
+
+
+# Command-line flags through which a stage is told where to write.
+OUTPUT_FLAGS = ("--out", "--pretrained", "--metrics", "--info", "--plots", "--live", "--nll")
+
+
+def test_every_path_a_stage_writes_is_a_declared_output():
+    """Each path a stage's command tells it to write (the live tracker folder included) is one of
+    its outs or metrics, as DVC resolves dvc.yaml; so nothing it writes goes untracked."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT), config={"core": {"no_scm": True}}) as repo:
+        for stage in repo.index.stages:
+            args = stage.cmd.split()
+            written = {args[i + 1] for i, a in enumerate(args[:-1]) if a in OUTPUT_FLAGS}
+            declared = {str(out.def_path) for out in stage.outs}
+            # compare writes --nll as a folder it reads; only stages that write there must declare it.
+            if stage.addressing == "compare":
+                written -= {args[args.index("--nll") + 1]}
+            # A path is declared itself, or lies in a declared folder, or (a matrix stage's --nll
+            # folder) holds the declared files.
+            missing = {w for w in written if not any(w == d or w.startswith(d + "/") or d.startswith(w + "/")
+                                                     for d in declared)}
+            assert not missing, f"{stage.addressing} writes {sorted(missing)} without declaring it"
+        assert "metrics/live/train_full" in {str(o.def_path) for s in repo.index.stages for o in s.outs}

@@ -21,7 +21,9 @@ def test_dry_run_measures_every_path_and_times_every_stage(tmp_path):
     r = json.loads(out.read_text())
     assert r["dry_run"] is True
     paths = {row["path"]: row for row in r["training"]}
-    assert set(paths) == {"ours, full", "ours, lora", "ours, full, eager", "HF Trainer defaults"}
+    assert set(paths) == {"ours, full", "ours, lora", "ours, full, eager", "ours, full, model's own loss",
+                          "HF Trainer defaults"}
+    assert paths["ours, full"]["loss"] == "chunked" and paths["ours, full, model's own loss"]["loss"] == "model"
     # One compile warm-up in a dry run: full compiled; LoRA (compiled on a GPU) and full eager are not.
     assert paths["ours, full"]["compiled"] and not paths["ours, lora"]["compiled"]
     assert not paths["ours, full, eager"]["compiled"]

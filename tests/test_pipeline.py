@@ -211,6 +211,9 @@ def test_training_killed_mid_epoch_resumes_to_identical_results(demo_build, tmp_
     assert re.search(r"train_full: resuming from .*step-\d+ \(step \d+ of 53\)", rerun.stdout + rerun.stderr)
     assert differences(outcome(dest), first) == []
     assert not any(ckpts.iterdir()), "checkpoints are removed after success"
+    # The live curve went on from the killed run's files, each step logged once.
+    live = (dest / "metrics/live/train_full/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    assert [int(line.split("\t")[0]) for line in live] == list(range(1, 54))
 
 
 def test_a_revision_change_touches_prepare_alone(repo):

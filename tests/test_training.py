@@ -39,13 +39,26 @@ def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared):
     assert all(isinstance(v, (int, float)) for v in m.values()), "metrics hold numbers only"
     assert sorted(f.name for f in (prepared / "models/full").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    # The live curves (DVCLive, the default tracker): every step's loss, and the latest values.
+    live = prepared / "m/live/full"
+    steps = [int(line.split("\t")[0]) for line in (live / "plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, info["steps"] + 1))
+    summary = read_json(live / "metrics.json")
+    assert summary["step"] == info["steps"] and summary["val"]["loss"] == pytest.approx(m["val_loss"])
+    assert not (live / "dvc.yaml").exists()  # dvc.yaml declares the folder; DVCLive writes none of its own
+
+
+def test_no_trackers_leave_the_live_folder_empty(project):
+    root = prepare_in(project, **{"train.epochs": 1, "train.trackers": []})
+    run_main(train_full, *train_args("full"))
+    assert (root / "m/live/full").is_dir() and not any((root / "m/live/full").iterdir())
 
 
 def test_lora_trains_only_the_adapter(prepared, monkeypatch):
     built, original = {}, train_lora.build
 
-    def build(p, base_dir, planned=None):
-        built["model"] = original(p, base_dir, planned)
+    def build(p, base_dir, *planned):
+        built["model"] = original(p, base_dir, *planned)
         return built["model"]
 
     monkeypatch.setattr(train_lora, "build", build)
@@ -143,13 +156,13 @@ def test_non_finite_loss_stops_training_and_writes_no_model(project, monkeypatch
         model = original(p, base_dir)
         calls = {"n": 0}
 
-        def poison(module, inputs, output):  # the real model, whose 3rd forward pass yields NaN
+        def poison(module, inputs, output):  # the real transformer, whose 3rd forward pass yields NaN
             calls["n"] += 1
             if calls["n"] == 3:
-                output.loss = output.loss * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
 
-        model.register_forward_hook(poison)
+        model.transformer.register_forward_hook(poison)  # under the model's head and the loss
         return model
 
     monkeypatch.setattr(train_full, "build", build)
@@ -178,3 +191,9 @@ def test_lora_merge_exports_a_plain_transformers_model(project):
         assert torch.allclose(merged(input_ids=batch).logits, adapted(input_ids=batch).logits, atol=1e-4)
     assert read_json(root / "m/lora.json")["lora"]["merge_max_abs_diff"] < 1e-4
     assert (root / "models/lora/merged/model.safetensors").is_file()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_naming_the_key(project):
+    prepare_in(project, **{"train.epochs": 1, "train.trackers": ["dvclive", "aim"]})
+    with pytest.raises(ConfigError, match=r"^train.trackers: aim is not installed; install it \(pip install aim\)"):
+        run_main(train_full, *train_args("full"))

@@ -1,0 +1,53 @@
+"""The chunked loss gives the model's own loss and gradients, for every family, full and LoRA."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import demo_params
+from gpt2study import loss, lora, modeling
+from gpt2study.config import ConfigError, parse_params
+from gpt2study.synthetic import FAMILIES, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {family: write_tiny_model(family, root / family) for family in FAMILIES}
+
+
+def loss_and_grads(module: torch.nn.Module, batch: torch.Tensor) -> tuple[float, dict]:
+    value = module(batch)
+    value.backward()
+    return value.item(), {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+def assert_same(own, chunked):
+    (own_loss, own_grads), (chunked_loss, chunked_grads) = own, chunked
+    assert chunked_loss == pytest.approx(own_loss, rel=1e-5)
+    assert own_grads.keys() == chunked_grads.keys() and own_grads
+    for name, g in own_grads.items():  # each tensor's largest difference, relative to its largest entry
+        assert (chunked_grads[name] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-12, name
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_loss_matches_the_models_own(models, family, method, monkeypatch):
+    model = modeling.load_causal_lm(models[family])
+    if method == "lora":
+        model = lora.wrap(model, parse_params(demo_params()).lora, "x")
+    model.eval()  # no dropout (LoRA's included), so both losses see the same network
+    torch.manual_seed(0)
+    batch = torch.randint(0, 1000, (3, 40))
+    own = loss_and_grads(loss.ModelOwnLoss(copy.deepcopy(model)), batch)
+    monkeypatch.setattr(loss, "CHUNK_LOGITS", 1025 * 17)  # 17 positions a chunk: several chunks, a ragged last
+    assert_same(own, loss_and_grads(loss.CausalLMLoss(model), batch))
+
+
+def test_a_model_with_logit_scaling_is_refused_naming_the_key(models):
+    model = modeling.load_causal_lm(models["llama"])
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ConfigError, match=r"^train.loss: chunked cannot train llama: its config sets "
+                                          r"final_logit_softcapping.*set train.loss: model"):
+        loss.CausalLMLoss(model)
