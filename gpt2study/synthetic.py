@@ -7,6 +7,7 @@ No stage imports this module.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,16 @@ def local_params(model: Path, corpus: Path, base: str | Path = ROOT / PARAMS_FIL
     settings = {"model.name": str(model), "model.revision": None, "data.name": str(corpus), "data.revision": None,
                 "data.config": None, "data.general": [], "train.checkpoint_every": 0}
     return set_keys(params, settings | overrides)
+
+
+def no_dropout(model_dir: Path) -> None:
+    """Switch off every dropout in a model folder's config (GPT-2's *_pdrop, other families'
+    *_dropout), so that two runs differ only by the numerics under test (compiled code draws its
+    dropout masks from another RNG stream than eager code)."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config |= {k: 0.0 for k, v in config.items() if k.endswith(("pdrop", "dropout")) and isinstance(v, float)}
+    path.write_text(json.dumps(config))
 
 
 def write_params(folder: Path, params: dict) -> Path:

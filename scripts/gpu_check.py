@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt2study.synthetic import ASSETS, ROOT, local_params, write_corpus, write_gpt2_124m, write_params
+from gpt2study.synthetic import ASSETS, ROOT, local_params, no_dropout, write_corpus, write_gpt2_124m, write_params
 from scripts.bench import GPU_SHAPE, bench_params, hf_trainer, ours, setup
 
 # Targets for an H100/H200 in bf16 (the GPU issue's figures).
@@ -52,6 +52,7 @@ def loop_rows(work: Path, shape: dict, dry: bool) -> list[dict]:
     with each loss. A dry run compiles full alone: one compile warm-up proves the path."""
     work.mkdir()
     setup(work, shape)
+    no_dropout(work / "pre")  # compiled and eager then differ by their numerics alone
     bench_params(work, shape, compile_=True)
     rows = [ours(work, "full", "full")]
     bench_params(work, shape, compile_=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gpt2study.config import flatten, set_keys
-from gpt2study.synthetic import demo_overrides
+from gpt2study.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
 from scripts import sandbox
 from scripts.sandbox import dvc  # noqa: F401  (the tests' dvc command runner)
 
@@ -21,10 +21,12 @@ ASSETS = ROOT / "assets"
 TINY_MODEL = ASSETS / "tiny-gpt2"
 TINY_WIKI = ASSETS / "tiny-wikitext"
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-# Every stage the tests start trains on every usable core, whatever else the machine runs: the
-# thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
-# (Left unset, stages choose by the load: gpt2study.launching.cpu_threads, tested on its own.)
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# Every stage the tests start trains on a fixed share of the usable cores (all of them, split
+# between pytest-xdist's workers), whatever else the machine runs: the thread count changes the last
+# bits of trained weights, and the tests compare runs bit for bit. (Left unset, stages choose by
+# the load: gpt2study.launching.cpu_threads, tested on its own.)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
 
 
 def demo_params(**overrides) -> dict:
@@ -69,14 +71,6 @@ def train_args(tag: str) -> tuple[str, ...]:
     return ("--data", "prep", "--base", "pre", "--checkpoints", "ckpt", "--out", f"models/{tag}",
             "--metrics", f"m/{tag}.json", "--info", f"m/{tag}.info.json", "--plots", f"m/plots/{tag}",
             "--live", f"m/live/{tag}")
-
-
-def no_dropout(model_dir: Path) -> None:
-    """Switch off every dropout in a model folder's config (GPT-2's *_pdrop, other families'
-    *_dropout), so that two runs differ only by the numerics under test."""
-    config = json.loads((model_dir / "config.json").read_text())
-    config |= {k: 0.0 for k, v in config.items() if k.endswith(("pdrop", "dropout")) and isinstance(v, float)}
-    (model_dir / "config.json").write_text(json.dumps(config))
 
 
 def prepare_in(project, **overrides) -> Path:
