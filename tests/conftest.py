@@ -21,12 +21,10 @@ ASSETS = ROOT / "assets"
 TINY_MODEL = ASSETS / "tiny-gpt2"
 TINY_WIKI = ASSETS / "tiny-wikitext"
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-# Every stage the tests start trains on a fixed share of the usable cores (all of them, split
-# between pytest-xdist's workers), whatever else the machine runs: the thread count changes the last
-# bits of trained weights, and the tests compare runs bit for bit. (Left unset, stages choose by
-# the load: gpt2study.launching.cpu_threads, tested on its own.)
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
+# Every stage the tests start trains on every usable core, whatever else the machine runs: the
+# thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
+# (Left unset, stages choose by the load: gpt2study.launching.cpu_threads, tested on its own.)
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def demo_params(**overrides) -> dict:

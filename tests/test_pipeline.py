@@ -23,8 +23,7 @@ from gpt2study.outputs import read_json
 from gpt2study.synthetic import write_tiny_model
 from scripts import sandbox
 
-# One worker builds the demo once and runs every test that uses it (pytest.ini: --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_build")]
+pytestmark = pytest.mark.slow
 
 LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "generate@lora", "compare", "report"}
 ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "compare", "report"} | {

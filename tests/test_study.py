@@ -58,7 +58,6 @@ def test_t_quantile_for_any_number_of_seeds(df, published):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo_build")  # on the worker that builds the demo for test_pipeline.py
 def test_study_demo_runs_a_small_grid_and_reuses_it(demo_build, tmp_path):
     import shutil
 
