@@ -12,7 +12,7 @@ demo:
 test:
 	$(PYTHON) -m pytest
 
-# The quick tier: unit and stage tests, no DVC pipelines, no compile.
+# The quick tier: unit and stage tests, every model family; no DVC pipelines, no compile.
 test-fast:
 	$(PYTHON) -m pytest -m "not slow"
 
@@ -38,6 +38,6 @@ STUDY_ARGS = $(if $(FULL_LR),--full-lr $(FULL_LR)) $(if $(LORA_LR),--lora-lr $(L
 study:
 	$(PYTHON) -m scripts.study $(STUDY_ARGS)
 
-# The same in the demo sandbox at $(DIR) (built if needed), on the tiny assets: about 5 minutes on 2 cores.
+# The same in the demo sandbox at $(DIR) (built if needed), on the tiny assets: about 4 minutes on 2 cores.
 study-demo:
 	$(PYTHON) -m scripts.study --demo --dir $(DIR) $(STUDY_ARGS)
