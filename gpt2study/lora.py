@@ -44,7 +44,8 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
         return list(DEFAULTS[model_type])
     if target_modules == "all-linear":
         output = model.get_output_embeddings()
-        return [n for n in valid if not any(m is output for name, m in model.named_modules() if name.endswith(n))]
+        head = next(name for name, m in model.named_modules() if m is output).rsplit(".", 1)[-1]
+        return [n for n in valid if n != head]
     missing = [t for t in target_modules if t not in valid]
     if missing:
         verb = "matches" if len(missing) == 1 else "match"

@@ -59,6 +59,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype), None, None)
 
 
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM itself: under a PEFT wrapper, its base model (LoRA layers in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _unsupported(causal_lm) -> str | None:
     """Why computing the loss from the hidden state would differ from the model's own, or None."""
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
@@ -72,7 +77,7 @@ def _unsupported(causal_lm) -> str | None:
 def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer without its head (base_model_prefix: transformer, model, gpt_neox, ...) and
     the output projection, of a causal LM or a PEFT model over one."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
 
 
@@ -86,8 +91,7 @@ def position_nll(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Te
     through the output projection a chunk of positions at a time (the model's own logits where the
     chunked path would differ)."""
     targets = input_ids[:, 1:][mask]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _unsupported(causal_lm) is not None:
+    if _unsupported(causal_lm_of(model)) is not None:
         return F.cross_entropy(model(input_ids=input_ids).logits[:, :-1][mask].float(), targets, reduction="none")
     body, head = body_and_head(model)
     hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1][mask]
@@ -102,7 +106,7 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model  # the module to train and save (a PEFT model saves its adapter)
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal_lm = causal_lm_of(model)
         if (why := _unsupported(causal_lm)) is not None:
             from gpt2study.config import ConfigError
 

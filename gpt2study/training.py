@@ -191,7 +191,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     model = build()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = getattr(model, "get_base_model", lambda: model)().config
+    config = loss.causal_lm_of(model).config
     trained = model
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
