@@ -43,16 +43,36 @@ def _cpu_times() -> tuple[int, int] | None:
     return total - idle, total
 
 
-def busy_cores(window_s: float = 0.15) -> float:
-    """How many of the machine's cores other processes keep busy: measured over `window_s` while
-    this process sleeps, else the 1-minute load average."""
-    before = _cpu_times()
+def load_sample() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat, with this
+    process's own CPU seconds left out of busy; None where there is no /proc/stat."""
+    times = _cpu_times()
+    if times is None:
+        return None
+    own = os.times()
+    return times[0] / _HZ - own.user - own.system, times[1] / _HZ
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# The load is measured from when a stage imports this module: its own imports and model loading
+# make the window (their CPU time left out), so the measurement costs the stage nothing.
+_IMPORTED = load_sample()
+
+
+def busy_cores(since: tuple[float, float] | None = None, window_s: float = 0.15) -> float:
+    """How many of the machine's cores other processes keep busy, measured from `since` (default:
+    when this module was imported) to now, sleeping until the window is at least `window_s`; the
+    1-minute load average where there is no /proc/stat."""
+    before = since or _IMPORTED
     if before is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    time.sleep(window_s)
-    after = _cpu_times()
+    cores = os.cpu_count() or 1
+    after = load_sample()
+    if (short := window_s - (after[1] - before[1]) / cores) > 0:
+        time.sleep(short)
+        after = load_sample()
     total = after[1] - before[1]
-    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else 0.0
+    return max(0.0, after[0] - before[0]) / total * cores if total > 0 else 0.0
 
 
 def cpu_threads() -> int:

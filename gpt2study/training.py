@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -162,20 +163,26 @@ class Session:
         return self.global_batch * self.train_blocks.shape[1]
 
 
+def warmup_linear(warmup: int, total: int, step: int) -> float:
+    """The learning-rate factor at `step`: linear from 0 to 1 over `warmup` steps, then linear to 0
+    at `total`. (transformers' get_linear_schedule_with_warmup is the same; importing it imports peft.)"""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Callable[[], torch.nn.Module],
           data_dir: Path, live_dir: Path) -> Session:
     """Accelerator (with train.trackers, writing under live_dir), token blocks, the model `build()`
     returns, AdamW and the warmup-linear schedule."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     tracking.require(train.trackers)
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
-                              log_with=list(train.trackers) or None, project_dir=str(live_dir))
+                              log_with=tracking.log_with(train.trackers, live_dir), project_dir=str(live_dir))
     set_seed(seed)
     device = accelerator.device
-    runtime.use_cpu_threads(device)
     if accelerator.mixed_precision == "fp16" and device.type != "cuda":
         # Accelerate applies neither fp16 autocast nor loss scaling on a CPU: it would train in fp32
         # while the metrics said fp16.
@@ -189,6 +196,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     model = build()
+    runtime.use_cpu_threads(device)  # after loading: the machine's load is measured over the loading
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = loss.causal_lm_of(model).config
@@ -199,7 +207,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
     total_steps = steps_per_epoch * train.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_linear, train.warmup_steps, total_steps))
     model = loss.with_loss(model, train.loss)  # the loss inside the module: DDP and compile see it whole
     compiled = train.compile is True or (train.compile == "auto" and device.type == "cuda")
     if compiled:

@@ -36,9 +36,10 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params()
     torch.manual_seed(p.seed)
-    device = runtime.eval_device()
     modeling.check_context(args.base, p.data.block_size)
-    model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
+    model = modeling.load_for_eval(args.model, args.base, p.model.name)
+    device = runtime.eval_device()  # after loading: the machine's load is measured over the loading
+    model = model.to(device)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     meta = data.read_meta(args.data)
     block = p.data.block_size

@@ -24,12 +24,13 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="generation-quality metrics JSON to write")
     args = ap.parse_args()
     p = load_params()
-    device = runtime.eval_device()
     tokenizer = modeling.load_tokenizer(args.model)
     prompts = (p.generate.prompt, *p.generate.extra_prompts)
     generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens,
                           modeling.context_length(args.base))
-    model = modeling.load_for_eval(args.model, args.base, p.model.name).to(device)
+    model = modeling.load_for_eval(args.model, args.base, p.model.name)
+    device = runtime.eval_device()  # after loading: the machine's load is measured over the loading
+    model = model.to(device)
     with torch.no_grad():
         panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device)
     quality = generation.text_quality(ids, tokenizer.eos_token_id)

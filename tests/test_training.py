@@ -54,6 +54,40 @@ def test_no_trackers_leave_the_live_folder_empty(project):
     assert (root / "m/live/full").is_dir() and not any((root / "m/live/full").iterdir())
 
 
+def test_live_steps_reread_no_curve_when_studio_is_not_configured(tmp_path, monkeypatch):
+    # DVCLive 3.49 rebuilds Studio's payload (params and every curve so far) at every step, Studio or
+    # not, so a long run's steps got slower and slower; LiveTracker skips it without Studio.
+    import dvclive.live
+
+    from gpt2study.tracking import LiveTracker
+
+    for var in ("STUDIO_TOKEN", "DVC_STUDIO_TOKEN", "STUDIO_REPO_URL", "DVC_STUDIO_REPO_URL"):
+        monkeypatch.delenv(var, raising=False)
+
+    def reread(live):
+        raise AssertionError("a step reread the curves")
+
+    monkeypatch.setattr(dvclive.live, "parse_metrics", reread)
+    tracker = LiveTracker(tmp_path / "live")
+    tracker.start()
+    for step in (1, 2, 3):
+        tracker.log({"train/loss": 1 / step}, step=step)
+    assert read_json(tmp_path / "live/metrics.json")["train"]["loss"] == pytest.approx(1 / 3)
+
+
+def test_the_schedule_is_transformers_warmup_linear():
+    from transformers import get_linear_schedule_with_warmup
+
+    for warmup, total in ((0, 7), (3, 10), (10, 11)):
+        ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
+        ours = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: training.warmup_linear(warmup, total, step))
+        theirs = get_linear_schedule_with_warmup(theirs, warmup, total)
+        for _ in range(total + 2):
+            assert ours.get_last_lr() == theirs.get_last_lr()
+            ours.optimizer.step(), theirs.optimizer.step()
+            ours.step(), theirs.step()
+
+
 def test_lora_trains_only_the_adapter(prepared, monkeypatch):
     built, original = {}, train_lora.build
 
