@@ -11,7 +11,8 @@ launcher:
   launcher, which would start a second interpreter and import torch twice (seconds per stage).
 
 CPU threads (`cpu_threads`): the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it
-from --num_cpu_threads_per_process), else the usable cores that are idle right now. A CPU-bound
+from --num_cpu_threads_per_process), else the usable cores that other processes left idle while the
+stage imported and loaded (its own CPU time left out, so the measurement costs nothing). A CPU-bound
 neighbour costs a two-thread run on two cores far more than the core it takes: OpenMP's threads
 wait on each other at every parallel region, and one of them keeps being descheduled (measured in
 the README, "Busy machines"). Precision is not decided here but by train.precision

@@ -232,11 +232,17 @@ def bench_training(work: Path, cuda: bool, repeats: int) -> dict:
 
 # The loss comparison: GPT-2 124M's real shapes (peak RSS on a CPU, peak allocation on a GPU) at
 # batch 4 (at the params' 8, the model's own loss needs more than this 24 GiB machine: the OOM
-# killer stopped it), and a tiny model with Qwen2.5's 151,936-token vocabulary, where the logits
-# are nearly all of the memory. Three steps each (the first apart as warm-up).
+# killer stopped it), as configured (dropout 0.1) and with dropout off: on a CPU, attention dropout
+# sends PyTorch's scaled_dot_product_attention to its math path, which keeps each layer's attention
+# probabilities, 1.7 GiB a sequence over 12 layers (more than the logits); with dropout off (or on a
+# GPU) the attention kernel keeps none. And a tiny model with Qwen2.5's 151,936-token vocabulary,
+# where the logits are nearly all of the memory. Three steps each (the first apart as warm-up).
+NO_DROPOUT = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 LOSS_SHAPES = {
     "GPT-2 124M (random init), batch 4 x 1,024": {"model": "GPT-2 124M", "config": {}, "block": 1024, "batch": 4,
                                                   "tokens": 4 * 1024 * 3, "log_every": 1},
+    "GPT-2 124M, dropout off, batch 4 x 1,024": {"model": "GPT-2 124M", "config": NO_DROPOUT, "block": 1024,
+                                                 "batch": 4, "tokens": 4 * 1024 * 3, "log_every": 1},
     "2-layer, 151,936-token vocabulary, batch 8 x 128": {"model": "tiny, 152k vocabulary", "block": 128, "batch": 8,
                                                          "config": {"n_layer": 2, "n_head": 2, "n_embd": 64,
                                                                     "n_positions": 128, "vocab_size": 151_936},
