@@ -1,6 +1,10 @@
-"""Stage generate@<model>: a model + generate.* -> its continuations (JSON) and their quality metrics.
+"""Stage generate: each model + generate.* -> its continuations (JSON) and their quality metrics.
 
-The texts go to --out; distinct-n, repetition, length and EOS rate to --metrics (a DVC metric).
+One stage for every model, where evaluate has one per model: generating is a second's work a
+model, and a process a model cost more than that (about 4 s of imports each). A retrained model
+reruns the others' generation too, which comes out the same (each prompt and sample is seeded).
+For each model folder, the texts go to <--out>/<model>.json and distinct-n, repetition, length
+and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folder's name.
 """
 
 from __future__ import annotations
@@ -17,27 +21,32 @@ from gpt2study.outputs import write_json
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Continue the prompts; run by dvc.yaml stage generate@<model>")
-    ap.add_argument("--model", required=True, help="model folder (full model or PEFT adapter)")
+    ap = argparse.ArgumentParser(description="Continue the prompts with each model; run by dvc.yaml stage generate")
+    ap.add_argument("--model", required=True, action="append", help="a model folder (full model or PEFT adapter); "
+                    "repeat for each model")
     ap.add_argument("--base", required=True, help="pretrained snapshot, the base of an adapter")
-    ap.add_argument("--out", required=True, help="JSON of generated texts to write")
-    ap.add_argument("--metrics", required=True, help="generation-quality metrics JSON to write")
+    ap.add_argument("--out", required=True, help="folder for each model's generated texts (<model>.json)")
+    ap.add_argument("--metrics", required=True, help="folder for each model's generation-quality metrics (<model>.json)")
     args = ap.parse_args()
     p = load_params()
-    tokenizer = modeling.load_tokenizer(args.model)
     prompts = (p.generate.prompt, *p.generate.extra_prompts)
-    generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens,
-                          modeling.context_length(args.base))
-    model = modeling.load_for_eval(args.model, args.base, p.model.name)
-    device = runtime.eval_device()  # after loading: the machine's load is measured over the loading
-    model = model.to(device)
-    with torch.no_grad():
-        panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device)
-    quality = generation.text_quality(ids, tokenizer.eos_token_id)
-    write_json(args.out, {"prompts": panel})
-    write_json(args.metrics, {Path(args.metrics).stem: quality})  # keyed by the model, as evaluate's
-    print(f"generate@{Path(args.metrics).stem}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} tokens for "
-          f"{len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}; wrote {args.out}, {args.metrics}")
+    tokenizers = {m: modeling.load_tokenizer(m) for m in args.model}
+    context = modeling.context_length(args.base)
+    for tokenizer in tokenizers.values():  # every model checked before any generates
+        generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens, context)
+    device = None
+    for folder, tokenizer in tokenizers.items():
+        name = Path(folder).name
+        model = modeling.load_for_eval(folder, args.base, p.model.name)
+        device = device or runtime.eval_device()  # after loading: the machine's load is measured over it
+        with torch.no_grad():
+            panel, ids = generation.generate(model.to(device), tokenizer, p.generate, p.seed, device)
+        quality = generation.text_quality(ids, tokenizer.eos_token_id)
+        write_json(Path(args.out) / f"{name}.json", {"prompts": panel})
+        write_json(Path(args.metrics) / f"{name}.json", {name: quality})  # keyed by the model, as evaluate's
+        print(f"generate: {name}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} "
+              f"tokens for {len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}")
+    print(f"generate: wrote {len(tokenizers)} models' texts to {args.out}/ and metrics to {args.metrics}/")
 
 
 if __name__ == "__main__":

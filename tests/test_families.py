@@ -35,8 +35,8 @@ def family_run(request, tmp_path, monkeypatch):
     for model in ("full", "lora"):
         run_main(evaluate, "--model", f"models/{model}", "--base", "pre", "--data", "prep", "--out",
                  f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npy")
-    run_main(generate, "--model", "models/lora", "--base", "pre", "--out", "gen/lora.json",
-             "--metrics", "m/generate/lora.json")
+    run_main(generate, "--model", "models/full", "--model", "models/lora", "--base", "pre", "--out", "gen",
+             "--metrics", "m/generate")
     return family, tmp_path
 
 

@@ -43,8 +43,7 @@ def run(tmp_path_factory):
         stage(root, f"train_{method}", *train_args(method))
     stage(root, "evaluate", "--model", "models/lora", "--base", "pre", "--data", "prep",
           "--out", "m/evaluate/lora.json", "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npy")
-    stage(root, "generate", "--model", "models/lora", "--base", "pre", "--out", "gen/lora.json",
-          "--metrics", "m/generate/lora.json")
+    stage(root, "generate", "--model", "models/lora", "--base", "pre", "--out", "gen", "--metrics", "m/generate")
     return root
 
 
