@@ -3,6 +3,7 @@ our `prepare` tokenization side by side with run_clm's datasets.map + group_text
 
     python -m scripts.bench [--out bench-results.json] [--prepare-mb 540] [--skip-prepare | --skip-training]
     python -m scripts.bench --loss     # train.loss: the model's own vs chunked, memory and tokens/s
+    python -m scripts.bench --live     # a logged step's cost: Accelerate's DVCLive tracker vs ours
 
 On a GPU it trains the GPT-2 124M architecture at random init (the compute is the same as the
 real weights'), 1024-token blocks; on CPU the bundled tiny GPT-2, 128-token blocks. Every path
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,40 @@ def bench_loss(work: Path) -> list[dict]:
     return rows
 
 
+LIVE_MARKS = (100, 1_000, 4_000)  # steps at which the live bench reads the time a step has cost
+
+
+def bench_live(work: Path) -> list[dict]:
+    """Milliseconds per logged step up to each LIVE_MARKS step, as a training stage logs (each
+    step's loss, lr and tokens/s every 10 steps, the run's config as params): Accelerate's DVCLive
+    tracker as it comes, then gpt2study.tracking.LiveTracker, in turn in this process."""
+    from accelerate.tracking import DVCLiveTracker
+
+    from gpt2study.config import load_params
+    from gpt2study.tracking import LiveTracker
+
+    p = load_params(ROOT / "params.yaml")
+    config = {"seed": p.seed, "model.name": p.model.name, **{f"train.{k}": v for k, v in asdict(p.train).items()
+                                                               if not isinstance(v, (list, tuple))}}
+    rows = []
+    for label, make in (("Accelerate's DVCLiveTracker", lambda d: DVCLiveTracker(dir=str(d), dvcyaml=None,
+                                                                                  save_dvc_exp=False)),
+                        ("gpt2study LiveTracker", LiveTracker)):
+        tracker = make(work / label.split()[-1])
+        tracker.start()
+        tracker.store_init_configuration(config)
+        row, last, t0 = {"tracker": label}, 0, time.perf_counter()
+        for step in range(1, LIVE_MARKS[-1] + 1):
+            tracker.log({"train/loss": 1 / step} | ({"lr": 1e-4, "tokens_per_s": 1e5} if step % 10 == 0 else {}),
+                        step=step)
+            if step in LIVE_MARKS:
+                now = time.perf_counter()
+                row[f"ms_per_step_{last + 1}_{step}"] = round((now - t0) / (step - last) * 1e3, 2)
+                last, t0 = step, now
+        rows.append(row)
+    return rows
+
+
 def print_loss(rows: list[dict]) -> None:
     from tabulate import tabulate
 
@@ -302,6 +338,7 @@ def main() -> None:
     ap.add_argument("--skip-prepare", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--loss", action="store_true", help="only the loss comparison (train.loss: model vs chunked)")
+    ap.add_argument("--live", action="store_true", help="only a logged step's cost (DVCLive trackers)")
     ap.add_argument("--repeats", type=int, default=0, help="rounds of the training paths (default: 3 on CPU, 1 on GPU)")
     ap.add_argument("--_hf-trainer", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_prepare", nargs=4, help=argparse.SUPPRESS)
@@ -319,14 +356,19 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.loss:
+        if args.live:
+            results["live"] = bench_live(Path(tmp))
+        elif args.loss:
             results["loss"] = bench_loss(Path(tmp))
         elif not args.skip_training:
             results |= bench_training(Path(tmp) / "train", cuda, args.repeats)
-        if not args.skip_prepare and not args.loss:
+        if not args.skip_prepare and not (args.loss or args.live):
             prep = bench_prepare(args.prepare_mb, Path(tmp))
             results["prepare"] = prep
             results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
+    if "live" in results:
+        print(f"\nA logged step's cost, ms (steps {', '.join(map(str, LIVE_MARKS))}; Studio not configured)")
+        print(tabulate(results["live"], headers="keys", tablefmt="github"))
     if "loss" in results:
         print_loss(results["loss"])
     if "training" in results:
