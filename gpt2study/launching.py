@@ -12,7 +12,8 @@ launcher:
 
 CPU threads (`cpu_threads`): the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it
 from --num_cpu_threads_per_process), else the usable cores that other processes left idle while the
-stage imported and loaded (its own CPU time left out, so the measurement costs nothing). A CPU-bound
+stage imported transformers and loaded its model (its own CPU time left out, so the measurement
+costs nothing). A CPU-bound
 neighbour costs a two-thread run on two cores far more than the core it takes: OpenMP's threads
 wait on each other at every parallel region, and one of them keeps being descheduled (measured in
 the README, "Busy machines"). Precision is not decided here but by train.precision
@@ -44,6 +45,9 @@ def _cpu_times() -> tuple[int, int] | None:
     return total - idle, total
 
 
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat's ticks per second
+
+
 def load_sample() -> tuple[float, float] | None:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat, with this
     process's own CPU seconds left out of busy; None where there is no /proc/stat."""
@@ -54,9 +58,9 @@ def load_sample() -> tuple[float, float] | None:
     return times[0] / _HZ - own.user - own.system, times[1] / _HZ
 
 
-_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# The load is measured from when a stage imports this module: its own imports and model loading
-# make the window (their CPU time left out), so the measurement costs the stage nothing.
+# The load is measured from when a stage imports this module (after torch, which gpt2study.runtime
+# imports first) to when it sets its threads, after loading its model: that work makes the window
+# (its own CPU time left out), so the measurement costs the stage nothing.
 _IMPORTED = load_sample()
 
 

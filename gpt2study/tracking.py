@@ -21,6 +21,7 @@ the run's params and every curve, so each step cost time in proportion to the st
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -42,24 +43,31 @@ def require(trackers) -> None:
                           f"(pip install {' '.join(missing)}) or leave it out of train.trackers")
 
 
+@functools.cache
+def _live_class() -> type:
+    """dvclive.Live, assembling Studio's per-step payload only when Studio is configured (imported
+    when a run first starts DVCLive: `train.trackers: []` does not pay for the import)."""
+    from dvclive import Live
+
+    class StudioOnlyWhenConfigured(Live):
+        def post_data_to_studio(self):
+            if getattr(self, "_dvc_studio_config", True):  # a later DVCLive without it: its own behaviour
+                super().post_data_to_studio()
+
+    return StudioOnlyWhenConfigured
+
+
 class LiveTracker(DVCLiveTracker):
-    """Accelerate's DVCLive tracker writing to `dir` (continuing the files found there: LiveLog.start
-    empties the folder for a fresh run), with no dvc.yaml of its own and no experiment, and no
-    per-step Studio payload unless Studio is configured."""
+    """Accelerate's DVCLive tracker writing to `live_dir` (continuing the files found there:
+    LiveLog.start empties the folder for a fresh run), with no dvc.yaml of its own and no
+    experiment, and no per-step Studio payload unless Studio is configured."""
 
     def __init__(self, live_dir: Path):
         super().__init__(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, resume=True)
 
-    @on_main_process
+    @on_main_process  # accelerate.tracking's own decorator for its trackers' start, as DVCLiveTracker's
     def start(self):
-        from dvclive import Live
-
-        class StudioOnlyWhenConfigured(Live):
-            def post_data_to_studio(self):
-                if getattr(self, "_dvc_studio_config", True):  # a later DVCLive without it: its own behaviour
-                    super().post_data_to_studio()
-
-        self.live = StudioOnlyWhenConfigured(**self.init_kwargs)
+        self.live = _live_class()(**self.init_kwargs)
 
 
 def log_with(trackers: tuple[str, ...], live_dir: Path) -> list | None:

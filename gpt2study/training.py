@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from gpt2study import checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
@@ -175,9 +177,6 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
           data_dir: Path, live_dir: Path) -> Session:
     """Accelerator (with train.trackers, writing under live_dir), token blocks, the model `build()`
     returns, AdamW and the warmup-linear schedule."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     tracking.require(train.trackers)
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
                               log_with=tracking.log_with(train.trackers, live_dir), project_dir=str(live_dir))
@@ -372,6 +371,12 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
     return extra
 
 
+def tracker_config(p: Params, method: str) -> dict:
+    """The run's settings as the trackers record them (their params): flat keys, scalar values."""
+    return {"seed": p.seed, "model.name": p.model.name, "method": method, "lr": getattr(p, method).lr,
+            **{f"train.{k}": v for k, v in asdict(p.train).items() if not isinstance(v, (list, tuple))}}
+
+
 def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module],
         check: Callable | None = None, facts: dict | None = None) -> dict:
     """A training stage: setup, fit, save, then metrics, facts (`facts` added) and curves; returns
@@ -383,9 +388,7 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
         "threads": torch.get_num_threads(), "versions": runtime.library_versions()})
     ckpt = checkpoints.Checkpointer(paths.checkpoints, method, identity, s.accelerator)
     live = tracking.LiveLog(s.accelerator, p.train.trackers, paths.live)
-    config = {"seed": p.seed, "model.name": p.model.name, "method": method, "lr": getattr(p, method).lr,
-              **{f"train.{k}": v for k, v in asdict(p.train).items() if not isinstance(v, (list, tuple))}}
-    progress = fit(s, p.train, p.seed, ckpt, f"train_{method}", live, config)
+    progress = fit(s, p.train, p.seed, ckpt, f"train_{method}", live, tracker_config(p, method))
     metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every)
     info |= {"loss": p.train.loss} | (facts or {})
     metrics |= save(s, paths.out, paths.base, check)

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -275,16 +274,17 @@ LIVE_MARKS = (100, 1_000, 4_000)  # steps at which the live bench reads the time
 
 def bench_live(work: Path) -> list[dict]:
     """Milliseconds per logged step up to each LIVE_MARKS step, as a training stage logs (each
-    step's loss, lr and tokens/s every 10 steps, the run's config as params): Accelerate's DVCLive
-    tracker as it comes, then gpt2study.tracking.LiveTracker, in turn in this process."""
+    step's loss, lr and tokens/s every train.log_every steps, the run's config as params):
+    Accelerate's DVCLive tracker as it comes, then gpt2study.tracking.LiveTracker, in turn in this
+    process."""
     from accelerate.tracking import DVCLiveTracker
 
     from gpt2study.config import load_params
     from gpt2study.tracking import LiveTracker
+    from gpt2study.training import tracker_config
 
     p = load_params(ROOT / "params.yaml")
-    config = {"seed": p.seed, "model.name": p.model.name, **{f"train.{k}": v for k, v in asdict(p.train).items()
-                                                               if not isinstance(v, (list, tuple))}}
+    config, every = tracker_config(p, "full"), p.train.log_every
     rows = []
     for label, make in (("Accelerate's DVCLiveTracker", lambda d: DVCLiveTracker(dir=str(d), dvcyaml=None,
                                                                                   save_dvc_exp=False)),
@@ -294,7 +294,7 @@ def bench_live(work: Path) -> list[dict]:
         tracker.store_init_configuration(config)
         row, last, t0 = {"tracker": label}, 0, time.perf_counter()
         for step in range(1, LIVE_MARKS[-1] + 1):
-            tracker.log({"train/loss": 1 / step} | ({"lr": 1e-4, "tokens_per_s": 1e5} if step % 10 == 0 else {}),
+            tracker.log({"train/loss": 1 / step} | ({"lr": 1e-4, "tokens_per_s": 1e5} if step % every == 0 else {}),
                         step=step)
             if step in LIVE_MARKS:
                 now = time.perf_counter()

@@ -26,7 +26,8 @@ def main() -> None:
                     "repeat for each model")
     ap.add_argument("--base", required=True, help="pretrained snapshot, the base of an adapter")
     ap.add_argument("--out", required=True, help="folder for each model's generated texts (<model>.json)")
-    ap.add_argument("--metrics", required=True, help="folder for each model's generation-quality metrics (<model>.json)")
+    ap.add_argument("--metrics", required=True,
+                    help="folder for each model's generation-quality metrics (<model>.json)")
     args = ap.parse_args()
     p = load_params()
     prompts = (p.generate.prompt, *p.generate.extra_prompts)

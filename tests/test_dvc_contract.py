@@ -141,8 +141,8 @@ def test_every_path_a_stage_writes_is_a_declared_output():
             # compare writes --nll as a folder it reads; only stages that write there must declare it.
             if stage.addressing == "compare":
                 written -= {args[args.index("--nll") + 1]}
-            # A path is declared itself, or lies in a declared folder, or (a matrix stage's --nll
-            # folder) holds the declared files.
+            # A path is declared itself, or lies in a declared folder, or is a folder that holds
+            # the declared files (evaluate's --nll, generate's --out and --metrics).
             missing = {w for w in written if not any(w == d or w.startswith(d + "/") or d.startswith(w + "/")
                                                      for d in declared)}
             assert not missing, f"{stage.addressing} writes {sorted(missing)} without declaring it"
