@@ -13,11 +13,10 @@ launcher:
 CPU threads (`cpu_threads`): the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it
 from --num_cpu_threads_per_process), else the usable cores that other processes left idle while the
 stage imported transformers and loaded its model (its own CPU time left out, so the measurement
-costs nothing). A CPU-bound
-neighbour costs a two-thread run on two cores far more than the core it takes: OpenMP's threads
-wait on each other at every parallel region, and one of them keeps being descheduled (measured in
-the README, "Busy machines"). Precision is not decided here but by train.precision
-(gpt2study.runtime.resolve_precision).
+costs nothing). A CPU-bound neighbour costs a two-thread run on two cores far more than the core it
+takes: OpenMP's threads wait on each other at every parallel region, and one of them keeps being
+descheduled (measured in the README, "Busy machines"). Precision is not decided here but by
+train.precision (gpt2study.runtime.resolve_precision).
 """
 
 from __future__ import annotations
