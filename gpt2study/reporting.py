@@ -130,8 +130,8 @@ def efficiency(r: Inputs) -> list[str]:
             f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. LoRA integrity: "
             f"{lora['trainable_params']:,} trainable parameters in the wrapped layers "
             f"({', '.join(lora['lora_target_modules'])}), checked equal to r x (in + out) over them; merged vs base+adapter logits differ by at most "
-            f"{lora['merge_max_abs_diff']:.2e}; adapter {lora['adapter_mb']:.2f} MB vs full model "
-            f"{lora['base_model_mb']:.2f} MB.", ""]
+            f"{lora['merge_max_abs_diff']:.2e}; adapter weights {lora['adapter_mb']:.2f} MB vs the base model's "
+            f"folder {lora['base_model_mb']:.2f} MB (Artifact counts each saved folder, tokenizer included).", ""]
 
 
 def validation(r: Inputs) -> list[str]:

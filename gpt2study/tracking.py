@@ -15,8 +15,8 @@ already logged (they come out the same) are skipped.
 DVCLive runs as `LiveTracker`, Accelerate's DVCLive tracker on a `Live` that assembles DVC Studio's
 payload only when Studio is configured: DVCLive 3.49 assembles it at every step regardless, rereading
 the run's params and every curve, so each step cost time in proportion to the steps before it
-(`python -m scripts.bench --live`: 2.5 ms a step over the first 100 steps, 5.1 ms over steps
-1,001-4,000; 0.7 ms throughout without it).
+(`python -m scripts.bench --live`: 2.4 ms a step over the first 100 steps, 5.1 ms over steps
+1,001-4,000; under 1 ms throughout without it).
 """
 
 from __future__ import annotations
