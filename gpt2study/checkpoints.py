@@ -29,8 +29,9 @@ class _SharedTensorNote(logging.Filter):
 @contextmanager
 def _quiet_shared_tensors():
     """save_state stores a tensor shared by several names once and warns each time: GPT-2 ties
-    lm_head.weight to the embedding, and the loss wrapper reaches every weight by two names. Harmless: load_state restores the tie (the kill-and-resume test ends with identical
-    weights), so the note is dropped rather than printed with every checkpoint."""
+    lm_head.weight to the embedding. Harmless: load_state restores the tie (the kill-and-resume
+    test ends with identical weights), so the note is dropped rather than printed with every
+    checkpoint."""
     log = logging.getLogger("accelerate.utils.other")
     note = _SharedTensorNote()
     log.addFilter(note)

@@ -101,11 +101,11 @@ def plan(base_dir: str | Path, lora: LoraParams) -> tuple[list[str], int]:
     return names, expected_params(skeleton, lora.r, names)
 
 
-def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple[list[str], int] | None = None,
-          base_revision: str | None = None):
-    """The snapshot wrapped with LoRA (on the layers `plan` gives, or gave), its trainable count
-    checked against r x (in + out)."""
-    names, expected = planned or plan(base_dir, lora)
+def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple[list[str], int],
+          base_revision: str | None):
+    """The snapshot wrapped with LoRA on the layers `plan` gave, its trainable count checked
+    against r x (in + out)."""
+    names, expected = planned
     model = wrap(modeling.load_causal_lm(base_dir), lora, base_name, names, base_revision)
     trainable, _ = modeling.count_params(model)
     if trainable != expected:

@@ -112,13 +112,13 @@ class CausalLMLoss(torch.nn.Module):
 
             raise ConfigError(f"train.loss: chunked cannot train {causal_lm.config.model_type}: {why}; "
                               "set train.loss: model")
-        self.body, self.head = body_and_head(model)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        body, head = body_and_head(self.model)  # looked up, not registered: each weight keeps one name
+        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
         hidden = hidden.reshape(-1, hidden.shape[-1])
         targets = input_ids[:, 1:].reshape(-1)
-        total = LinearCrossEntropy.apply(hidden, self.head.weight, self.head.bias, targets, _chunk(self.head))
+        total = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, _chunk(head))
         return total / targets.numel()
 
 

@@ -94,9 +94,10 @@ def use_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(cpu_threads())
 
 
-def eval_device() -> torch.device:
-    """Where evaluation and generation run: the GPU when there is one (on a CPU, with the threads
-    use_cpu_threads chooses)."""
+def to_eval_device(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.device]:
+    """A loaded model moved to where evaluation and generation run: the GPU when there is one, else
+    the CPU with the threads use_cpu_threads chooses (after loading, so that the machine's load is
+    measured over the loading)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_cpu_threads(device)
-    return device
+    return model.to(device), device

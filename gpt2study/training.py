@@ -158,7 +158,6 @@ class Session:
     total_steps: int
     global_batch: int             # blocks per optimizer step, over all processes
     compiled: bool
-    config: object                # the base model's transformers config, for FLOPs
 
     @property
     def tokens_per_step(self) -> int:
@@ -198,7 +197,6 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     runtime.use_cpu_threads(device)  # after loading: the machine's load is measured over the loading
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = loss.causal_lm_of(model).config
     trained = model
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
@@ -214,7 +212,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     return Session(accelerator, model, trained, optimizer, scheduler, train_blocks, val_blocks, steps_per_epoch,
-                   total_steps, train.batch_size * train.grad_accum * world, compiled, config)
+                   total_steps, train.batch_size * train.grad_accum * world, compiled)
 
 
 def _to_device(blocks: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -321,8 +319,8 @@ def validation_summary(val_curve: list) -> dict:
 
 
 def summarize(s: Session, progress: Progress, block_size: int, seed: int, method: str,
-              eval_every: int) -> tuple[dict, dict]:
-    """(numeric metrics, descriptive facts) of a finished run."""
+              eval_every: int, versions: dict) -> tuple[dict, dict]:
+    """(numeric metrics, descriptive facts; `versions`: the libraries') of a finished run."""
     steps, train_time = progress.step, progress.train_time
     steady_steps, steady_time = steps - progress.warmup_steps, train_time - progress.warmup_time
     if steady_steps == 0:  # a run shorter than one log interval has no steady state to measure
@@ -342,14 +340,15 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     if peak is None:
         peak, peak_source = runtime.measured_peak_flops(device), "measured, matmul probe"
     full = trainable == total
-    fpt = runtime.flops_per_token(s.config, total if full else total - trainable, block_size, full)
+    fpt = runtime.flops_per_token(loss.causal_lm_of(s.trained).config, total if full else total - trainable,
+                                  block_size, full)
     metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
     info = {"method": method, "steps": steps, "tokens": steps * s.tokens_per_step, "global_batch": s.global_batch,
             "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
             "peak_flops": peak, "peak_flops_source": peak_source,
-            "versions": runtime.library_versions()}
+            "versions": versions}
     return metrics, info
 
 
@@ -389,7 +388,8 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     ckpt = checkpoints.Checkpointer(paths.checkpoints, method, identity, s.accelerator)
     live = tracking.LiveLog(s.accelerator, p.train.trackers, paths.live)
     progress = fit(s, p.train, p.seed, ckpt, f"train_{method}", live, tracker_config(p, method))
-    metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every)
+    metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every,
+                              identity["versions"])
     info |= {"loss": p.train.loss} | (facts or {})
     metrics |= save(s, paths.out, paths.base, check)
     if s.accelerator.is_main_process:

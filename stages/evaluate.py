@@ -37,9 +37,7 @@ def main() -> None:
     p = load_params()
     torch.manual_seed(p.seed)
     modeling.check_context(args.base, p.data.block_size)
-    model = modeling.load_for_eval(args.model, args.base, p.model.name)
-    device = runtime.eval_device()  # after loading: the machine's load is measured over the loading
-    model = model.to(device)
+    model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     meta = data.read_meta(args.data)
     block = p.data.block_size

@@ -35,13 +35,11 @@ def main() -> None:
     context = modeling.context_length(args.base)
     for tokenizer in tokenizers.values():  # every model checked before any generates
         generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens, context)
-    device = None
     for folder, tokenizer in tokenizers.items():
         name = Path(folder).name
-        model = modeling.load_for_eval(folder, args.base, p.model.name)
-        device = device or runtime.eval_device()  # after loading: the machine's load is measured over it
+        model, device = runtime.to_eval_device(modeling.load_for_eval(folder, args.base, p.model.name))
         with torch.no_grad():
-            panel, ids = generation.generate(model.to(device), tokenizer, p.generate, p.seed, device)
+            panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device)
         quality = generation.text_quality(ids, tokenizer.eos_token_id)
         write_json(Path(args.out) / f"{name}.json", {"prompts": panel})
         write_json(Path(args.metrics) / f"{name}.json", {name: quality})  # keyed by the model, as evaluate's

@@ -17,7 +17,7 @@ from gpt2study.config import load_params
 from gpt2study.errors import run_stage
 
 
-def build(p, base_dir, planned=None, base_revision=None):
+def build(p, base_dir, planned, base_revision):
     return lora.build(base_dir, p.lora, p.model.name, planned, base_revision)
 
 
