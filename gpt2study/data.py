@@ -200,3 +200,31 @@ def blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
     """Non-overlapping blocks of `block_size` tokens, as a (n_blocks, block_size) view; the tail is dropped."""
     n = len(tokens) // block_size
     return tokens[: n * block_size].reshape(n, block_size)
+
+
+def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
+    """Tokenize every split of every source of params `p` into `out` (a fresh folder), each at its
+    commit; return the meta (dtype, vocabulary, BOS, each split's source, separator and counts)."""
+    dtype = token_dtype(len(tokenizer))
+    # Each split is one scored stream; it starts with BOS where the family's tokenizer adds one.
+    bos = bos_id(tokenizer)
+    splits = {}
+    jobs = [(split, p.data.name, commits["data.name"], p.data.config, split) for split in SPLITS]
+    jobs += [(general_split(g), g.name, commits[f"data.general[{i}].name"], g.config, g.split)
+             for i, g in enumerate(p.data.general)]
+    for split, name, commit, config, source_split in jobs:
+        source, rows = iter_rows(name, config, source_split, commit)
+        separator, rows = join_rows(rows)
+        counts = tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype, [bos] if bos is not None else [])
+        if counts["bytes"] == 0:
+            raise DataError(f"{source}: split '{split}' is empty; give it text")
+        if counts["tokens"] < p.data.block_size:
+            raise DataError(
+                f"{source}: split '{split}' has {counts['tokens']} tokens, fewer than one block "
+                f"(data.block_size={p.data.block_size}); give it more text or lower data.block_size")
+        splits[split] = {"source": source, "separator": separator, **counts}
+        print(f"prepare: {split}: {counts['tokens']:,} tokens from {source}")
+    return {"dtype": dtype.str, "vocab_size": len(tokenizer), "tokenizer": p.model.name,
+            "bos": {"token": tokenizer.bos_token, "id": bos, "where": "start of each split"} if bos is not None
+            else None,
+            "source": p.data.name, "config": p.data.config, "splits": splits}

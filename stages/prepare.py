@@ -12,7 +12,6 @@ commit served).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from gpt2study import data, hub, modeling
 from gpt2study.config import ConfigError, Params, load_params
@@ -45,33 +44,6 @@ def provenance(p: Params) -> dict:
     return {item.key: resolved.get(item.key, {"name": item.name, "revision": None, "commit": None}) for item in items}
 
 
-def prepare(p: Params, out: Path, tokenizer, commits: dict) -> dict:
-    """Tokenize every split of every source into `out` (a fresh folder), each at its commit; return meta."""
-    dtype = data.token_dtype(len(tokenizer))
-    # Each split is one scored stream; it starts with BOS where the family's tokenizer adds one.
-    bos = data.bos_id(tokenizer)
-    splits = {}
-    jobs = [(split, p.data.name, commits["data.name"], p.data.config, split) for split in data.SPLITS]
-    jobs += [(data.general_split(g), g.name, commits[f"data.general[{i}].name"], g.config, g.split)
-             for i, g in enumerate(p.data.general)]
-    for split, name, commit, config, source_split in jobs:
-        source, rows = data.iter_rows(name, config, source_split, commit)
-        separator, rows = data.join_rows(rows)
-        counts = data.tokenize_to_file(rows, tokenizer, out / f"{split}.bin", dtype, [bos] if bos is not None else [])
-        if counts["bytes"] == 0:
-            raise data.DataError(f"{source}: split '{split}' is empty; give it text")
-        if counts["tokens"] < p.data.block_size:
-            raise data.DataError(
-                f"{source}: split '{split}' has {counts['tokens']} tokens, fewer than one block "
-                f"(data.block_size={p.data.block_size}); give it more text or lower data.block_size")
-        splits[split] = {"source": source, "separator": separator, **counts}
-        print(f"prepare: {split}: {counts['tokens']:,} tokens from {source}")
-    return {"dtype": dtype.str, "vocab_size": len(tokenizer), "tokenizer": p.model.name,
-            "bos": {"token": tokenizer.bos_token, "id": bos, "where": "start of each split"} if bos is not None
-            else None,
-            "source": p.data.name, "config": p.data.config, "splits": splits}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description="Tokenize the corpus; run by dvc.yaml stage prepare")
     ap.add_argument("--out", required=True, help="folder for the token files")
@@ -86,7 +58,7 @@ def main() -> None:
     modeling.check_context(p.model.name, p.data.block_size, model_commit)
     tokenizer = modeling.load_tokenizer(p.model.name, model_commit)
     with atomic_dir(args.out) as tmp:
-        meta = prepare(p, tmp, tokenizer, commits) | {"inputs": sources}
+        meta = data.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": sources}
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
