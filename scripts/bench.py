@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2study.data import token_dtype
-from gpt2study.synthetic import ASSETS, ROOT, local_params, write_gpt2_124m, write_params
+from gpt2study.synthetic import ASSETS, ROOT, local_params, no_dropout, write_gpt2_124m, write_params
 
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
 
@@ -41,10 +41,13 @@ CPU_SHAPE = {"model": "tiny GPT-2 (assets/tiny-gpt2)", "config": None, "block": 
              "tokens": 204_800}
 
 
-def setup(work: Path, shape: dict) -> None:
+def setup(work: Path, shape: dict, snapshot: Path | None = None) -> None:
     """Write a snapshot (`shape["config"]`: GPT2Config overrides for a random-init GPT-2 with the
-    real tokenizer, or None for the bundled tiny model) and a prepared folder of random tokens."""
-    if shape["config"] is None:
+    real tokenizer, or None for the bundled tiny model; or hard links to the files of `snapshot`,
+    one written before) and a prepared folder of random tokens."""
+    if snapshot is not None:
+        shutil.copytree(snapshot, work / "pre", copy_function=os.link)
+    elif shape["config"] is None:
         shutil.copytree(ASSETS / "tiny-gpt2", work / "pre")
     else:
         write_gpt2_124m(work / "pre", **shape["config"])
@@ -238,12 +241,11 @@ def bench_training(work: Path, cuda: bool, repeats: int) -> dict:
 # probabilities, 1.7 GiB a sequence over 12 layers (more than the logits); with dropout off (or on a
 # GPU) the attention kernel keeps none. And a tiny model with Qwen2.5's 151,936-token vocabulary,
 # where the logits are nearly all of the memory. Three steps each (the first apart as warm-up).
-NO_DROPOUT = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 LOSS_SHAPES = {
     "GPT-2 124M (random init), batch 4 x 1,024": {"model": "GPT-2 124M", "config": {}, "block": 1024, "batch": 4,
                                                   "tokens": 4 * 1024 * 3, "log_every": 1},
-    "GPT-2 124M, dropout off, batch 4 x 1,024": {"model": "GPT-2 124M", "config": NO_DROPOUT, "block": 1024,
-                                                 "batch": 4, "tokens": 4 * 1024 * 3, "log_every": 1},
+    "GPT-2 124M, dropout off, batch 4 x 1,024": {"model": "GPT-2 124M", "config": {}, "dropout": False,
+                                                 "block": 1024, "batch": 4, "tokens": 4 * 1024 * 3, "log_every": 1},
     "2-layer, 151,936-token vocabulary, batch 8 x 128": {"model": "tiny, 152k vocabulary", "block": 128, "batch": 8,
                                                          "config": {"n_layer": 2, "n_head": 2, "n_embd": 64,
                                                                     "n_positions": 128, "vocab_size": 151_936},
@@ -258,6 +260,8 @@ def bench_loss(work: Path) -> list[dict]:
         folder = work / f"loss-{i}"
         folder.mkdir(parents=True)
         setup(folder, shape)
+        if not shape.get("dropout", True):
+            no_dropout(folder / "pre")
         pair = []
         for kind in ("model", "chunked"):
             bench_params(folder, shape, loss=kind)

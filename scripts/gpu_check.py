@@ -69,13 +69,14 @@ def loop_rows(work: Path, shape: dict, dry: bool) -> list[dict]:
 
 def largest_batch(work: Path, shape: dict, loss: str, limit: int = 256) -> dict:
     """Full fine-tuning, compiled, at the largest power-of-two batch (from shape's) that fits: each
-    try on its own prepared tokens (12 steps); only running out of GPU memory ends the search."""
+    try on its own prepared tokens (12 steps) and the snapshot loop_rows wrote (linked, not
+    rebuilt); only running out of GPU memory ends the search."""
     best, batch = None, shape["batch"]
     while batch <= limit:
         tried = shape | {"batch": batch, "tokens": batch * shape["block"] * 12}
         folder = work / f"largest-{loss}-{batch}"
         folder.mkdir()
-        setup(folder, tried)
+        setup(folder, tried, snapshot=work / "pre")
         bench_params(folder, tried, compile_=True, loss=loss)
         row = ours(folder, "full", "full", f"ours, full, {loss} loss, largest batch", check=False)
         if row is None:
