@@ -8,9 +8,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import PREPARE_ARGS, ROOT, demo_params, no_dropout, run_main, train_args
+from conftest import ROOT, demo_params, no_dropout, prepare_in, train_args
 from gpt2study.outputs import read_json
-from stages import prepare
 
 
 def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[float]]:
@@ -27,8 +26,7 @@ def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[f
 
 @pytest.mark.slow
 def test_two_processes_match_one_at_the_same_global_batch(project, tmp_path):
-    project()
-    run_main(prepare, *PREPARE_ARGS)
+    prepare_in(project)
     no_dropout(tmp_path / "pre")
 
     one, curve_one = train(tmp_path, 1, 8, "one")

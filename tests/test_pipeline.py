@@ -275,9 +275,7 @@ def test_readme_model_loading_snippets_run(demo_build, tmp_path):
 def test_the_whole_pipeline_runs_on_a_tiny_llama_and_a_wrong_lora_target_fails_first(tmp_path):
     dest = sandbox.make_sandbox(tmp_path / "llama", SETTINGS | {"model.name": "tiny-llama"})
     write_tiny_model("llama", dest / "tiny-llama")
-    dvc(dest, "repro")
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
+    sandbox.repro_and_commit(dest)
     report = (dest / "metrics/report.md").read_text()
     assert report.startswith("# tiny-llama on tiny-wikitext:") and "GPT-2" not in report
     assert "Fully fine-tuned tiny-llama" in report and "(q_proj, v_proj)" in report

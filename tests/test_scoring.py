@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
+from conftest import TINY_MODEL, TINY_WIKI, prepare_in
 from gpt2study import data, modeling, scoring, stats
 from gpt2study.config import load_params
-from stages import prepare
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +79,7 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_data():
 
 
 def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(project):
-    project(**{"evaluate.stride": 32})
-    run_main(prepare, *PREPARE_ARGS)
+    prepare_in(project, **{"evaluate.stride": 32})
     p = load_params()
     model = modeling.load_causal_lm(TINY_MODEL).eval()
     n_bytes = data.read_meta("prep")["splits"]["test"]["bytes"]
