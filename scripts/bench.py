@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2study.data import token_dtype
-from gpt2study.synthetic import ASSETS, ROOT, local_params, no_dropout, write_gpt2_124m, write_params
+from ftstudy.data import token_dtype
+from ftstudy.synthetic import ASSETS, ROOT, local_params, no_dropout, write_gpt2_124m, write_params
 
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
 
@@ -80,7 +80,7 @@ def ours(work: Path, method: str, tag: str, label: str | None = None, check: boo
     cmd = [sys.executable, "-m", f"stages.train_{method}",
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
            "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--live", f"live-{tag}", "--checkpoints", "ckpt"]
-    # As dvc.yaml runs it for one process (gpt2study.launching). The HF Trainer path gets torch's
+    # As dvc.yaml runs it for one process (ftstudy.launching). The HF Trainer path gets torch's
     # default threads (every core), so ours gets the same rather than choosing by the load.
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     proc = subprocess.run(cmd, cwd=work, env=env, stderr=None if check else subprocess.PIPE, text=True)
@@ -137,7 +137,7 @@ def _hf_trainer_child(work: Path, shape: dict, out: Path) -> None:
     start = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
     steady = (steps - WARMUP_STEPS) * batch * block / (marks[steps] - marks[WARMUP_STEPS])
-    from gpt2study import runtime
+    from ftstudy import runtime
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory = runtime.peak_memory(device) if device.type == "cuda" else {
@@ -162,7 +162,7 @@ def corpus(path: Path, mb: int) -> None:
 def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     import resource
 
-    from gpt2study import data, modeling
+    from ftstudy import data, modeling
 
     tok = modeling.load_tokenizer(ASSETS / "gpt2-tokenizer")  # GPT-2's real BPE
     start = time.perf_counter()
@@ -279,20 +279,20 @@ LIVE_MARKS = (100, 1_000, 4_000)  # steps at which the live bench reads the time
 def bench_live(work: Path) -> list[dict]:
     """Milliseconds per logged step up to each LIVE_MARKS step, as a training stage logs (each
     step's loss, lr and tokens/s every train.log_every steps, the run's config as params):
-    Accelerate's DVCLive tracker as it comes, then gpt2study.tracking.LiveTracker, in turn in this
+    Accelerate's DVCLive tracker as it comes, then ftstudy.tracking.LiveTracker, in turn in this
     process."""
     from accelerate.tracking import DVCLiveTracker
 
-    from gpt2study.config import load_params
-    from gpt2study.tracking import LiveTracker
-    from gpt2study.training import tracker_config
+    from ftstudy.config import load_params
+    from ftstudy.tracking import LiveTracker
+    from ftstudy.training import tracker_config
 
     p = load_params(ROOT / "params.yaml")
     config, every = tracker_config(p, "full"), p.train.log_every
     rows = []
     for label, make in (("Accelerate's DVCLiveTracker", lambda d: DVCLiveTracker(dir=str(d), dvcyaml=None,
                                                                                   save_dvc_exp=False)),
-                        ("gpt2study LiveTracker", LiveTracker)):
+                        ("ftstudy LiveTracker", LiveTracker)):
         tracker = make(work / label.split()[-1])
         tracker.start()
         tracker.store_init_configuration(config)

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt2study.synthetic import ASSETS, ROOT, local_params, no_dropout, write_corpus, write_gpt2_124m, write_params
+from ftstudy.synthetic import ASSETS, ROOT, local_params, no_dropout, write_corpus, write_gpt2_124m, write_params
 from scripts.bench import GPU_SHAPE, bench_params, hf_trainer, ours, setup
 
 # Targets for an H100/H200 in bf16 (the GPU issue's figures).
@@ -146,7 +146,7 @@ def main() -> None:
     import torch
     from tabulate import tabulate
 
-    from gpt2study import runtime
+    from ftstudy import runtime
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:

@@ -8,8 +8,8 @@ changes.
 
 from __future__ import annotations
 
-from gpt2study.config import PARAMS_FILE, load_params
-from gpt2study.errors import run_stage
+from ftstudy.config import PARAMS_FILE, load_params
+from ftstudy.errors import run_stage
 
 
 def main() -> None:

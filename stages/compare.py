@@ -2,7 +2,7 @@
 
 For each pair (full vs pretrained, lora vs pretrained, full vs lora): the ratio of their test
 perplexities with a 95% paired chunk-bootstrap interval. The models are scored on the very same
-tokens, so the same resampled chunks are drawn for both (gpt2study.stats.paired_ppl_ratio): a
+tokens, so the same resampled chunks are drawn for both (ftstudy.stats.paired_ppl_ratio): a
 tighter and more honest test than whether two separate intervals overlap. The report's findings
 call a winner only when the paired interval excludes 1. Time to quality: the training seconds and
 tokens each method needed to reach the other's final validation loss (none when it never did).
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2study import curves
-from gpt2study.config import load_params
-from gpt2study.errors import run_stage
-from gpt2study.outputs import write_json
-from gpt2study.stats import paired_ppl_ratio
+from ftstudy import curves
+from ftstudy.config import load_params
+from ftstudy.errors import run_stage
+from ftstudy.outputs import write_json
+from ftstudy.stats import paired_ppl_ratio
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 

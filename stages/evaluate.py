@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2study import data, modeling, runtime, scoring, stats
-from gpt2study.config import load_params
-from gpt2study.errors import run_stage
-from gpt2study.outputs import write_array, write_json
+from ftstudy import data, modeling, runtime, scoring, stats
+from ftstudy.config import load_params
+from ftstudy.errors import run_stage
+from ftstudy.outputs import write_array, write_json
 
 
 def main() -> None:

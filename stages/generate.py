@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2study import generation, modeling, runtime
-from gpt2study.config import load_params
-from gpt2study.errors import run_stage
-from gpt2study.outputs import write_json
+from ftstudy import generation, modeling, runtime
+from ftstudy.config import load_params
+from ftstudy.errors import run_stage
+from ftstudy.outputs import write_json
 
 
 def main() -> None:

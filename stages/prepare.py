@@ -2,7 +2,7 @@
 and the inputs' provenance.
 
 Every Hub input (model.name, data.name, each data.general name) is first resolved from its revision
-to the commit served (gpt2study.hub), then loaded at that commit. Writes --out/{train,validation,
+to the commit served (ftstudy.hub), then loaded at that commit. Writes --out/{train,validation,
 test}.bin, one general-<name>.bin per data.general source, and meta.json (with the provenance, BOS
 and row separators); --pretrained (save_pretrained snapshot of model.name, so later stages never
 reach the Hub); --metrics (token counts per split) and --info (each input's revision asked and
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2study import data, hub, modeling
-from gpt2study.config import ConfigError, Params, load_params
-from gpt2study.errors import run_stage
-from gpt2study.outputs import atomic_dir, write_json
+from ftstudy import data, hub, modeling
+from ftstudy.config import ConfigError, Params, load_params
+from ftstudy.errors import run_stage
+from ftstudy.outputs import atomic_dir, write_json
 
 
 def inputs(p: Params) -> list[hub.HubInput]:

@@ -1,6 +1,6 @@
 """Stage report: metrics, their facts and the generations only -> metrics/report.md.
 
-Nothing is recomputed: every number comes from a file another stage wrote (gpt2study.reporting).
+Nothing is recomputed: every number comes from a file another stage wrote (ftstudy.reporting).
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2study.errors import run_stage
-from gpt2study.outputs import write_text
-from gpt2study.reporting import render
+from ftstudy.errors import run_stage
+from ftstudy.outputs import write_text
+from ftstudy.reporting import render
 
 
 def main() -> None:

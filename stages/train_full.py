@@ -1,15 +1,15 @@
 """Stage train_full: prepared data + pretrained snapshot -> fully fine-tuned model folder and metrics.
 
 Every weight trains; the model is saved with save_pretrained (safetensors, config, tokenizer).
-Started by gpt2study.launching: plain python for one process, `accelerate launch` for several GPUs or
+Started by ftstudy.launching: plain python for one process, `accelerate launch` for several GPUs or
 a user's `accelerate config`.
 """
 
 from __future__ import annotations
 
-from gpt2study import modeling, training
-from gpt2study.config import load_params
-from gpt2study.errors import run_stage
+from ftstudy import modeling, training
+from ftstudy.config import load_params
+from ftstudy.errors import run_stage
 
 
 def build(p, base_dir):

@@ -3,18 +3,18 @@
 Only the adapter trains and only the adapter (plus tokenizer) is saved; its config names
 model.name as the base. The layers it wraps (lora.target_modules, `auto` resolved to the family's
 default) are checked on the weightless skeleton before anything loads, and recorded in the info. Before the folder is committed, the adapter's integrity is checked and
-recorded (gpt2study.lora): the trainable count equals r x (in + out) over the wrapped layers, and
+recorded (ftstudy.lora): the trainable count equals r x (in + out) over the wrapped layers, and
 merged and base+adapter logits agree. With lora.merge the merged model is also saved, loadable
-with plain transformers, at <out>/merged. Started by gpt2study.launching, as train_full is.
+with plain transformers, at <out>/merged. Started by ftstudy.launching, as train_full is.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2study import data, lora, modeling, training
-from gpt2study.config import load_params
-from gpt2study.errors import run_stage
+from ftstudy import data, lora, modeling, training
+from ftstudy.config import load_params
+from ftstudy.errors import run_stage
 
 
 def build(p, base_dir, planned, base_revision):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2study.config import flatten, set_keys
-from gpt2study.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
+from ftstudy.config import flatten, set_keys
+from ftstudy.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
 from scripts import sandbox
 from scripts.sandbox import dvc  # noqa: F401  (the tests' dvc command runner)
 
@@ -23,7 +23,7 @@ TINY_WIKI = ASSETS / "tiny-wikitext"
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 # Every stage the tests start trains on every usable core, whatever else the machine runs: the
 # thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
-# (Left unset, stages choose by the load: gpt2study.launching.cpu_threads, tested on its own.)
+# (Left unset, stages choose by the load: ftstudy.launching.cpu_threads, tested on its own.)
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 

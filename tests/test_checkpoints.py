@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import demo_params, prepare_in
-from gpt2study import checkpoints
-from gpt2study.config import load_params, parse_params
+from ftstudy import checkpoints
+from ftstudy.config import load_params, parse_params
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_params
-from gpt2study.config import ConfigError, flatten, load_params, override_file, parse_params, set_keys
+from ftstudy.config import ConfigError, flatten, load_params, override_file, parse_params, set_keys
 
 
 def shipped() -> dict:

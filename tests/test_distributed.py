@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_params, no_dropout, prepare_in, train_args
-from gpt2study.outputs import read_json
+from ftstudy.outputs import read_json
 
 
 def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[float]]:

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT
 
-PACKAGES = ("stages", "gpt2study")
+PACKAGES = ("stages", "ftstudy")
 
 
 def module_file(name: str) -> Path | None:
@@ -88,11 +88,11 @@ def test_no_dep_is_a_file_the_stage_does_not_import(name, modules, deps):
 
 def test_the_check_finds_a_removed_dep():
     name, modules, deps = next(e for e in stage_entries() if e[0] == "generate")
-    assert "gpt2study/data.py" in deps  # imported through gpt2study/modeling.py
-    assert missing_deps(modules, deps - {"gpt2study/data.py"}) == ["gpt2study/data.py"]
+    assert "ftstudy/data.py" in deps  # imported through ftstudy/modeling.py
+    assert missing_deps(modules, deps - {"ftstudy/data.py"}) == ["ftstudy/data.py"]
     _, modules, deps = next(e for e in stage_entries() if e[0] == "train_lora")
-    assert modules == ["gpt2study.launching", "stages.train_lora"]  # the $(python -m ...) in its command counts
-    assert missing_deps(modules, deps - {"gpt2study/launching.py"}) == ["gpt2study/launching.py"]
+    assert modules == ["ftstudy.launching", "stages.train_lora"]  # the $(python -m ...) in its command counts
+    assert missing_deps(modules, deps - {"ftstudy/launching.py"}) == ["ftstudy/launching.py"]
 
 
 def test_stages_folder_holds_exactly_the_dvc_stages():
@@ -103,7 +103,7 @@ def test_stages_folder_holds_exactly_the_dvc_stages():
 
 def test_training_code_does_not_import_the_report():
     for module in ("stages.train_full", "stages.train_lora"):
-        assert not {"gpt2study/reporting.py", "gpt2study/findings.py"} & stage_files([module])
+        assert not {"ftstudy/reporting.py", "ftstudy/findings.py"} & stage_files([module])
 
 
 REVISION_KEYS = ("model.revision", "data.revision", "data.general")  # each general set has its revision

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from conftest import PREPARE_ARGS, reset_accelerate, run_main, train_args
-from gpt2study.outputs import read_json
-from gpt2study.synthetic import FAMILIES, local_params, write_corpus, write_params, write_tiny_model
+from ftstudy.outputs import read_json
+from ftstudy.synthetic import FAMILIES, local_params, write_corpus, write_params, write_tiny_model
 from stages import evaluate, generate, prepare, train_full, train_lora
 
 # PEFT's defaults per family, which lora.target_modules: auto resolves to.

@@ -1,6 +1,6 @@
 """The report's findings follow the metrics, by fixed rules."""
 
-from gpt2study import findings
+from ftstudy import findings
 
 
 def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, full_rep=0.09):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, demo_params
-from gpt2study import generation, modeling
-from gpt2study.config import ConfigError, parse_params
+from ftstudy import generation, modeling
+from ftstudy.config import ConfigError, parse_params
 
 
 def test_same_seed_same_text_and_samples_differ():

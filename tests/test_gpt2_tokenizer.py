@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS, TINY_WIKI
-from gpt2study import data, modeling
+from ftstudy import data, modeling
 
 TOKENIZER = ASSETS / "gpt2-tokenizer"
 

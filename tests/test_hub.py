@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import PREPARE_ARGS, ROOT
-from gpt2study.config import set_keys
+from ftstudy.config import set_keys
 
 MODEL, DATA, LAMBADA = "openai-community/gpt2", "Salesforce/wikitext", "EleutherAI/lambada_openai"
 COMMITS = {MODEL: "607a30d783dfa663caf39e06633721c8d4cfcd7e", DATA: "b08601e04326c79dfdd32d625aee71d232d685c3",
@@ -70,7 +70,7 @@ def run(cwd: Path, code_or_stage: list[str], **env) -> subprocess.CompletedProce
                           timeout=120)
 
 
-PROVENANCE = ["-c", "import json; from gpt2study.config import load_params; from stages.prepare import provenance; "
+PROVENANCE = ["-c", "import json; from ftstudy.config import load_params; from stages.prepare import provenance; "
                     "print(json.dumps(provenance(load_params())))"]
 
 
@@ -111,7 +111,7 @@ def write_cache(home: Path, name: str, commit: str, files: dict[str, bytes], inc
         (repo / "blobs" / "blob9.incomplete").write_bytes(b"\0" * 10)
 
 
-CHECK = ["-c", "from gpt2study import hub; import sys; "
+CHECK = ["-c", "from ftstudy import hub; import sys; "
                f"item = hub.HubInput('model.name', {MODEL!r}, 'model', sys.argv[1]); print(hub.cached_commit(item))"]
 
 

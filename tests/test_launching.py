@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from gpt2study import launching
+from ftstudy import launching
 
 
 def test_a_users_accelerate_config_applies_unchanged(tmp_path, monkeypatch):

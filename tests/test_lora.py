@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, demo_params
-from gpt2study import lora, modeling
-from gpt2study.config import parse_params
+from ftstudy import lora, modeling
+from ftstudy.config import parse_params
 
 
 def test_lora_target_that_matches_nothing_lists_valid_names():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import demo_params
-from gpt2study import loss, lora, modeling
-from gpt2study.config import ConfigError, parse_params
-from gpt2study.synthetic import FAMILIES, write_tiny_model
+from ftstudy import loss, lora, modeling
+from ftstudy.config import ConfigError, parse_params
+from ftstudy.synthetic import FAMILIES, write_tiny_model
 
 
 @pytest.fixture(scope="module")

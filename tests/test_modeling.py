@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import prepare_in, run_main, train_args
-from gpt2study import modeling
-from gpt2study.config import load_params
+from ftstudy import modeling
+from ftstudy.config import load_params
 from stages import train_lora
 
 

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from conftest import SETTINGS, dvc, outcome
-from gpt2study.config import override_file
-from gpt2study.outputs import read_json
-from gpt2study.synthetic import write_tiny_model
+from ftstudy.config import override_file
+from ftstudy.outputs import read_json
+from ftstudy.synthetic import write_tiny_model
 from scripts import sandbox
 
 pytestmark = pytest.mark.slow

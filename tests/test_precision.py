@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import demo_params, no_dropout, prepare_in, reset_accelerate, run_main, train_args
-from gpt2study import data, lora, modeling
+from ftstudy import data, lora, modeling
 from stages import train_full, train_lora
 
 STAGES = {"full": train_full, "lora": train_lora}
@@ -64,7 +64,7 @@ def train(root, method: str, tag: str, monkeypatch, **overrides):
     finally:
         reset_accelerate()
     curve = np.loadtxt(root / f"m/plots/{method}-{tag}/train_loss.csv", delimiter=",", skiprows=1)[:, 1]
-    from gpt2study.outputs import read_json
+    from ftstudy.outputs import read_json
 
     return built["model"], curve, read_json(root / f"m/{method}-{tag}.json")[method] | read_json(
         root / f"m/{method}-{tag}.info.json")
@@ -106,7 +106,7 @@ def check_variant(workdir, fp32_curves, method, variant, monkeypatch):
 
 
 def _model_name() -> str:
-    from gpt2study.config import load_params
+    from ftstudy.config import load_params
 
     return load_params().model.name
 

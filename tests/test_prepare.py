@@ -4,9 +4,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
-from gpt2study import data, modeling
-from gpt2study.config import ConfigError
-from gpt2study.outputs import read_json
+from ftstudy import data, modeling
+from ftstudy.config import ConfigError
+from ftstudy.outputs import read_json
 from stages import prepare
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import PREPARE_ARGS, ROOT, train_args
-from gpt2study import data, runtime
-from gpt2study.outputs import read_json
-from gpt2study.synthetic import local_params, write_corpus, write_gpt2_124m, write_params
+from ftstudy import data, runtime
+from ftstudy.outputs import read_json
+from ftstudy.synthetic import local_params, write_corpus, write_gpt2_124m, write_params
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, TINY_WIKI, prepare_in
-from gpt2study import data, modeling, scoring, stats
-from gpt2study.config import load_params
+from ftstudy import data, modeling, scoring, stats
+from ftstudy.config import load_params
 
 
 @pytest.fixture(scope="module")

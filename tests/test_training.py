@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import prepare_in, run_main, train_args
-from gpt2study import data, modeling, runtime, scoring, training
-from gpt2study.config import ConfigError, load_params
-from gpt2study.outputs import read_json
+from ftstudy import data, modeling, runtime, scoring, training
+from ftstudy.config import ConfigError, load_params
+from ftstudy.outputs import read_json
 from stages import train_full, train_lora
 
 
@@ -59,7 +59,7 @@ def test_live_steps_reread_no_curve_when_studio_is_not_configured(tmp_path, monk
     # not, so a long run's steps got slower and slower; LiveTracker skips it without Studio.
     import dvclive.live
 
-    from gpt2study.tracking import LiveTracker
+    from ftstudy.tracking import LiveTracker
 
     monkeypatch.setattr(dvclive.live, "get_dvc_studio_config", lambda live: {})  # whatever `dvc studio login` did
 

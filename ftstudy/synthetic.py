@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from gpt2study.config import PARAMS_FILE, flatten, set_keys
+from ftstudy.config import PARAMS_FILE, flatten, set_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from accelerate.tracking import DVCLiveTracker, on_main_process
 
-from gpt2study.config import ConfigError
+from ftstudy.config import ConfigError
 
 # The module a tracker's package installs, where its name differs.
 MODULES = {"tensorboard": "torch.utils.tensorboard"}

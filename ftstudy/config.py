@@ -17,7 +17,7 @@ from typing import Literal
 
 import yaml
 
-from gpt2study.errors import StudyError
+from ftstudy.errors import StudyError
 
 PARAMS_FILE = "params.yaml"
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gpt2study.config import ConfigError, GenerateParams
+from ftstudy.config import ConfigError, GenerateParams
 
 
 def check_room(prompt_lengths: dict[str, int], max_new_tokens: int, context: int | None) -> None:

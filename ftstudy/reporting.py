@@ -1,7 +1,7 @@
 """The report: metrics, their descriptive facts and the generations -> GitHub markdown (tabulate).
 
 Nothing is recomputed here: every number is read from a metrics file the other stages wrote, and
-the findings are written from those numbers by fixed rules (gpt2study/findings.py). Perplexities
+the findings are written from those numbers by fixed rules (ftstudy/findings.py). Perplexities
 measured under different protocols are never put in one column: the report refuses them.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from gpt2study.errors import StudyError
-from gpt2study.findings import findings, paired_verdict
-from gpt2study.outputs import read_json
+from ftstudy.errors import StudyError
+from ftstudy.findings import findings, paired_verdict
+from ftstudy.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
 LABELS = {"pretrained": "Pretrained {}", "full": "Fully fine-tuned {}", "lora": "LoRA fine-tuned {}"}

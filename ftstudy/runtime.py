@@ -8,7 +8,7 @@ import resource
 
 import torch
 
-from gpt2study.launching import cpu_threads
+from ftstudy.launching import cpu_threads
 
 
 def resolve_precision(requested: str) -> str:
@@ -88,7 +88,7 @@ def library_versions() -> dict:
 
 
 def use_cpu_threads(device: torch.device) -> None:
-    """On a CPU, run torch's parallel work on gpt2study.launching.cpu_threads() threads: the
+    """On a CPU, run torch's parallel work on ftstudy.launching.cpu_threads() threads: the
     user's OMP_NUM_THREADS, else the cores other processes leave idle."""
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())

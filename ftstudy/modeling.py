@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpt2study.errors import StudyError
+from ftstudy.errors import StudyError
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ def _check_local_model(path: Path) -> None:
 def load_tokenizer(name: str | Path, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    from gpt2study.data import is_local
+    from ftstudy.data import is_local
 
     if is_local(str(name)):
         folder = Path(name)
@@ -59,7 +59,7 @@ def load_causal_lm(name: str | Path, revision: str | None = None):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from gpt2study.data import is_local
+    from ftstudy.data import is_local
 
     if is_local(str(name)):
         check_weights(Path(name))
@@ -95,7 +95,7 @@ def context_length(name: str | Path, revision: str | None = None) -> int | None:
     """The model's context in tokens, from its config alone (None when the config states none)."""
     from transformers import AutoConfig
 
-    from gpt2study.data import is_local
+    from ftstudy.data import is_local
 
     if is_local(str(name)):
         _check_local_model(Path(name))
@@ -105,7 +105,7 @@ def context_length(name: str | Path, revision: str | None = None) -> int | None:
 
 def check_context(name: str | Path, block_size: int, revision: str | None = None) -> None:
     """Refuse data.block_size beyond the model's context, reading only its config."""
-    from gpt2study.config import ConfigError
+    from ftstudy.config import ConfigError
 
     context = context_length(name, revision)
     if context is not None and block_size > context:

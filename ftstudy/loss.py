@@ -108,7 +108,7 @@ class CausalLMLoss(torch.nn.Module):
         self.model = model  # the module to train and save (a PEFT model saves its adapter)
         causal_lm = causal_lm_of(model)
         if (why := _unsupported(causal_lm)) is not None:
-            from gpt2study.config import ConfigError
+            from ftstudy.config import ConfigError
 
             raise ConfigError(f"train.loss: chunked cannot train {causal_lm.config.model_type}: {why}; "
                               "set train.loss: model")

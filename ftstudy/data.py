@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2study.errors import StudyError
-from gpt2study.outputs import read_json
+from ftstudy.errors import StudyError
+from ftstudy.outputs import read_json
 
 SPLITS = ("train", "validation", "test")
 ROWS_PER_BATCH = 20000

@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from gpt2study.errors import StudyError
+from ftstudy.errors import StudyError
 
 # Files a model snapshot cannot do without; a dataset's files vary, so only its revision is checked.
 MODEL_FILES = ("config.json",)

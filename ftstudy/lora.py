@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from gpt2study import modeling
-from gpt2study.config import LoraParams
-from gpt2study.modeling import ModelError
+from ftstudy import modeling
+from ftstudy.config import LoraParams
+from ftstudy.modeling import ModelError
 
 
 def module_names(model: torch.nn.Module) -> list[str]:

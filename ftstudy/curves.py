@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gpt2study.outputs import write_text
+from ftstudy.outputs import write_text
 
 TRAIN_CSV, VAL_CSV = "train_loss.csv", "val_loss.csv"
 

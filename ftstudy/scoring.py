@@ -8,7 +8,7 @@
   its last block-1 tokens from the tokens before them in the block.
 
 Both return an array of per-token NLL (nats) for the scored target positions, in order, so the
-caller can sum, count or bootstrap them (gpt2study.stats).
+caller can sum, count or bootstrap them (ftstudy.stats).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gpt2study.loss import position_nll
-from gpt2study.stats import bits_per_byte, bootstrap_ppl_interval, perplexity
+from ftstudy.loss import position_nll
+from ftstudy.stats import bits_per_byte, bootstrap_ppl_interval, perplexity
 
 
 def window_plan(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, int]]:

@@ -1,7 +1,7 @@
 """How the training stages start, and how many CPU threads a stage uses. Imports neither torch nor
 accelerate, which would cost seconds per stage.
 
-dvc.yaml runs `$(python -m gpt2study.launching) -m stages.train_...`; this module prints the
+dvc.yaml runs `$(python -m ftstudy.launching) -m stages.train_...`; this module prints the
 launcher:
 - `accelerate launch`, bare, when the user has an Accelerate config of their own (`accelerate
   config`): that config applies unchanged;
@@ -16,7 +16,7 @@ stage imported transformers and loaded its model (its own CPU time left out, so 
 costs nothing). A CPU-bound neighbour costs a two-thread run on two cores far more than the core it
 takes: OpenMP's threads wait on each other at every parallel region, and one of them keeps being
 descheduled (measured in the README, "Busy machines"). Precision is not decided here but by
-train.precision (gpt2study.runtime.resolve_precision).
+train.precision (ftstudy.runtime.resolve_precision).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def load_sample() -> tuple[float, float] | None:
     return times[0] / _HZ - own.user - own.system, times[1] / _HZ
 
 
-# The load is measured from when a stage imports this module (after torch, which gpt2study.runtime
+# The load is measured from when a stage imports this module (after torch, which ftstudy.runtime
 # imports first) to when it sets its threads, after loading its model: that work makes the window
 # (its own CPU time left out), so the measurement costs the stage nothing.
 _IMPORTED = load_sample()

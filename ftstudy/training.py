@@ -23,10 +23,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from gpt2study import checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
-from gpt2study.config import ConfigError, Params, TrainParams
-from gpt2study.errors import StudyError
-from gpt2study.outputs import atomic_dir, write_json
+from ftstudy import checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
+from ftstudy.config import ConfigError, Params, TrainParams
+from ftstudy.errors import StudyError
+from ftstudy.outputs import atomic_dir, write_json
 
 
 @dataclass(frozen=True)
