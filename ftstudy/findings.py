@@ -1,9 +1,10 @@
 """The report's findings: sentences written from the metrics by fixed rules, never by hand.
 
-Test perplexities are compared pairwise: a winner is called only when the paired 95% interval of
-their ratio excludes 1, else a tie. Forgetting on general text, scored without paired data, is
-called when the separate intervals do not overlap. Inputs are the metrics dicts the stages wrote:
-evaluate (per model), train (full, lora), generation quality (per model), compare (paired).
+Perplexities are compared pairwise, on the test split and on each general set (forgetting): a
+winner is called only when the paired 95% interval of their ratio excludes 1, else a tie; with too
+few chunks for an interval, no call at all, and the finding says how many tokens would do. Inputs
+are the metrics dicts the stages wrote: evaluate (per model), train (full, lora), generation
+quality (per model), compare.
 """
 
 from __future__ import annotations
@@ -15,56 +16,88 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def _ci(m: dict, prefix: str) -> tuple[float, float]:
-    return m[f"{prefix}_lo"], m[f"{prefix}_hi"]
-
-
 def _fmt(m: dict, prefix: str) -> str:
+    if f"{prefix}_lo" not in m:
+        return f"{m[prefix]:.2f} (no interval: too few chunks)"
     return f"{m[prefix]:.2f} (95% CI {m[f'{prefix}_lo']:.2f}–{m[f'{prefix}_hi']:.2f})"
 
 
 def paired_verdict(pair: dict) -> str:
-    """'lower', 'higher' or 'tie': where the paired 95% interval of ppl(a)/ppl(b) lies against 1."""
+    """'lower', 'higher' or 'tie': where the paired 95% interval of ppl(a)/ppl(b) lies against 1;
+    'too few' when there were too few chunks for an interval (ftstudy.stats.MIN_CHUNKS)."""
+    if "lo" not in pair:
+        return "too few"
     return "lower" if pair["hi"] < 1 else "higher" if pair["lo"] > 1 else "tie"
 
 
-def perplexity_finding(ev: dict, paired: dict) -> list[str]:
+def _ratio(pair: dict) -> str:
+    if "lo" not in pair:
+        return f"ratio {pair['ratio']:.3f}"
+    return f"ratio {pair['ratio']:.3f} (95% paired CI {pair['lo']:.3f}–{pair['hi']:.3f})"
+
+
+def _change(pair: dict) -> str:
+    """A paired ratio as a change: '+3.1% (95% paired CI +2.0% to +4.2%)'."""
+    pct = lambda v: f"{100 * (v - 1):+.1f}%"  # noqa: E731
+    return pct(pair["ratio"]) + (f" (95% paired CI {pct(pair['lo'])} to {pct(pair['hi'])})" if "lo" in pair else "")
+
+
+def too_small(what: str, pair: dict, bootstrap: dict) -> str:
+    """Why no difference is called on `what`, and how many tokens would be enough."""
+    chunk, need = bootstrap["chunk"], bootstrap["min_chunks"]
+    return (f"{what} is too small to call a difference: its scored tokens make {pair['chunks']} chunk(s) of "
+            f"{chunk:,} tokens, and an interval needs at least {need} ({need * chunk:,} scored tokens); score a "
+            "larger split, or lower evaluate.bootstrap_chunk where neighbouring tokens' losses are little "
+            "correlated")
+
+
+def perplexity_finding(ev: dict, paired: dict, bootstrap: dict) -> list[str]:
     order = sorted(ev, key=lambda k: ev[k]["test_ppl"])
     best = order[0]
     out = [f"{_cap(NAMES[best])} gives the lowest test perplexity, {_fmt(ev[best], 'test_ppl')}; "
            + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order[1:]) + "."]
+    if any(paired_verdict(pair) == "too few" for pair in paired.values()):
+        ratios = "; ".join(f"{NAMES[a]} / {NAMES[b]} {_ratio(pair)}" for name, pair in paired.items()
+                           for a, b in [name.split("_vs_")])
+        return out + [f"{too_small('The test split', next(iter(paired.values())), bootstrap)}. No winner is "
+                      f"called; the ratios alone: {ratios}."]
     for name, pair in paired.items():
         a, b = name.split("_vs_")
-        ratio = f"ratio {pair['ratio']:.3f} (95% paired CI {pair['lo']:.3f}–{pair['hi']:.3f})"
         verdict = paired_verdict(pair)
         if verdict == "tie":
-            out.append(f"{_cap(NAMES[a])} vs {NAMES[b]}: a tie on test perplexity, {ratio}; the paired interval "
-                       "includes 1.")
+            out.append(f"{_cap(NAMES[a])} vs {NAMES[b]}: a tie on test perplexity, {_ratio(pair)}; the paired "
+                       "interval includes 1.")
         else:
             change = abs(pair["ratio"] - 1)
-            out.append(f"{_cap(NAMES[a])} has a {verdict} test perplexity than {NAMES[b]} by {change:.1%}, {ratio}.")
+            out.append(f"{_cap(NAMES[a])} has a {verdict} test perplexity than {NAMES[b]} by {change:.1%}, "
+                       f"{_ratio(pair)}.")
     return out
 
 
-def forgetting_finding(ev: dict) -> list[str]:
+def forgetting_finding(ev: dict, forgetting: dict, bootstrap: dict) -> list[str]:
+    """Per general set: each method's change against the pretrained model, called from the paired
+    interval of their ratio (the same tokens scored by both), and which method kept more."""
     out = []
-    for name in ev["pretrained"].get("general", {}):
+    for name, pairs in forgetting.items():
         base = ev["pretrained"]["general"][name]
-        change = {k: 100 * (ev[k]["general"][name]["ppl"] / base["ppl"] - 1) for k in ("full", "lora")}
-        forgot = {k: not _overlap(_ci(ev[k]["general"][name], "ppl"), _ci(base, "ppl")) for k in change}
-        text = (f"On general text ({name}), perplexity changed {change['full']:+.1f}% after full fine-tuning "
-                f"and {change['lora']:+.1f}% after LoRA, against the pretrained model's {base['ppl']:.2f}")
+        text = (f"On general text ({name}), perplexity changed {_change(pairs['full_vs_pretrained'])} after full "
+                f"fine-tuning and {_change(pairs['lora_vs_pretrained'])} after LoRA, against the pretrained model's "
+                f"{base['ppl']:.2f}")
+        if any(paired_verdict(pair) == "too few" for pair in pairs.values()):
+            out.append(f"{text}; but {too_small('the set', pairs['full_vs_pretrained'], bootstrap)}.")
+            continue
+        forgot = {k: paired_verdict(pairs[f"{k}_vs_pretrained"]) == "higher" for k in ("full", "lora")}
         if not any(forgot.values()):
-            text += "; neither change lies outside the intervals: no measurable forgetting."
+            text += "; neither paired interval lies above 1: no measurable forgetting."
         else:
-            more, less = ("full", "lora") if change["full"] > change["lora"] else ("lora", "full")
-            text += f"; {NAMES[less]} retains more of the pretrained model's general ability"
-            text += "" if forgot[more] else " (though the difference is within the intervals)"
-            text += "."
+            between = paired_verdict(pairs["full_vs_lora"])
+            if between == "tie":
+                text += (f"; which method retains more is within the paired interval (full fine-tuning over LoRA: "
+                         f"{_ratio(pairs['full_vs_lora'])}).")
+            else:
+                less = "lora" if between == "higher" else "full"
+                text += (f"; {NAMES[less]} retains more of the pretrained model's general ability (full "
+                         f"fine-tuning over LoRA: {_ratio(pairs['full_vs_lora'])}).")
         out.append(text)
     return out
 
@@ -82,6 +115,10 @@ def text_finding(ev: dict, gq: dict) -> list[str]:
             f"(vs {dist}), {verdict}."]
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+
+
 def _setup(m: dict) -> str:
     return f"{m['device']}, {m['precision']}, {m['processes']} process(es)"
 
@@ -92,7 +129,7 @@ def efficiency_finding(tr: dict) -> list[str]:
     full, lora = tr["full"], tr["lora"]
     share = 100 * lora["trainable_params"] / full["trainable_params"]
     text = (f"LoRA trains {lora['trainable_params']:,} parameters ({share:.2f}% of full fine-tuning's "
-            f"{full['trainable_params']:,}) and its artifact is {full['artifact_mb'] / lora['artifact_mb']:.0f}x smaller")
+            f"{full['trainable_params']:,}) and its artifact is {_times(full['artifact_mb'] / lora['artifact_mb'])} smaller")
     if _setup(full) == _setup(lora):
         text += (f"; both trained on {_setup(full)}, it ran at {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x "
                  f"full fine-tuning's tokens/s with {lora['peak_mem_gib'] / full['peak_mem_gib']:.2f}x its peak "
@@ -124,6 +161,9 @@ def training_finding(tr: dict, reach: dict) -> list[str]:
     return out
 
 
-def findings(ev: dict, tr: dict, gq: dict, paired: dict, reach: dict) -> list[str]:
-    return (perplexity_finding(ev, paired) + forgetting_finding(ev) + text_finding(ev, gq)
-            + training_finding(tr, reach) + efficiency_finding(tr))
+def findings(ev: dict, tr: dict, gq: dict, compare: dict) -> list[str]:
+    """Every finding, from the evaluate, train and generation-quality metrics and compare's
+    (paired, forgetting, time_to_quality, bootstrap)."""
+    return (perplexity_finding(ev, compare["paired"], compare["bootstrap"])
+            + forgetting_finding(ev, compare["forgetting"], compare["bootstrap"]) + text_finding(ev, gq)
+            + training_finding(tr, compare["time_to_quality"]) + efficiency_finding(tr))

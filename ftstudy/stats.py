@@ -1,9 +1,19 @@
 """Statistics over per-token NLL arrays, numpy only (the compare stage imports no torch):
-perplexity, bits per byte, and chunk-bootstrap intervals, single and paired."""
+perplexity, bits per byte, and chunk-bootstrap intervals, single and paired.
+
+An interval is given only from at least MIN_CHUNKS chunks. With fewer, a percentile bootstrap has
+a handful of distinct resamples and claims more certainty than the data hold (one chunk: every
+resample is the same, and the "interval" has zero width). Measured by the coverage test
+(tests/test_scoring.py: 300 trials of correlated synthetic NLL with a known ratio, 1,024-token
+chunks), the 95% paired interval covered the truth in 80% of trials from 5 chunks, 87% from 10,
+92% from 20 and 94% from 60 or 100: 20 is the smallest count that stays above 90%.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+MIN_CHUNKS = 20
 
 
 def perplexity(nll: np.ndarray) -> float:
@@ -15,10 +25,24 @@ def bits_per_byte(nll: np.ndarray, n_bytes: int) -> float:
     return float(nll.sum() / (np.log(2) * n_bytes))
 
 
-def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int, level: float) -> tuple[float, float]:
+def chunk_count(n_tokens: int, chunk: int) -> int:
+    """How many chunks of ~`chunk` tokens the bootstrap resamples from `n_tokens` scored tokens."""
+    return n_tokens // chunk
+
+
+def enough_tokens(chunk: int) -> int:
+    """Scored tokens an interval needs at this chunk size."""
+    return MIN_CHUNKS * chunk
+
+
+def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int,
+                     level: float) -> tuple[float, float] | None:
     """Percentile interval of exp(mean of `values`), resampling consecutive chunks of ~`chunk`
-    tokens (not single tokens, whose losses are correlated with their neighbours')."""
-    n_chunks = max(1, len(values) // chunk)
+    tokens (not single tokens, whose losses are correlated with their neighbours'); None from
+    fewer than MIN_CHUNKS chunks."""
+    n_chunks = chunk_count(len(values), chunk)
+    if n_chunks < MIN_CHUNKS:
+        return None
     parts = np.array_split(values, n_chunks)
     sums = np.array([p.sum() for p in parts])
     counts = np.array([len(p) for p in parts])
@@ -28,20 +52,24 @@ def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int, le
     return float(lo), float(hi)
 
 
-def bootstrap_ppl_interval(nll: np.ndarray, chunk: int, samples: int, seed: int,
-                           level: float = 0.95) -> tuple[float, float]:
-    """Percentile chunk-bootstrap interval of the perplexity."""
-    return _chunk_bootstrap(nll, chunk, samples, seed, level)
+def ppl_metrics(nll: np.ndarray, chunk: int, samples: int, seed: int, level: float = 0.95) -> dict:
+    """{"ppl", "chunks"} and, from MIN_CHUNKS chunks on, the percentile chunk-bootstrap interval
+    {"ppl_lo", "ppl_hi"}."""
+    out = {"ppl": perplexity(nll), "chunks": chunk_count(len(nll), chunk)}
+    interval = _chunk_bootstrap(nll, chunk, samples, seed, level)
+    return out | ({} if interval is None else {"ppl_lo": interval[0], "ppl_hi": interval[1]})
 
 
 def paired_ppl_ratio(nll_a: np.ndarray, nll_b: np.ndarray, chunk: int, samples: int, seed: int,
                      level: float = 0.95) -> dict:
     """ppl(a) / ppl(b) for two models scored on the very same tokens, with a paired chunk-bootstrap
-    interval: each resample draws the same chunks for both models, so what the two share (hard
-    passages, easy ones) cancels and only their difference varies. Identical models give 1 with
-    the interval [1, 1]; a constant per-token shift c gives exp(c)."""
+    interval ("lo", "hi"; left out below MIN_CHUNKS chunks): each resample draws the same chunks for
+    both models, so what the two share (hard passages, easy ones) cancels and only their difference
+    varies. Identical models give 1 with the interval [1, 1]; a constant per-token shift c gives
+    exp(c)."""
     if len(nll_a) != len(nll_b):
         raise ValueError(f"paired scores need the same tokens: {len(nll_a)} vs {len(nll_b)} scored positions")
     diff = np.asarray(nll_a, dtype=np.float64) - np.asarray(nll_b, dtype=np.float64)
-    lo, hi = _chunk_bootstrap(diff, chunk, samples, seed, level)  # exp(mean difference) = the ratio
-    return {"ratio": float(np.exp(diff.mean())), "lo": lo, "hi": hi}
+    out = {"ratio": float(np.exp(diff.mean())), "chunks": chunk_count(len(diff), chunk)}
+    interval = _chunk_bootstrap(diff, chunk, samples, seed, level)  # exp(mean difference) = the ratio
+    return out | ({} if interval is None else {"lo": interval[0], "hi": interval[1]})

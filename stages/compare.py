@@ -1,11 +1,13 @@
-"""Stage compare: per-token test NLL and validation curves -> paired ratios, time to quality (metrics).
+"""Stage compare: per-token NLL and validation curves -> paired ratios, forgetting, time to quality.
 
 For each pair (full vs pretrained, lora vs pretrained, full vs lora): the ratio of their test
 perplexities with a 95% paired chunk-bootstrap interval. The models are scored on the very same
 tokens, so the same resampled chunks are drawn for both (ftstudy.stats.paired_ppl_ratio): a
 tighter and more honest test than whether two separate intervals overlap. The report's findings
-call a winner only when the paired interval excludes 1. Time to quality: the training seconds and
-tokens each method needed to reach the other's final validation loss (none when it never did).
+call a winner only when the paired interval excludes 1, and no winner at all from fewer than
+ftstudy.stats.MIN_CHUNKS chunks. The same pairs on each general set (data.general) measure
+forgetting. Time to quality: the training seconds and tokens each method needed to reach the
+other's final validation loss (none when it never did).
 """
 
 from __future__ import annotations
@@ -19,28 +21,38 @@ from ftstudy import curves
 from ftstudy.config import load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import write_json
-from ftstudy.stats import paired_ppl_ratio
+from ftstudy.stats import MIN_CHUNKS, paired_ppl_ratio
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Paired model comparisons; run by dvc.yaml stage compare")
-    ap.add_argument("--nll", required=True, type=Path, help="folder of <model>.npy per-token test NLL")
+    ap.add_argument("--nll", required=True, type=Path, help="folder of <model>.npz per-token NLL (test, general sets)")
     ap.add_argument("--curves", required=True, type=Path, help="folder of train_<method>/val_loss.csv")
     ap.add_argument("--out", required=True, help="metrics JSON to write")
     args = ap.parse_args()
     p = load_params()
-    nll = {m: np.load(args.nll / f"{m}.npy") for m in {m for pair in PAIRS for m in pair}}
+    nll = {m: np.load(args.nll / f"{m}.npz") for m in {m for pair in PAIRS for m in pair}}
     ev = p.evaluate
-    paired = {f"{a}_vs_{b}": paired_ppl_ratio(nll[a], nll[b], ev.bootstrap_chunk, ev.bootstrap_samples, p.seed)
-              for a, b in PAIRS}
+
+    def pairs(split: str) -> dict:
+        return {f"{a}_vs_{b}": paired_ppl_ratio(nll[a][split], nll[b][split], ev.bootstrap_chunk,
+                                                ev.bootstrap_samples, p.seed) for a, b in PAIRS}
+
+    paired = pairs("test")
+    forgetting = {label: pairs(label) for label in nll["pretrained"].files if label != "test"}
     val = {m: curves.read_val(args.curves / f"train_{m}") for m in ("full", "lora")}
     # Time to quality: when each method first reached the other's final validation loss.
     reach = {m: curves.time_to_reach(val[m], val[other][-1]["loss"]) for m, other in (("full", "lora"), ("lora", "full"))}
-    write_json(args.out, {"paired": paired, "time_to_quality": reach})
-    print("compare: test perplexity ratios " + ", ".join(
-        f"{k} {v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for k, v in paired.items()) + f"; wrote {args.out}")
+    write_json(args.out, {"paired": paired, "forgetting": forgetting, "time_to_quality": reach,
+                          "bootstrap": {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS}})
+    print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v)}" for k, v in paired.items())
+          + f"; {len(forgetting)} general set(s); wrote {args.out}")
+
+
+def _ratio(v: dict) -> str:
+    return f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} (too few chunks)"
 
 
 if __name__ == "__main__":

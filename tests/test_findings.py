@@ -2,8 +2,11 @@
 
 from ftstudy import findings
 
+PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
+BOOTSTRAP = {"chunk": 1024, "min_chunks": 20}
 
-def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, full_rep=0.09):
+
+def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, full_rep=0.09, half_width=0.02):
     def ev(test, general):
         return {"test_ppl": test, "test_ppl_lo": test * 0.95, "test_ppl_hi": test * 1.05,
                 "general": {"tiny-general-test": {"ppl": general, "ppl_lo": general * 0.97, "ppl_hi": general * 1.03}}}
@@ -13,16 +16,19 @@ def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, fu
               "artifact_mb": a, "train_s": 10.0, "device": "cpu (x86_64, 2 threads)", "precision": "fp32", "processes": 1, "val_loss_best": best, "val_best_step": 100, "val_rise_after_best": rise}
           for m, n, t, a, best, rise in (("full", 170_000, 20_000, 0.7, 1.1, 0.0), ("lora", 4096, 25_000, 0.07, 1.9, 0.0))}
     gq = {m: {"repetition_4gram": r, "distinct_2": 0.5} for m, r in (("pretrained", 0.01), ("full", full_rep), ("lora", 0.13))}
-    paired = {f"{a}_vs_{b}": paired_ratio(evs[a]["test_ppl"] / evs[b]["test_ppl"])
-              for a, b in (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))}
-    return evs, tr, gq, paired, REACH
+    paired = {f"{a}_vs_{b}": paired_ratio(evs[a]["test_ppl"] / evs[b]["test_ppl"]) for a, b in PAIRS}
+    general = {m: evs[m]["general"]["tiny-general-test"]["ppl"] for m in evs}
+    forgetting = {"tiny-general-test": {f"{a}_vs_{b}": paired_ratio(general[a] / general[b], half_width)
+                                        for a, b in PAIRS}}
+    compare = {"paired": paired, "forgetting": forgetting, "time_to_quality": REACH, "bootstrap": BOOTSTRAP}
+    return evs, tr, gq, compare
 
 
 REACH = {"full": {"target": 1.9, "seconds": 2.5, "tokens": 20480, "step": 20}, "lora": {"target": 1.1}}
 
 
-def paired_ratio(ratio: float, half_width: float = 0.02) -> dict:
-    return {"ratio": ratio, "lo": ratio - half_width, "hi": ratio + half_width}
+def paired_ratio(ratio: float, half_width: float = 0.02, chunks: int = 50) -> dict:
+    return {"ratio": ratio, "lo": ratio - half_width, "hi": ratio + half_width, "chunks": chunks}
 
 
 def test_findings_follow_the_metrics():
@@ -31,8 +37,6 @@ def test_findings_follow_the_metrics():
     assert base[1] == ("Full fine-tuning has a lower test perplexity than the pretrained model by 70.0%, "
                        "ratio 0.300 (95% paired CI 0.280–0.320).")
     rest = base[4:]
-    assert "+305.4% after full fine-tuning and +21.6% after LoRA" in rest[0]
-    assert "LoRA retains more" in rest[0]
     assert "did not come with the most repetitive text" in rest[1]
 
     swapped = findings.findings(*_metrics(full_ppl=7.0, lora_ppl=3.0, full_general=3.8, lora_general=9.0))
@@ -44,37 +48,65 @@ def test_findings_follow_the_metrics():
     assert "Full fine-tuning vs LoRA: a tie on test perplexity, ratio 0.986 (95% paired CI 0.966–1.006)" in " ".join(close)
     # The same two models, tighter paired interval: now a winner, though their separate
     # intervals (+-5%) overlap.
-    evs, tr, gq, paired, reach = _metrics(full_ppl=7.0, lora_ppl=7.1)
-    paired["full_vs_lora"] = paired_ratio(7.0 / 7.1, half_width=0.005)
-    decided = " ".join(findings.findings(evs, tr, gq, paired, reach))
+    evs, tr, gq, compare = _metrics(full_ppl=7.0, lora_ppl=7.1)
+    compare["paired"]["full_vs_lora"] = paired_ratio(7.0 / 7.1, half_width=0.005)
+    decided = " ".join(findings.findings(evs, tr, gq, compare))
     assert "Full fine-tuning has a lower test perplexity than LoRA by 1.4%, ratio 0.986" in decided
     assert "LoRA has a lower test perplexity than the pretrained model by 29.0%" in decided
 
     no_forgetting = findings.findings(*_metrics(full_general=3.75, lora_general=3.72))
     assert "no measurable forgetting" in no_forgetting[4]
+    # Forgetting is called from the paired interval of each method against the pretrained model,
+    # and which method kept more from the paired interval between them.
+    assert ("+305.4% (95% paired CI +303.4% to +307.4%) after full fine-tuning and +21.6% (95% paired CI +19.6% to "
+            "+23.6%) after LoRA") in rest[0]
+    assert ("LoRA retains more of the pretrained model's general ability (full fine-tuning over LoRA: ratio 3.333 "
+            "(95% paired CI 3.313–3.353))") in rest[0]
+    both = findings.findings(*_metrics(full_general=3.9, lora_general=3.89, half_width=0.01))
+    assert "which method retains more is within the paired interval" in both[4]
+
 
     repetitive = findings.findings(*_metrics(full_rep=0.5))
     assert "came with the most repetitive text" in repetitive[5]
 
 
 def test_training_findings_give_time_to_quality_and_overfitting():
-    evs, tr, gq, paired, reach = _metrics()
-    text = " ".join(findings.findings(evs, tr, gq, paired, reach))
+    evs, tr, gq, compare = _metrics()
+    text = " ".join(findings.findings(evs, tr, gq, compare))
     assert "Full fine-tuning reached LoRA's final validation loss (1.9000) after 2.5 s of training and 20,480 tokens (25% of its run)." in text
     assert "LoRA never reached full fine-tuning's final validation loss (1.1000); its best was 1.9000." in text
     assert "no sign of overfitting" in text
     tr["full"]["val_rise_after_best"] = 0.05
-    text = " ".join(findings.findings(evs, tr, gq, paired, reach))
+    text = " ".join(findings.findings(evs, tr, gq, compare))
     assert "Validation loss rose after its minimum for full fine-tuning (+0.0500 after step 100)" in text
 
 
 def test_speeds_are_compared_only_like_with_like():
-    evs, tr, gq, paired, reach = _metrics()
-    same = findings.findings(evs, tr, gq, paired, reach)[-1]
+    evs, tr, gq, compare = _metrics()
+    same = findings.findings(evs, tr, gq, compare)[-1]
     assert same.endswith("both trained on cpu (x86_64, 2 threads), fp32, 1 process(es), it ran at 1.25x full "
                          "fine-tuning's tokens/s with 1.00x its peak memory (cpu peak rss).")
     tr["lora"]["device"] = "cpu (x86_64, 1 threads)"
-    other = findings.findings(evs, tr, gq, paired, reach)[-1]
+    other = findings.findings(evs, tr, gq, compare)[-1]
     assert "x full fine-tuning's tokens/s" not in other
     assert other.endswith("not compared, since they trained on different setups (full fine-tuning: cpu (x86_64, "
                           "2 threads), fp32, 1 process(es); LoRA: cpu (x86_64, 1 threads), fp32, 1 process(es)).")
+
+
+def test_too_few_chunks_give_no_interval_and_no_verdict():
+    evs, tr, gq, compare = _metrics()
+    for pair in compare["paired"].values():
+        del pair["lo"], pair["hi"]
+        pair["chunks"] = 1
+    for pair in compare["forgetting"]["tiny-general-test"].values():
+        del pair["lo"], pair["hi"]
+        pair["chunks"] = 3
+    out = findings.findings(evs, tr, gq, compare)
+    assert out[1] == ("The test split is too small to call a difference: its scored tokens make 1 chunk(s) of 1,024 "
+                      "tokens, and an interval needs at least 20 (20,480 scored tokens); score a larger split, or lower "
+                      "evaluate.bootstrap_chunk where neighbouring tokens' losses are little correlated. No winner is "
+                      "called; the ratios alone: full fine-tuning / the pretrained model ratio 0.300; LoRA / the "
+                      "pretrained model ratio 0.700; full fine-tuning / LoRA ratio 0.429.")
+    assert not any(word in " ".join(out) for word in ("lower test perplexity", "higher test perplexity", "a tie"))
+    assert "but the set is too small to call a difference: its scored tokens make 3 chunk(s)" in out[2]
+    assert "retains more" not in out[2] and "no measurable forgetting" not in out[2]
