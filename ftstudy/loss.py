@@ -10,7 +10,9 @@ gradients, so no logit is ever recomputed and the FLOPs are the model's own. The
 same loss and the same gradients (tests: within 1e-5 relative in fp32, for every family).
 
 `CausalLMLoss` wraps a causal LM (or a PEFT model) into a module whose forward returns the mean
-loss, so Accelerate (DDP) and torch.compile see one module, loss included.
+loss, so Accelerate (DDP) and torch.compile see one module, loss included. Whether body + head
+gives the model's own logits is checked on one batch (`check_fast_path`) before training and
+before scoring: a forward that does more (a final scaling, soft-capping) is caught there.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _unsupported(causal_lm) -> str | None:
+def unsupported(causal_lm) -> str | None:
     """Why computing the loss from the hidden state would differ from the model's own, or None."""
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(causal_lm.config, key, None) not in (None, 1, 1.0):
@@ -86,18 +88,56 @@ def _chunk(head: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def position_nll(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The NLL of each next token input_ids[:, 1:][mask], in fp32, from the last hidden state
-    through the output projection a chunk of positions at a time (the model's own logits where the
-    chunked path would differ)."""
+def position_nll(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, own_forward: bool = False,
+                 fp32_head: bool = True) -> torch.Tensor:
+    """The NLL of each next token input_ids[:, 1:][mask], in fp32: from the last hidden state
+    through the output projection, a chunk of positions at a time, the projection and the
+    log-softmax in fp32 whatever the autocast (`fp32_head`), so CPU and GPU score the same weights
+    alike; or through the model's own forward and whole logits (`own_forward`, or where the chunked
+    path is known to differ)."""
     targets = input_ids[:, 1:][mask]
-    if _unsupported(causal_lm_of(model)) is not None:
+    if own_forward or unsupported(causal_lm_of(model)) is not None:
         return F.cross_entropy(model(input_ids=input_ids).logits[:, :-1][mask].float(), targets, reduction="none")
     body, head = body_and_head(model)
     hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1][mask]
     step = _chunk(head)
-    return torch.cat([F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
-                      for i in range(0, len(targets), step)])
+    if not fp32_head:  # the head as the model's forward runs it, under any autocast
+        return torch.cat([F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
+                          for i in range(0, len(targets), step)])
+    weight, bias = head.weight.float(), None if head.bias is None else head.bias.float()
+    with torch.autocast(input_ids.device.type, enabled=False):
+        return torch.cat([F.cross_entropy(F.linear(hidden[i:i + step].float(), weight, bias), targets[i:i + step],
+                                          reduction="none") for i in range(0, len(targets), step)])
+
+
+# The largest per-token NLL difference (nats) between body + head and the model's own forward that
+# check_fast_path accepts: both run the same operations in the same precision, so a plain causal
+# LM differs by rounding alone (under 1e-5 in the family tests).
+FAST_PATH_TOLERANCE = 1e-3
+
+
+@torch.no_grad()
+def check_fast_path(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[str | None, float | None]:
+    """(why the body + head path would score `model` unlike its own forward, or None; the largest
+    per-token NLL difference found on the batch `input_ids`). Both paths run in the model's own
+    precision and in eval mode (no dropout), so only what the forward does between the body and
+    the head (a final scaling, soft-capping, a bias added outside the head) can part them."""
+    if (why := unsupported(causal_lm_of(model))) is not None:
+        return why, None
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        mask = torch.ones((input_ids.shape[0], input_ids.shape[1] - 1), dtype=torch.bool, device=input_ids.device)
+        fast = position_nll(model, input_ids, mask, fp32_head=False)
+        own = position_nll(model, input_ids, mask, own_forward=True)
+    finally:
+        for m, training in modes.items():  # each module as it was (a frozen part may be in eval mode)
+            m.training = training
+    diff = (fast - own).abs().max().item()
+    if not diff <= FAST_PATH_TOLERANCE:  # NaN too
+        return (f"on one batch its per-token NLL through body + head differs from its own forward by up to "
+                f"{diff:.3g} nats (tolerance {FAST_PATH_TOLERANCE:g}): the forward does more than body + head"), diff
+    return None, diff
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -106,12 +146,6 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model  # the module to train and save (a PEFT model saves its adapter)
-        causal_lm = causal_lm_of(model)
-        if (why := _unsupported(causal_lm)) is not None:
-            from ftstudy.config import ConfigError
-
-            raise ConfigError(f"train.loss: chunked cannot train {causal_lm.config.model_type}: {why}; "
-                              "set train.loss: model")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         body, head = body_and_head(self.model)  # looked up, not registered: each weight keeps one name

@@ -52,12 +52,12 @@ def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def write_array(path: str | Path, array) -> None:
-    """A numpy array as a .npy file, atomically."""
+def write_arrays(path: str | Path, arrays: dict) -> None:
+    """Named numpy arrays as one .npz file, atomically (np.load(path)[name] reads one)."""
     import numpy as np
 
     with _atomic_file(path, "wb") as f:
-        np.save(f, array)
+        np.savez(f, **{name: np.asarray(a, dtype=np.float32) for name, a in arrays.items()})
 
 
 def read_json(path: str | Path):

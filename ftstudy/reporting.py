@@ -58,7 +58,15 @@ def _one_line(text: str) -> str:
 
 
 def _ppl(m: dict, prefix: str) -> str:
+    if f"{prefix}_lo" not in m:
+        return f"{m[prefix]:.2f} [too few chunks]"
     return f"{m[prefix]:.2f} [{m[f'{prefix}_lo']:.2f}, {m[f'{prefix}_hi']:.2f}]"
+
+
+def _change(pair: dict) -> str:
+    """A paired ratio as a change in percent, with its interval: '+3.1% [+2.0, +4.2]'."""
+    pct = lambda v: f"{100 * (v - 1):+.1f}"  # noqa: E731
+    return f"{pct(pair['ratio'])}%" + (f" [{pct(pair['lo'])}, {pct(pair['hi'])}]" if "lo" in pair else " [too few chunks]")
 
 
 def _check_protocols(ev: dict) -> dict:
@@ -83,8 +91,7 @@ class Inputs:
     tr: dict         # method -> training metrics and info
     corpus: dict     # split -> token and byte counts
     sources: dict    # params key -> the input's name, revision asked and commit served
-    paired: dict     # pair -> paired test-perplexity ratio
-    reach: dict      # method -> time to the other's final validation loss
+    compare: dict    # paired test ratios, forgetting (paired, per general set), time to quality, bootstrap
     protocol: dict   # the evaluation protocol, the same for every model
 
     @classmethod
@@ -95,8 +102,8 @@ class Inputs:
                    gen={m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS},
                    tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
-                   sources=read_json(metrics_dir / "prepare.info.json")["inputs"], paired=compare["paired"],
-                   reach=compare["time_to_quality"], protocol=_check_protocols(ev))
+                   sources=read_json(metrics_dir / "prepare.info.json")["inputs"], compare=compare,
+                   protocol=_check_protocols(ev))
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
@@ -123,19 +130,23 @@ def efficiency(r: Inputs) -> list[str]:
     return ["## Efficiency", "",
             _table(rows, ["Model", "Training time", "Warm-up", "Tokens/s (steady)", "MFU", "Peak memory",
                           "Trainable params", "Total params", "Artifact (MB)"]), "",
-            f"Training time is the loop alone; warm-up is its first log interval (compilation included), "
-            f"excluded from the steady-state tokens/s. MFU: 6N + 12·L·d·T FLOPs per token (4N for LoRA's frozen "
-            f"base) over the device's peak, {tr['full']['peak_flops'] / 1e12:,.3g} TFLOP/s "
+            f"Training time is the loop alone; warm-up is the first log interval of each process (compilation "
+            f"included; a resumed run has one per process), excluded from the steady-state tokens/s. MFU: FLOPs per "
+            f"token 4N + 2N' + 12·L·d·T (6N + 12·L·d·T for full fine-tuning, about 4N for LoRA's frozen base; N: "
+            f"the parameters a token's matmuls use, all but the embedding tables, the output projection counted "
+            f"once; N': the trainable ones) over the device's peak, {tr['full']['peak_flops'] / 1e12:,.3g} TFLOP/s "
             f"({tr['full']['peak_flops_source']}). "
             f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. LoRA integrity: "
             f"{lora['trainable_params']:,} trainable parameters in the wrapped layers "
             f"({', '.join(lora['lora_target_modules'])}), checked equal to r x (in + out) over them; merged vs base+adapter logits differ by at most "
             f"{lora['merge_max_abs_diff']:.2e}; adapter weights {lora['adapter_mb']:.2f} MB vs the base model's "
-            f"folder {lora['base_model_mb']:.2f} MB (Artifact counts each saved folder, tokenizer included).", ""]
+            f"folder {lora['base_model_mb']:.2f} MB (Artifact counts each saved folder, tokenizer included"
+            + (f"; LoRA's leaves out the merged model saved beside it, {lora['merged_mb']:,.2f} MB" if "merged_mb" in lora
+               else "") + ").", ""]
 
 
 def validation(r: Inputs) -> list[str]:
-    tr, reach = r.tr, r.reach
+    tr, reach = r.tr, r.compare["time_to_quality"]
     rows = [[r.label(m), f"{tr[m]['val_loss_best']:.4f} (step {tr[m]['val_best_step']})", f"{tr[m]['val_loss']:.4f}",
              f"+{tr[m]['val_rise_after_best']:.4f}" if tr[m]["val_rise_after_best"] > 0 else "no",
              duration(tr[m]["eval_s"]),
@@ -158,23 +169,43 @@ def quality(r: Inputs) -> list[str]:
         row = [r.label(m), _ppl(ev[m], "val_ppl"), _ppl(ev[m], "test_ppl"), f"{ev[m]['test_bpb']:.4f}",
                f"{ev[m]['val_ppl_blocks']:.2f}", f"{ev[m]['test_ppl_blocks']:.2f}"]
         for g in general:
-            change = 100 * (ev[m]["general"][g]["ppl"] / ev["pretrained"]["general"][g]["ppl"] - 1)
-            row += [_ppl(ev[m]["general"][g], "ppl"), "–" if m == "pretrained" else f"{change:+.1f}%"]
+            change = "–" if m == "pretrained" else _change(r.compare["forgetting"][g][f"{m}_vs_pretrained"])
+            row += [_ppl(ev[m]["general"][g], "ppl"), change]
         rows.append(row)
     headers = ["Model", "Val ppl [95% CI]", "Test ppl [95% CI]", "Test bits/byte", "Val ppl (blocks)",
-               "Test ppl (blocks)"] + [h for g in general for h in (f"{g} ppl [95% CI]", f"{g} change")]
+               "Test ppl (blocks)"] + [h for g in general for h in (f"{g} ppl [95% CI]", f"{g} change [95% paired CI]")]
+    bootstrap = protocol["bootstrap"]
     return ["## Quality", "", _table(rows, headers), "",
             f"Sliding window: {protocol['context']}-token windows moved by {protocol['stride']} tokens, every token "
             f"but the first scored once ({protocol['test_tokens']:,} test, {protocol['val_tokens']:,} validation "
             f"tokens). Blocks: non-overlapping {protocol['context']}-token blocks, tail dropped "
             f"({protocol['test_tokens_blocks']:,} test tokens). Intervals: percentile bootstrap, "
-            f"{protocol['bootstrap']}. Changes on general text are relative to the pretrained model. Tokenizer "
+            f"{bootstrap['samples']:,} resamples of {bootstrap['chunk']:,}-token chunks, seed {bootstrap['seed']}, "
+            f"given only from {bootstrap['min_chunks']} chunks ({bootstrap['min_chunks'] * bootstrap['chunk']:,} "
+            f"scored tokens) on. Changes on general text are relative to the pretrained model, with the paired "
+            f"interval of the two models' ratio on the same tokens. {scoring(r)} Tokenizer "
             f"`{protocol['tokenizer']}`, "
             + (f"each split starting with its BOS token `{protocol['bos']['token']}`" if protocol.get("bos")
                else "no BOS token (the tokenizer adds none)")
             + f"; corpus `{protocol['source']}`: "
             + ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in r.corpus.items()) + ". Inputs: "
             + "; ".join(_source(key, v) for key, v in r.sources.items()) + ".", ""]
+
+
+def scoring(r: Inputs) -> str:
+    """How every model was scored: the checked path, or the model's own forward and why, and the
+    precision."""
+    precision = ("fp32 throughout" if r.protocol["precision"] == "fp32" else
+                 "the body under bf16 autocast, the output projection and log-softmax in fp32")
+    own = {m: r.ev[m]["scoring"] for m in MODELS if r.ev[m]["scoring"]["own_forward"]}
+    checked = [r.ev[m]["scoring"]["checked_max_nll_diff"] for m in MODELS if m not in own]
+    text = ""
+    if checked:
+        text = (f"Scoring: through each model's body and output projection, checked against its own forward on "
+                f"one window before scoring (largest per-token NLL difference {max(checked):.1e} nats); {precision}.")
+    for m, how in own.items():
+        text += f" {r.label(m)} was scored through its own forward (whole logits): {how['reason']}."
+    return text.strip()
 
 
 def _source(key: str, source: dict) -> str:
@@ -186,9 +217,11 @@ def _source(key: str, source: dict) -> str:
 
 
 def paired_comparisons(r: Inputs) -> list[str]:
-    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie"}
-    rows = [[f"{r.label(a)} / {r.label(b)}", f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]",
-             verdict_text[paired_verdict(v)]] for name, v in r.paired.items() for a, b in [name.split("_vs_")]]
+    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie",
+                    "too few": "no call: too few chunks"}
+    rows = [[f"{r.label(a)} / {r.label(b)}",
+             f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} [too few chunks]",
+             verdict_text[paired_verdict(v)]] for name, v in r.compare["paired"].items() for a, b in [name.split("_vs_")]]
     return [_table(rows, ["Comparison", "Test ppl ratio [95% paired CI]", "Verdict"]), "",
             "Paired: both models are scored on the same test tokens, and each bootstrap resample draws the same "
             "chunks for both, so the interval covers their difference alone; a winner is called only when it "
@@ -222,6 +255,6 @@ def environment(r: Inputs) -> list[str]:
 
 def render(metrics_dir: Path, generations_dir: Path) -> str:
     r = Inputs.read(metrics_dir, generations_dir)
-    found = findings(r.ev, r.tr, r.gq, r.paired, r.reach)
+    found = findings(r.ev, r.tr, r.gq, r.compare)
     return "\n".join([*headline(r), *efficiency(r), *validation(r), *quality(r), *paired_comparisons(r),
                       *generation_quality(r), "## Findings", "", *[f"- {f}" for f in found], "", *environment(r)])

@@ -8,7 +8,9 @@
   its last block-1 tokens from the tokens before them in the block.
 
 Both return an array of per-token NLL (nats) for the scored target positions, in order, so the
-caller can sum, count or bootstrap them (ftstudy.stats).
+caller can sum, count or bootstrap them (ftstudy.stats). Scoring goes through the model's body and
+output projection (ftstudy.loss.position_nll: the projection and log-softmax in fp32), or through
+the model's own forward where ftstudy.loss.check_fast_path found the two would differ.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ftstudy.loss import position_nll
-from ftstudy.stats import bits_per_byte, bootstrap_ppl_interval, perplexity
+from ftstudy.loss import check_fast_path, position_nll
+from ftstudy.stats import bits_per_byte, ppl_metrics
 
 
 def window_plan(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, int]]:
@@ -36,9 +38,18 @@ def window_plan(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, 
     return plan
 
 
+def choose_path(model, tokens: np.ndarray, block: int, device) -> dict:
+    """How `model` is scored: {"own_forward", "path", "reason" (None when the fast path serves),
+    "checked_max_nll_diff"}, from ftstudy.loss.check_fast_path on the first window of `tokens`."""
+    window = torch.from_numpy(np.asarray(tokens[:block]).astype(np.int64))[None].to(device)
+    why, diff = check_fast_path(model, window)
+    return {"own_forward": why is not None, "path": "model forward" if why else "body + head", "reason": why,
+            "checked_max_nll_diff": diff}
+
+
 @torch.no_grad()
 def _score(model, windows: list[np.ndarray], first_offsets: list[int], device, batch_size: int,
-           desc: str | None) -> np.ndarray:
+           desc: str | None, own_forward: bool) -> np.ndarray:
     """NLL of tokens windows[i][j] for j >= first_offsets[i] (same-length windows, batched)."""
     out = []
     for s in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, leave=False):
@@ -47,30 +58,30 @@ def _score(model, windows: list[np.ndarray], first_offsets: list[int], device, b
         for i, first in enumerate(first_offsets[s:s + batch_size]):
             mask[i, first - 1:] = True
         # Only the scored positions get logits, a chunk at a time: never the whole (batch, block, vocab).
-        out.append(position_nll(model, x, mask).double().cpu().numpy())
+        out.append(position_nll(model, x, mask, own_forward).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
 def sliding_window_nll(model, tokens: np.ndarray, block: int, stride: int, device, batch_size: int = 8,
-                       desc: str | None = None) -> np.ndarray:
+                       desc: str | None = None, own_forward: bool = False) -> np.ndarray:
     plan = window_plan(len(tokens), block, stride)
     windows = [np.asarray(tokens[b:e]) for b, e, _ in plan]
     firsts = [f - b for b, _, f in plan]
-    return _score(model, windows, firsts, device, batch_size, desc)
+    return _score(model, windows, firsts, device, batch_size, desc, own_forward)
 
 
 def block_nll(model, tokens: np.ndarray, block: int, device, batch_size: int = 8,
-              desc: str | None = None) -> np.ndarray:
+              desc: str | None = None, own_forward: bool = False) -> np.ndarray:
     n = len(tokens) // block
     windows = [np.asarray(tokens[i * block:(i + 1) * block]) for i in range(n)]
-    return _score(model, windows, [1] * n, device, batch_size, desc)
+    return _score(model, windows, [1] * n, device, batch_size, desc, own_forward)
 
 
 def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, seed: int, device,
-                    desc: str | None = None) -> tuple[dict, np.ndarray]:
-    """(ppl, its bootstrap interval, bits per byte and token count; the per-token NLL) of one split
-    under the sliding window (`ev`: the evaluate params)."""
-    nll = sliding_window_nll(model, tokens, block, ev.stride, device, ev.batch_size, desc=desc)
-    lo, hi = bootstrap_ppl_interval(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed)
-    return {"ppl": perplexity(nll), "ppl_lo": lo, "ppl_hi": hi, "bpb": bits_per_byte(nll, n_bytes),
-            "tokens": int(len(nll))}, nll
+                    desc: str | None = None, own_forward: bool = False) -> tuple[dict, np.ndarray]:
+    """(ppl, its bootstrap interval when there are enough chunks, the chunk count, bits per byte and
+    token count; the per-token NLL) of one split under the sliding window (`ev`: the evaluate
+    params)."""
+    nll = sliding_window_nll(model, tokens, block, ev.stride, device, ev.batch_size, desc, own_forward)
+    return (ppl_metrics(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed)
+            | {"bpb": bits_per_byte(nll, n_bytes), "tokens": int(len(nll))}), nll

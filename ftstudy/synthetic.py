@@ -75,16 +75,21 @@ def demo_overrides() -> dict:
     return flatten(yaml.safe_load((ASSETS / "demo-params.yaml").read_text(encoding="utf-8")))
 
 
-# The families every stage is tested on, each as its transformers config class and the sizes of a
-# tiny random model: 2 layers, width 64, 4 heads (2 key-value heads where the family has GQA).
+# The families every stage is tested on, each as its transformers config class, the sizes of a
+# tiny random model (2 layers, width 64, 4 heads; 2 key-value heads where the family has GQA) and
+# whether its output projection is tied to the input embedding, as in the family's real models:
+# GPT-2, Llama 3.2 1B and Qwen2.5 0.5B tie it; Pythia (GPT-NeoX) does not; Phi-2 neither, and its
+# head has a bias.
 FAMILIES = {
-    "gpt2": ("GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128}),
+    "gpt2": ("GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128}, True),
     "gpt_neox": ("GPTNeoXConfig", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                                   "intermediate_size": 128, "max_position_embeddings": 128}),
+                                   "intermediate_size": 128, "max_position_embeddings": 128}, False),
     "llama": ("LlamaConfig", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}),
+                              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}, True),
     "qwen2": ("Qwen2Config", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}),
+                              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}, True),
+    "phi": ("PhiConfig", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                          "intermediate_size": 128, "max_position_embeddings": 128}, False),
 }
 # Llama's tokenizers put a BOS token before each text, the others do not; the tiny Llama's does too.
 LLAMA_BOS = "<|begin_of_text|>"
@@ -108,16 +113,17 @@ def tiny_tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
 
 
-def write_tiny_model(family: str, out: Path, seed: int = 0) -> Path:
+def write_tiny_model(family: str, out: Path, seed: int = 0, tie: bool | None = None) -> Path:
     """A save_pretrained folder of a tiny random model of `family` (a FAMILIES key), deterministic
-    for a seed, beside its tiny tokenizer: about 0.2M parameters, 128-token context."""
+    for a seed, beside its tiny tokenizer: about 0.2M parameters, 128-token context; the head tied
+    as the family's real models have it, unless `tie` says otherwise."""
     import torch
     import transformers
 
-    config_class, sizes = FAMILIES[family]
+    config_class, sizes, tied = FAMILIES[family]
     tokenizer = tiny_tokenizer(family)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), tie_word_embeddings=True,
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), tie_word_embeddings=tied if tie is None else tie,
                                                  **ids, **sizes)
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ftstudy.config import flatten, set_keys
@@ -47,6 +48,26 @@ def project(tmp_path, monkeypatch):
 
     write()
     return write
+
+
+class ScaledBeforeHead(torch.nn.Module):
+    """A causal LM whose forward halves the last hidden state before the head: body + head alone
+    would score it wrongly, and nothing in its config says so."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config, self.base_model_prefix = model.config, model.base_model_prefix
+        setattr(self, model.base_model_prefix, getattr(model, model.base_model_prefix))
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = getattr(self.inner, self.base_model_prefix)(input_ids=input_ids).last_hidden_state
+        return CausalLMOutput(logits=self.inner.get_output_embeddings()(hidden * 0.5))
 
 
 def run_main(module, *argv: str) -> None:

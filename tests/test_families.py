@@ -1,32 +1,43 @@
-"""Every stage on every supported family: a tiny random GPT-2, GPT-NeoX (Pythia), Llama and Qwen2,
-built offline from their transformers config classes with the bundled tiny tokenizer, through
-prepare, a few training steps of both methods (MFU included, against the CPU's measured peak),
-evaluate and generate, in-process."""
+"""Every stage on every supported family: a tiny random GPT-2, GPT-NeoX (Pythia), Llama, Qwen2 and
+Phi (an untied head with a bias), built offline from their transformers config classes with the
+bundled tiny tokenizer, through prepare, a few training steps of both methods (MFU included,
+against the CPU's measured peak), evaluate and generate, in-process. Training lowers the loss, and
+evaluate's perplexity equals the model's own forward and logits scoring every token."""
 
 import math
 
 import pytest
+import torch
 
 from conftest import PREPARE_ARGS, reset_accelerate, run_main, train_args
+from ftstudy import data, modeling, scoring, stats
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import FAMILIES, local_params, write_corpus, write_params, write_tiny_model
 from stages import evaluate, generate, prepare, train_full, train_lora
 
 # PEFT's defaults per family, which lora.target_modules: auto resolves to.
 AUTO_TARGETS = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"],
-                "qwen2": ["q_proj", "v_proj"]}
+                "qwen2": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"]}
 
 
-@pytest.fixture(params=list(FAMILIES))
-def family_run(request, tmp_path, monkeypatch):
-    family = request.param
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(params=list(FAMILIES), scope="module")
+def family_run(request, tmp_path_factory):
+    """One family's whole run, shared by the tests of this module (read-only)."""
+    family, tmp_path = request.param, tmp_path_factory.mktemp(request.param)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(tmp_path)
+        _run_every_stage(family, tmp_path)
+    return family, tmp_path
+
+
+def _run_every_stage(family, tmp_path):
     write_tiny_model(family, tmp_path / "model")
     write_corpus(tmp_path / "corpus", {"train": 9_000, "validation": 2_000, "test": 2_000})
     write_params(tmp_path, local_params(tmp_path / "model", tmp_path / "corpus", **{
         "data.block_size": 32, "train.epochs": 1, "train.warmup_steps": 1, "train.log_every": 2,
-        "train.eval_every": 0, "evaluate.stride": 16, "evaluate.bootstrap_samples": 100,
-        "evaluate.bootstrap_chunk": 32, "generate.prompt": "The town of", "generate.extra_prompts": [],
+        "train.eval_every": 0, "full.lr": 2e-3, "lora.lr": 1e-2, "evaluate.stride": 16,
+        "evaluate.bootstrap_samples": 100, "evaluate.bootstrap_chunk": 16,
+        "generate.prompt": "The town of", "generate.extra_prompts": [],
         "generate.max_new_tokens": 8, "generate.num_samples": 1}))
     run_main(prepare, *PREPARE_ARGS)
     for stage, method in ((train_full, "full"), (train_lora, "lora")):
@@ -34,10 +45,10 @@ def family_run(request, tmp_path, monkeypatch):
         reset_accelerate()
     for model in ("full", "lora"):
         run_main(evaluate, "--model", f"models/{model}", "--base", "pre", "--data", "prep", "--out",
-                 f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npy")
+                 f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npz")
     run_main(generate, "--model", "models/full", "--model", "models/lora", "--base", "pre", "--out", "gen",
              "--metrics", "m/generate")
-    return family, tmp_path
+    reset_accelerate()
 
 
 def test_every_stage_runs_on_every_family(family_run):
@@ -54,6 +65,25 @@ def test_every_stage_runs_on_every_family(family_run):
     for model in ("full", "lora"):
         ev = read_json(root / f"m/evaluate/{model}.json")[model]
         assert math.isfinite(ev["test_ppl"]) and ev["test_ppl_lo"] <= ev["test_ppl"] <= ev["test_ppl_hi"]
-        protocol = read_json(root / f"m/evaluate/{model}.info.json")["protocol"]
-        assert protocol["model"].endswith("model") and protocol["bos"] == meta["bos"]
+        info = read_json(root / f"m/evaluate/{model}.info.json")
+        assert info["protocol"]["model"].endswith("model") and info["protocol"]["bos"] == meta["bos"]
+        assert info["scoring"]["path"] == "body + head" and info["scoring"]["checked_max_nll_diff"] < 1e-5
+
+
+def test_training_lowers_the_loss_and_scoring_equals_the_models_own_logits(family_run):
+    family, root = family_run
+    val = data.load_tokens(root / "prep", "validation")
+    pretrained = modeling.load_causal_lm(root / "pre").eval()
+    with torch.no_grad():
+        before = float(scoring.block_nll(pretrained, val, 32, torch.device("cpu")).mean())
+    for method in ("full", "lora"):
+        assert read_json(root / f"m/{method}.json")[method]["val_loss"] < before, (family, method)
+    # Every test token scored again through the model's own forward (whole logits), window by window.
+    for method in ("full", "lora"):
+        model = modeling.load_for_eval(root / f"models/{method}", root / "pre", str(root / "model"))
+        with torch.no_grad():
+            own = scoring.sliding_window_nll(model, data.load_tokens(root / "prep", "test"), 32, 16,
+                                             torch.device("cpu"), own_forward=True)
+        ev = read_json(root / f"m/evaluate/{method}.json")[method]
+        assert ev["test_ppl"] == pytest.approx(stats.perplexity(own), rel=1e-5), (family, method)
     assert read_json(root / "gen/lora.json")["prompts"][0]["prompt"] == "The town of"

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from conftest import demo_params
+from conftest import ScaledBeforeHead, demo_params
 from ftstudy import loss, lora, modeling
-from ftstudy.config import ConfigError, parse_params
+from ftstudy.config import parse_params
 from ftstudy.synthetic import FAMILIES, write_tiny_model
 
 
@@ -48,6 +48,16 @@ def test_chunked_loss_matches_the_models_own(models, family, method, monkeypatch
 def test_a_model_with_logit_scaling_is_refused_naming_the_key(models):
     model = modeling.load_causal_lm(models["llama"])
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ConfigError, match=r"^train.loss: chunked cannot train llama: its config sets "
-                                          r"final_logit_softcapping.*set train.loss: model"):
-        loss.CausalLMLoss(model)
+    why, diff = loss.check_fast_path(model, torch.randint(0, 1000, (1, 16)))
+    assert why == "its config sets final_logit_softcapping, which the chunked loss does not apply" and diff is None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_fast_path_check_passes_every_family_and_catches_a_forward_that_differs(models, family):
+    model = modeling.load_causal_lm(models[family])
+    batch = torch.randint(0, 1000, (2, 24))
+    why, diff = loss.check_fast_path(model, batch)
+    assert why is None and diff < 1e-5, (why, diff)
+    why, diff = loss.check_fast_path(ScaledBeforeHead(model), batch)
+    assert why.startswith("on one batch its per-token NLL through body + head differs from its own forward by up to")
+    assert why.endswith("the forward does more than body + head") and diff > 1e-2

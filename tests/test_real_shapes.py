@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import PREPARE_ARGS, ROOT, train_args
 from ftstudy import data, runtime
@@ -42,7 +43,7 @@ def run(tmp_path_factory):
     for method in ("full", "lora"):
         stage(root, f"train_{method}", *train_args(method))
     stage(root, "evaluate", "--model", "models/lora", "--base", "pre", "--data", "prep",
-          "--out", "m/evaluate/lora.json", "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npy")
+          "--out", "m/evaluate/lora.json", "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npz")
     stage(root, "generate", "--model", "models/lora", "--base", "pre", "--out", "gen", "--metrics", "m/generate")
     return root
 
@@ -70,11 +71,15 @@ def test_training_runs_at_124m_with_the_expected_lora_count(run):
 
 
 def test_flops_per_token_of_the_real_config():
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    # 6N + 12·L·d·T with N = 124,439,808, L = 12, d = 768, T = 1,024.
-    assert runtime.flops_per_token(GPT2Config(), 124_439_808, 1024, full=True) == 6 * 124_439_808 + 12 * 12 * 768 * 1024
-    assert runtime.flops_per_token(GPT2Config(), 124_439_808, 1024, full=False) == 4 * 124_439_808 + 12 * 12 * 768 * 1024
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    # N: every parameter but the position table (786,432); the token table counts once, as the head.
+    assert runtime.matmul_params(model) == (124_439_808 - 1024 * 768,) * 2
+    n = 124_439_808 - 1024 * 768
+    assert runtime.flops_per_token(GPT2Config(), n, n, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert runtime.flops_per_token(GPT2Config(), n, 0, 1024) == 4 * n + 12 * 12 * 768 * 1024
 
 
 def test_evaluate_and_generate_at_1024_context(run):

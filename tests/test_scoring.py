@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_WIKI, prepare_in
+from conftest import TINY_MODEL, TINY_WIKI, ScaledBeforeHead, prepare_in, run_main, train_args
 from ftstudy import data, modeling, scoring, stats
-from ftstudy.config import load_params
+from ftstudy.config import ConfigError, load_params
+from ftstudy.outputs import read_json
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +72,46 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_data():
     large = rng.gamma(2.0, 1.0, size=50_000)
     widths = []
     for nll in (small, large):
-        lo, hi = stats.bootstrap_ppl_interval(nll, chunk=100, samples=1000, seed=1)
-        assert lo < stats.perplexity(nll) < hi
-        widths.append(hi - lo)
+        m = stats.ppl_metrics(nll, chunk=100, samples=1000, seed=1)
+        assert m["ppl_lo"] < stats.perplexity(nll) < m["ppl_hi"] and m["chunks"] == len(nll) // 100
+        widths.append(m["ppl_hi"] - m["ppl_lo"])
     assert widths[1] < widths[0] / 3  # ~ 1/sqrt(25) of the width
-    assert stats.bootstrap_ppl_interval(small, 100, 1000, 1) == stats.bootstrap_ppl_interval(small, 100, 1000, 1)
+    assert stats.ppl_metrics(small, 100, 1000, 1) == stats.ppl_metrics(small, 100, 1000, 1)
+
+
+def test_too_few_chunks_give_no_interval():
+    # 1,500 tokens at the shipped 1,024-token chunk: one chunk, where every resample is the same and
+    # the old "interval" had zero width (ratio 0.977, [0.977, 0.977]: a false winner).
+    rng = np.random.default_rng(0)
+    a, b = rng.gamma(2.0, 1.0, size=1_500), rng.gamma(2.0, 1.0, size=1_500)
+    assert stats.paired_ppl_ratio(a, b, 1024, 1000, 1).keys() == {"ratio", "chunks"}
+    assert stats.ppl_metrics(a, 1024, 1000, 1).keys() == {"ppl", "chunks"}
+    just = stats.MIN_CHUNKS * 50  # 1,000 tokens in chunks of 50
+    assert "lo" not in stats.paired_ppl_ratio(a[:just - 1], b[:just - 1], 50, 1000, 1)
+    assert "lo" in stats.paired_ppl_ratio(a[:just], b[:just], 50, 1000, 1)
+    assert stats.enough_tokens(1024) == stats.MIN_CHUNKS * 1024
+
+
+def correlated_pair(rng, n: int, shift: float, width: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Two models' per-token NLL on the same n tokens: a shared difficulty and a model difference,
+    each smoothed over `width` neighbouring tokens (losses of nearby tokens are correlated), the
+    second model worse by `shift` nats on average: the true ratio is exp(shift)."""
+    kernel = np.ones(width) / np.sqrt(width)
+    smooth = lambda: np.convolve(rng.normal(size=n + width), kernel, mode="valid")[:n]  # noqa: E731
+    shared = np.exp(0.5 * smooth()) * rng.gamma(2.0, 1.0, size=n)
+    return shared + shift + 0.2 * smooth() + 0.3 * rng.normal(size=n), shared
+
+
+@pytest.mark.parametrize("chunks", [stats.MIN_CHUNKS, 60])
+def test_paired_interval_covers_the_true_ratio(chunks):
+    """Coverage at the shipped chunk (1,024 tokens), at the minimum chunk count and above it."""
+    rng, trials, shift = np.random.default_rng(0), 300, 0.02
+    covered = 0
+    for trial in range(trials):
+        worse, base = correlated_pair(rng, chunks * 1024, shift)
+        r = stats.paired_ppl_ratio(worse, base, 1024, 1000, trial)
+        covered += r["lo"] <= math.exp(shift) <= r["hi"]
+    assert covered / trials >= 0.90, covered / trials
 
 
 def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(project):
@@ -108,7 +144,7 @@ def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(projec
 
 def test_paired_ratio_of_identical_models_is_one_exactly():
     nll = np.random.default_rng(0).gamma(2.0, 1.0, size=5_000)
-    assert stats.paired_ppl_ratio(nll, nll.copy(), 100, 1000, 1) == {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
+    assert stats.paired_ppl_ratio(nll, nll.copy(), 100, 1000, 1) == {"ratio": 1.0, "lo": 1.0, "hi": 1.0, "chunks": 50}
 
 
 def test_paired_ratio_of_a_constant_shift_is_the_shift():
@@ -124,8 +160,40 @@ def test_paired_interval_is_tighter_than_unpaired_for_correlated_models():
     a, b = shared + rng.normal(0, 0.05, 20_000), shared + 0.02 + rng.normal(0, 0.05, 20_000)
     paired = stats.paired_ppl_ratio(b, a, 100, 1000, 1)
     assert paired["lo"] > 1.0 and paired["ratio"] == pytest.approx(math.exp(0.02), rel=2e-3)
-    a_lo, a_hi = stats.bootstrap_ppl_interval(a, 100, 1000, 1)
-    b_lo, b_hi = stats.bootstrap_ppl_interval(b, 100, 1000, 1)
+    a_hi, b_lo = stats.ppl_metrics(a, 100, 1000, 1)["ppl_hi"], stats.ppl_metrics(b, 100, 1000, 1)["ppl_lo"]
     assert a_hi > b_lo  # separately, their intervals overlap: a tie by the old rule
     with pytest.raises(ValueError, match="same tokens"):
         stats.paired_ppl_ratio(a, b[:-1], 100, 1000, 1)
+
+
+def test_evaluate_scores_through_the_models_own_forward_when_body_and_head_differ(project, monkeypatch, capsys):
+    from stages import evaluate
+
+    root = prepare_in(project)
+    original = modeling.load_for_eval
+    monkeypatch.setattr(modeling, "load_for_eval", lambda *a: ScaledBeforeHead(original(*a)))
+    run_main(evaluate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/pretrained.json",
+             "--info", "m/pretrained.info.json", "--nll", "nll/pretrained.npz")
+    line = next(x for x in capsys.readouterr().out.splitlines() if "own forward" in x)
+    assert line.startswith("evaluate@pretrained: scoring through the model's own forward (whole logits), not body + "
+                           "head: on one batch its per-token NLL through body + head differs from its own forward")
+    scoring_info = read_json(root / "m/pretrained.info.json")["scoring"]
+    assert scoring_info["own_forward"] is True and scoring_info["path"] == "model forward"
+    # The perplexity is the scaled model's own: every test token scored through its forward.
+    model = ScaledBeforeHead(original("pre", "pre", "x"))
+    p = load_params()
+    own = scoring.sliding_window_nll(model, data.load_tokens("prep", "test"), 128, p.evaluate.stride,
+                                     torch.device("cpu"), own_forward=True)
+    assert read_json(root / "m/pretrained.json")["pretrained"]["test_ppl"] == pytest.approx(stats.perplexity(own), rel=1e-6)
+    assert set(np.load(root / "nll/pretrained.npz").files) == {"test", "tiny-general-test"}
+
+
+def test_training_refuses_the_chunked_loss_for_a_model_whose_forward_differs(project, monkeypatch):
+    from stages import train_full
+
+    prepare_in(project, **{"train.epochs": 1})
+    original = train_full.build
+    monkeypatch.setattr(train_full, "build", lambda p, base: ScaledBeforeHead(original(p, base)))
+    with pytest.raises(ConfigError, match=r"^train.loss: chunked cannot train gpt2: on one batch its per-token NLL "
+                                          r"through body \+ head differs.*; set train.loss: model$"):
+        run_main(train_full, *train_args("full"))
