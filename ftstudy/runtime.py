@@ -25,17 +25,35 @@ def resolve_precision(requested: str) -> str:
     return "no"
 
 
-# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets (no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets (no sparsity), by the
+# name CUDA reports (torch.cuda.get_device_name), matched as whole words in this order: variants
+# with their own peak (H100 PCIe, H100 NVL, L40S) before the plain name, and a word never matches a
+# longer one (L4 is not L40, A10 not A100 or A10G, H200 not GH200).
+PEAK_FLOPS = (
+    (r"\bH100\b.*\bPCIe\b", 756e12),      # H100 PCIe
+    (r"\bH100\b.*\bNVL\b", 835e12),       # H100 NVL
+    (r"\bH100\b", 989e12),                # H100 SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH200\b.*\bNVL\b", 835e12),       # H200 NVL
+    (r"\bH200\b", 989e12),                # H200 SXM
+    (r"\bGH200\b", 989e12),
+    (r"\bA100\b", 312e12),                # A100 40 GB and 80 GB, SXM and PCIe alike
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10G\b", 70e12),
+    (r"\bA10\b", 125e12),
+    (r"\bRTX 4090\b", 165e12),
+    (r"\bV100\b", 125e12),
+    (r"\bT4\b", 65e12),
+)
 
 
 def peak_flops(device_name: str) -> float | None:
-    """A listed GPU's dense bf16 peak, from its name; None for any other device."""
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_FLOPS[key]
-    return None
+    """A listed GPU's dense bf16 peak, from its name; None for any other device (a CPU, or a GPU
+    not in the table, whose MFU is then taken against a measured matmul peak)."""
+    import re
+
+    return next((peak for pattern, peak in PEAK_FLOPS if re.search(pattern, device_name)), None)
 
 
 def measured_peak_flops(device: torch.device, size: int = 1024, seconds: float = 0.2) -> float:
@@ -54,11 +72,25 @@ def measured_peak_flops(device: torch.device, size: int = 1024, seconds: float =
     return best
 
 
-def flops_per_token(model_config, n_params: int, block_size: int, full: bool) -> float:
-    """Training FLOPs per token: 6N + 12·L·d·T (PaLM's convention); a frozen base needs no weight
-    gradients, so LoRA counts 4N. L and d are read by their generic names, which every
-    transformers config answers (GPT-2's n_layer and n_embd included)."""
-    return (6 if full else 4) * n_params + 12 * model_config.num_hidden_layers * model_config.hidden_size * block_size
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters a token's compute passes through: every parameter but the
+    embedding tables (a lookup, no matmul), plus the output projection where it is tied to the
+    input embedding (GPT-2's: counted once, as the head)."""
+    embedding = {id(q) for m in model.modules() if isinstance(m, torch.nn.Embedding) for q in m.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = [] if head is None else [q for q in head.parameters() if id(q) in embedding]
+    counted = [q for q in model.parameters() if id(q) not in embedding] + head_params
+    return sum(q.numel() for q in counted), sum(q.numel() for q in counted if q.requires_grad)
+
+
+def flops_per_token(model_config, n_matmul: int, n_trainable: int, block_size: int) -> float:
+    """Training FLOPs per token: 2N forward and 2N backward through the activations for all N
+    matmul parameters (ftstudy.runtime.matmul_params), 2N' more for the weight gradients of the
+    N' trainable ones, and 12·L·d·T for attention (PaLM's convention): 6N + 12·L·d·T for full
+    fine-tuning, about 4N for LoRA's frozen base. L and d are read by their generic names, which
+    every transformers config answers (GPT-2's n_layer and n_embd included)."""
+    attention = 12 * model_config.num_hidden_layers * model_config.hidden_size * block_size
+    return 4 * n_matmul + 2 * n_trainable + attention
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -137,11 +137,12 @@ class Progress:
     """What a run has done so far; saved with each checkpoint, so a resumed run continues it."""
     step: int = 0
     train_time: float = 0.0
-    warmup_time: float | None = None  # the first log interval (compilation, caches), kept apart
-    warmup_steps: int = 0
+    warmup_time: float = 0.0  # the first log interval of each process (compilation, caches), kept apart
+    warmup_steps: int = 0     # the steps those intervals hold
     train_curve: list = field(default_factory=list)  # (step, loss)
     val_curve: list = field(default_factory=list)    # (step, training seconds, tokens, loss)
     eval_time: float = 0.0  # seconds spent on validation, kept out of train_time and tokens/s
+    segments: list = field(default_factory=list)  # (first step, CPU threads) of each process that trained
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Session:
     total_steps: int
     global_batch: int             # blocks per optimizer step, over all processes
     compiled: bool
+    own_forward: bool             # validation scores through the model's own forward (ftstudy.loss.check_fast_path)
 
     @property
     def tokens_per_step(self) -> int:
@@ -196,7 +198,13 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     model = build()
     runtime.use_cpu_threads(device)  # after loading: the machine's load is measured over the loading
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: no input needs requires_grad, so a frozen embedding (LoRA) is no problem.
+        # transformers 5.2x names it activation_checkpointing_enable; earlier ones, gradient_...
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = model
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
@@ -211,8 +219,14 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    # One block through body + head and through the model's own forward: the chunked loss and
+    # validation's scoring assume the two agree.
+    why, _ = loss.check_fast_path(trained, _to_device(train_blocks[:1], device))
+    if why is not None and train.loss == "chunked":
+        raise ConfigError(f"train.loss: chunked cannot train {loss.causal_lm_of(trained).config.model_type}: {why}; "
+                          "set train.loss: model")
     return Session(accelerator, model, trained, optimizer, scheduler, train_blocks, val_blocks, steps_per_epoch,
-                   total_steps, train.batch_size * train.grad_accum * world, compiled)
+                   total_steps, train.batch_size * train.grad_accum * world, compiled, own_forward=why is not None)
 
 
 def _to_device(blocks: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -247,7 +261,8 @@ def validation_loss(s: Session, batch_size: int) -> float:
     s.model.eval()
     shard = s.val_blocks[acc.process_index::acc.num_processes]
     with acc.autocast():  # the trained model itself: scored through its logits, in the run's precision
-        nll = scoring.block_nll(s.trained, shard.reshape(-1), s.val_blocks.shape[1], acc.device, batch_size)
+        nll = scoring.block_nll(s.trained, shard.reshape(-1), s.val_blocks.shape[1], acc.device, batch_size,
+                                own_forward=s.own_forward)
     s.model.train()
     totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=acc.device)
     totals = acc.reduce(totals, reduction="sum")
@@ -264,12 +279,13 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
         progress = Progress(**ckpt.load(latest))
         if acc.is_main_process:
             print(f"{label}: resuming from {latest} (step {progress.step} of {s.total_steps})")
+    progress.segments.append((progress.step + 1, torch.get_num_threads()))
     live.start(label, config, resume=latest is not None)
     losses = StepLosses(train.log_every, acc.device)
     bar = tqdm(total=s.total_steps, initial=progress.step, desc=label, unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
     s.model.train()
-    order, t0 = None, time.perf_counter()
+    order, t0, warm, started_at = None, time.perf_counter(), False, progress.step
     try:
         for step in range(progress.step + 1, s.total_steps + 1):
             epoch, step_in_epoch = divmod(step - 1, s.steps_per_epoch)
@@ -283,9 +299,12 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
                 continue
             points = losses.flush(step, acc)
             progress.train_curve += points
-            progress.train_time += time.perf_counter() - t0  # flush synced the device, so this time is real
-            if progress.warmup_time is None:
-                progress.warmup_time, progress.warmup_steps = progress.train_time, step
+            interval = time.perf_counter() - t0  # flush synced the device, so this time is real
+            progress.train_time += interval
+            if not warm:  # this process's first interval: compilation and caches, whether fresh or resumed
+                progress.warmup_time += interval
+                progress.warmup_steps += step - started_at
+                warm = True
             tokens_per_s = step * s.tokens_per_step / progress.train_time
             bar.set_postfix(loss=f"{points[-1][1]:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             val = None
@@ -339,14 +358,14 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     peak, peak_source = runtime.peak_flops(name), "data sheet, dense bf16"
     if peak is None:
         peak, peak_source = runtime.measured_peak_flops(device), "measured, matmul probe"
-    full = trainable == total
-    fpt = runtime.flops_per_token(loss.causal_lm_of(s.trained).config, total if full else total - trainable,
-                                  block_size, full)
+    causal_lm = loss.causal_lm_of(s.trained)
+    fpt = runtime.flops_per_token(causal_lm.config, *runtime.matmul_params(causal_lm), block_size)
     metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
     info = {"method": method, "steps": steps, "tokens": steps * s.tokens_per_step, "global_batch": s.global_batch,
             "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
+            "segments": [{"from_step": first, "cpu_threads": threads} for first, threads in progress.segments],
             "peak_flops": peak, "peak_flops_source": peak_source,
             "versions": versions}
     return metrics, info
@@ -355,7 +374,8 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
 def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -> dict:
     """Save the trained model (a PEFT model saves its adapter only) beside the snapshot's tokenizer,
     atomically, on the main process. `check(model, folder, batch)`, if given, runs on the trained
-    model before the folder is committed and returns extra metrics."""
+    model before the folder is committed and returns extra metrics (artifact_mb among them, where
+    the folder holds more than the artifact)."""
     acc = s.accelerator
     acc.wait_for_everyone()
     extra: dict = {}
@@ -366,7 +386,7 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
             modeling.load_tokenizer(base_dir).save_pretrained(tmp)
             if check is not None:
                 extra = check(trained, tmp, _to_device(s.val_blocks[:2], acc.device))
-        extra["artifact_mb"] = round(modeling.dir_size_mb(out), 3)
+        extra.setdefault("artifact_mb", round(modeling.dir_size_mb(out), 3))  # check may count it itself
     return extra
 
 

@@ -143,8 +143,8 @@ def _hf_trainer_child(work: Path, shape: dict, out: Path) -> None:
     memory = runtime.peak_memory(device) if device.type == "cuda" else {
         "peak_mem_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)}
     peak = runtime.peak_flops(runtime.device_name(device))
-    n = sum(q.numel() for q in model.parameters())
-    mfu = None if peak is None else round(steady * runtime.flops_per_token(model.config, n, block, True) / peak, 4)
+    fpt = runtime.flops_per_token(model.config, *runtime.matmul_params(model), block)
+    mfu = None if peak is None else round(steady * fpt / peak, 4)
     out.write_text(json.dumps({"path": "HF Trainer defaults", "tokens": steps * batch * block, "tokens_per_s": round(steady, 1),
                                "warmup_s": round(marks[WARMUP_STEPS] - start, 3), "mfu": mfu,
                                "peak_mem_gib": memory["peak_mem_gib"],

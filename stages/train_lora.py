@@ -2,10 +2,12 @@
 
 Only the adapter trains and only the adapter (plus tokenizer) is saved; its config names
 model.name as the base. The layers it wraps (lora.target_modules, `auto` resolved to the family's
-default) are checked on the weightless skeleton before anything loads, and recorded in the info. Before the folder is committed, the adapter's integrity is checked and
-recorded (ftstudy.lora): the trainable count equals r x (in + out) over the wrapped layers, and
-merged and base+adapter logits agree. With lora.merge the merged model is also saved, loadable
-with plain transformers, at <out>/merged. Started by ftstudy.launching, as train_full is.
+default) are checked on the weightless skeleton before anything loads, and recorded in the info.
+Before the folder is committed, the adapter's integrity is checked and recorded (ftstudy.lora):
+the trainable count equals r x (in + out) over the wrapped layers, and merged and base+adapter
+logits agree. With lora.merge the merged model is also saved, loadable with plain transformers, at
+<out>/merged (its size apart, as merged_mb: artifact_mb counts the adapter folder alone). Started
+by ftstudy.launching, as train_full is.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ def build(p, base_dir, planned, base_revision):
 
 def check(p, base_dir: Path, model, out: Path, batch) -> dict:
     diff, merged = lora.merge_check(model, batch)
+    sizes = {"artifact_mb": round(modeling.dir_size_mb(out), 3),  # the adapter folder, before merged/ joins it
+             "adapter_mb": round((out / "adapter_model.safetensors").stat().st_size / 2**20, 4),
+             "base_model_mb": round(modeling.dir_size_mb(base_dir), 3)}
     if p.lora.merge:
         merged.save_pretrained(out / "merged")
         modeling.load_tokenizer(base_dir).save_pretrained(out / "merged")
-    return {"merge_max_abs_diff": diff,
-            "adapter_mb": round((out / "adapter_model.safetensors").stat().st_size / 2**20, 4),
-            "base_model_mb": round(modeling.dir_size_mb(base_dir), 3)}
+        sizes["merged_mb"] = round(modeling.dir_size_mb(out / "merged"), 3)
+    return {"merge_max_abs_diff": diff, **sizes}
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The shared loop, run in-process through real Accelerate and PEFT on the tiny assets."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,14 +169,40 @@ def test_oom_advice_keeps_the_global_batch(project):
     assert "train.batch_size=8, train.grad_accum=2" in msg and "train.batch_size=4, train.grad_accum=4" in msg
 
 
-def test_mfu_inputs_and_precision_choice():
-    from transformers import GPT2Config
+# The names CUDA reports (torch.cuda.get_device_name) for the GPUs whose peaks must be told apart.
+GPU_PEAKS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+             "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+             "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L4": 121e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12,
+             "NVIDIA A10G": 70e12, "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12,
+             "Tesla V100-SXM2-16GB": 125e12, "Tesla T4": 65e12,
+             "NVIDIA GeForce RTX 3090": None, "NVIDIA B200": None, "cpu (x86_64, 2 threads)": None}
 
-    assert runtime.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert runtime.peak_flops("NVIDIA A10G") == 70e12 and runtime.peak_flops("NVIDIA A10") == 125e12
-    assert runtime.peak_flops("cpu (x86_64, 2 threads)") is None
-    # GPT-2 124M at 1024 context: about 855 MFLOP per trained token.
-    assert runtime.flops_per_token(GPT2Config(), 124_439_808, 1024, full=True) == pytest.approx(855e6, rel=0.01)
+
+@pytest.mark.parametrize("name", list(GPU_PEAKS))
+def test_gpu_peaks_tell_every_listed_card_apart(name):
+    assert runtime.peak_flops(name) == GPU_PEAKS[name]
+
+
+def test_flops_count_the_head_once_and_no_embedding_table(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from ftstudy.synthetic import write_tiny_model
+
+    # Tied GPT-2: N is every parameter but the position table; 6N + attention for full fine-tuning.
+    tied = modeling.load_causal_lm(write_tiny_model("gpt2", tmp_path / "gpt2"))
+    n_all = sum(q.numel() for q in tied.parameters())
+    n = n_all - tied.transformer.wpe.weight.numel()
+    assert runtime.matmul_params(tied) == (n, n)
+    config = GPT2Config(n_layer=2, n_embd=64)
+    assert runtime.flops_per_token(config, n, n, 128) == 6 * n + 12 * 2 * 64 * 128
+    # Untied Llama: the input table is left out, the head counted as it is.
+    model = AutoModelForCausalLM.from_pretrained(write_tiny_model("llama", tmp_path / "llama", tie=False))
+    table = model.get_input_embeddings().weight.numel()
+    assert runtime.matmul_params(model)[0] == sum(q.numel() for q in model.parameters()) - table
+
+
+def test_precision_choice():
     assert runtime.resolve_precision("fp32") == "no" and runtime.resolve_precision("bf16") == "bf16"
     on_gpu = torch.cuda.is_available()
     expected_auto = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
@@ -190,8 +217,8 @@ def test_non_finite_loss_stops_training_and_writes_no_model(project, monkeypatch
         model = original(p, base_dir)
         calls = {"n": 0}
 
-        def poison(module, inputs, output):  # the real transformer, whose 3rd forward pass yields NaN
-            calls["n"] += 1
+        def poison(module, inputs, output):  # the real transformer, whose 3rd training forward pass yields NaN
+            calls["n"] += module.training  # (the scoring check before training runs in eval mode)
             if calls["n"] == 3:
                 output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
@@ -223,11 +250,81 @@ def test_lora_merge_exports_a_plain_transformers_model(project):
     batch = torch.from_numpy(data.blocks(data.load_tokens(root / "prep", "test"), 128)[:2].astype(np.int64))
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=batch).logits, adapted(input_ids=batch).logits, atol=1e-4)
-    assert read_json(root / "m/lora.json")["lora"]["merge_max_abs_diff"] < 1e-4
+    m = read_json(root / "m/lora.json")["lora"]
+    assert m["merge_max_abs_diff"] < 1e-4
     assert (root / "models/lora/merged/model.safetensors").is_file()
+    # The adapter's artifact is the adapter folder alone; the merged model is counted apart.
+    adapter_files = [f for f in (root / "models/lora").iterdir() if f.is_file()]
+    assert m["artifact_mb"] == pytest.approx(sum(f.stat().st_size for f in adapter_files) / 2**20, abs=1e-3)
+    assert m["merged_mb"] == pytest.approx(modeling.dir_size_mb(root / "models/lora/merged"), abs=1e-3)
+    assert m["merged_mb"] > 5 * m["artifact_mb"]  # a full model vs an adapter (and the same tokenizer)
 
 
 def test_a_tracker_that_is_not_installed_is_refused_naming_the_key(project):
     prepare_in(project, **{"train.epochs": 1, "train.trackers": ["dvclive", "aim"]})
     with pytest.raises(ConfigError, match=r"^train.trackers: aim is not installed; install it \(pip install aim\)"):
         run_main(train_full, *train_args("full"))
+
+
+def _train(project, stage, method: str, tag: str, monkeypatch=None, **overrides) -> tuple[list[float], dict]:
+    """Train `method` with demo params and `overrides` (on the prepared prep/ and pre/); (the
+    curve's losses, the metrics)."""
+    from conftest import reset_accelerate
+
+    project(**{"train.epochs": 1, "lora.dropout": 0.0} | overrides)
+    run_main(stage, *train_args(tag))
+    reset_accelerate()
+    curve = [float(line.split(",")[1]) for line in (Path(f"m/plots/{tag}/train_loss.csv")).read_text().splitlines()[1:]]
+    return curve, read_json(f"m/{tag}.json")[method]
+
+
+@pytest.fixture
+def no_dropout_prepared(project):
+    from conftest import no_dropout
+
+    root = prepare_in(project, **{"train.epochs": 1})
+    no_dropout(root / "pre")
+    return root
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_grad_accum_equals_the_larger_batch(no_dropout_prepared, project, method):
+    stage = train_full if method == "full" else train_lora
+    one, m_one = _train(project, stage, method, f"{method}-b8", **{"train.batch_size": 8, "train.grad_accum": 1})
+    two, m_two = _train(project, stage, method, f"{method}-b4x2", **{"train.batch_size": 4, "train.grad_accum": 2})
+    assert read_json(f"m/{method}-b4x2.info.json")["global_batch"] == 8 and len(one) == len(two) == 53
+    assert two == pytest.approx(one, rel=1e-5)
+    assert m_two["val_loss"] == pytest.approx(m_one["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_recomputes_and_trains_to_the_same_loss(no_dropout_prepared, project, method,
+                                                                       monkeypatch):
+    stage = train_full if method == "full" else train_lora
+    calls = {"n": 0}
+    original = stage.build
+
+    def build(*args):
+        model = original(*args)
+        # A layer inside GPT-2's first block, whose forward the backward pass reruns when
+        # checkpointing (torch's recompute skips module hooks: the forward itself is counted).
+        layer = next(m for name, m in model.named_modules() if name.endswith(".h.0.mlp.c_fc"))
+        forward = layer.forward
+
+        def counted(*a, **kw):
+            calls["n"] += 1
+            return forward(*a, **kw)
+
+        layer.forward = counted
+        return model
+
+    monkeypatch.setattr(stage, "build", build)
+    plain, m_plain = _train(project, stage, method, f"{method}-plain")
+    forwards = calls["n"]
+    calls["n"] = 0
+    ckpt, m_ckpt = _train(project, stage, method, f"{method}-ckpt", **{"train.gradient_checkpointing": True})
+    # Each training micro-batch runs the block a second time in the backward pass; validation does not.
+    validation = forwards - 53
+    assert calls["n"] - validation == 2 * 53, (forwards, calls["n"])
+    assert ckpt == pytest.approx(plain, rel=1e-5)
+    assert m_ckpt["val_loss"] == pytest.approx(m_plain["val_loss"], rel=1e-5)
