@@ -82,7 +82,7 @@ def test_repro_runs_every_stage_and_writes_every_output(demo_build):
                  "models/lora/adapter_model.safetensors", "metrics/prepare.json", "metrics/train_full.json",
                  "metrics/train_lora.json", "metrics/plots/train_full/train_loss.csv",
                  "metrics/plots/train_lora/val_loss.csv", "metrics/report.md", "metrics/compare.json",
-                 *[f"data/nll/{m}.npy" for m in ("pretrained", "full", "lora")],
+                 *[f"data/nll/{m}.npz" for m in ("pretrained", "full", "lora")],
                  *[f"metrics/evaluate/{m}.json" for m in ("pretrained", "full", "lora")],
                  *[f"metrics/generate/{m}.json" for m in ("pretrained", "full", "lora")],
                  *[f"generations/{m}.json" for m in ("pretrained", "full", "lora")]):
@@ -225,18 +225,35 @@ def test_a_revision_change_touches_prepare_alone(repo):
         override_file(dest / "params.yaml", {key: None})
 
 
-def test_evaluate_killed_partway_leaves_old_metrics_and_reruns_only_from_there(repo):
+def test_evaluate_killed_partway_leaves_no_partial_file_and_the_run_cache_brings_the_outputs_back(repo):
     dest, *_ = repo
     assert "up to date" in dvc(dest, "status").stdout
-    old = (dest / "metrics/evaluate/pretrained.json").read_bytes()
+    old = {p: p.read_bytes() for p in (dest / "metrics/evaluate").iterdir()}
     override_file(dest / "params.yaml", {"evaluate.stride": 32})
     _repro_killed_when(dest, lambda out: "sliding" in out)
-    assert (dest / "metrics/evaluate/pretrained.json").read_bytes() == old
-    assert not [f for f in (dest / "metrics").rglob("*") if f.name.endswith(".tmp")]
+    assert not [f for f in dest.rglob("*.tmp") if ".dvc" not in f.parts]
     # check_params finished before the kill, so the evaluate stages are next (compare and report
     # follow once their outputs change, which a dry run cannot know); nothing before them reruns.
     would_run = dvc(dest, "repro", "--dry")
     assert stages_run(would_run) == {"evaluate@pretrained", "evaluate@full", "evaluate@lora"}
+    # The change undone: what DVC removed before the killed run comes back from its run-cache.
+    override_file(dest / "params.yaml", {"evaluate.stride": 64})  # the demo's, as committed
+    back = dvc(dest, "repro")
+    assert "Stage 'evaluate@pretrained' is cached - skipping run" in back.stdout
+    assert stages_run(back) <= {"report"}
+    assert {p: p.read_bytes() for p in (dest / "metrics/evaluate").iterdir()} == old
+
+
+def test_an_experiment_run_before_is_restored_from_the_run_cache(demo_build, r16, tmp_path):
+    """r=16, then r=8 again (the baseline's value): DVC restores r=8's outputs instead of training."""
+    dest = tmp_path / "sandbox"
+    shutil.copytree(r16[0], dest, symlinks=True)
+    again = dvc(dest, "exp", "run", "-S", "lora.r=8")
+    assert "Stage 'train_lora' is cached - skipping run, checking out outputs" in again.stdout
+    assert stages_run(again) <= {"check_params", "report"}
+    assert json.loads(dvc(dest, "metrics", "diff", "--json").stdout) == {}
+    assert (dest / "models/lora/adapter_model.safetensors").read_bytes() == (
+        demo_build[0] / "models/lora/adapter_model.safetensors").read_bytes()
 
 
 def test_push_and_pull_restore_identical_models(repo, tmp_path):
