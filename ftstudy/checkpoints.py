@@ -1,9 +1,13 @@
 """Resumable training: periodic, atomic Accelerate checkpoints outside the DVC outputs.
 
 A run's checkpoints live in <root>/<method>-<key>/step-<n>/, where the key hashes everything that
-determines the run (run_identity: the params it reads, the prepared data, the training code, the
-process count, precision, CPU threads and library versions), so a changed run never resumes an
-old checkpoint, and says which of these differ. Each checkpoint is written to a temp folder
+determines the trained weights and curves (run_identity: the params the loop reads for them, the
+prepared data, the base, the training code the loop imports, the process count, precision and
+library versions), so a changed run never resumes an old checkpoint, and says which of these
+differ. What changes neither (train.log_every, train.checkpoint_every, train.trackers, an edit of
+the report's code) keeps the checkpoints; so does the CPU thread count, which a busy machine may
+lower between a run and its resume: that changes the last bits of the weights, as any run on
+another thread count would, and the info records each segment's threads. Each checkpoint is written to a temp folder
 and renamed when complete; partial ones are deleted, never used. After success the method's
 checkpoints are removed.
 """
@@ -14,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -56,23 +61,32 @@ def _hash_files(paths) -> str:
 
 # What a part of the identity is called in the line that explains a fresh start.
 PARTS = {"params": "params", "data": "prepared data", "base": "base model", "code": "training code",
-         "processes": "process count", "precision": "precision", "threads": "CPU thread count",
-         "versions": "library versions"}
+         "processes": "process count", "precision": "precision", "versions": "library versions"}
+# train.* keys that change neither the weights nor the curves: a resume may change them.
+NOT_IN_IDENTITY = ("log_every", "checkpoint_every", "trackers")
+
+
+def training_code(method: str) -> list[Path]:
+    """The project files the training loop runs: every module of this package imported so far (the
+    loop and what it imports, not the report's), and the method's stage."""
+    package = Path(__file__).resolve().parent
+    loaded = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
+              if name.split(".")[0] == package.name and getattr(m, "__file__", None)}
+    return sorted(loaded) + [package.parent / "stages" / f"train_{method}.py"]
 
 
 def run_identity(params, method: str, data_dir: str | Path, base_dir: str | Path, setup: dict) -> dict:
-    """What determines the trained weights, part by part: the params keys the training stage
-    reads, the prepared data, the base model's snapshot (its config and weights), the project code
-    that trains (the library and the method's stage), and `setup` (process count, precision, CPU
-    threads, library versions). Plain JSON values, as a checkpoint stores them."""
-    root = Path(__file__).resolve().parent.parent
-    code = sorted(Path(__file__).parent.glob("*.py")) + [root / "stages" / f"train_{method}.py"]
+    """What determines the trained weights and curves, part by part: the params keys the loop reads
+    for them, the prepared data, the base model's snapshot (its config and weights), the training
+    code (training_code), and `setup` (process count, precision, library versions). Plain JSON
+    values, as a checkpoint stores them."""
     base = sorted(Path(base_dir).glob("*.json")) + sorted(Path(base_dir).glob("*.safetensors"))
+    train = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_IDENTITY}
     identity = {"params": {"seed": params.seed, "model.name": params.model.name,
-                           "data.block_size": params.data.block_size, "train": asdict(params.train),
+                           "data.block_size": params.data.block_size, "train": train,
                            method: asdict(getattr(params, method))},
                 "data": _hash_files(Path(data_dir) / f for f in ("meta.json", "train.bin", "validation.bin")),
-                "base": _hash_files(base), "code": _hash_files(code), **setup}
+                "base": _hash_files(base), "code": _hash_files(training_code(method)), **setup}
     return json.loads(json.dumps(identity, sort_keys=True, default=list))  # tuples become lists, as stored
 
 

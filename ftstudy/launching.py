@@ -11,9 +11,10 @@ launcher:
   launcher, which would start a second interpreter and import torch twice (seconds per stage).
 
 CPU threads (`cpu_threads`): the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it
-from --num_cpu_threads_per_process), else the usable cores that other processes left idle while the
-stage imported transformers and loaded its model (its own CPU time left out, so the measurement
-costs nothing). A CPU-bound neighbour costs a two-thread run on two cores far more than the core it
+from --num_cpu_threads_per_process), else the cores of the process's affinity that other processes
+left idle while the stage imported transformers and loaded its model (the load read on those cores
+alone, its own CPU time left out, so the measurement costs nothing), at most the cgroup's CPU
+quota (a container's --cpus). A CPU-bound neighbour costs a two-thread run on two cores far more than the core it
 takes: OpenMP's threads wait on each other at every parallel region, and one of them keeps being
 descheduled (measured in the README, "Busy machines"). Precision is not decided here but by
 train.precision (ftstudy.runtime.resolve_precision).
@@ -27,30 +28,78 @@ import time
 from pathlib import Path
 
 
+def affinity_cores() -> list[int]:
+    """The cores this process may run on (its affinity mask, as a container or taskset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", membership: str | Path = "/proc/self/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup, in cores (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us
+    over cpu.cfs_period_us, as a container's --cpus sets them); None when there is none."""
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            candidates = [(Path(root) / path.lstrip("/") / "cpu.max", None)]
+        elif "cpu" in controllers.split(","):
+            base = next((Path(root) / d for d in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (Path(root) / d).is_dir()), None)
+            if base is None:
+                continue
+            folder = base / path.lstrip("/")
+            candidates = [(folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us")]
+        else:
+            continue
+        for quota_file, period_file in candidates:
+            try:
+                if period_file is None:
+                    quota, period = quota_file.read_text().split()[:2]
+                else:
+                    quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if quota not in ("max", "-1") and int(period) > 0:
+                return int(quota) / int(period)
+    return None
+
+
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, as a container or taskset sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """How many cores this process can keep busy: its affinity cores, at most its cgroup quota."""
+    limit = cgroup_cpu_limit()
+    cores = len(affinity_cores())
+    return cores if limit is None else max(1, min(cores, math.floor(limit)))
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of the whole machine since boot, from /proc/stat; None elsewhere."""
+def _cpu_times(cpus: list[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies since boot of the cores `cpus`, from /proc/stat's per-core lines; None
+    elsewhere."""
+    wanted, busy, total = {f"cpu{c}" for c in cpus}, 0, 0
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            for line in f:
+                name, *values = line.split()
+                if name not in wanted:
+                    continue
+                fields = [int(v) for v in values]
+                idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+                core_total = sum(fields[:8])  # guest time is already counted in user time
+                busy, total = busy + core_total - idle, total + core_total
+    except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user time
-    return total - idle, total
+    return (busy, total) if total else None
 
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat's ticks per second
 
 
 def load_sample() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat, with this
-    process's own CPU seconds left out of busy; None where there is no /proc/stat."""
-    times = _cpu_times()
+    """(busy, total) CPU seconds since boot of the cores this process may run on, from /proc/stat,
+    with this process's own CPU seconds left out of busy; None where there is no /proc/stat."""
+    times = _cpu_times(affinity_cores())
     if times is None:
         return None
     own = os.times()
@@ -64,13 +113,13 @@ _IMPORTED = load_sample()
 
 
 def busy_cores(since: tuple[float, float] | None = None, window_s: float = 0.15) -> float:
-    """How many of the machine's cores other processes keep busy, measured from `since` (default:
-    when this module was imported) to now, sleeping until the window is at least `window_s`; the
-    1-minute load average where there is no /proc/stat."""
+    """How many of this process's cores (its affinity) other processes keep busy, measured from
+    `since` (default: when this module was imported) to now, sleeping until the window is at
+    least `window_s`; the 1-minute load average where there is no /proc/stat."""
     before = since or _IMPORTED
     if before is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
+    cores = len(affinity_cores())
     after = load_sample()
     if (short := window_s - (after[1] - before[1]) / cores) > 0:
         time.sleep(short)
@@ -81,13 +130,15 @@ def busy_cores(since: tuple[float, float] | None = None, window_s: float = 0.15)
 
 def cpu_threads() -> int:
     """Threads for a stage's CPU work: OMP_NUM_THREADS if the user (or accelerate launch) set it,
-    else the usable cores less each core that other processes keep at least 3/4 busy, at least one.
-    (A quiet machine always gets every core, so its runs stay bit-identical: the thread count
-    changes the last bits of trained weights, README "Determinism".)"""
+    else its affinity cores less each of them that other processes keep at least 3/4 busy, at most
+    its cgroup's CPU quota, at least one. (A quiet machine always gets every core, so its runs stay
+    bit-identical: the thread count changes the last bits of trained weights, README
+    "Determinism".)"""
     if (given := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(given) > 0:
         return int(given)
-    cores = usable_cores()
-    return max(1, cores - math.floor(busy_cores() + 0.25))
+    free = len(affinity_cores()) - math.floor(busy_cores() + 0.25)
+    limit = cgroup_cpu_limit()
+    return max(1, free if limit is None else min(free, math.floor(limit)))
 
 
 def user_config_file() -> Path | None:

@@ -18,7 +18,7 @@ def test_checkpoint_key_and_partial_checkpoints(prepared):
     from accelerate import Accelerator
 
     p = load_params()
-    setup = {"processes": 1, "precision": "no", "threads": 2, "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
+    setup = {"processes": 1, "precision": "no", "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
 
     def key_of(params=p, **other):
         return checkpoints.run_key(checkpoints.run_identity(params, "full", prepared / "prep", prepared / "pre",
@@ -28,8 +28,12 @@ def test_checkpoint_key_and_partial_checkpoints(prepared):
     key = checkpoints.run_key(identity)
     assert key == key_of()
     assert key_of(parse_params(demo_params(**{"train.epochs": 1, "full.lr": 1e-4}))) != key
-    # Another process count, CPU thread count or library version writes other weights: never resumed.
-    for other in ({"processes": 2}, {"threads": 1}, {"versions": {"torch": "2.13.0", "peft": "0.22.0"}}):
+    # Keys that change neither the weights nor the curves keep the checkpoints.
+    for same in ({"train.log_every": 3}, {"train.checkpoint_every": 7}, {"train.trackers": []}):
+        assert key_of(parse_params(demo_params(**{"train.epochs": 1} | same))) == key, same
+    assert key_of(parse_params(demo_params(**{"train.epochs": 1, "train.eval_every": 3}))) != key
+    # Another process count, precision or library version writes other weights: never resumed.
+    for other in ({"processes": 2}, {"precision": "bf16"}, {"versions": {"torch": "2.13.0", "peft": "0.22.0"}}):
         assert key_of(**other) != key, other
     # So does another base model: the snapshot's weights are part of the identity.
     (prepared / "pre" / "config.json").write_text((prepared / "pre" / "config.json").read_text() + " ")
@@ -51,7 +55,7 @@ def test_a_checkpoint_of_other_versions_or_code_is_not_resumed_and_says_why(prep
     from accelerate import Accelerator
 
     p, acc = load_params(), Accelerator(cpu=True)
-    setup = {"processes": 1, "precision": "no", "threads": 2, "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
+    setup = {"processes": 1, "precision": "no", "versions": {"torch": "2.13.0", "peft": "0.21.2"}}
     ours = checkpoints.run_identity(p, "full", prepared / "prep", prepared / "pre", setup)
     for theirs, why in ((ours | {"versions": {"torch": "2.13.0", "peft": "0.20.0"}}, "library versions"),
                         (ours | {"code": "0123456789abcdef"}, "training code")):
@@ -63,3 +67,16 @@ def test_a_checkpoint_of_other_versions_or_code_is_not_resumed_and_says_why(prep
         line = capsys.readouterr().out.strip()
         assert line == f"train_full: not resuming {old.dir}: it was written with other {why}; starting fresh"
         old.clear()
+
+
+def test_the_training_code_is_what_the_loop_imports():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; from stages import train_lora; from ftstudy import checkpoints; "
+            "print('\\n'.join(p.name for p in checkpoints.training_code('lora')))")
+    names = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert {"training.py", "loss.py", "lora.py", "data.py", "train_lora.py"} <= set(names)
+    assert not {"reporting.py", "findings.py", "generation.py", "hub.py"} & set(names)  # their edits keep checkpoints

@@ -30,12 +30,44 @@ def test_without_a_config_one_process_runs_plain_python_and_several_gpus_launch(
 
 def test_cpu_threads_leave_the_busy_cores_and_the_users_count_wins(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launching, "usable_cores", lambda: 2)
+    monkeypatch.setattr(launching, "affinity_cores", lambda: [0, 1])
+    monkeypatch.setattr(launching, "cgroup_cpu_limit", lambda: None)
     for busy, threads in ((0.0, 2), (0.7, 2), (0.8, 1), (1.0, 1), (1.6, 1), (5.0, 1)):
         monkeypatch.setattr(launching, "busy_cores", lambda busy=busy: busy)
         assert launching.cpu_threads() == threads, busy
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launching.cpu_threads() == 3
+
+
+def test_a_cgroup_quota_caps_the_threads_and_the_load_counts_only_our_cores(monkeypatch):
+    # A container on a 64-core host, allowed 2.5 cores: 30 busy host cores take none of its quota.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launching, "affinity_cores", lambda: list(range(64)))
+    monkeypatch.setattr(launching, "cgroup_cpu_limit", lambda: 2.5)
+    monkeypatch.setattr(launching, "busy_cores", lambda: 30.0)
+    assert launching.cpu_threads() == 2 and launching.usable_cores() == 2
+    monkeypatch.setattr(launching, "busy_cores", lambda: 63.0)
+    assert launching.cpu_threads() == 1
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_cgroup_quota_is_read_from_either_hierarchy(tmp_path, version):
+    membership = tmp_path / "cgroup"
+    if version == "v2":
+        membership.write_text("0::/docker/abc\n")
+        (tmp_path / "docker/abc").mkdir(parents=True)
+        (tmp_path / "docker/abc/cpu.max").write_text("250000 100000\n")
+    else:
+        membership.write_text("4:memory:/x\n1:cpu,cpuacct:/docker/abc\n")
+        folder = tmp_path / "cpu,cpuacct/docker/abc"
+        folder.mkdir(parents=True)
+        (folder / "cpu.cfs_quota_us").write_text("150000\n")
+        (folder / "cpu.cfs_period_us").write_text("100000\n")
+    assert launching.cgroup_cpu_limit(tmp_path, membership) == (2.5 if version == "v2" else 1.5)
+    if version == "v2":  # no quota: "max"
+        (tmp_path / "docker/abc/cpu.max").write_text("max 100000\n")
+        assert launching.cgroup_cpu_limit(tmp_path, membership) is None
+    assert launching.cgroup_cpu_limit(tmp_path, tmp_path / "missing") is None
 
 
 def test_a_busy_neighbour_is_measured_and_the_stages_own_work_is_not():
