@@ -6,8 +6,9 @@
 Grid point i sets full.lr to the i-th full rate and lora.lr to the i-th LoRA rate, so one
 experiment trains both methods (each method's results depend only on its own rate and the seed);
 every point runs under every seed. Experiments are queued with `dvc exp run --queue` and run with
-`dvc queue start`; an experiment whose seed and rates already ran (an earlier study, or the
-committed baseline) is reused, so a second run of the same study trains nothing. Results are read
+`dvc queue start`; an experiment whose seed and rates already ran with every other params key as
+params.yaml has it (an earlier study, or the committed baseline) is reused, so a second run of the
+same study trains nothing, and an experiment of another setup (`-S lora.r=16`) is never counted. Results are read
 through DVC's Python API (dvc.api.exp_show). Each method's rate is chosen on validation perplexity
 (mean over seeds); at the chosen rates the study reports test perplexity (mean ± sd, range), the
 full-vs-LoRA difference with a t interval over seeds, training time, peak memory and the change
@@ -17,6 +18,7 @@ on general text. Writes <dir>/study.md and <dir>/study.json.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import re
@@ -44,16 +46,46 @@ def _key(seed, full_lr, lora_lr) -> tuple:
     return int(seed), round(float(full_lr), 12), round(float(lora_lr), 12)
 
 
+SWEPT = ("seed", "full.lr", "lora.lr")
+
+
+def _normal(value):
+    """A params value as exp_show gives it (ints as floats, lists as their Python repr), comparable."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def same_setup(row: dict, params: dict) -> bool:
+    """Whether an experiment ran with `params` (flattened params.yaml) in every key but the swept
+    ones: an earlier `-S lora.r=16 -S seed=1` is not a grid point of a study at lora.r=8."""
+    return all(_normal(row.get(k)) == _normal(v) for k, v in params.items() if k not in SWEPT)
+
+
 def finished_runs(repo: Path) -> dict[tuple, dict]:
     """(seed, full.lr, lora.lr) -> that run's flattened params and metrics, for the committed
-    baseline and every successful experiment (dvc.api.exp_show)."""
+    baseline and every successful experiment (dvc.api.exp_show) whose other params equal the
+    repo's params.yaml."""
     import dvc.api
+    import yaml
 
+    from ftstudy.config import flatten
+
+    params = flatten(yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")))
     runs = {}
     for row in dvc.api.exp_show(repo=str(repo)):
         if row.get("Experiment") == "workspace" or row.get("State") not in (None, "Success"):
             continue
-        if row.get("lora.test_ppl") is None or row.get("full.test_ppl") is None:
+        if row.get("lora.test_ppl") is None or row.get("full.test_ppl") is None or not same_setup(row, params):
             continue
         runs.setdefault(_key(row["seed"], row["full.lr"], row["lora.lr"]), row)
     return runs

@@ -51,6 +51,17 @@ def test_a_difference_inside_the_seed_spread_is_a_tie():
     assert "the difference does not survive tuning and seeds" in text and "which includes 0" in text
 
 
+def test_only_experiments_of_the_same_setup_are_reused():
+    params = {"seed": 42, "full.lr": 2e-3, "lora.lr": 1e-2, "lora.r": 8, "train.epochs": 2,
+              "data.general": [{"name": "assets/tiny-general", "revision": None, "config": None, "split": "test"}]}
+    # As dvc.api.exp_show gives a row: ints as floats, lists as their repr, metrics beside params.
+    row = {"seed": 1.0, "full.lr": 1e-3, "lora.lr": 5e-3, "lora.r": 8.0, "train.epochs": 2.0, "lora.test_ppl": 7.0,
+           "data.general": "[{'name': 'assets/tiny-general', 'revision': None, 'config': None, 'split': 'test'}]"}
+    assert study.same_setup(row, params)  # seed and rates are the swept keys
+    assert not study.same_setup(row | {"lora.r": 16.0}, params)  # an earlier `-S lora.r=16 -S seed=1`
+    assert not study.same_setup(row | {"data.general": "[]"}, params)
+
+
 @pytest.mark.parametrize("df,published", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (11, 2.2010),
                                           (30, 2.0423), (1000, 1.9623)])
 def test_t_quantile_for_any_number_of_seeds(df, published):
