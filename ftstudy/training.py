@@ -404,7 +404,7 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live)
     identity = checkpoints.run_identity(p, method, paths.data, paths.base, {
         "processes": s.accelerator.num_processes, "precision": s.accelerator.mixed_precision,
-        "threads": torch.get_num_threads(), "versions": runtime.library_versions()})
+        "versions": runtime.library_versions()})
     ckpt = checkpoints.Checkpointer(paths.checkpoints, method, identity, s.accelerator)
     live = tracking.LiveLog(s.accelerator, p.train.trackers, paths.live)
     progress = fit(s, p.train, p.seed, ckpt, f"train_{method}", live, tracker_config(p, method))
