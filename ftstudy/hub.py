@@ -43,10 +43,22 @@ class HubInput:
         return self.revision or "main"
 
 
+def offline() -> bool:
+    """Whether the Hub clients are in offline mode (HF_HUB_OFFLINE, set by the user or by resolve)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def local_snapshot(name: str, repo_type: str, commit: str) -> str:
+    """The local Hub cache's folder of `name` at `commit` (resolve found it complete)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, repo_type=repo_type, revision=commit, local_files_only=True)
+
+
 def hub_unreachable() -> str | None:
     """Why the Hugging Face Hub cannot be reached (offline mode, no DNS, no route), or None.
     One connection attempt of at most 3 s, instead of the client's own minute of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if offline():
         return "HF_HUB_OFFLINE is set"
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -80,31 +92,41 @@ def served_commit(item: HubInput) -> str:
                          "private and no token grants access)") from None
 
 
-def cached_commit(item: HubInput) -> str | None:
-    """The commit that the local Hub cache holds complete for the item's revision, from the Hub
-    client's own cache scan; None when it was never downloaded or a download was interrupted (a
-    blob still *.incomplete, or a model snapshot without its config or weights)."""
+def cached_commit(item: HubInput) -> tuple[str | None, str]:
+    """(the commit that the local Hub cache holds complete for the item's revision, or None when it
+    was never downloaded or a download was interrupted: a blob still *.incomplete, or a model
+    snapshot without its config or weights; how it was found), from the Hub client's own cache
+    scan. A branch or tag that the cache has no ref for (the loaders download by commit, which
+    records none) resolves to the complete snapshot the cache holds, the newest if several."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
         cache = scan_cache_dir()
     except CacheNotFound:
-        return None
+        return None, ""
     repo = next((r for r in cache.repos if r.repo_id == item.name and r.repo_type == item.repo_type), None)
     if repo is None or any((repo.repo_path / "blobs").glob("*.incomplete")):
-        return None
+        return None, ""
+
+    def complete(rev) -> bool:
+        files = {f.file_name for f in rev.files}
+        return item.repo_type != "model" or (set(MODEL_FILES) <= files and bool(files & set(MODEL_WEIGHTS)))
+
     is_sha = re.fullmatch(r"[0-9a-f]{7,40}", item.asked) is not None
     for rev in repo.revisions:
         if item.asked in rev.refs or (is_sha and rev.commit_hash.startswith(item.asked)):
-            files = {f.file_name for f in rev.files}
-            complete = item.repo_type != "model" or (set(MODEL_FILES) <= files and bool(files & set(MODEL_WEIGHTS)))
-            return rev.commit_hash if complete else None
-    return None
+            return (rev.commit_hash if complete(rev) else None), "its ref in the cache"
+    held = sorted((rev for rev in repo.revisions if complete(rev)), key=lambda rev: rev.last_modified)
+    if is_sha or not held:
+        return None, ""
+    how = "the snapshot the cache holds" if len(held) == 1 else f"the newest of the {len(held)} snapshots the cache holds"
+    return held[-1].commit_hash, how
 
 
 def resolve(items: list[HubInput]) -> dict[str, dict]:
-    """key -> {"name", "revision" (asked), "commit" (served)} for every Hub input. When the Hub is
+    """key -> {"name", "revision" (asked), "commit" (served), "from" (where the commit was
+    learnt)} for every Hub input. When the Hub is
     down, the clients are switched to offline mode first (before they are imported), so they read
     the cache without retrying; raises StudyError for the first input that is neither reachable
     nor complete in the cache."""
@@ -115,8 +137,8 @@ def resolve(items: list[HubInput]) -> dict[str, dict]:
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     resolved = {}
     for item in items:
-        commit = served_commit(item) if reason is None else cached_commit(item)
+        commit, how = (served_commit(item), "the Hub") if reason is None else cached_commit(item)
         if commit is None:
             raise StudyError(offline_advice(item, reason))
-        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit}
+        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit, "from": how}
     return resolved

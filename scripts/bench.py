@@ -162,12 +162,12 @@ def corpus(path: Path, mb: int) -> None:
 def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     import resource
 
-    from ftstudy import data, modeling
+    from ftstudy import modeling, sources
 
     tok = modeling.load_tokenizer(ASSETS / "gpt2-tokenizer")  # GPT-2's real BPE
     start = time.perf_counter()
     if which == "ours":
-        n = data.tokenize_to_file(data._text_rows(path), tok, work / "train.bin", np.dtype("<u2"))["tokens"]
+        n = sources.tokenize_to_file(sources._text_rows(path), tok, work / "train.bin", np.dtype("<u2"))["tokens"]
     else:  # run_clm: load_dataset("text") -> map(tokenize) -> map(group_texts), one process (its default)
         import datasets
 

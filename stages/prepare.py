@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ftstudy import data, hub, modeling
+from ftstudy import data, hub, modeling, sources
 from ftstudy.config import ConfigError, Params, load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import atomic_dir, write_json
@@ -39,9 +39,11 @@ def provenance(p: Params) -> dict:
     resolved = hub.resolve([item for item in items if not data.is_local(item.name)])
     for item in items:
         if item.key in resolved and not (commit := resolved[item.key]["commit"]).startswith(item.asked):
-            print(f"prepare: {item.revision_key} {item.asked!r} resolved to commit {commit}; pin it with "
+            offline = "" if resolved[item.key]["from"] == "the Hub" else f" (offline: {resolved[item.key]['from']})"
+            print(f"prepare: {item.revision_key} {item.asked!r} resolved to commit {commit}{offline}; pin it with "
                   f"-S '{item.revision_key}={commit}'")
-    return {item.key: resolved.get(item.key, {"name": item.name, "revision": None, "commit": None}) for item in items}
+    return {item.key: {k: v for k, v in resolved[item.key].items() if k != "from"} if item.key in resolved
+            else {"name": item.name, "revision": None, "commit": None} for item in items}
 
 
 def main() -> None:
@@ -52,18 +54,18 @@ def main() -> None:
     ap.add_argument("--info", required=True, help="inputs' provenance JSON (revision asked, commit served)")
     args = ap.parse_args()
     p = load_params()
-    sources = provenance(p)
-    commits = {key: s["commit"] for key, s in sources.items()}
+    inputs = provenance(p)
+    commits = {key: s["commit"] for key, s in inputs.items()}
     model_commit = commits["model.name"]
     modeling.check_context(p.model.name, p.data.block_size, model_commit)
     tokenizer = modeling.load_tokenizer(p.model.name, model_commit)
     with atomic_dir(args.out) as tmp:
-        meta = data.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": sources}
+        meta = sources.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": inputs}
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
     write_json(args.metrics, {"corpus": {s: {"tokens": v["tokens"], "bytes": v["bytes"]} for s, v in meta["splits"].items()}})
-    write_json(args.info, {"inputs": sources})
+    write_json(args.info, {"inputs": inputs})
     total = sum(v["tokens"] for v in meta["splits"].values())
     print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}, "
           f"{args.info}")

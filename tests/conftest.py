@@ -1,12 +1,29 @@
 """Shared fixtures: the bundled tiny assets, and demo params written into a temp project folder."""
 
-from __future__ import annotations
-
-import json
+# The tests own their environment, whatever the caller exported: set before anything imports
+# torch or a Hugging Face client (they read these once). Offline, and an HF_HOME of the run's own,
+# so a developer's Hub cache or Accelerate config (which would change how stages launch) plays no
+# part; tests that need the Hub (its stand-in) or another HF_HOME set them in their subprocesses.
+import atexit
 import os
-import subprocess
-import sys
-from pathlib import Path
+import shutil
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="ftstudy-tests-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  HF_HOME=_HF_HOME)
+for _name in ("STUDY_TRACEBACK", "HF_ENDPOINT", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"):
+    os.environ.pop(_name, None)
+# Every stage the tests start trains on every usable core, whatever else the machine runs: the
+# thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
+# (Left unset, stages choose by the load: ftstudy.launching.cpu_threads, tested on its own.)
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
@@ -21,11 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 TINY_MODEL = ASSETS / "tiny-gpt2"
 TINY_WIKI = ASSETS / "tiny-wikitext"
-os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-# Every stage the tests start trains on every usable core, whatever else the machine runs: the
-# thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
-# (Left unset, stages choose by the load: ftstudy.launching.cpu_threads, tested on its own.)
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def demo_params(**overrides) -> dict:

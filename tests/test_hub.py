@@ -1,6 +1,8 @@
-"""Pinned Hub inputs, against a local stand-in for the Hub (a loopback HTTP server answering the
-Hub API's revision lookups as the Hub does) and a Hub cache laid out as the client writes it.
-Each case runs the real client in a fresh process, where HF_ENDPOINT and HF_HOME take effect."""
+"""Pinned Hub inputs and offline mode, against a local stand-in for the Hub (tests/hub_standin.py:
+a loopback HTTP server answering the Hub API as the clients call it, serving small repos under the
+shipped ids) and Hub caches laid out as the client writes them. Each case runs the real clients in
+a fresh process whose environment the test sets whole (HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE), so
+the caller's own exports change nothing."""
 
 from __future__ import annotations
 
@@ -8,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,43 +17,26 @@ import yaml
 
 from conftest import PREPARE_ARGS, ROOT
 from ftstudy.config import set_keys
+from hub_standin import COMMITS, LAMBADA, MODEL, WIKITEXT, HubStandIn, study_repos
 
-MODEL, DATA, LAMBADA = "openai-community/gpt2", "Salesforce/wikitext", "EleutherAI/lambada_openai"
-COMMITS = {MODEL: "607a30d783dfa663caf39e06633721c8d4cfcd7e", DATA: "b08601e04326c79dfdd32d625aee71d232d685c3",
-           LAMBADA: "f" * 40}
-
-
-class StandIn(BaseHTTPRequestHandler):
-    """GET /api/{models,datasets}/<id>/revision/<rev>: the commit for a known id at main or at its
-    own commit (or a prefix of it); the Hub's RevisionNotFound answer for any other revision."""
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        parts = self.path.split("?")[0].split("/")
-        name, revision = "/".join(parts[3:-2]), parts[-1]
-        commit = COMMITS.get(name)
-        if commit is not None and (revision == "main" or commit.startswith(revision)):
-            self._answer(200, {"id": name, "sha": commit, "siblings": []})
-        else:
-            self._answer(404, {"error": f"Invalid rev id: {revision}"}, {"X-Error-Code": "RevisionNotFound"})
-
-    def _answer(self, status: int, body: dict, headers: dict | None = None):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+DATA = WIKITEXT
 
 
 @pytest.fixture(scope="module")
-def hub_endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def repos(tmp_path_factory):
+    return study_repos(tmp_path_factory.mktemp("hub-repos"))
+
+
+@pytest.fixture
+def hub(repos):
+    with HubStandIn(repos) as standin:
+        yield standin
+
+
+@pytest.fixture(scope="module")
+def hub_endpoint(repos):
+    with HubStandIn(repos) as standin:
+        yield standin.url
 
 
 def folder(tmp_path, overrides: dict | None = None) -> Path:
@@ -63,9 +46,15 @@ def folder(tmp_path, overrides: dict | None = None) -> Path:
     return tmp_path
 
 
+def clean_env(home: Path, **env) -> dict:
+    """This process's environment without any HF_* or STUDY_* variable the caller exported, with
+    HF_HOME at `home` and `env` added."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "STUDY_", "TRANSFORMERS_OFFLINE"))}
+    return base | {"PYTHONPATH": str(ROOT), "HF_HOME": str(home)} | env
+
+
 def run(cwd: Path, code_or_stage: list[str], **env) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "STUDY_"))}
-    base |= {"PYTHONPATH": str(ROOT), "HF_HOME": str(cwd / "hf-home")} | env
+    base = clean_env(cwd / "hf-home", **env)
     return subprocess.run([sys.executable, *code_or_stage], cwd=cwd, env=base, capture_output=True, text=True,
                           timeout=120)
 
@@ -112,7 +101,7 @@ def write_cache(home: Path, name: str, commit: str, files: dict[str, bytes], inc
 
 
 CHECK = ["-c", "from ftstudy import hub; import sys; "
-               f"item = hub.HubInput('model.name', {MODEL!r}, 'model', sys.argv[1]); print(hub.cached_commit(item))"]
+               f"item = hub.HubInput('model.name', {MODEL!r}, 'model', sys.argv[1]); print(hub.cached_commit(item)[0])"]
 
 
 @pytest.mark.parametrize("case", ["complete", "interrupted", "no weights"])
@@ -134,3 +123,65 @@ def test_a_truncated_cache_entry_gets_the_offline_advice(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"prepare: error: model.name: '{MODEL}' is a Hugging Face Hub id, and the Hub "
                                   "could not be reached (HF_HUB_OFFLINE is set) nor is it complete in the local cache")
+
+
+PREPARE = ["-m", "stages.prepare", *PREPARE_ARGS]
+
+
+def test_download_first_then_offline_serves_every_input_and_asks_the_hub_nothing(tmp_path, hub):
+    """A cluster's login node downloads, its compute nodes run offline: the shipped params, the
+    general set at a branch included, through the real clients and caches."""
+    online = run(folder(tmp_path), PREPARE, HF_ENDPOINT=hub.url)
+    assert online.returncode == 0, online.stderr[-3000:]
+    first = json.loads((tmp_path / "prep/meta.json").read_text())
+    asked = len(hub.requests)
+    offline = run(tmp_path, PREPARE, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert hub.requests[asked:] == []  # offline mode never calls the Hub, though it is up
+    assert (f"prepare: data.general[0].revision 'main' resolved to commit {COMMITS[LAMBADA]} (offline: the snapshot "
+            f"the cache holds); pin it with -S 'data.general[0].revision={COMMITS[LAMBADA]}'") in offline.stdout
+    again = json.loads((tmp_path / "prep/meta.json").read_text())
+    assert again["splits"] == first["splits"] and again["inputs"] == first["inputs"]
+    assert "Traceback" not in offline.stderr
+
+
+def test_offline_with_a_cold_cache_gives_the_advice_in_one_line_and_asks_nothing(tmp_path, hub):
+    proc = run(folder(tmp_path), PREPARE, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
+    assert proc.returncode == 1 and hub.requests == []
+    assert proc.stderr.splitlines()[0].startswith(
+        f"prepare: error: model.name: '{MODEL}' is a Hugging Face Hub id, and the Hub could not be reached "
+        "(HF_HUB_OFFLINE is set) nor is it complete in the local cache")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "prep").exists()
+
+
+@pytest.mark.slow
+def test_an_online_prepare_then_offline_repro_f_runs_every_stage(tmp_path, repos):
+    """The whole pipeline through DVC on the shipped Hub ids (demo sizes): `dvc repro prepare`
+    online against the stand-in (a login node downloading), then, with the stand-in stopped,
+    `HF_HUB_OFFLINE=1 dvc repro -f` (a compute node)."""
+    from conftest import SETTINGS
+    from scripts import sandbox
+    from test_pipeline import ALL_STAGES, stages_run
+
+    hub_inputs = {"model.name": MODEL, "model.revision": COMMITS[MODEL], "data.name": DATA,
+                  "data.revision": COMMITS[DATA], "data.config": "wikitext-2-raw-v1",
+                  "data.general": [{"name": LAMBADA, "revision": "main", "config": "en", "split": "test"}]}
+    dest = sandbox.make_sandbox(tmp_path / "sandbox", SETTINGS | hub_inputs)
+    home = tmp_path / "hf-home"
+
+    def repro(*args, **env):
+        proc = subprocess.run(["dvc", "repro", *args], cwd=dest, capture_output=True, text=True,
+                              env=clean_env(home, DVC_NO_ANALYTICS="1", **env))
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc
+
+    with HubStandIn(repos) as standin:
+        online = repro("prepare", HF_ENDPOINT=standin.url)
+    assert stages_run(online) == {"prepare"}
+    tokens = json.loads((dest / "metrics/prepare.json").read_text())
+    offline = repro("-f", HF_ENDPOINT=standin.url, HF_HUB_OFFLINE="1")  # nothing listens there now
+    assert stages_run(offline) == ALL_STAGES and "Traceback" not in offline.stdout + offline.stderr
+    assert json.loads((dest / "metrics/prepare.json").read_text()) == tokens
+    inputs = json.loads((dest / "metrics/prepare.info.json").read_text())["inputs"]
+    assert inputs["data.general[0].name"]["commit"] == COMMITS[LAMBADA]
+    assert (dest / "metrics/report.md").read_text().startswith("# gpt2 on wikitext (wikitext-2-raw-v1):")

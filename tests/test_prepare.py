@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
-from ftstudy import data, modeling
+from ftstudy import data, modeling, sources
 from ftstudy.config import ConfigError
 from ftstudy.outputs import read_json
 from stages import prepare
@@ -52,9 +52,9 @@ def test_one_file_per_split_formats(tmp_path, tokenizer, fmt):
         else:
             pq.write_table(pa.table({"text": rows}), tmp_path / f"{split}.parquet")
     for split, raw in (("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
-        source, rows = data.iter_rows(str(tmp_path), None, split)
+        source, rows = sources.iter_rows(str(tmp_path), None, split)
         assert source.endswith(f"{split}.{fmt}")
-        counts = data.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
+        counts = sources.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
         assert np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist() == _direct(tokenizer, TINY_WIKI / raw)
         assert counts["tokens"] == len(_direct(tokenizer, TINY_WIKI / raw))
 
@@ -62,14 +62,14 @@ def test_one_file_per_split_formats(tmp_path, tokenizer, fmt):
 def test_missing_split_file_names_the_choices(tmp_path):
     (tmp_path / "train.txt").write_text("hello\n")
     with pytest.raises(data.DataError, match="no file for split 'validation'; expected one of wiki.valid.raw"):
-        data.iter_rows(str(tmp_path), None, "validation")
+        sources.iter_rows(str(tmp_path), None, "validation")
 
 
 def test_non_utf8_text_names_the_file(tmp_path, tokenizer):
     (tmp_path / "train.txt").write_bytes(b"fine line\n\xff\xfe broken\n")
-    _, rows = data.iter_rows(str(tmp_path), None, "train")
+    _, rows = sources.iter_rows(str(tmp_path), None, "train")
     with pytest.raises(data.DataError, match=r"train.txt: line 2 is not UTF-8"):
-        data.tokenize_to_file(rows, tokenizer, tmp_path / "x.bin", np.dtype("<u2"))
+        sources.tokenize_to_file(rows, tokenizer, tmp_path / "x.bin", np.dtype("<u2"))
 
 
 def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
@@ -115,16 +115,16 @@ def test_passages_are_joined_with_a_blank_line_and_wikitext_rows_as_written(tmp_
     passages = ["He ate the cake", "Her friend left early", "", "The river rose"]  # LAMBADA-shaped
     for split in ("train", "validation", "test"):
         pq.write_table(pa.table({"text": passages}), tmp_path / f"{split}.parquet")
-    _, rows = data.iter_rows(str(tmp_path), None, "test")
-    separator, rows = data.join_rows(rows)
+    _, rows = sources.iter_rows(str(tmp_path), None, "test")
+    separator, rows = sources.join_rows(rows)
     assert separator == "\n\n"
-    data.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
+    sources.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
     text = tokenizer.decode(np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist())
     assert text == "He ate the cake\n\nHer friend left early\n\nThe river rose\n\n"
     assert "cakeHer" not in text and "earlyThe" not in text
     # Rows that end in their own newline (WikiText) are joined as written: the tokens do not change.
-    _, wiki = data.iter_rows(str(TINY_WIKI), None, "test")
-    separator, wiki = data.join_rows(wiki)
+    _, wiki = sources.iter_rows(str(TINY_WIKI), None, "test")
+    separator, wiki = sources.join_rows(wiki)
     assert separator == ""
-    data.tokenize_to_file(wiki, tokenizer, tmp_path / "wiki.bin", np.dtype("<u2"))
+    sources.tokenize_to_file(wiki, tokenizer, tmp_path / "wiki.bin", np.dtype("<u2"))
     assert np.fromfile(tmp_path / "wiki.bin", dtype="<u2").tolist() == _direct(tokenizer, TINY_WIKI / "wiki.test.raw")
