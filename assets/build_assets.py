@@ -1,4 +1,4 @@
-"""Build the bundled tiny assets, deterministically: python assets/build_assets.py
+"""Build the bundled tiny assets, deterministically: python assets/build_assets.py [derived]
 
 Writes, next to this file:
   tiny-general/{train,test}.txt    a small general-domain corpus (everyday prose); the tiny
@@ -9,6 +9,11 @@ Writes, next to this file:
   tiny-gpt2/                       a GPT-2 (same model class, 2 layers, 1,024-token byte-level
                                    BPE vocabulary trained here) genuinely pretrained on
                                    tiny-general/train.txt
+  tiny-jsonl/articles.jsonl        the same articles as one JSON Lines export, a record per
+                                   article ({"id", "title", "content"}): one file, no splits,
+                                   the text in a field not called "text"
+
+`derived` rebuilds only the files derived from the others (tiny-jsonl), in seconds.
 
 Nothing is downloaded. The text comes from seeded grammars below, so the demo tells the real
 study's story: fine-tuning on the WikiText-domain corpus lowers its perplexity below the
@@ -165,6 +170,30 @@ def wiki_corpus(r: random.Random, articles: int) -> str:
     return "".join(line for _ in range(articles) for line in wiki_article(r))
 
 
+def articles_jsonl(wiki: Path) -> str:
+    """Every article of the WikiText-format files as a JSON Lines record, in file order."""
+    import json
+    import re
+
+    records, current = [], None
+    for split in ("train", "valid", "test"):
+        for line in (wiki / f"wiki.{split}.raw").read_text(encoding="utf-8").splitlines(keepends=True):
+            if (title := re.fullmatch(r" = ([^=].*) = \n", line)) is not None:
+                current = {"id": len(records), "title": title.group(1), "lines": []}
+                records.append(current)
+            if current is not None and line.strip():
+                current["lines"].append(line.strip())
+    return "".join(json.dumps({"id": r["id"], "title": r["title"], "content": "\n\n".join(r["lines"])}) + "\n"
+                   for r in records)
+
+
+def derived() -> None:
+    out = HERE / "tiny-jsonl"
+    out.mkdir(exist_ok=True)
+    (out / "articles.jsonl").write_text(articles_jsonl(HERE / "tiny-wikitext"), encoding="utf-8")
+    print(f"wrote {out}")
+
+
 # ---------------------------------------------------------------- tokenizer and pretraining
 def train_tokenizer(text_file: Path, out_dir: Path):
     from tokenizers import ByteLevelBPETokenizer
@@ -223,7 +252,8 @@ def main() -> None:
     tok = train_tokenizer(general / "train.txt", model_dir)
     pretrain(tok, (general / "train.txt").read_text(encoding="utf-8"), model_dir)
     print(f"wrote {general}, {wiki} and {model_dir}")
+    derived()
 
 
 if __name__ == "__main__":
-    main()
+    derived() if sys.argv[1:] == ["derived"] else main()

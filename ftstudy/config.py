@@ -49,12 +49,16 @@ class ModelParams:
     revision: str | None = field(metadata=_revision)
 
 
+_fraction = _check(lambda v: 0 < v < 1, "must be in (0, 1)")
+
+
 @dataclass(frozen=True)
 class SourceParams:
     name: str = field(metadata=_non_empty)
     revision: str | None = field(metadata=_revision)
     config: str | None
     split: str = field(metadata=_non_empty)
+    text_column: str = field(metadata=_non_empty)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class DataParams:
     name: str = field(metadata=_non_empty)
     revision: str | None = field(metadata=_revision)
     config: str | None
+    text_column: str = field(metadata=_non_empty)
+    validation_fraction: float = field(metadata=_fraction)
+    test_fraction: float = field(metadata=_fraction)
     block_size: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2 (one context token, one target)"))
     general: list[SourceParams]
 
@@ -223,6 +230,9 @@ def _cross_checks(p: Params) -> list[str]:
     errors = []
     if p.evaluate.stride > p.data.block_size:
         errors.append(f"evaluate.stride: must be <= data.block_size ({p.data.block_size}), got {p.evaluate.stride}")
+    if p.data.validation_fraction + p.data.test_fraction >= 1:
+        errors.append(f"data.validation_fraction + data.test_fraction: {p.data.validation_fraction} + "
+                      f"{p.data.test_fraction} leaves no training data; keep their sum under 1")
     return errors
 
 

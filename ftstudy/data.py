@@ -44,6 +44,22 @@ def is_local(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~"))
 
 
+def content_hash(name: str | Path) -> str:
+    """sha256 of a local file, or of a folder's files (their paths and bytes, in path order): what
+    a local source held when it was read."""
+    import hashlib
+
+    path = Path(name).expanduser()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def read_meta(data_dir: str | Path) -> dict:
     return read_json(Path(data_dir) / META_FILE)
 

@@ -89,8 +89,8 @@ class Inputs:
     gq: dict         # model -> generation-quality metrics
     gen: dict        # model -> the generation panel
     tr: dict         # method -> training metrics and info
-    corpus: dict     # split -> token and byte counts
-    sources: dict    # params key -> the input's name, revision asked and commit served
+    corpus: dict     # split -> token, byte, document and removed-duplicate counts
+    prepared: dict   # prepare's facts: inputs (name, revision asked, commit served), text column, split made
     compare: dict    # paired test ratios, forgetting (paired, per general set), time to quality, bootstrap
     protocol: dict   # the evaluation protocol, the same for every model
 
@@ -102,7 +102,7 @@ class Inputs:
                    gen={m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS},
                    tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
-                   sources=read_json(metrics_dir / "prepare.info.json")["inputs"], compare=compare,
+                   prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
                    protocol=_check_protocols(ev))
 
     def label(self, model: str) -> str:
@@ -185,11 +185,12 @@ def quality(r: Inputs) -> list[str]:
             f"scored tokens) on. Changes on general text are relative to the pretrained model, with the paired "
             f"interval of the two models' ratio on the same tokens. {scoring(r)} Tokenizer "
             f"`{protocol['tokenizer']}`, "
-            + (f"each split starting with its BOS token `{protocol['bos']['token']}`" if protocol.get("bos")
+            + (f"BOS token `{protocol['bos']['token']}` before each split's running text and each document"
+               if protocol.get("bos")
                else "no BOS token (the tokenizer adds none)")
-            + f"; corpus `{protocol['source']}`: "
-            + ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in r.corpus.items()) + ". Inputs: "
-            + "; ".join(_source(key, v) for key, v in r.sources.items()) + ".", ""]
+            + f"; corpus `{protocol['source']}`, column `{r.prepared['text_column']}`: "
+            + ", ".join(f"{s} {v['tokens']:,} tokens ({v['documents']:,} rows)" for s, v in r.corpus.items()) + ". "
+            + split_made(r) + "Inputs: " + "; ".join(_source(key, v) for key, v in r.prepared["inputs"].items()) + ".", ""]
 
 
 def scoring(r: Inputs) -> str:
@@ -208,10 +209,27 @@ def scoring(r: Inputs) -> str:
     return text.strip()
 
 
+def split_made(r: Inputs) -> str:
+    """How validation and test were made: the source's own, or carved out of training rows; and the
+    duplicates removed."""
+    split = r.prepared["split"]
+    text = ""
+    if split["carved"]:
+        shares = " and ".join(f"{s} {split[f'{s}_fraction']:.0%}" for s in split["carved"])
+        text = (f"Split made here: {' and '.join(split['carved'])} carved out of the source's training rows by a keyed "
+                f"hash of each row's text (seed {split['seed']}; {shares} of the rows on average; an exact duplicate "
+                "always joins its twin). ")
+    removed = {s: v["duplicates_removed"] for s, v in r.corpus.items() if v["duplicates_removed"]}
+    if removed:
+        text += ("Exact duplicates of an earlier split's documents removed: "
+                 + ", ".join(f"{n:,} from {s}" for s, n in removed.items()) + ". ")
+    return text
+
+
 def _source(key: str, source: dict) -> str:
-    """'model.name `gpt2` at commit 607a30d783df (asked main)', or '... (a local folder)'."""
+    """'model.name `gpt2` at commit 607a30d783df (asked main)', or '... (local, sha256 1a2b3c4d5e6f)'."""
     if source["commit"] is None:
-        return f"{key} `{source['name']}` (a local folder)"
+        return f"{key} `{source['name']}` (local, sha256 {source['content_sha256'][:12]})"
     asked = "" if source["commit"].startswith(source["revision"]) else f" (asked {source['revision']})"
     return f"{key} `{source['name']}` at commit {source['commit'][:12]}{asked}"
 

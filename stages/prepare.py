@@ -5,16 +5,18 @@ Every Hub input (model.name, data.name, each data.general name) is first resolve
 to the commit served (ftstudy.hub), then loaded at that commit. Writes --out/{train,validation,
 test}.bin, one general-<name>.bin per data.general source, and meta.json (with the provenance, BOS
 and row separators); --pretrained (save_pretrained snapshot of model.name, so later stages never
-reach the Hub); --metrics (token counts per split) and --info (each input's revision asked and
-commit served).
+reach the Hub); --metrics (token, byte, document and removed-duplicate counts per split) and
+--info (each input's revision asked and commit served, or a local source's content hash; the text
+column; how the splits were made).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ftstudy import data, hub, modeling, sources
-from ftstudy.config import ConfigError, Params, load_params
+from ftstudy.config import Params, load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import atomic_dir, write_json
 
@@ -29,13 +31,19 @@ def inputs(p: Params) -> list[hub.HubInput]:
 
 def provenance(p: Params) -> dict:
     """key -> {"name", "revision", "commit"}: Hub inputs resolved to the commit served (a branch or
-    tag gets a one-line note with the commit and how to pin it); local folders have neither, and a
-    revision given for one is refused."""
+    tag gets a one-line note with the commit and how to pin it); a local source has neither, but
+    the hash of its content instead, and a revision or config given for one is ignored with a
+    note (the shipped ones belong to the Hub's WikiText, so `-S data.name=my.jsonl` alone works)."""
     items = inputs(p)
+    configs = {"data.name": p.data.config} | {f"data.general[{i}].name": g.config for i, g in enumerate(p.data.general)}
     for item in items:
-        if data.is_local(item.name) and item.revision is not None:
-            raise ConfigError(f"{item.revision_key}: {item.name} is a local folder, which has no revisions; "
-                              "set it to null")
+        if data.is_local(item.name):
+            ignored = [f"{item.revision_key} {item.revision!r}"] if item.revision is not None else []
+            if configs.get(item.key) is not None:
+                ignored.append(f"{item.key.removesuffix('.name')}.config {configs[item.key]!r}")
+            if ignored:
+                print(f"prepare: {' and '.join(ignored)} ignored: {item.name} is a local "
+                      f"{'file' if Path(item.name).is_file() else 'folder'}")
     resolved = hub.resolve([item for item in items if not data.is_local(item.name)])
     for item in items:
         if item.key in resolved and not (commit := resolved[item.key]["commit"]).startswith(item.asked):
@@ -43,7 +51,8 @@ def provenance(p: Params) -> dict:
             print(f"prepare: {item.revision_key} {item.asked!r} resolved to commit {commit}{offline}; pin it with "
                   f"-S '{item.revision_key}={commit}'")
     return {item.key: {k: v for k, v in resolved[item.key].items() if k != "from"} if item.key in resolved
-            else {"name": item.name, "revision": None, "commit": None} for item in items}
+            else {"name": item.name, "revision": None, "commit": None, "content_sha256": data.content_hash(item.name)}
+            for item in items}
 
 
 def main() -> None:
@@ -64,8 +73,10 @@ def main() -> None:
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
-    write_json(args.metrics, {"corpus": {s: {"tokens": v["tokens"], "bytes": v["bytes"]} for s, v in meta["splits"].items()}})
-    write_json(args.info, {"inputs": inputs})
+    write_json(args.metrics, {"corpus": {s: {k: v[k] for k in ("tokens", "bytes", "documents", "duplicates_removed")}
+                                         for s, v in meta["splits"].items()}})
+    write_json(args.info, {"inputs": inputs, "text_column": meta["text_column"], "split": meta["split"],
+                           "made": {s: v["made"] for s, v in meta["splits"].items()}})
     total = sum(v["tokens"] for v in meta["splits"].values())
     print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}, "
           f"{args.info}")

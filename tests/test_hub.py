@@ -165,7 +165,8 @@ def test_an_online_prepare_then_offline_repro_f_runs_every_stage(tmp_path, repos
 
     hub_inputs = {"model.name": MODEL, "model.revision": COMMITS[MODEL], "data.name": DATA,
                   "data.revision": COMMITS[DATA], "data.config": "wikitext-2-raw-v1",
-                  "data.general": [{"name": LAMBADA, "revision": "main", "config": "en", "split": "test"}]}
+                  "data.general": [{"name": LAMBADA, "revision": "main", "config": "en", "split": "test",
+                                   "text_column": "text"}]}
     dest = sandbox.make_sandbox(tmp_path / "sandbox", SETTINGS | hub_inputs)
     home = tmp_path / "hf-home"
 

@@ -296,7 +296,7 @@ def test_the_whole_pipeline_runs_on_a_tiny_llama_and_a_wrong_lora_target_fails_f
     report = (dest / "metrics/report.md").read_text()
     assert report.startswith("# tiny-llama on tiny-wikitext:") and "GPT-2" not in report
     assert "Fully fine-tuned tiny-llama" in report and "(q_proj, v_proj)" in report
-    assert "each split starting with its BOS token `<|begin_of_text|>`" in report
+    assert "BOS token `<|begin_of_text|>` before each split's running text and each document" in report
 
     # GPT-2's layer name on a Llama: refused by train_lora, which runs before train_full, in one line.
     proc = dvc(dest, "exp", "run", "-S", "lora.target_modules=[c_attn]", check=False)
@@ -305,3 +305,35 @@ def test_the_whole_pipeline_runs_on_a_tiny_llama_and_a_wrong_lora_target_fails_f
     errors = [line for line in output.splitlines() if line.startswith("train_lora: error:")]
     assert len(errors) == 1 and "lora.target_modules: 'c_attn' matches no layer of this model" in errors[0]
     assert "-S 'lora.target_modules=[q_proj,v_proj]'" in errors[0] and "Traceback" not in output
+
+
+def test_a_test_split_too_small_for_an_interval_gets_no_interval_and_no_verdict(repo):
+    """1,024-token chunks (the shipped size) over the demo's 10,530 test tokens: 10 chunks, under
+    the 20 an interval needs. Only scoring and what follows reruns; the report calls no winner."""
+    dest, *_ = repo
+    override_file(dest / "params.yaml", {"evaluate.bootstrap_chunk": 1024})
+    proc = dvc(dest, "repro")
+    assert stages_run(proc) == {"check_params", "evaluate@pretrained", "evaluate@full", "evaluate@lora", "compare",
+                                "report"}
+    compare = read_json(dest / "metrics/compare.json")
+    assert all(set(pair) == {"ratio", "chunks"} and pair["chunks"] == 10 for pair in compare["paired"].values())
+    report = (dest / "metrics/report.md").read_text()
+    assert ("The test split is too small to call a difference: its scored tokens make 10 chunk(s) of 1,024 tokens, "
+            "and an interval needs at least 20 (20,480 scored tokens)") in report
+    assert "No winner is called" in report and "no call: too few chunks" in report
+    assert "lower test perplexity than" not in report and "a tie on test perplexity" not in report
+    assert "[too few chunks]" in report  # the perplexity columns give no interval either
+
+
+def test_one_json_lines_file_runs_the_whole_pipeline_with_two_settings(repo):
+    """As the README says: one export file, its text in a field of its own, nothing else set."""
+    dest, *_ = repo
+    proc = dvc(dest, "exp", "run", "-S", "data.name=assets/tiny-jsonl/articles.jsonl", "-S", "data.text_column=content")
+    assert stages_run(proc) == ALL_STAGES
+    corpus = read_json(dest / "metrics/prepare.json")["corpus"]
+    assert sum(corpus[s]["documents"] for s in ("train", "validation", "test")) == 140
+    report = (dest / "metrics/report.md").read_text()
+    assert "corpus `assets/tiny-jsonl/articles.jsonl`, column `content`:" in report
+    assert ("Split made here: validation and test carved out of the source's training rows by a keyed hash of each "
+            "row's text (seed 42; validation 5% and test 5% of the rows on average") in report
+    assert report.startswith("# tiny-gpt2 on articles.jsonl:")

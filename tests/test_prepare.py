@@ -1,3 +1,11 @@
+"""The prepare stage on every kind of source: WikiText's split files as before, and one file or a
+folder of documents in each format, split for the user by document, with no document in two
+splits; bad input refused in one line before anything is written."""
+
+import gzip
+import json
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -5,9 +13,12 @@ import pytest
 
 from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
 from ftstudy import data, modeling, sources
-from ftstudy.config import ConfigError
+from ftstudy.config import ConfigError, load_params
 from ftstudy.outputs import read_json
+from ftstudy.synthetic import ASSETS
 from stages import prepare
+
+ARTICLES = ASSETS / "tiny-jsonl" / "articles.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +26,23 @@ def tokenizer():
     return modeling.load_tokenizer(TINY_MODEL)
 
 
-def test_token_counts_equal_direct_tokenization(project, tokenizer):
+def articles() -> list[str]:
+    """The bundled one-file corpus's documents: 140 articles."""
+    return [json.loads(line)["content"] for line in ARTICLES.read_text(encoding="utf-8").splitlines()]
+
+
+def run_prepare(project, **overrides) -> dict:
+    project(**overrides)
     run_main(prepare, *PREPARE_ARGS)
-    meta = read_json("prep/meta.json")
+    return read_json("prep/meta.json")
+
+
+def decoded(tokenizer, split: str) -> str:
+    return tokenizer.decode(data.load_tokens("prep", split).tolist())
+
+
+def test_token_counts_equal_direct_tokenization(project, tokenizer):
+    meta = run_prepare(project)
     for split, raw in (("train", "wiki.train.raw"), ("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
         lines = (TINY_WIKI / raw).read_text(encoding="utf-8").splitlines(keepends=True)
         direct = [i for row in tokenizer(lines, add_special_tokens=False)["input_ids"] for i in row]
@@ -27,6 +52,8 @@ def test_token_counts_equal_direct_tokenization(project, tokenizer):
         assert meta["splits"][split]["tokens"] == len(direct)
         assert meta["splits"][split]["bytes"] == len("".join(lines).encode("utf-8"))
         assert meta["splits"][split]["separator"] == ""  # WikiText rows keep their own newlines
+        assert meta["splits"][split]["made"] == "the source's own" and meta["splits"][split]["duplicates_removed"] == 0
+    assert meta["split"] == {"carved": []}
     assert meta["bos"] is None  # GPT-2's tokenizer adds no BOS: its token ids are unchanged
     assert read_json("m/prepare.json")["corpus"]["test"]["tokens"] == meta["splits"]["test"]["tokens"]
     assert (project() / "pre" / "model.safetensors").is_file()
@@ -38,38 +65,195 @@ def test_dtype_rule(vocab, dtype):
     assert data.token_dtype(vocab) == np.dtype(dtype)
 
 
-def _direct(tokenizer, path):
-    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    return [i for r in tokenizer(rows, add_special_tokens=False)["input_ids"] for i in r]
+def _write_source(kind: str, root, docs: list[str]):
+    """The documents `docs` as a user might have them: (data.name, data.text_column)."""
+    if kind == "folder with train.jsonl":
+        (root / "export").mkdir()
+        (root / "export/train.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+        return root / "export", "content"
+    if kind == "one .csv":
+        pa.csv.write_csv(pa.table({"id": list(range(len(docs))), "body": docs}), root / "rows.csv")
+        return root / "rows.csv", "body"
+    if kind == "one .txt":  # a document a line
+        (root / "lines.txt").write_text("".join(d.replace("\n", " ") + "\n" for d in docs))
+        return root / "lines.txt", "text"
+    if kind == "folder of .txt":
+        (root / "docs/sub").mkdir(parents=True)
+        for i, d in enumerate(docs):
+            (root / ("docs/sub" if i % 2 else "docs") / f"{i:04d}.txt").write_text(d)
+        return root / "docs", "text"
+    if kind == "one-split parquet":
+        pq.write_table(pa.table({"article": docs}), root / "train.parquet")
+        return root / "train.parquet", "article"
+    if kind == ".jsonl.gz":
+        with gzip.open(root / "export.jsonl.gz", "wt") as f:
+            f.write("".join(json.dumps({"content": d}) + "\n" for d in docs))
+        return root / "export.jsonl.gz", "content"
+    if kind == ".json array":
+        (root / "export.json").write_text(json.dumps([{"content": d} for d in docs]))
+        return root / "export.json", "content"
+    raise ValueError(kind)
 
 
-@pytest.mark.parametrize("fmt", ["txt", "parquet"])
-def test_one_file_per_split_formats(tmp_path, tokenizer, fmt):
-    for split, raw in (("train", "wiki.train.raw"), ("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
-        rows = (TINY_WIKI / raw).read_text(encoding="utf-8").splitlines(keepends=True)
-        if fmt == "txt":
-            (tmp_path / f"{split}.txt").write_text("".join(rows), encoding="utf-8")
-        else:
-            pq.write_table(pa.table({"text": rows}), tmp_path / f"{split}.parquet")
-    for split, raw in (("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
-        source, rows = sources.iter_rows(str(tmp_path), None, split)
-        assert source.endswith(f"{split}.{fmt}")
-        counts = sources.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
-        assert np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist() == _direct(tokenizer, TINY_WIKI / raw)
-        assert counts["tokens"] == len(_direct(tokenizer, TINY_WIKI / raw))
+KINDS = ["folder with train.jsonl", "one .csv", "one .txt", "folder of .txt", "one-split parquet", ".jsonl.gz",
+         ".json array"]
 
 
-def test_missing_split_file_names_the_choices(tmp_path):
-    (tmp_path / "train.txt").write_text("hello\n")
-    with pytest.raises(data.DataError, match="no file for split 'validation'; expected one of wiki.valid.raw"):
-        sources.iter_rows(str(tmp_path), None, "validation")
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_source_is_split_for_you_by_document(project, tmp_path, tokenizer, kind):
+    import pyarrow.csv  # noqa: F401  (pa.csv)
+
+    docs = articles()
+    name, column = _write_source(kind, tmp_path, docs)
+    meta = run_prepare(project, **{"data.name": str(name), "data.text_column": column})
+    splits = {s: meta["splits"][s] for s in data.SPLITS}
+    assert meta["split"] == {"carved": ["validation", "test"], "seed": 42, "validation_fraction": 0.05,
+                             "test_fraction": 0.05}
+    assert sum(s["documents"] for s in splits.values()) == len(docs)
+    assert all(s["documents"] >= 3 for s in splits.values()), splits
+    assert splits["validation"]["made"].startswith("carved from train: the rows whose keyed hash (seed 42)")
+    # Nothing lost, nothing twice: every document's tokens land in exactly one split.
+    kept = [d.replace("\n", " ") + "\n" for d in docs] if kind == "one .txt" else [d + "\n\n" for d in docs]
+    per_doc = [len(ids) for ids in tokenizer(kept, add_special_tokens=False)["input_ids"]]
+    assert sum(s["tokens"] for s in splits.values()) == sum(per_doc)
+    text = {s: decoded(tokenizer, s) for s in data.SPLITS}
+    for doc in kept[:20]:
+        assert sum(t.count(doc) for t in text.values()) >= 1
+        assert sum(doc in t for t in text.values()) == 1, doc[:40]
 
 
-def test_non_utf8_text_names_the_file(tmp_path, tokenizer):
-    (tmp_path / "train.txt").write_bytes(b"fine line\n\xff\xfe broken\n")
-    _, rows = sources.iter_rows(str(tmp_path), None, "train")
-    with pytest.raises(data.DataError, match=r"train.txt: line 2 is not UTF-8"):
-        sources.tokenize_to_file(rows, tokenizer, tmp_path / "x.bin", np.dtype("<u2"))
+def test_the_same_params_give_the_same_split_and_another_seed_another(project, tmp_path):
+    name = str(ARTICLES)
+    first = run_prepare(project, **{"data.name": name, "data.text_column": "content"})
+    again = run_prepare(project, **{"data.name": name, "data.text_column": "content"})
+    other = run_prepare(project, **{"data.name": name, "data.text_column": "content", "seed": 7})
+    digests = lambda meta: {s: meta["splits"][s]["documents_sha256"] for s in data.SPLITS}  # noqa: E731
+    assert digests(again) == digests(first)
+    assert digests(other)["test"] != digests(first)["test"]
+    assert read_json("m/prepare.info.json")["inputs"]["data.name"]["content_sha256"] == data.content_hash(ARTICLES)
+
+
+def test_planted_duplicates_never_cross_splits(project, tmp_path, tokenizer):
+    docs = articles()
+    # The source's own splits, with 5 training documents planted in test and 2 in validation: removed there.
+    (tmp_path / "own").mkdir()
+    for split, rows in (("train", docs[:100]), ("validation", docs[100:120] + docs[:2]),
+                        ("test", docs[120:] + docs[10:15])):
+        (tmp_path / f"own/{split}.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in rows))
+    meta = run_prepare(project, **{"data.name": str(tmp_path / "own"), "data.text_column": "content"})
+    assert meta["split"] == {"carved": []}
+    assert (meta["splits"]["validation"]["duplicates_removed"], meta["splits"]["test"]["duplicates_removed"]) == (2, 5)
+    assert (meta["splits"]["validation"]["documents"], meta["splits"]["test"]["documents"]) == (20, 20)
+    assert docs[12] not in decoded(tokenizer, "test") and docs[12] in decoded(tokenizer, "train")
+    # One file with a document 30 times over: carved by content, all its copies share one split.
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs + [docs[7]] * 30))
+    meta = run_prepare(project, **{"data.name": str(tmp_path / "one.jsonl"), "data.text_column": "content"})
+    holding = [s for s in data.SPLITS if docs[7] in decoded(tokenizer, s)]
+    assert len(holding) == 1 and decoded(tokenizer, holding[0]).count(docs[7]) == 31
+
+
+def test_a_bos_tokenizer_gets_bos_before_each_document(project, tmp_path):
+    from ftstudy.synthetic import write_tiny_model
+
+    write_tiny_model("llama", tmp_path / "llama")
+    meta = run_prepare(project, **{"model.name": str(tmp_path / "llama"), "data.name": str(ARTICLES),
+                                   "data.text_column": "content"})
+    bos = meta["bos"]["id"]
+    for split in data.SPLITS:
+        tokens = data.load_tokens("prep", split)
+        assert tokens[0] == bos and int((tokens == bos).sum()) == meta["splits"][split]["documents"]
+
+
+def test_a_local_sources_revision_and_config_are_ignored_with_a_note(project, capsys):
+    run_prepare(project, **{"data.name": str(ARTICLES), "data.text_column": "content",
+                            "data.revision": "b08601e04326c79dfdd32d625aee71d232d685c3", "data.config": "wikitext-2-raw-v1"})
+    assert (f"prepare: data.revision 'b08601e04326c79dfdd32d625aee71d232d685c3' and data.config 'wikitext-2-raw-v1' "
+            f"ignored: {ARTICLES} is a local file") in capsys.readouterr().out
+
+
+def test_a_general_set_may_be_one_local_file(project, tmp_path):
+    (tmp_path / "general.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in articles()[:30]))
+    meta = run_prepare(project, **{"data.general": [{"name": str(tmp_path / "general.jsonl"), "revision": None,
+                                                     "config": None, "split": "test", "text_column": "body"}]})
+    assert meta["splits"]["general-general.jsonl-test"]["documents"] == 30
+
+
+# -- bad input: one line naming the problem, before anything is written ---------------------
+
+def _refused(project, tmp_path, error, pattern: str, **overrides) -> None:
+    project(**overrides)
+    with pytest.raises(error) as e:
+        run_main(prepare, *PREPARE_ARGS)
+    message = str(e.value)
+    assert re.search(pattern, message), message
+    assert "\n" not in message
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "pre").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_malformed_json_line_is_named_by_its_number(project, tmp_path):
+    lines = [json.dumps({"content": d}) for d in articles()]
+    lines[57] = '{"content": "cut off'
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    _refused(project, tmp_path, data.DataError, r"bad.jsonl: line 58 is not valid JSON \(Unterminated string .*; fix "
+             r"or remove that line$", **{"data.name": str(tmp_path / "bad.jsonl"), "data.text_column": "content"})
+
+
+def test_a_missing_field_or_column_lists_the_ones_there(project, tmp_path):
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa.table({"id": [1, 2], "body": ["a", "b"]}), tmp_path / "rows.csv")
+    _refused(project, tmp_path, data.DataError, r"rows.csv: no column 'text' \(data.text_column\); its columns are id, body$",
+             **{"data.name": str(tmp_path / "rows.csv")})
+    (tmp_path / "rows.jsonl").write_text('{"id": 1, "body": "a"}\n')
+    _refused(project, tmp_path, data.DataError, r"rows.jsonl, line 1: no field 'content' \(data.text_column\); its "
+             r"fields are id, body; set data.text_column", **{"data.name": str(tmp_path / "rows.jsonl"),
+                                                              "data.text_column": "content"})
+
+
+def test_an_empty_file_is_refused(project, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    _refused(project, tmp_path, data.DataError, r"empty.jsonl: the file is empty; give it text$",
+             **{"data.name": str(tmp_path / "empty.jsonl")})
+
+
+def test_a_split_that_comes_out_too_small_says_what_it_has_and_needs(project, tmp_path):
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in articles()[:12]))
+    _refused(project, tmp_path, data.DataError,
+             r"few.jsonl: split '(validation|test)' (came out empty \(0 documents\)|has [\d,]+ tokens in \d+ document\(s\), "
+             r"fewer than one block \(data.block_size=128\)); raise data.(validation|test)_fraction \(now 0.05\) or give "
+             r"the source more text", **{"data.name": str(tmp_path / "few.jsonl")})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.validation_fraction": 0.0}, "data.validation_fraction: must be in (0, 1), got 0.0"),
+    ({"data.test_fraction": 1.5}, "data.test_fraction: must be in (0, 1), got 1.5"),
+    ({"data.validation_fraction": 0.5, "data.test_fraction": 0.5},
+     "data.validation_fraction + data.test_fraction: 0.5 + 0.5 leaves no training data; keep their sum under 1"),
+])
+def test_fractions_outside_their_range_are_refused_naming_the_key(project, overrides, message):
+    project(**overrides)
+    with pytest.raises(ConfigError) as e:
+        load_params()
+    assert message in str(e.value)
+
+
+def test_a_folder_without_training_data_says_what_it_expected(project, tmp_path):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only/test.jsonl").write_text('{"text": "x"}\n')
+    _refused(project, tmp_path, data.DataError, r"only: split files for test but none for train",
+             **{"data.name": str(tmp_path / "only")})
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing/notes.md").write_text("x")
+    _refused(project, tmp_path, data.DataError, r"nothing: no split files and no .txt documents; expected train.jsonl",
+             **{"data.name": str(tmp_path / "nothing")})
+
+
+def test_non_utf8_text_names_the_file_and_line(project, tmp_path):
+    (tmp_path / "src").mkdir()
+    for split in data.SPLITS:
+        (tmp_path / f"src/{split}.txt").write_bytes(b"fine line\n" * 300 + (b"\xff\xfe broken\n" if split == "train" else b""))
+    _refused(project, tmp_path, data.DataError, r"train.txt: line 301 is not UTF-8", **{"data.name": str(tmp_path / "src")})
 
 
 def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
@@ -80,7 +264,8 @@ def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
     for split in ("train", "validation", "test"):
         (short / f"{split}.txt").write_text("The town of Marven . \n" * (1 if split == "test" else 50))
     project(**{"data.name": str(short)})
-    with pytest.raises(data.DataError, match=r"test.txt: split 'test' has \d+ tokens, fewer than one block \(data.block_size=128\)"):
+    with pytest.raises(data.DataError, match=r"test.txt: split 'test' has \d+ tokens in 1 document\(s\), fewer than one "
+                                             r"block \(data.block_size=128\); give it more text, or lower data.block_size"):
         run_main(prepare, *PREPARE_ARGS)
     assert (tmp_path / "prep" / "train.bin").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -101,30 +286,22 @@ def test_block_size_beyond_the_context_is_refused_before_tokenizing(project, tmp
     assert not (tmp_path / "prep").exists()
 
 
-def test_empty_split_is_refused(project, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+def test_empty_split_file_is_refused(project, tmp_path):
+    (tmp_path / "empty").mkdir()
     for split in ("train", "validation", "test"):
-        (empty / f"{split}.txt").write_text("" if split == "validation" else "word " * 400)
-    project(**{"data.name": str(empty)})
-    with pytest.raises(data.DataError, match=r"validation.txt: split 'validation' is empty; give it text"):
-        run_main(prepare, *PREPARE_ARGS)
+        (tmp_path / f"empty/{split}.txt").write_text("" if split == "validation" else "word " * 400)
+    _refused(project, tmp_path, data.DataError, r"validation.txt: split 'validation' came out empty \(0 documents\); "
+             r"give it more text", **{"data.name": str(tmp_path / "empty")})
 
 
 def test_passages_are_joined_with_a_blank_line_and_wikitext_rows_as_written(tmp_path, tokenizer):
     passages = ["He ate the cake", "Her friend left early", "", "The river rose"]  # LAMBADA-shaped
-    for split in ("train", "validation", "test"):
-        pq.write_table(pa.table({"text": passages}), tmp_path / f"{split}.parquet")
-    _, rows = sources.iter_rows(str(tmp_path), None, "test")
-    separator, rows = sources.join_rows(rows)
+    pq.write_table(pa.table({"text": passages}), tmp_path / "test.parquet")
+    separator, rows = sources.join_rows(sources.file_rows(tmp_path / "test.parquet", "text"))
     assert separator == "\n\n"
-    sources.tokenize_to_file(rows, tokenizer, tmp_path / "out.bin", np.dtype("<u2"))
-    text = tokenizer.decode(np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist())
+    ids = tokenizer([r for batch in rows for r in batch], add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode([i for row in ids for i in row])
     assert text == "He ate the cake\n\nHer friend left early\n\nThe river rose\n\n"
-    assert "cakeHer" not in text and "earlyThe" not in text
-    # Rows that end in their own newline (WikiText) are joined as written: the tokens do not change.
-    _, wiki = sources.iter_rows(str(TINY_WIKI), None, "test")
-    separator, wiki = sources.join_rows(wiki)
-    assert separator == ""
-    sources.tokenize_to_file(wiki, tokenizer, tmp_path / "wiki.bin", np.dtype("<u2"))
-    assert np.fromfile(tmp_path / "wiki.bin", dtype="<u2").tolist() == _direct(tokenizer, TINY_WIKI / "wiki.test.raw")
+    # Rows that end in their own newline (WikiText) are joined as written.
+    separator, wiki = sources.join_rows(sources.file_rows(TINY_WIKI / "wiki.test.raw", "text"))
+    assert separator == "" and "".join(r for batch in wiki for r in batch) == (TINY_WIKI / "wiki.test.raw").read_text()
