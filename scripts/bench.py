@@ -1,7 +1,8 @@
 """make bench: our training loop (full and LoRA) side by side with the HF Trainer default path, and
 our `prepare` tokenization side by side with run_clm's datasets.map + group_texts path.
 
-    python -m scripts.bench [--out bench-results.json] [--prepare-mb 540] [--skip-prepare | --skip-training]
+    python -m scripts.bench [--out bench-results.json] [--prepare-mb 540] [--prepare-format text|jsonl]
+                            [--skip-prepare | --skip-training]
     python -m scripts.bench --loss     # train.loss: the model's own vs chunked, memory and tokens/s
     python -m scripts.bench --live     # a logged step's cost: Accelerate's DVCLive tracker vs ours
 
@@ -11,8 +12,9 @@ trains on the same random token stream; each runs in its own process, so peak me
 Our paths run the real stage code (`python -m stages.train_*`, as dvc.yaml does for one process). Steady-state tokens/s
 leaves out each path's first log interval (compilation and warm-up), reported apart.
 
-The prepare comparison tokenizes a synthetic WikiText-format corpus of --prepare-mb MB (the tiny
-corpus repeated) with GPT-2's real tokenizer (assets/gpt2-tokenizer).
+The prepare comparison tokenizes a synthetic corpus of --prepare-mb MB (the tiny corpus repeated:
+WikiText-format lines, or with --prepare-format jsonl one JSON Lines export, its text in a
+`content` field) with GPT-2's real tokenizer (assets/gpt2-tokenizer).
 """
 
 from __future__ import annotations
@@ -152,8 +154,13 @@ def _hf_trainer_child(work: Path, shape: dict, out: Path) -> None:
                                "precision": "fp32", "compiled": False}))
 
 
-def corpus(path: Path, mb: int) -> None:
-    piece = (ASSETS / "tiny-wikitext" / "wiki.train.raw").read_bytes()
+def corpus(path: Path, mb: int, fmt: str) -> None:
+    """About `mb` MB of the tiny corpus repeated: WikiText-format lines (text), or the bundled
+    one-file export's articles as JSON Lines records with the text in `content` (jsonl)."""
+    if fmt == "text":
+        piece = (ASSETS / "tiny-wikitext" / "wiki.train.raw").read_bytes()
+    else:
+        piece = (ASSETS / "tiny-jsonl" / "articles.jsonl").read_bytes()
     with open(path, "wb") as f:
         for _ in range(max(1, mb * 2**20 // len(piece))):
             f.write(piece)
@@ -162,18 +169,24 @@ def corpus(path: Path, mb: int) -> None:
 def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     import resource
 
-    from ftstudy import modeling, sources
+    from ftstudy import modeling, sources, splits
 
     tok = modeling.load_tokenizer(ASSETS / "gpt2-tokenizer")  # GPT-2's real BPE
+    column = "content" if path.suffix == ".jsonl" else "text"
     start = time.perf_counter()
-    if which == "ours":
-        n = sources.tokenize_to_file(sources._text_rows(path), tok, work / "train.bin", np.dtype("<u2"))["tokens"]
-    else:  # run_clm: load_dataset("text") -> map(tokenize) -> map(group_texts), one process (its default)
+    if which == "ours":  # prepare's own reading and tokenizing, into one token file
+        writer = splits.SplitWriter(work / "train.bin", np.dtype("<u2"), None)
+        splits.tokenize_stream(sources.file_rows(path, sources.text_field(column)), tok, lambda *_: writer, [writer])
+        n = writer.close()["tokens"]
+    else:  # run_clm: load_dataset -> map(tokenize) -> map(group_texts), one process (its default)
         import datasets
 
-        raw = datasets.load_dataset("text", data_files={"train": str(path)}, keep_linebreaks=True,
-                                    cache_dir=str(work / "hf-cache"))["train"]
-        tokenized = raw.map(lambda ex: tok(ex["text"]), batched=True, remove_columns=["text"])
+        if column == "text":
+            raw = datasets.load_dataset("text", data_files={"train": str(path)}, keep_linebreaks=True,
+                                        cache_dir=str(work / "hf-cache"))["train"]
+        else:
+            raw = datasets.load_dataset("json", data_files={"train": str(path)}, cache_dir=str(work / "hf-cache"))["train"]
+        tokenized = raw.map(lambda ex: tok(ex[column]), batched=True, remove_columns=raw.column_names)
 
         def group_texts(examples, block=1024):
             joined = {k: [t for row in v for t in row] for k, v in examples.items()}
@@ -186,12 +199,13 @@ def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out.write_text(json.dumps({"path": "ours (prepare)" if which == "ours" else "run_clm (datasets.map + group_texts)",
-                               "seconds": round(seconds, 2), "tokens": n, "peak_rss_gib": round(rss, 3)}))
+                               "seconds": round(seconds, 2), "tokens": n, "tokens_per_s": round(n / seconds),
+                               "peak_rss_gib": round(rss, 3)}))
 
 
-def bench_prepare(mb: int, work: Path) -> list[dict]:
-    path = work / "corpus.raw"
-    corpus(path, mb)
+def bench_prepare(mb: int, fmt: str, work: Path) -> list[dict]:
+    path = work / ("corpus.raw" if fmt == "text" else "corpus.jsonl")
+    corpus(path, mb, fmt)
     size = path.stat().st_size / 2**20
     rows = []
     for which in ("ours", "run_clm"):
@@ -199,7 +213,8 @@ def bench_prepare(mb: int, work: Path) -> list[dict]:
         subprocess.run([sys.executable, "-m", "scripts.bench", "--_prepare", which, str(path), str(work), str(out)],
                        cwd=ROOT, check=True)
         r = json.loads(out.read_text())
-        rows.append(r | {"mb": round(size, 1), "mb_per_s": round(size / r["seconds"], 2)})
+        rows.append(r | {"format": fmt, "mb": round(size, 1), "mb_per_s": round(size / r["seconds"], 2)})
+        shutil.rmtree(work / "hf-cache", ignore_errors=True)
     return rows
 
 
@@ -339,6 +354,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--prepare-mb", type=int, default=540)
+    ap.add_argument("--prepare-format", choices=("text", "jsonl"), default="text",
+                    help="the prepare corpus: WikiText-format lines, or one JSON Lines export (text in `content`)")
     ap.add_argument("--skip-prepare", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--loss", action="store_true", help="only the loss comparison (train.loss: model vs chunked)")
@@ -367,7 +384,7 @@ def main() -> None:
         elif not args.skip_training:
             results |= bench_training(Path(tmp) / "train", cuda, args.repeats)
         if not args.skip_prepare and not (args.loss or args.live):
-            prep = bench_prepare(args.prepare_mb, Path(tmp))
+            prep = bench_prepare(args.prepare_mb, args.prepare_format, Path(tmp))
             results["prepare"] = prep
             results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
     if "live" in results:
@@ -378,10 +395,11 @@ def main() -> None:
     if "training" in results:
         print_training(results)
     if "prepare" in results:
-        print(f"\nPrepare: {results['prepare'][0]['mb']} MB synthetic WikiText-format corpus, GPT-2's tokenizer")
-        print(tabulate([[r["path"], r["seconds"], r["mb_per_s"], f"{r['tokens']:,}", r["peak_rss_gib"]]
-                        for r in results["prepare"]], ["path", "seconds", "MB/s", "tokens", "peak RSS GiB"],
-                       tablefmt="github"))
+        what = "WikiText-format lines" if args.prepare_format == "text" else "one JSON Lines file"
+        print(f"\nPrepare: {results['prepare'][0]['mb']} MB synthetic corpus ({what}), GPT-2's tokenizer")
+        print(tabulate([[r["path"], r["seconds"], r["mb_per_s"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,}",
+                         r["peak_rss_gib"]] for r in results["prepare"]],
+                       ["path", "seconds", "MB/s", "tokens", "tokens/s", "peak RSS GiB"], tablefmt="github"))
         print(f"ours vs run_clm: {results['prepare_speedup_vs_run_clm']}x faster")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nbench: wrote {args.out}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ftstudy import data, hub, modeling, sources
+from ftstudy import data, hub, modeling, splits
 from ftstudy.config import Params, load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import atomic_dir, write_json
@@ -69,7 +69,7 @@ def main() -> None:
     modeling.check_context(p.model.name, p.data.block_size, model_commit)
     tokenizer = modeling.load_tokenizer(p.model.name, model_commit)
     with atomic_dir(args.out) as tmp:
-        meta = sources.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": inputs}
+        meta = splits.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": inputs}
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)

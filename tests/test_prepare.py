@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
-from ftstudy import data, modeling, sources
+from ftstudy import data, modeling, sources, splits
 from ftstudy.config import ConfigError, load_params
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import ASSETS
@@ -297,11 +297,11 @@ def test_empty_split_file_is_refused(project, tmp_path):
 def test_passages_are_joined_with_a_blank_line_and_wikitext_rows_as_written(tmp_path, tokenizer):
     passages = ["He ate the cake", "Her friend left early", "", "The river rose"]  # LAMBADA-shaped
     pq.write_table(pa.table({"text": passages}), tmp_path / "test.parquet")
-    separator, rows = sources.join_rows(sources.file_rows(tmp_path / "test.parquet", "text"))
+    separator, rows = splits.join_rows(sources.file_rows(tmp_path / "test.parquet", sources.text_field("text")))
     assert separator == "\n\n"
     ids = tokenizer([r for batch in rows for r in batch], add_special_tokens=False)["input_ids"]
     text = tokenizer.decode([i for row in ids for i in row])
     assert text == "He ate the cake\n\nHer friend left early\n\nThe river rose\n\n"
     # Rows that end in their own newline (WikiText) are joined as written.
-    separator, wiki = sources.join_rows(sources.file_rows(TINY_WIKI / "wiki.test.raw", "text"))
+    separator, wiki = splits.join_rows(sources.file_rows(TINY_WIKI / "wiki.test.raw", sources.text_field("text")))
     assert separator == "" and "".join(r for batch in wiki for r in batch) == (TINY_WIKI / "wiki.test.raw").read_text()
