@@ -12,8 +12,14 @@ Writes, next to this file:
   tiny-jsonl/articles.jsonl        the same articles as one JSON Lines export, a record per
                                    article ({"id", "title", "content"}): one file, no splits,
                                    the text in a field not called "text"
+  tiny-instruct/prompt_completion.jsonl
+  tiny-instruct/messages.jsonl     instruction data from the same articles: a request for one
+                                   section of an article, answered with that section's first
+                                   two sentences; as {"prompt", "completion"} records, and as
+                                   conversations ({"messages": [system, user, assistant, ...]}),
+                                   a two-section conversation in every third
 
-`derived` rebuilds only the files derived from the others (tiny-jsonl), in seconds.
+`derived` rebuilds only the files derived from the others (tiny-jsonl, tiny-instruct), in seconds.
 
 Nothing is downloaded. The text comes from seeded grammars below, so the demo tells the real
 study's story: fine-tuning on the WikiText-domain corpus lowers its perplexity below the
@@ -187,11 +193,53 @@ def articles_jsonl(wiki: Path) -> str:
                    for r in records)
 
 
+def sections(wiki: Path) -> list[tuple[str, str, str]]:
+    """(article title, section name, the section's first two sentences) for every section of every
+    article, the opening paragraph as section "opening"."""
+    import re
+
+    out, title, section = [], None, None
+    for split in ("train", "valid", "test"):
+        for line in (wiki / f"wiki.{split}.raw").read_text(encoding="utf-8").splitlines():
+            if (m := re.fullmatch(r" = ([^=].*) = ", line)) is not None:
+                title, section = m.group(1), "opening"
+            elif (m := re.fullmatch(r" = = (.*) = = ", line)) is not None:
+                section = m.group(1).lower()
+            elif line.strip() and title is not None:
+                sentences = re.split(r"(?<= \.) ", line.strip())
+                out.append((title, section, " ".join(sentences[:2])))
+    return out
+
+
+def instructions(wiki: Path) -> tuple[str, str]:
+    """The tiny instruction set as JSON Lines: (prompt_completion, messages)."""
+    import json
+
+    items = sections(wiki)
+    ask = lambda title, section: f"Write the {section} of the article on {title}."  # noqa: E731
+    pc = "".join(json.dumps({"prompt": f"Request: {ask(t, s)}\nAnswer:", "completion": " " + text}) + "\n"
+                 for t, s, text in items)
+    system = {"role": "system", "content": "You write short encyclopedia paragraphs."}
+    conversations, i = [], 0
+    while i < len(items):
+        turns = 2 if len(conversations) % 3 == 2 and i + 1 < len(items) else 1
+        messages = [system]
+        for t, s, text in items[i:i + turns]:
+            messages += [{"role": "user", "content": ask(t, s)}, {"role": "assistant", "content": text}]
+        conversations.append(json.dumps({"messages": messages}) + "\n")
+        i += turns
+    return pc, "".join(conversations)
+
+
 def derived() -> None:
-    out = HERE / "tiny-jsonl"
-    out.mkdir(exist_ok=True)
-    (out / "articles.jsonl").write_text(articles_jsonl(HERE / "tiny-wikitext"), encoding="utf-8")
-    print(f"wrote {out}")
+    wiki = HERE / "tiny-wikitext"
+    for name in ("tiny-jsonl", "tiny-instruct"):
+        (HERE / name).mkdir(exist_ok=True)
+    (HERE / "tiny-jsonl" / "articles.jsonl").write_text(articles_jsonl(wiki), encoding="utf-8")
+    pc, messages = instructions(wiki)
+    (HERE / "tiny-instruct" / "prompt_completion.jsonl").write_text(pc, encoding="utf-8")
+    (HERE / "tiny-instruct" / "messages.jsonl").write_text(messages, encoding="utf-8")
+    print(f"wrote {HERE / 'tiny-jsonl'} and {HERE / 'tiny-instruct'}")
 
 
 # ---------------------------------------------------------------- tokenizer and pretraining

@@ -83,7 +83,8 @@ def run_identity(params, method: str, data_dir: str | Path, base_dir: str | Path
     base = sorted(Path(base_dir).glob("*.json")) + sorted(Path(base_dir).glob("*.safetensors"))
     train = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_IDENTITY}
     identity = {"params": {"seed": params.seed, "model.name": params.model.name,
-                           "data.block_size": params.data.block_size, "train": train,
+                           "data.block_size": params.data.block_size,
+                           "data.train_on_prompt": params.data.train_on_prompt, "train": train,
                            method: asdict(getattr(params, method))},
                 "data": _hash_files(Path(data_dir) / f for f in ("meta.json", "train.bin", "validation.bin")),
                 "base": _hash_files(base), "code": _hash_files(training_code(method)), **setup}

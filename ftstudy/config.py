@@ -66,7 +66,12 @@ class DataParams:
     name: str = field(metadata=_non_empty)
     revision: str | None = field(metadata=_revision)
     config: str | None
+    format: Literal["text", "prompt_completion", "messages"]
     text_column: str = field(metadata=_non_empty)
+    prompt_column: str = field(metadata=_non_empty)
+    completion_column: str = field(metadata=_non_empty)
+    messages_column: str = field(metadata=_non_empty)
+    train_on_prompt: bool
     validation_fraction: float = field(metadata=_fraction)
     test_fraction: float = field(metadata=_fraction)
     block_size: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2 (one context token, one target)"))
@@ -126,6 +131,7 @@ class GenerateParams:
                                                 "must be >= 0 (0 means greedy)"))
     top_k: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns top-k off)"))
     top_p: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    test_prompts: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
 
 
 @dataclass(frozen=True)

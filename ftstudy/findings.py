@@ -45,6 +45,9 @@ def _change(pair: dict) -> str:
 def too_small(what: str, pair: dict, bootstrap: dict) -> str:
     """Why no difference is called on `what`, and how many tokens would be enough."""
     chunk, need = bootstrap["chunk"], bootstrap["min_chunks"]
+    if bootstrap.get("examples") and what == "The test split":  # instruction data: examples are the units
+        return (f"{what} is too small to call a difference: it has {pair['chunks']} example(s), and an interval "
+                f"needs at least {need}; give it more examples (data.test_fraction, or a larger test file)")
     return (f"{what} is too small to call a difference: its scored tokens make {pair['chunks']} chunk(s) of "
             f"{chunk:,} tokens, and an interval needs at least {need} ({need * chunk:,} scored tokens); score a "
             "larger split, or lower evaluate.bootstrap_chunk where neighbouring tokens' losses are little "

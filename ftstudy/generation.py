@@ -1,4 +1,5 @@
-"""Seeded text generation for the prompt panel, and token-level quality of what was generated.
+"""Seeded text generation for the prompt panel, answers to held-out test prompts (instruction
+data), and token-level quality of what was generated.
 
 For each prompt: one greedy continuation plus num_samples sampled ones (none at temperature 0,
 where sampling is greedy), each sample seeded from (seed, prompt, sample), so the same params give
@@ -72,3 +73,30 @@ def generate(model, tokenizer, g: GenerateParams, seed: int, device) -> tuple[li
         panel.append({"prompt": prompt, "greedy": decode(greedy), "samples": [decode(s) for s in samples]})
         ids += [list(c) for c in dict.fromkeys(tuple(c) for c in (greedy, *samples))]  # distinct, in order
     return panel, ids
+
+
+def heldout(n_examples: int, count: int, seed: int) -> list[int]:
+    """A seeded sample of `count` test examples (in order): the held-out prompts the models answer."""
+    if count == 0 or n_examples == 0:
+        return []
+    return sorted(np.random.default_rng(seed).choice(n_examples, size=min(count, n_examples), replace=False).tolist())
+
+
+def answer_heldout(model, tokenizer, ex, indices: list[int], max_new_tokens: int, context: int | None,
+                   device) -> list[dict]:
+    """Per held-out example: its prompt (everything before its last answer), the reference answer
+    and the model's greedy answer, stopping at EOS or at the token that ends the reference (a chat
+    template's end of turn); at most max_new_tokens, within the model's context."""
+    out = []
+    for i in indices:
+        tokens, _ = ex.example(i)
+        start, end = ex.last_answer(i)
+        prompt = torch.from_numpy(np.asarray(tokens[:start], dtype=np.int64))[None].to(device)
+        stop = sorted({t for t in (tokenizer.eos_token_id, int(tokens[end - 1])) if t is not None})
+        room = max_new_tokens if context is None else max(1, min(max_new_tokens, context - start))
+        generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=room,
+                                   do_sample=False, eos_token_id=stop, pad_token_id=stop[0])[0, start:].tolist()
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        out.append({"example": i, "prompt": decode(tokens[:start].tolist()), "reference": decode(tokens[start:end].tolist()),
+                    "answer": decode(generated)})
+    return out

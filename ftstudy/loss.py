@@ -89,17 +89,18 @@ def _chunk(head: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def position_nll(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, own_forward: bool = False,
-                 fp32_head: bool = True) -> torch.Tensor:
+                 fp32_head: bool = True, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The NLL of each next token input_ids[:, 1:][mask], in fp32: from the last hidden state
     through the output projection, a chunk of positions at a time, the projection and the
     log-softmax in fp32 whatever the autocast (`fp32_head`), so CPU and GPU score the same weights
     alike; or through the model's own forward and whole logits (`own_forward`, or where the chunked
-    path is known to differ)."""
+    path is known to differ). `attention_mask` marks padding (instruction batches)."""
     targets = input_ids[:, 1:][mask]
     if own_forward or unsupported(causal_lm_of(model)) is not None:
-        return F.cross_entropy(model(input_ids=input_ids).logits[:, :-1][mask].float(), targets, reduction="none")
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none")
     body, head = body_and_head(model)
-    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1][mask]
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1][mask]
     step = _chunk(head)
     if not fp32_head:  # the head as the model's forward runs it, under any autocast
         return torch.cat([F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
@@ -141,30 +142,40 @@ def check_fast_path(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[st
 
 
 class CausalLMLoss(torch.nn.Module):
-    """forward(input_ids) -> the mean next-token loss of `model` on them (labels = inputs)."""
+    """forward(input_ids, attention_mask, target_mask) -> the summed next-token loss of `model` over
+    the targets target_mask marks (every next token when None); only those positions get logits.
+    The loop divides by the step's target count."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model  # the module to train and save (a PEFT model saves its adapter)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
         body, head = body_and_head(self.model)  # looked up, not registered: each weight keeps one name
-        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = input_ids[:, 1:].reshape(-1)
-        total = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, _chunk(head))
-        return total / targets.numel()
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+        if target_mask is None:
+            hidden, targets = hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1)
+        else:  # prompt and padding positions never reach the head: no logits, no gradient
+            hidden, targets = hidden[target_mask], input_ids[:, 1:][target_mask]
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, _chunk(head))
 
 
 class ModelOwnLoss(torch.nn.Module):
-    """forward(input_ids) -> the model's own loss (`labels=input_ids`), whole logits and all."""
+    """forward(input_ids, attention_mask, target_mask) -> the model's own loss, whole logits and
+    all, summed over the targets (labels -100 elsewhere), as CausalLMLoss's."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, labels=input_ids).loss
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+        labels = input_ids.clone()
+        if target_mask is not None:
+            labels[:, 1:] = torch.where(target_mask, input_ids[:, 1:], -100)
+        count = labels[:, 1:].ne(-100).sum()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss * count
 
 
 def with_loss(model: torch.nn.Module, kind: str) -> torch.nn.Module:

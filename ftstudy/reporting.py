@@ -88,6 +88,7 @@ class Inputs:
     ev: dict         # model -> evaluate metrics and info
     gq: dict         # model -> generation-quality metrics
     gen: dict        # model -> the generation panel
+    heldout: dict    # model -> its answers to the held-out test prompts (instruction data; else empty)
     tr: dict         # method -> training metrics and info
     corpus: dict     # split -> token, byte, document and removed-duplicate counts
     prepared: dict   # prepare's facts: inputs (name, revision asked, commit served), text column, split made
@@ -100,6 +101,7 @@ class Inputs:
         compare = read_json(metrics_dir / "compare.json")
         return cls(ev=ev, gq={m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS},
                    gen={m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS},
+                   heldout={m: read_json(generations_dir / f"{m}.json").get("heldout", []) for m in MODELS},
                    tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
                    prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
@@ -117,9 +119,40 @@ def headline(r: Inputs) -> list[str]:
     texts = [f"- **{r.label(m)}**: {_one_line(prompt + r.gen[m][0]['greedy'])}" for m in MODELS]
     source = short_name(r.protocol["source"]) + (f" ({r.protocol['config']})" if r.protocol.get("config") else "")
     return [f"# {short_name(r.protocol['model'])} on {source}: pretrained vs full fine-tuning vs LoRA", "",
-            "Test perplexity: sliding window, lower is better.", "",
+            ("Test perplexity on the answer tokens, each example scored alone; lower is better." if instruct(r)
+             else "Test perplexity: sliding window, lower is better."), "",
             _table(rows, ["Model", "Test perplexity", "Training time", "Peak memory"]), "",
             f"Greedy continuations of the prompt *{prompt}*:", "", *texts, ""]
+
+
+def instruct(r: Inputs) -> bool:
+    return r.protocol.get("format", "text") != "text"
+
+
+ANSWERS = {"prompt_completion": "the completion and the EOS after it",
+           "messages": "each assistant turn as the chat template renders it, its end-of-turn token included"}
+
+
+def protocol_text(r: Inputs) -> str:
+    """How the test and validation perplexities were scored, and the interval's rule."""
+    p, b = r.protocol, r.protocol["bootstrap"]
+    if instruct(r):
+        masking = ("every token (data.train_on_prompt: true)" if r.tr["full"].get("train_on_prompt")
+                   else "the answer tokens alone (data.train_on_prompt: false)")
+        padding = r.tr["full"].get("padding_share")
+        return (f"Instruction data, format `{p['format']}`: the answer is {ANSWERS[p['format']]}. Training loss over "
+                f"{masking}; examples batched by padding to the longest of each micro-batch"
+                + (f" ({padding:.0%} of full fine-tuning's batch positions were padding)" if padding is not None else "")
+                + f". Perplexity over the answer tokens alone, each example scored by itself: "
+                f"{p['test_tokens']:,} answer tokens of {p['test_examples']:,} test examples, {p['val_tokens']:,} "
+                f"validation answer tokens. Intervals: percentile bootstrap, {b['samples']:,} resamples of whole "
+                f"examples, seed {b['seed']}, given only from {b['min_chunks']} examples on.")
+    return (f"Sliding window: {p['context']}-token windows moved by {p['stride']} tokens, every token "
+            f"but the first scored once ({p['test_tokens']:,} test, {p['val_tokens']:,} validation "
+            f"tokens). Blocks: non-overlapping {p['context']}-token blocks, tail dropped "
+            f"({p['test_tokens_blocks']:,} test tokens). Intervals: percentile bootstrap, "
+            f"{b['samples']:,} resamples of {b['chunk']:,}-token chunks, seed {b['seed']}, "
+            f"given only from {b['min_chunks']} chunks ({b['min_chunks'] * b['chunk']:,} scored tokens) on.")
 
 
 def efficiency(r: Inputs) -> list[str]:
@@ -165,31 +198,30 @@ def quality(r: Inputs) -> list[str]:
     ev, protocol = r.ev, r.protocol
     general = list(ev["pretrained"]["general"])
     rows = []
+    blocks = not instruct(r)
     for m in MODELS:
-        row = [r.label(m), _ppl(ev[m], "val_ppl"), _ppl(ev[m], "test_ppl"), f"{ev[m]['test_bpb']:.4f}",
-               f"{ev[m]['val_ppl_blocks']:.2f}", f"{ev[m]['test_ppl_blocks']:.2f}"]
+        row = [r.label(m), _ppl(ev[m], "val_ppl"), _ppl(ev[m], "test_ppl"), f"{ev[m]['test_bpb']:.4f}"]
+        row += [f"{ev[m]['val_ppl_blocks']:.2f}", f"{ev[m]['test_ppl_blocks']:.2f}"] if blocks else []
         for g in general:
             change = "–" if m == "pretrained" else _change(r.compare["forgetting"][g][f"{m}_vs_pretrained"])
             row += [_ppl(ev[m]["general"][g], "ppl"), change]
         rows.append(row)
-    headers = ["Model", "Val ppl [95% CI]", "Test ppl [95% CI]", "Test bits/byte", "Val ppl (blocks)",
-               "Test ppl (blocks)"] + [h for g in general for h in (f"{g} ppl [95% CI]", f"{g} change [95% paired CI]")]
-    bootstrap = protocol["bootstrap"]
+    headers = (["Model", "Val ppl [95% CI]", "Test ppl [95% CI]", "Test bits/byte"]
+               + (["Val ppl (blocks)", "Test ppl (blocks)"] if blocks else [])
+               + [h for g in general for h in (f"{g} ppl [95% CI]", f"{g} change [95% paired CI]")])
     return ["## Quality", "", _table(rows, headers), "",
-            f"Sliding window: {protocol['context']}-token windows moved by {protocol['stride']} tokens, every token "
-            f"but the first scored once ({protocol['test_tokens']:,} test, {protocol['val_tokens']:,} validation "
-            f"tokens). Blocks: non-overlapping {protocol['context']}-token blocks, tail dropped "
-            f"({protocol['test_tokens_blocks']:,} test tokens). Intervals: percentile bootstrap, "
-            f"{bootstrap['samples']:,} resamples of {bootstrap['chunk']:,}-token chunks, seed {bootstrap['seed']}, "
-            f"given only from {bootstrap['min_chunks']} chunks ({bootstrap['min_chunks'] * bootstrap['chunk']:,} "
-            f"scored tokens) on. Changes on general text are relative to the pretrained model, with the paired "
-            f"interval of the two models' ratio on the same tokens. {scoring(r)} Tokenizer "
+            f"{protocol_text(r)} Changes on general text (always scored as running text, by the sliding window) are "
+            f"relative to the pretrained model, with the paired interval of the two models' ratio on the same "
+            f"tokens. {scoring(r)} Tokenizer "
             f"`{protocol['tokenizer']}`, "
             + (f"BOS token `{protocol['bos']['token']}` before each split's running text and each document"
                if protocol.get("bos")
                else "no BOS token (the tokenizer adds none)")
-            + f"; corpus `{protocol['source']}`, column `{r.prepared['text_column']}`: "
-            + ", ".join(f"{s} {v['tokens']:,} tokens ({v['documents']:,} rows)" for s, v in r.corpus.items()) + ". "
+            + f"; corpus `{protocol['source']}`, {'column' if len(r.prepared['columns']) == 1 else 'columns'} {', '.join(f'`{c}`' for c in r.prepared['columns'])}: "
+            + ", ".join(f"{s} {v['tokens']:,} tokens ({v['documents']:,} {'examples' if 'answer_tokens' in v else 'rows'}"
+                        + (f", {v['truncated']:,} cut to data.block_size, {v['dropped_no_answer']:,} dropped with no "
+                           f"answer left" if v.get("truncated") or v.get("dropped_no_answer") else "") + ")"
+                        for s, v in r.corpus.items()) + ". "
             + split_made(r) + "Inputs: " + "; ".join(_source(key, v) for key, v in r.prepared["inputs"].items()) + ".", ""]
 
 
@@ -257,7 +289,24 @@ def generation_quality(r: Inputs) -> list[str]:
                           "Stops at EOS", "Texts"]), "",
             f"Over each model's distinct continuations of {len(gen['pretrained'])} prompt(s): the greedy one and "
             "the seeded samples, a continuation that repeats another counted once.", "",
-            "<details><summary>All generated texts</summary>", "", *samples, "", "</details>", ""]
+            "<details><summary>All generated texts</summary>", "", *samples, "", "</details>", "", *heldout(r)]
+
+
+def _cell(text: str, limit: int = 240) -> str:
+    text = _one_line(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def heldout(r: Inputs) -> list[str]:
+    """Held-out test prompts: the reference answer and each model's, side by side."""
+    if not r.heldout["pretrained"]:
+        return []
+    rows = [[_cell(item["prompt"]), _cell(item["reference"]), *(_cell(r.heldout[m][i]["answer"]) for m in MODELS)]
+            for i, item in enumerate(r.heldout["pretrained"])]
+    return ["### Answers to held-out test prompts", "",
+            _table(rows, ["Prompt", "Reference", *(r.label(m) for m in MODELS)]), "",
+            f"{len(rows)} test example(s) drawn with the seed (generate.test_prompts), the same for every model; greedy "
+            "answers, each stopped at EOS or at the token that ends the reference's turn.", ""]
 
 
 def environment(r: Inputs) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ftstudy.loss import check_fast_path, position_nll
-from ftstudy.stats import bits_per_byte, ppl_metrics
+from ftstudy.stats import bits_per_byte, perplexity, ppl_metrics
 
 
 def window_plan(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, int]]:
@@ -77,6 +77,37 @@ def block_nll(model, tokens: np.ndarray, block: int, device, batch_size: int = 8
     return _score(model, windows, [1] * n, device, batch_size, desc, own_forward)
 
 
+@torch.no_grad()
+def answer_nll(model, ex, device, batch_size: int = 8, desc: str | None = None, own_forward: bool = False,
+               indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the NLL of every answer token of the examples `indices` (all by default), example by
+    example in order; each example's answer-token count). Each example is scored alone, from its
+    own tokens only: a batch pads its examples on the right, and an attention mask keeps padding
+    out, as training does (ftstudy.batches)."""
+    from ftstudy.batches import ExampleBatches
+
+    units = ExampleBatches(ex, train_on_prompt=False)
+    indices = np.arange(len(ex)) if indices is None else np.asarray(indices)
+    out, counts = [], []
+    for s in tqdm(range(0, len(indices), batch_size), desc=desc, disable=desc is None, leave=False):
+        batch = {k: torch.from_numpy(v).to(device) for k, v in units.batch(indices[s:s + batch_size]).items()}
+        out.append(position_nll(model, batch["input_ids"], batch["target_mask"], own_forward,
+                                attention_mask=batch["attention_mask"]).double().cpu().numpy())
+        counts.append(batch["target_mask"].sum(dim=1).cpu().numpy())
+    if not out:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(out), np.concatenate(counts).astype(np.int64)
+
+
+def answer_metrics(model, ex, n_bytes: int, ev, seed: int, device, desc: str | None = None,
+                   own_forward: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(answer-only perplexity, its interval resampling whole examples, bits per byte of the
+    split's text, answer tokens and examples scored; the per-token NLL; the per-example counts)."""
+    nll, counts = answer_nll(model, ex, device, ev.batch_size, desc, own_forward)
+    metrics = ppl_metrics(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed, sizes=counts)
+    return metrics | {"bpb": bits_per_byte(nll, n_bytes), "tokens": int(len(nll)), "examples": int(len(counts))}, nll, counts
+
+
 def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, seed: int, device,
                     desc: str | None = None, own_forward: bool = False) -> tuple[dict, np.ndarray]:
     """(ppl, its bootstrap interval when there are enough chunks, the chunk count, bits per byte and
@@ -85,3 +116,41 @@ def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, see
     nll = sliding_window_nll(model, tokens, block, ev.stride, device, ev.batch_size, desc, own_forward)
     return (ppl_metrics(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed)
             | {"bpb": bits_per_byte(nll, n_bytes), "tokens": int(len(nll))}), nll
+
+
+def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
+              label: str = "evaluate") -> tuple[dict, dict, dict]:
+    """Everything evaluate scores, as (metrics, the arrays to keep for stage compare, the scoring
+    path): validation and test under the sliding window and as run_clm's blocks, or, for
+    instruction data, over their examples' answer tokens; and every general set (always text,
+    sliding window). The fast path is checked first on one window (choose_path)."""
+    from ftstudy import data, examples
+
+    instruct = meta.get("format", "text") != "text"
+    splits = [s for s in meta["splits"] if s != "train"]
+    tokens = {s: data.load_tokens(data_dir, s, meta) for s in splits}
+    first = examples.load(data_dir, "test", meta).example(0)[0] if instruct else tokens["test"]
+    path = choose_path(model, first, block, device)
+    if path["own_forward"]:
+        print(f"{label}: scoring through the model's own forward (whole logits), not body + head: {path['reason']}")
+    metrics, keep = {}, {}
+    for split, short in (("validation", "val"), ("test", "test")):
+        n_bytes = meta["splits"][split]["bytes"]
+        if instruct:
+            m, nll, sizes = answer_metrics(model, examples.load(data_dir, split, meta), n_bytes, ev, seed, device,
+                                           f"{split} answers", path["own_forward"])
+            keep[f"{split}_sizes"] = sizes
+        else:
+            m, nll = sliding_metrics(model, tokens[split], n_bytes, block, ev, seed, device, f"{split} sliding",
+                                     path["own_forward"])
+            blocks = block_nll(model, tokens[split], block, device, ev.batch_size, f"{split} blocks", path["own_forward"])
+            m["ppl_blocks"] = perplexity(blocks)
+            metrics[f"{short}_tokens_blocks"] = len(blocks)
+        keep[split] = nll
+        metrics |= {f"{short}_{k}": v for k, v in m.items()}
+    metrics["general"] = {}
+    for split, label in data.general_splits(meta):
+        metrics["general"][label], keep[label] = sliding_metrics(
+            model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device, f"{label} sliding",
+            path["own_forward"])
+    return metrics, {k: v for k, v in keep.items() if not k.startswith("validation")}, path

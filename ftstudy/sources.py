@@ -198,13 +198,13 @@ def file_records(path: Path, fields: Fields) -> Iterator[list]:
                     "(each also .gz or .zst)")
 
 
-def file_rows(path: Path, fields: Fields) -> Iterator[list]:
-    """The rows of one local file, by its format: a text file's lines (text alone), or a
-    structured file's records (the field's text, or a tuple of the fields' values)."""
-    if file_format(path) in (".txt", ".raw") and len(fields) == 1:
+def file_rows(path: Path, fields: Fields, text: bool = True) -> Iterator[list]:
+    """The rows of one local file, by its format: for text, a text file's lines or a structured
+    file's text field; else its records (a field's value, or a tuple of the fields' values)."""
+    if text and file_format(path) in (".txt", ".raw"):
         return _text_rows(path)
     records = file_records(path, fields)
-    return _texts(records, str(path), fields) if len(fields) == 1 else records
+    return _texts(records, str(path), fields) if text else records
 
 
 # -- a source's splits ------------------------------------------------------------------------
@@ -226,14 +226,14 @@ def _split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def _local_splits(name: str, fields: Fields) -> dict[str, SplitRows]:
+def _local_splits(name: str, fields: Fields, text: bool = True) -> dict[str, SplitRows]:
     path = Path(name).expanduser()
     if path.is_file():
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty; give it text")
         if not file_format(path):
-            file_rows(path, fields)  # raises, naming the formats
-        return {"train": SplitRows(str(path), lambda: file_rows(path, fields))}
+            file_rows(path, fields, text)  # raises, naming the formats
+        return {"train": SplitRows(str(path), lambda: file_rows(path, fields, text))}
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder; data.name must be a Hub dataset id, a local folder or "
                         "a local file")
@@ -242,16 +242,16 @@ def _local_splits(name: str, fields: Fields) -> dict[str, SplitRows]:
         if "train" not in found:
             raise DataError(f"{path}: split files for {', '.join(found)} but none for train; add "
                             f"{', '.join(SPLIT_STEMS['train'])} (.txt, .jsonl, .json, .csv or .parquet)")
-        return {split: SplitRows(str(f), lambda f=f: file_rows(f, fields)) for split, f in found.items()}
+        return {split: SplitRows(str(f), lambda f=f: file_rows(f, fields, text)) for split, f in found.items()}
     documents = sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if documents and len(fields) == 1:
+    if documents and text:
         return {"train": SplitRows(f"{path} ({len(documents):,} .txt documents)", lambda: _document_rows(documents))}
     raise DataError(f"{path}: no split files and no .txt documents; expected train.jsonl (or .txt, .json, .csv, "
                     ".parquet, WikiText's wiki.train.raw), optionally with validation and test files, or a folder "
                     "of .txt documents")
 
 
-def _hub_rows(ds, where: str, fields: Fields) -> SplitRows:
+def _hub_rows(ds, where: str, fields: Fields, text: bool = True) -> SplitRows:
     _missing(where, ds.column_names, fields)
     names = [name for name, _ in fields]
 
@@ -259,7 +259,7 @@ def _hub_rows(ds, where: str, fields: Fields) -> SplitRows:
         for b in ds.iter(batch_size=ROWS_PER_BATCH):
             yield b[names[0]] if len(names) == 1 else list(zip(*(b[n] for n in names)))
 
-    return SplitRows(where, (lambda: _texts(rows(), where, fields)) if len(fields) == 1 else rows)
+    return SplitRows(where, (lambda: _texts(rows(), where, fields)) if text else rows)
 
 
 def _hub_dataset(name: str, config: str | None, revision: str | None, split: str | None = None):
@@ -270,22 +270,25 @@ def _hub_dataset(name: str, config: str | None, revision: str | None, split: str
     return datasets.load_dataset(name, config, split=split, revision=revision)
 
 
-def _hub_splits(name: str, config: str | None, revision: str | None, fields: Fields) -> dict[str, SplitRows]:
+def _hub_splits(name: str, config: str | None, revision: str | None, fields: Fields,
+                text: bool = True) -> dict[str, SplitRows]:
     dd = _hub_dataset(name, config, revision)
     names = {"train": "train", "test": "test",
              "validation": next((s for s in HUB_VALIDATION if s in dd), "validation")}
-    out = {split: _hub_rows(dd[theirs], f"{name}@{revision}:{config}:{theirs}", fields)
+    out = {split: _hub_rows(dd[theirs], f"{name}@{revision}:{config}:{theirs}", fields, text)
            for split, theirs in names.items() if theirs in dd}
     if "train" not in out:
         raise DataError(f"{name} ({config}) has no train split (its splits: {', '.join(dd)})")
     return out
 
 
-def source_splits(name: str, config: str | None, revision: str | None, fields: Fields) -> dict[str, SplitRows]:
-    """The splits a source has (train always; validation and test where it has them)."""
+def source_splits(name: str, config: str | None, revision: str | None, fields: Fields,
+                  text: bool = True) -> dict[str, SplitRows]:
+    """The splits a source has (train always; validation and test where it has them): rows of
+    text, or (text=False) records of the fields."""
     if is_local(name):
-        return _local_splits(name, fields)
-    return _hub_splits(name, config, revision, fields)
+        return _local_splits(name, fields, text)
+    return _hub_splits(name, config, revision, fields, text)
 
 
 def general_rows(name: str, config: str | None, revision: str | None, fields: Fields, split: str) -> SplitRows:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ftstudy import examples
 from ftstudy.data import SPLITS, DataError, general_split, token_dtype
 from ftstudy.sources import general_rows, source_splits, text_field
 
@@ -183,35 +184,60 @@ def tokenize_stream(rows: Iterator[list[str]], tokenizer, route: Callable[[str, 
     return separator
 
 
-def _check_size(split: str, counts: dict, block_size: int, where: str, carved: dict | None) -> None:
-    fix = (f"raise data.{split}_fraction (now {carved[split]}) or give the source more text" if carved and split in carved
+def examples_stream(batches: Iterator[list], d, tokenizer, bos: int | None, route, where: str) -> None:
+    """Render each record of an instruction source (ftstudy.examples.render) into the writer `route`
+    picks for it (None: dropped as a duplicate)."""
+    index = 0
+    for batch in batches:
+        for record in batch:
+            index += 1
+            key = examples.canonical(record)
+            digest = _digest(key)
+            writer = route(key, digest, True)
+            if writer is not None:
+                ids, mask = examples.render(d, tokenizer, record, f"{where}, row {index}", bos)
+                writer.write(ids, mask, digest, len(key.encode("utf-8")))
+
+
+def _check_size(split: str, counts: dict, block_size: int, where: str, carved: dict, instruct: bool) -> None:
+    fix = (f"raise data.{split}_fraction (now {carved[split]}) or give the source more text" if split in carved
            else "give it more text")
-    if counts["bytes"] == 0:
-        raise DataError(f"{where}: split '{split}' came out empty (0 documents); {fix}")
-    if counts["tokens"] < block_size:
+    if counts["documents"] == 0:
+        dropped = (f"; {counts['dropped_no_answer']:,} dropped with no answer token within data.block_size={block_size}"
+                   if counts.get("dropped_no_answer") else "")
+        raise DataError(f"{where}: split '{split}' came out empty (0 {'examples' if instruct else 'documents'}"
+                        f"{dropped}); {fix}" + (", or raise data.block_size" if dropped else ""))
+    if not instruct and counts["tokens"] < block_size:
         raise DataError(f"{where}: split '{split}' has {counts['tokens']:,} tokens in {counts['documents']:,} document(s), "
                         f"fewer than one block (data.block_size={block_size}); {fix}, or lower data.block_size")
+
+
+def _made(name: str, carved: dict, seed: int) -> str:
+    if name in carved:
+        return f"carved from train: the rows whose keyed hash (seed {seed}) falls in its {carved[name]:.0%}"
+    return "the source's training rows left after carving" if name == "train" and carved else "the source's own"
 
 
 def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
     """Tokenize every split of every source of params `p` into `out` (a fresh folder), each at its
     commit, carving validation and test out of training where the source lacks them; return the
-    meta (dtype, vocabulary, BOS, how the splits were made, each split's source, separator,
-    counts and document hash)."""
+    meta (format, dtype, vocabulary, BOS, how the splits were made, each split's source,
+    separator, counts and document hash)."""
     d = p.data
-    dtype = token_dtype(len(tokenizer))
-    bos = bos_id(tokenizer)
-    have = source_splits(d.name, d.config, commits["data.name"], text_field(d.text_column))
+    instruct = d.format != "text"
+    dtype, bos = token_dtype(len(tokenizer)), bos_id(tokenizer)
+    examples.check_tokenizer(d, tokenizer, p.model.name)
+    have = source_splits(d.name, d.config, commits["data.name"],
+                         examples.fields(d) if instruct else text_field(d.text_column), text=not instruct)
     general = [(general_split(g), general_rows(g.name, g.config, commits[f"data.general[{i}].name"],
                                                ((g.text_column, f"data.general[{i}].text_column"),), g.split))
                for i, g in enumerate(d.general)]
-    for rows in [*have.values(), *(r for _, r in general)]:  # every source opened, its columns checked, first
+    for rows in [*have.values(), *(r for _, r in general)]:  # every source opened, its fields checked, first
         next(iter(rows.rows()), None)
     carved = {s: getattr(d, f"{s}_fraction") for s in ("validation", "test") if s not in have}
-    writers = {s: SplitWriter(out / f"{s}.bin", dtype, bos) for s in SPLITS}
-    carver = Carver(p.seed, carved)
-    earlier: set[bytes] = set()  # documents of the splits already written
-    wheres = {}
+    writers = {s: examples.ExampleWriter(out, s, dtype, d.block_size) if instruct else SplitWriter(out / f"{s}.bin", dtype, bos)
+               for s in SPLITS}
+    carver, earlier, wheres = Carver(p.seed, carved), set(), {}  # earlier: documents of the splits already written
     try:
         for split in (s for s in SPLITS if s in have):
             current: set[bytes] = set()
@@ -225,12 +251,14 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
                     current.add(digest)
                 return writers[target]
 
-            separator = tokenize_stream(have[split].rows(), tokenizer, route,
-                                        [writers[split]] + ([writers[s] for s in carved] if split == "train" else []))
+            targets = [split] + (list(carved) if split == "train" else [])
+            if instruct:
+                separator = examples_stream(have[split].rows(), d, tokenizer, bos, route, have[split].where)
+            else:
+                separator = tokenize_stream(have[split].rows(), tokenizer, route, [writers[t] for t in targets])
             earlier |= current
-            for target in [split] + (list(carved) if split == "train" else []):
-                wheres[target] = (have[split].where, separator)
-        for name, rows in general:
+            wheres |= {target: (have[split].where, separator) for target in targets}
+        for name, rows in general:  # scored as text, whatever data.format
             writers[name] = SplitWriter(out / f"{name}.bin", dtype, bos)
             wheres[name] = (rows.where, tokenize_stream(rows.rows(), tokenizer, lambda t, g, docs, w=writers[name]: w,
                                                         [writers[name]]))
@@ -238,19 +266,18 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
         counts = {name: w.close() for name, w in writers.items()}
     splits = {}
     for name, c in counts.items():
-        where, separator = wheres[name]
-        _check_size(name, c, d.block_size, where, carved)
-        made = (f"carved from train: the rows whose keyed hash (seed {p.seed}) falls in its {carved[name]:.0%}"
-                if name in carved else "the source's training rows left after carving" if name == "train" and carved
-                else "the source's own")
+        (where, separator), made = wheres[name], _made(name, carved, p.seed)
+        _check_size(name, c, d.block_size, where, carved, instruct and name in SPLITS)
         splits[name] = {"source": where, "separator": separator, "made": made, **c}
-        print(f"prepare: {name}: {c['tokens']:,} tokens, {c['documents']:,} rows from {where}"
-              + (f" ({made})" if name in carved else "")
+        print(f"prepare: {name}: {c['tokens']:,} tokens, {c['documents']:,} {'examples' if 'answer_tokens' in c else 'rows'} "
+              f"from {where}" + (f" ({made})" if name in carved else "")
+              + (f", {c['answer_tokens']:,} answer tokens" if "answer_tokens" in c else "")
               + (f"; {c['duplicates_removed']:,} duplicate(s) of earlier splits removed" if c["duplicates_removed"] else ""))
-    return {"dtype": dtype.str, "vocab_size": len(tokenizer), "tokenizer": p.model.name,
+    return {"format": d.format, "dtype": dtype.str, "vocab_size": len(tokenizer), "tokenizer": p.model.name,
             "bos": {"token": tokenizer.bos_token, "id": bos,
                     "where": "start of each split's running text, and of each document"} if bos is not None else None,
-            "source": d.name, "config": d.config, "text_column": d.text_column,
+            "source": d.name, "config": d.config,
+            "columns": [name for name, _ in (examples.fields(d) if instruct else text_field(d.text_column))],
             "split": {"carved": list(carved), "seed": p.seed, "validation_fraction": d.validation_fraction,
                       "test_fraction": d.test_fraction} if carved else {"carved": []},
             "splits": splits}

@@ -35,15 +35,24 @@ def enough_tokens(chunk: int) -> int:
     return MIN_CHUNKS * chunk
 
 
-def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int,
-                     level: float) -> tuple[float, float] | None:
+def _chunks(values: np.ndarray, chunk: int, sizes: np.ndarray | None) -> list[np.ndarray]:
+    """The units the bootstrap resamples: consecutive chunks of ~`chunk` tokens, or, with `sizes`
+    (each example's token count), whole examples."""
+    if sizes is not None:
+        return np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
+    n = chunk_count(len(values), chunk)
+    return np.array_split(values, n) if n else []
+
+
+def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int, level: float,
+                     sizes: np.ndarray | None = None) -> tuple[float, float] | None:
     """Percentile interval of exp(mean of `values`), resampling consecutive chunks of ~`chunk`
-    tokens (not single tokens, whose losses are correlated with their neighbours'); None from
-    fewer than MIN_CHUNKS chunks."""
-    n_chunks = chunk_count(len(values), chunk)
+    tokens (not single tokens, whose losses are correlated with their neighbours') or whole
+    examples (`sizes`); None from fewer than MIN_CHUNKS of them."""
+    parts = _chunks(values, chunk, sizes)
+    n_chunks = len(parts)
     if n_chunks < MIN_CHUNKS:
         return None
-    parts = np.array_split(values, n_chunks)
     sums = np.array([p.sum() for p in parts])
     counts = np.array([len(p) for p in parts])
     idx = np.random.default_rng(seed).integers(0, n_chunks, size=(samples, n_chunks))
@@ -52,24 +61,25 @@ def _chunk_bootstrap(values: np.ndarray, chunk: int, samples: int, seed: int,
     return float(lo), float(hi)
 
 
-def ppl_metrics(nll: np.ndarray, chunk: int, samples: int, seed: int, level: float = 0.95) -> dict:
+def ppl_metrics(nll: np.ndarray, chunk: int, samples: int, seed: int, level: float = 0.95,
+                sizes: np.ndarray | None = None) -> dict:
     """{"ppl", "chunks"} and, from MIN_CHUNKS chunks on, the percentile chunk-bootstrap interval
-    {"ppl_lo", "ppl_hi"}."""
-    out = {"ppl": perplexity(nll), "chunks": chunk_count(len(nll), chunk)}
-    interval = _chunk_bootstrap(nll, chunk, samples, seed, level)
+    {"ppl_lo", "ppl_hi"}; chunks are whole examples where `sizes` gives their token counts."""
+    out = {"ppl": perplexity(nll), "chunks": chunk_count(len(nll), chunk) if sizes is None else len(sizes)}
+    interval = _chunk_bootstrap(nll, chunk, samples, seed, level, sizes)
     return out | ({} if interval is None else {"ppl_lo": interval[0], "ppl_hi": interval[1]})
 
 
 def paired_ppl_ratio(nll_a: np.ndarray, nll_b: np.ndarray, chunk: int, samples: int, seed: int,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, sizes: np.ndarray | None = None) -> dict:
     """ppl(a) / ppl(b) for two models scored on the very same tokens, with a paired chunk-bootstrap
     interval ("lo", "hi"; left out below MIN_CHUNKS chunks): each resample draws the same chunks for
     both models, so what the two share (hard passages, easy ones) cancels and only their difference
     varies. Identical models give 1 with the interval [1, 1]; a constant per-token shift c gives
-    exp(c)."""
+    exp(c). With `sizes` (each example's answer-token count) the resampled units are examples."""
     if len(nll_a) != len(nll_b):
         raise ValueError(f"paired scores need the same tokens: {len(nll_a)} vs {len(nll_b)} scored positions")
     diff = np.asarray(nll_a, dtype=np.float64) - np.asarray(nll_b, dtype=np.float64)
-    out = {"ratio": float(np.exp(diff.mean())), "chunks": chunk_count(len(diff), chunk)}
-    interval = _chunk_bootstrap(diff, chunk, samples, seed, level)  # exp(mean difference) = the ratio
+    out = {"ratio": float(np.exp(diff.mean())), "chunks": chunk_count(len(diff), chunk) if sizes is None else len(sizes)}
+    interval = _chunk_bootstrap(diff, chunk, samples, seed, level, sizes)  # exp(mean difference) = the ratio
     return out | ({} if interval is None else {"lo": interval[0], "hi": interval[1]})

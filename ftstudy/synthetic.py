@@ -93,11 +93,18 @@ FAMILIES = {
 }
 # Llama's tokenizers put a BOS token before each text, the others do not; the tiny Llama's does too.
 LLAMA_BOS = "<|begin_of_text|>"
+# And the tiny Llama chats as Llama 3 does: its header and end-of-turn tokens, and its template's shape.
+LLAMA_CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
 def tiny_tokenizer(family: str):
     """The bundled tiny BPE (assets/tiny-gpt2); for Llama with its own BOS token, added before each
-    text as Llama 3's tokenizer does (a template post-processor)."""
+    text as Llama 3's tokenizer does (a template post-processor), and Llama 3's chat tokens and
+    template shape (data.format: messages)."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
@@ -110,7 +117,11 @@ def tiny_tokenizer(family: str):
         backend.post_processor = TemplateProcessing(single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A $B",
                                                     special_tokens=[(LLAMA_BOS, bos)])
         special["bos_token"] = LLAMA_BOS
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+        backend.add_special_tokens(LLAMA_CHAT_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    if family == "llama":
+        tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
+    return tokenizer
 
 
 def write_tiny_model(family: str, out: Path, seed: int = 0, tie: bool | None = None) -> Path:

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ftstudy import checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
+from ftstudy import batches, checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
 from ftstudy.config import ConfigError, Params, TrainParams
 from ftstudy.errors import StudyError
 from ftstudy.outputs import atomic_dir, write_json
@@ -139,6 +139,8 @@ class Progress:
     train_time: float = 0.0
     warmup_time: float = 0.0  # the first log interval of each process (compilation, caches), kept apart
     warmup_steps: int = 0     # the steps those intervals hold
+    warmup_tokens: int = 0    # and their input tokens
+    tokens: int = 0           # input tokens trained on (padding left out)
     train_curve: list = field(default_factory=list)  # (step, loss)
     val_curve: list = field(default_factory=list)    # (step, training seconds, tokens, loss)
     eval_time: float = 0.0  # seconds spent on validation, kept out of train_time and tokens/s
@@ -153,17 +155,13 @@ class Session:
     trained: torch.nn.Module      # the model build() returned: what is scored and saved
     optimizer: torch.optim.Optimizer
     scheduler: object
-    train_blocks: np.ndarray
-    val_blocks: np.ndarray
+    train_units: object           # ftstudy.batches: the training split's blocks or examples
+    val_units: object
     steps_per_epoch: int
     total_steps: int
-    global_batch: int             # blocks per optimizer step, over all processes
+    global_batch: int             # blocks (or examples) per optimizer step, over all processes
     compiled: bool
     own_forward: bool             # validation scores through the model's own forward (ftstudy.loss.check_fast_path)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.train_blocks.shape[1]
 
 
 def warmup_linear(warmup: int, total: int, step: int) -> float:
@@ -175,9 +173,10 @@ def warmup_linear(warmup: int, total: int, step: int) -> float:
 
 
 def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Callable[[], torch.nn.Module],
-          data_dir: Path, live_dir: Path) -> Session:
-    """Accelerator (with train.trackers, writing under live_dir), token blocks, the model `build()`
-    returns, AdamW and the warmup-linear schedule."""
+          data_dir: Path, live_dir: Path, train_on_prompt: bool = False) -> Session:
+    """Accelerator (with train.trackers, writing under live_dir), the splits' blocks or examples
+    (`train_on_prompt`: data.train_on_prompt), the model `build()` returns, AdamW and the
+    warmup-linear schedule."""
     tracking.require(train.trackers)
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
                               log_with=tracking.log_with(train.trackers, live_dir), project_dir=str(live_dir))
@@ -188,10 +187,11 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         # while the metrics said fp16.
         raise ConfigError(f"train.precision: fp16 needs a CUDA GPU (this run is on {device.type}); "
                           "use bf16 or fp32 on a CPU")
-    train_blocks = data.blocks(data.load_tokens(data_dir, "train"), block_size)
-    val_blocks = data.blocks(data.load_tokens(data_dir, "validation"), block_size)
+    meta = data.read_meta(data_dir)
+    train_units, val_units = (batches.for_split(data_dir, split, meta, block_size, train_on_prompt)
+                              for split in ("train", "validation"))
     world = accelerator.num_processes
-    steps_per_epoch = check_schedule(train, block_size, len(train_blocks), world)
+    steps_per_epoch = check_schedule(train, block_size, len(train_units), world)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -221,48 +221,63 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     accelerator.register_for_checkpointing(scheduler)
     # One block through body + head and through the model's own forward: the chunked loss and
     # validation's scoring assume the two agree.
-    why, _ = loss.check_fast_path(trained, _to_device(train_blocks[:1], device))
+    why, _ = loss.check_fast_path(trained, _to_device(train_units.batch(np.arange(1)), device)["input_ids"])
     if why is not None and train.loss == "chunked":
         raise ConfigError(f"train.loss: chunked cannot train {loss.causal_lm_of(trained).config.model_type}: {why}; "
                           "set train.loss: model")
-    return Session(accelerator, model, trained, optimizer, scheduler, train_blocks, val_blocks, steps_per_epoch,
+    return Session(accelerator, model, trained, optimizer, scheduler, train_units, val_units, steps_per_epoch,
                    total_steps, train.batch_size * train.grad_accum * world, compiled, own_forward=why is not None)
 
 
-def _to_device(blocks: np.ndarray, device: torch.device) -> torch.Tensor:
-    batch = torch.from_numpy(blocks.astype(np.int64))
-    if device.type == "cuda":
-        batch = batch.pin_memory()
-    return batch.to(device, non_blocking=True)
+def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, array in arrays.items():
+        tensor = torch.from_numpy(array)
+        if device.type == "cuda":
+            tensor = tensor.pin_memory()
+        out[name] = tensor.to(device, non_blocking=True)
+    return out
 
 
-def train_step(s: Session, train: TrainParams, order: np.ndarray, step_in_epoch: int) -> torch.Tensor:
-    """One optimizer step over train.grad_accum micro-batches; returns the step's mean loss, on the device."""
-    acc, ga = s.accelerator, train.grad_accum
+def train_step(s: Session, train: TrainParams, order: np.ndarray, step_in_epoch: int) -> tuple[torch.Tensor, int]:
+    """One optimizer step over train.grad_accum micro-batches; returns the step's mean loss over its
+    targets (on the device) and its input tokens. Each micro-batch's summed loss is divided by the
+    whole step's target count (over every process: DDP averages the gradients), so the step's
+    gradient is that of the mean over its targets, however they fall into micro-batches."""
+    acc, ga, world = s.accelerator, train.grad_accum, s.accelerator.num_processes
+    whole = order[step_in_epoch * s.global_batch:(step_in_epoch + 1) * s.global_batch]
+    targets, tokens = s.train_units.counts(whole)
+    scale = world / targets
     step_loss = torch.zeros((), device=acc.device)
     for micro in range(ga):
-        where = micro_batch_slice(step_in_epoch, micro, train.batch_size, ga, acc.num_processes, acc.process_index)
-        batch = _to_device(s.train_blocks[np.sort(order[where])], acc.device)
+        where = micro_batch_slice(step_in_epoch, micro, train.batch_size, ga, world, acc.process_index)
+        batch = _to_device(s.train_units.batch(order[where]), acc.device)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         with acc.no_sync(s.model) if micro < ga - 1 else nullcontext():
-            micro_loss = s.model(batch)
-            acc.backward(micro_loss / ga)
+            micro_loss = s.model(**batch) * scale
+            acc.backward(micro_loss)
         step_loss += micro_loss.detach()
     acc.clip_grad_norm_(s.model.parameters(), train.max_grad_norm)
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return step_loss / ga
+    return step_loss, tokens
 
 
 def validation_loss(s: Session, batch_size: int) -> float:
-    """Mean NLL over the validation blocks (run_clm protocol), sharded across processes."""
+    """Mean NLL over the validation split, sharded across processes: over its blocks (run_clm's
+    protocol) for running text, over the answer tokens of its examples for instruction data."""
     acc = s.accelerator
     s.model.eval()
-    shard = s.val_blocks[acc.process_index::acc.num_processes]
+    units = s.val_units
     with acc.autocast():  # the trained model itself: scored through its logits, in the run's precision
-        nll = scoring.block_nll(s.trained, shard.reshape(-1), s.val_blocks.shape[1], acc.device, batch_size,
-                                own_forward=s.own_forward)
+        if isinstance(units, batches.TextBlocks):
+            shard = units.blocks[acc.process_index::acc.num_processes]
+            nll = scoring.block_nll(s.trained, shard.reshape(-1), units.blocks.shape[1], acc.device, batch_size,
+                                    own_forward=s.own_forward)
+        else:
+            nll, _ = scoring.answer_nll(s.trained, units.ex, acc.device, batch_size, own_forward=s.own_forward,
+                                        indices=np.arange(acc.process_index, len(units), acc.num_processes))
     s.model.train()
     totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=acc.device)
     totals = acc.reduce(totals, reduction="sum")
@@ -285,13 +300,15 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
     bar = tqdm(total=s.total_steps, initial=progress.step, desc=label, unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
     s.model.train()
-    order, t0, warm, started_at = None, time.perf_counter(), False, progress.step
+    order, t0, warm, started_at, tokens_at_start = None, time.perf_counter(), False, progress.step, progress.tokens
     try:
         for step in range(progress.step + 1, s.total_steps + 1):
             epoch, step_in_epoch = divmod(step - 1, s.steps_per_epoch)
             if order is None or step_in_epoch == 0:
-                order = epoch_order(len(s.train_blocks), seed, epoch)
-            losses.add(train_step(s, train, order, step_in_epoch))
+                order = epoch_order(len(s.train_units), seed, epoch)
+            step_loss, tokens = train_step(s, train, order, step_in_epoch)
+            losses.add(step_loss)
+            progress.tokens += tokens
             bar.update(1)
             validate = validation_due(step, s.steps_per_epoch, s.total_steps, train.eval_every)
             checkpoint = train.checkpoint_every and step % train.checkpoint_every == 0 and step < s.total_steps
@@ -304,15 +321,16 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
             if not warm:  # this process's first interval: compilation and caches, whether fresh or resumed
                 progress.warmup_time += interval
                 progress.warmup_steps += step - started_at
+                progress.warmup_tokens += progress.tokens - tokens_at_start
                 warm = True
-            tokens_per_s = step * s.tokens_per_step / progress.train_time
+            tokens_per_s = progress.tokens / progress.train_time
             bar.set_postfix(loss=f"{points[-1][1]:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             val = None
             if validate:
                 started = time.perf_counter()
                 val = validation_loss(s, train.batch_size)
                 progress.eval_time += time.perf_counter() - started
-                progress.val_curve.append((step, round(progress.train_time, 3), step * s.tokens_per_step, val))
+                progress.val_curve.append((step, round(progress.train_time, 3), progress.tokens, val))
                 if acc.is_main_process and step_in_epoch == s.steps_per_epoch - 1:
                     bar.write(f"epoch {epoch + 1}: val_loss {val:.4f} (ppl {math.exp(val):.2f})")
             live.log(points, s.scheduler.get_last_lr()[0], tokens_per_s, val)
@@ -341,10 +359,10 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
               eval_every: int, versions: dict) -> tuple[dict, dict]:
     """(numeric metrics, descriptive facts; `versions`: the libraries') of a finished run."""
     steps, train_time = progress.step, progress.train_time
-    steady_steps, steady_time = steps - progress.warmup_steps, train_time - progress.warmup_time
-    if steady_steps == 0:  # a run shorter than one log interval has no steady state to measure
-        steady_steps, steady_time = steps, train_time
-    tokens_per_s = steady_steps * s.tokens_per_step / steady_time
+    steady_tokens, steady_time = progress.tokens - progress.warmup_tokens, train_time - progress.warmup_time
+    if steps == progress.warmup_steps:  # a run shorter than one log interval has no steady state to measure
+        steady_tokens, steady_time = progress.tokens, train_time
+    tokens_per_s = steady_tokens / steady_time
     trainable, total = modeling.count_params(s.trained)
     device, world = s.accelerator.device, s.accelerator.num_processes
     name = runtime.device_name(device)
@@ -361,13 +379,15 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     causal_lm = loss.causal_lm_of(s.trained)
     fpt = runtime.flops_per_token(causal_lm.config, *runtime.matmul_params(causal_lm), block_size)
     metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
-    info = {"method": method, "steps": steps, "tokens": steps * s.tokens_per_step, "global_batch": s.global_batch,
+    info = {"method": method, "steps": steps, "tokens": progress.tokens, "global_batch": s.global_batch,
             "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
             "segments": [{"from_step": first, "cpu_threads": threads} for first, threads in progress.segments],
             "peak_flops": peak, "peak_flops_source": peak_source,
             "versions": versions}
+    if isinstance(s.train_units, batches.ExampleBatches):  # padding's cost, measured over this process's batches
+        info["padding_share"] = round(s.train_units.padding, 4)
     return metrics, info
 
 
@@ -385,7 +405,7 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
             trained.save_pretrained(tmp)
             modeling.load_tokenizer(base_dir).save_pretrained(tmp)
             if check is not None:
-                extra = check(trained, tmp, _to_device(s.val_blocks[:2], acc.device))
+                extra = check(trained, tmp, _to_device(s.val_units.batch(np.arange(2)), acc.device)["input_ids"])
         extra.setdefault("artifact_mb", round(modeling.dir_size_mb(out), 3))  # check may count it itself
     return extra
 
@@ -401,7 +421,8 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     """A training stage: setup, fit, save, then metrics, facts (`facts` added) and curves; returns
     the metrics."""
     modeling.check_context(paths.base, p.data.block_size)
-    s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live)
+    s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live,
+              p.data.train_on_prompt)
     identity = checkpoints.run_identity(p, method, paths.data, paths.base, {
         "processes": s.accelerator.num_processes, "precision": s.accelerator.mixed_precision,
         "versions": runtime.library_versions()})
@@ -411,6 +432,8 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every,
                               identity["versions"])
     info |= {"loss": p.train.loss} | (facts or {})
+    if isinstance(s.train_units, batches.ExampleBatches):
+        info |= {"format": data.read_meta(paths.data)["format"], "train_on_prompt": p.data.train_on_prompt}
     metrics |= save(s, paths.out, paths.base, check)
     if s.accelerator.is_main_process:
         curves.write(paths.plots, progress.train_curve, progress.val_curve)

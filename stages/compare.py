@@ -37,16 +37,19 @@ def main() -> None:
     ev = p.evaluate
 
     def pairs(split: str) -> dict:
+        # Instruction data: the resampled units are whole examples (their answer-token counts).
+        sizes = nll["pretrained"][f"{split}_sizes"] if f"{split}_sizes" in nll["pretrained"].files else None
         return {f"{a}_vs_{b}": paired_ppl_ratio(nll[a][split], nll[b][split], ev.bootstrap_chunk,
-                                                ev.bootstrap_samples, p.seed) for a, b in PAIRS}
+                                                ev.bootstrap_samples, p.seed, sizes=sizes) for a, b in PAIRS}
 
     paired = pairs("test")
-    forgetting = {label: pairs(label) for label in nll["pretrained"].files if label != "test"}
+    forgetting = {label: pairs(label) for label in nll["pretrained"].files if label != "test" and not label.endswith("_sizes")}
     val = {m: curves.read_val(args.curves / f"train_{m}") for m in ("full", "lora")}
     # Time to quality: when each method first reached the other's final validation loss.
     reach = {m: curves.time_to_reach(val[m], val[other][-1]["loss"]) for m, other in (("full", "lora"), ("lora", "full"))}
-    write_json(args.out, {"paired": paired, "forgetting": forgetting, "time_to_quality": reach,
-                          "bootstrap": {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS}})
+    bootstrap = {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS} | (
+        {"examples": 1} if "test_sizes" in nll["pretrained"].files else {})
+    write_json(args.out, {"paired": paired, "forgetting": forgetting, "time_to_quality": reach, "bootstrap": bootstrap})
     print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v)}" for k, v in paired.items())
           + f"; {len(forgetting)} general set(s); wrote {args.out}")
 

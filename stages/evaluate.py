@@ -11,7 +11,9 @@ differ, the model's own forward scores everything, and a line says why.
 The numbers go to --out (a DVC metric); the protocol fingerprint, which the report uses to refuse
 mixed protocols, and the scoring path go to --info; the per-token NLL of the test split and of each
 general set to --nll (.npz), for the paired comparisons of stage compare. A LoRA model is scored as
-base plus adapter.
+base plus adapter. Instruction data (data.format prompt_completion or messages) is scored on its
+answer tokens alone, each example by itself, its interval resampling whole examples; the general
+sets stay running text.
 """
 
 from __future__ import annotations
@@ -44,49 +46,36 @@ def main() -> None:
     model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     meta = data.read_meta(args.data)
-    block = p.data.block_size
-    tokens = {split: data.load_tokens(args.data, split, meta) for split in meta["splits"] if split != "train"}
-
     t0 = time.perf_counter()
-    metrics: dict = {}
-    nlls = {}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        scoring_path = scoring.choose_path(model, tokens["test"], block, device)
-        if scoring_path["own_forward"]:
-            print(f"evaluate@{name}: scoring through the model's own forward (whole logits), not body + head: "
-                  f"{scoring_path['reason']}")
-
-        def split_metrics(split: str, desc: str) -> dict:
-            m, nlls[split] = scoring.sliding_metrics(model, tokens[split], meta["splits"][split]["bytes"], block,
-                                                     p.evaluate, p.seed, device, f"{desc} sliding",
-                                                     scoring_path["own_forward"])
-            return m
-
-        for split, short in (("validation", "val"), ("test", "test")):
-            metrics |= {f"{short}_{k}": v for k, v in split_metrics(split, split).items()}
-            blocks = scoring.block_nll(model, tokens[split], block, device, p.evaluate.batch_size,
-                                       f"{split} blocks", scoring_path["own_forward"])
-            metrics[f"{short}_ppl_blocks"] = stats.perplexity(blocks)
-        metrics["general"] = {label: split_metrics(split, label) for split, label in data.general_splits(meta)}
+        metrics, arrays, path = scoring.score_all(model, args.data, meta, p.data.block_size, p.evaluate, p.seed,
+                                                  device, f"evaluate@{name}")
+    instruct = meta.get("format", "text") != "text"
     info = {
         "eval_time_s": round(time.perf_counter() - t0, 3),
         # Numbers are comparable only between runs with the same protocol.
-        "protocol": {"model": p.model.name, "context": block, "stride": p.evaluate.stride,
+        "protocol": {"model": p.model.name, "format": meta.get("format", "text"),
+                     "scored": "answer tokens, each example alone" if instruct else "sliding window",
+                     "context": p.data.block_size, "stride": p.evaluate.stride,
                      "tokenizer": meta["tokenizer"], "source": meta["source"], "config": meta["config"],
-                     "bos": meta.get("bos"), "val_tokens": metrics["val_tokens"],
-                     "test_tokens": metrics["test_tokens"], "test_tokens_blocks": len(blocks),
+                     "bos": meta.get("bos"), "val_tokens": metrics["val_tokens"], "test_tokens": metrics["test_tokens"],
+                     **({"test_examples": metrics["test_examples"]} if instruct else
+                        {"test_tokens_blocks": metrics.pop("test_tokens_blocks")}),
                      "precision": "bf16 autocast" if bf16 else "fp32",
-                     "bootstrap": {"samples": p.evaluate.bootstrap_samples, "chunk": p.evaluate.bootstrap_chunk,
+                     "bootstrap": {"samples": p.evaluate.bootstrap_samples,
+                                   "chunk": "example" if instruct else p.evaluate.bootstrap_chunk,
                                    "min_chunks": stats.MIN_CHUNKS, "seed": p.seed}},
-        "scoring": {k: v for k, v in scoring_path.items() if v is not None},
+        "scoring": {k: v for k, v in path.items() if v is not None},
     }
-    write_arrays(args.nll, {"test": nlls["test"]} | {label: nlls[split] for split, label in data.general_splits(meta)})
+    metrics.pop("val_tokens_blocks", None)
+    write_arrays(args.nll, arrays)
     write_json(args.info, info)
     # Keyed by the model (the --out file's name), so `dvc exp show` columns read lora.test_ppl.
     write_json(args.out, {name: metrics})
-    print(f"evaluate@{name}: test_ppl {_ppl(metrics, 'test_ppl')} (blocks {metrics['test_ppl_blocks']:.3f}), "
-          f"{len(metrics['general'])} general set(s) in {info['eval_time_s']:.1f} s; wrote {args.out}, {args.info}, "
-          f"{args.nll}")
+    print(f"evaluate@{name}: test_ppl {_ppl(metrics, 'test_ppl')}"
+          + (f" over {metrics['test_tokens']:,} answer tokens" if instruct else f" (blocks {metrics['test_ppl_blocks']:.3f})")
+          + f", {len(metrics['general'])} general set(s) in {info['eval_time_s']:.1f} s; wrote {args.out}, "
+          f"{args.info}, {args.nll}")
 
 
 def _ppl(m: dict, key: str) -> str:

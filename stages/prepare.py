@@ -73,10 +73,10 @@ def main() -> None:
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
-    write_json(args.metrics, {"corpus": {s: {k: v[k] for k in ("tokens", "bytes", "documents", "duplicates_removed")}
-                                         for s, v in meta["splits"].items()}})
-    write_json(args.info, {"inputs": inputs, "text_column": meta["text_column"], "split": meta["split"],
-                           "made": {s: v["made"] for s, v in meta["splits"].items()}})
+    counted = ("tokens", "bytes", "documents", "duplicates_removed", "answer_tokens", "truncated", "dropped_no_answer")
+    write_json(args.metrics, {"corpus": {s: {k: v[k] for k in counted if k in v} for s, v in meta["splits"].items()}})
+    write_json(args.info, {"inputs": inputs, "format": meta["format"], "columns": meta["columns"],
+                           "split": meta["split"], "made": {s: v["made"] for s, v in meta["splits"].items()}})
     total = sum(v["tokens"] for v in meta["splits"].values())
     print(f"prepare: {total:,} tokens ({meta['dtype']}); wrote {args.out}, {args.pretrained}, {args.metrics}, "
           f"{args.info}")

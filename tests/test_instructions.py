@@ -1,0 +1,238 @@
+"""Instruction and chat data through every stage: prompt/completion on the tiny GPT-2 and messages on
+the tiny Llama (its Llama-3-shaped chat template), the loss on answers only by default, each example
+padded and scored alone, answer-only perplexity equal to a brute-force computation, held-out
+prompts answered beside their references, and bad input refused before any work."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PREPARE_ARGS, reset_accelerate, run_main, train_args
+from ftstudy import batches, data, examples, loss, modeling, scoring, stats
+from ftstudy.config import ConfigError
+from ftstudy.outputs import read_json
+from ftstudy.synthetic import ASSETS, write_tiny_model
+from stages import compare, evaluate, generate, prepare, report, train_full, train_lora
+
+INSTRUCT = ASSETS / "tiny-instruct"
+FORMATS = {"prompt_completion": ("gpt2", INSTRUCT / "prompt_completion.jsonl"),
+           "messages": ("llama", INSTRUCT / "messages.jsonl")}
+
+
+def instruct_params(project, fmt: str, root, **overrides):
+    family, source = FORMATS[fmt]
+    model = root / f"tiny-{family}"
+    if not model.exists():
+        write_tiny_model(family, model)
+    return project(**{"model.name": str(model), "data.name": str(source), "data.format": fmt, "train.epochs": 1,
+                      "train.eval_every": 0, "evaluate.bootstrap_samples": 200, "generate.test_prompts": 2,
+                      "generate.max_new_tokens": 12, "generate.num_samples": 0} | overrides)
+
+
+def stage_args(method: str) -> tuple[str, ...]:
+    """A training stage's command line as dvc.yaml gives it, below the test's folder."""
+    return ("--data", "prep", "--base", "models/pretrained", "--checkpoints", "ckpt", "--out", f"models/{method}",
+            "--metrics", f"m/train_{method}.json", "--info", f"m/train_{method}.info.json", "--plots",
+            f"m/plots/train_{method}", "--live", f"m/live/train_{method}")
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def instruct_run(request, tmp_path_factory):
+    """Every stage on one format, laid out as dvc.yaml lays it out, shared by this module's tests
+    (read-only)."""
+    import yaml
+
+    from conftest import demo_params
+
+    fmt, root = request.param, tmp_path_factory.mktemp(request.param)
+
+    def project(**overrides):
+        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
+        return root
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        instruct_params(project, fmt, root)
+        run_main(prepare, "--out", "prep", "--pretrained", "models/pretrained", "--metrics", "m/prepare.json",
+                 "--info", "m/prepare.info.json")
+        for stage, method in ((train_full, "full"), (train_lora, "lora")):
+            run_main(stage, *stage_args(method))
+            reset_accelerate()
+        for model in ("pretrained", "full", "lora"):
+            run_main(evaluate, "--model", f"models/{model}", "--base", "models/pretrained", "--data", "prep",
+                     "--out", f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json",
+                     "--nll", f"nll/{model}.npz")
+        run_main(generate, *(a for m in ("pretrained", "full", "lora") for a in ("--model", f"models/{m}")),
+                 "--base", "models/pretrained", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
+        run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
+        run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md")
+        reset_accelerate()
+    return fmt, root
+
+
+def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens(instruct_run):
+    fmt, root = instruct_run
+    meta = read_json(root / "prep/meta.json")
+    assert meta["format"] == fmt and meta["split"]["carved"] == ["validation", "test"]
+    for split in data.SPLITS:
+        s = meta["splits"][split]
+        assert s["answer_tokens"] > 0 and s["documents"] > 0
+    full = read_json(root / "m/train_full.info.json")
+    assert full["format"] == fmt and full["train_on_prompt"] is False and 0 < full["padding_share"] < 1
+    ev = read_json(root / "m/evaluate/lora.json")["lora"]
+    assert ev["test_tokens"] == meta["splits"]["test"]["answer_tokens"] and "test_ppl_blocks" not in ev
+    assert read_json(root / "m/evaluate/full.json")["full"]["test_ppl"] < read_json(
+        root / "m/evaluate/pretrained.json")["pretrained"]["test_ppl"]
+    text = (root / "report.md").read_text()
+    assert f"Instruction data, format `{fmt}`" in text
+    assert "Training loss over the answer tokens alone (data.train_on_prompt: false)" in text
+    assert f"{meta['splits']['test']['answer_tokens']:,} answer tokens of {meta['splits']['test']['documents']:,} test examples" in text
+    assert "### Answers to held-out test prompts" in text and re.search(r"\| Prompt +\| Reference +\|", text)
+    held = read_json(root / "gen/lora.json")["heldout"]
+    assert len(held) == 2 and all(h["reference"] and h["prompt"] for h in held)
+    assert [h["example"] for h in held] == [h["example"] for h in read_json(root / "gen/pretrained.json")["heldout"]]
+
+
+def test_answer_only_perplexity_equals_a_brute_force_per_example_computation(instruct_run):
+    fmt, root = instruct_run
+    meta = read_json(root / "prep/meta.json")
+    test = examples.load(root / "prep", "test", meta)
+    model = modeling.load_for_eval(root / "models/full", root / "models/pretrained", "x")
+    nll = []
+    with torch.no_grad():
+        for i in range(len(test)):  # each example alone, unpadded, through the model's own logits
+            tokens, mask = test.example(i)
+            logits = model(input_ids=torch.tensor(tokens.astype(np.int64))[None]).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1)
+            nll += [-logp[j - 1, int(tokens[j])].item() for j in range(1, len(tokens)) if mask[j]]
+    got = read_json(root / "m/evaluate/full.json")["full"]
+    assert got["test_ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+    assert got["test_examples"] == len(test) and got["test_chunks"] == len(test)
+
+
+def test_padded_batches_score_each_example_as_if_alone(instruct_run):
+    fmt, root = instruct_run
+    test = examples.load(root / "prep", "test", read_json(root / "prep/meta.json"))
+    model = modeling.load_for_eval(root / "models/lora", root / "models/pretrained", str(root / f"tiny-{FORMATS[fmt][0]}"))
+    alone, counts_alone = scoring.answer_nll(model, test, torch.device("cpu"), batch_size=1)
+    padded, counts = scoring.answer_nll(model, test, torch.device("cpu"), batch_size=5)
+    assert counts.tolist() == counts_alone.tolist()
+    np.testing.assert_allclose(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_prompt_tokens_get_no_gradient_by_default(instruct_run, train_on_prompt):
+    fmt, root = instruct_run
+    ex = examples.load(root / "prep", "train", read_json(root / "prep/meta.json"))
+    units = batches.ExampleBatches(ex, train_on_prompt=train_on_prompt)
+    batch = {k: torch.from_numpy(v) for k, v in units.batch(np.arange(4)).items()}
+    model = modeling.load_causal_lm(root / "models/pretrained")
+    model.eval()
+    body, _ = loss.body_and_head(model)
+    kept = {}
+
+    def keep(module, inputs, out):
+        out.last_hidden_state.retain_grad()
+        kept["hidden"] = out.last_hidden_state
+
+    body.register_forward_hook(keep)
+    loss.CausalLMLoss(model)(**batch).backward()
+    grad = kept["hidden"].grad[:, :-1].abs().sum(-1)  # per position predicting the next token
+    answer = torch.zeros_like(batch["target_mask"])
+    for row, i in enumerate(range(4)):
+        _, mask = ex.example(i)
+        answer[row, :len(mask) - 1] = torch.from_numpy(mask[1:].astype(bool))
+    real = batch["attention_mask"][:, 1:].bool()
+    prompt = real & ~answer
+    assert (grad[answer] > 0).all()
+    assert (grad[~real] == 0).all()  # padding: never
+    assert ((grad[prompt] > 0).all() if train_on_prompt else (grad[prompt] == 0).all())
+
+
+def test_grad_accum_equals_the_larger_batch_on_examples_of_every_length(project, tmp_path):
+    from conftest import no_dropout
+
+    instruct_params(project, "prompt_completion", tmp_path, **{"lora.dropout": 0.0})
+    run_main(prepare, *PREPARE_ARGS)
+    no_dropout(tmp_path / "pre")
+    curves = []
+    for tag, b, ga in (("b8", 8, 1), ("b4x2", 4, 2)):
+        instruct_params(project, "prompt_completion", tmp_path, **{"lora.dropout": 0.0, "train.batch_size": b,
+                                                                   "train.grad_accum": ga})
+        run_main(train_full, *train_args(tag))
+        reset_accelerate()
+        curves.append([float(x.split(",")[1]) for x in (tmp_path / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+
+
+def test_a_long_example_is_cut_to_the_block_and_counted(project, tmp_path):
+    instruct_params(project, "prompt_completion", tmp_path, **{"data.block_size": 44, "evaluate.stride": 16})
+    run_main(prepare, *PREPARE_ARGS)
+    train = read_json(tmp_path / "m/prepare.json")["corpus"]["train"]
+    assert train["truncated"] > 0
+    ex = examples.load(tmp_path / "prep", "train", read_json(tmp_path / "prep/meta.json"))
+    assert max(np.diff(ex.offsets)) <= 44
+
+
+def test_a_block_that_leaves_no_answer_is_refused_saying_what_to_raise(project, tmp_path):
+    _refused(project, tmp_path, data.DataError, r"split 'train' came out empty \(0 examples; [\d,]+ dropped with "
+             r"no answer token within data.block_size=16\); .*, or raise data.block_size$",
+             **{"data.block_size": 16, "evaluate.stride": 16})
+
+
+def _refused(project, tmp_path, error, pattern, fmt="prompt_completion", source=None, **overrides):
+    instruct_params(project, fmt, tmp_path, **({"data.name": str(source)} if source else {}) | overrides)
+    with pytest.raises(error) as e:
+        run_main(prepare, *PREPARE_ARGS)
+    assert re.search(pattern, str(e.value)), str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "prep").exists()
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GOOD = [{"prompt": f"Request: {i}\nAnswer:", "completion": " The town of Marven ."} for i in range(60)]
+
+
+def test_a_missing_field_names_its_key_and_line(project, tmp_path):
+    records = GOOD[:20] + [{"prompt": "x", "answer": "y"}] + GOOD[20:]
+    _refused(project, tmp_path, data.DataError, r"bad.jsonl, line 21: no field 'completion' \(data.completion_column\); "
+             r"its fields are prompt, answer; set data.completion_column", source=_jsonl(tmp_path / "bad.jsonl", records))
+
+
+def test_an_empty_completion_names_its_row(project, tmp_path):
+    records = GOOD[:7] + [{"prompt": "x", "completion": "  "}] + GOOD[7:]
+    _refused(project, tmp_path, data.DataError, r"empty.jsonl, row 8: the completion \(data.completion_column\) is empty",
+             source=_jsonl(tmp_path / "empty.jsonl", records))
+
+
+def test_an_unknown_role_names_its_row(project, tmp_path):
+    chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 30
+    chat = chat[:4] + [{"messages": [{"role": "narrator", "content": "q"}, {"role": "assistant", "content": "a"}]}] + chat
+    _refused(project, tmp_path, data.DataError, r"roles.jsonl, row 5: data.messages_column: unknown role 'narrator'; "
+             r"roles are system, user, assistant", fmt="messages", source=_jsonl(tmp_path / "roles.jsonl", chat))
+
+
+def test_messages_for_a_tokenizer_without_a_chat_template_are_refused_naming_the_key(project, tmp_path):
+    _refused(project, tmp_path, ConfigError, r"^data.format: messages renders each conversation with the tokenizer's chat "
+             r"template, and .*tiny-gpt2's tokenizer has none", fmt="messages",
+             **{"model.name": str(ASSETS / "tiny-gpt2")})
+
+
+def test_a_text_file_cannot_hold_instruction_fields(project, tmp_path):
+    (tmp_path / "notes.txt").write_text("just text\n" * 50)
+    _refused(project, tmp_path, data.DataError, r"notes.txt: a text file holds no fields", source=tmp_path / "notes.txt")
+
+
+def test_the_interval_resamples_whole_examples():
+    nll = np.random.default_rng(0).gamma(2.0, 1.0, size=600)
+    sizes = np.full(30, 20)
+    m = stats.ppl_metrics(nll, 1024, 500, 1, sizes=sizes)
+    assert m["chunks"] == 30 and m["ppl_lo"] < m["ppl"] < m["ppl_hi"]
+    assert "ppl_lo" not in stats.ppl_metrics(nll[:19 * 20], 1024, 500, 1, sizes=sizes[:19])
