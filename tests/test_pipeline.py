@@ -289,14 +289,19 @@ def test_readme_model_loading_snippets_run(demo_build, tmp_path):
     assert outputs[0].startswith("The history of the city begins") and len(outputs[0].split()) > 10
 
 
-def test_the_whole_pipeline_runs_on_a_tiny_llama_and_a_wrong_lora_target_fails_first(tmp_path):
-    dest = sandbox.make_sandbox(tmp_path / "llama", SETTINGS | {"model.name": "tiny-llama"})
+def test_the_whole_pipeline_runs_a_tiny_llama_on_chat_data_and_a_wrong_lora_target_fails_first(tmp_path):
+    """A Llama (BOS, grouped-query attention, a Llama-3-shaped chat template) on conversations:
+    data.format messages through every stage under DVC."""
+    dest = sandbox.make_sandbox(tmp_path / "llama", SETTINGS | {
+        "model.name": "tiny-llama", "data.name": "assets/tiny-instruct/messages.jsonl", "data.format": "messages",
+        "generate.test_prompts": 2})
     write_tiny_model("llama", dest / "tiny-llama")
     sandbox.repro_and_commit(dest)
     report = (dest / "metrics/report.md").read_text()
-    assert report.startswith("# tiny-llama on tiny-wikitext:") and "GPT-2" not in report
+    assert report.startswith("# tiny-llama on messages.jsonl:") and "GPT-2" not in report
     assert "Fully fine-tuned tiny-llama" in report and "(q_proj, v_proj)" in report
-    assert "BOS token `<|begin_of_text|>` before each split's running text and each document" in report
+    assert "BOS token `<|begin_of_text|>`" in report and "Instruction data, format `messages`" in report
+    assert "### Answers to held-out test prompts" in report
 
     # GPT-2's layer name on a Llama: refused by train_lora, which runs before train_full, in one line.
     proc = dvc(dest, "exp", "run", "-S", "lora.target_modules=[c_attn]", check=False)
@@ -305,6 +310,19 @@ def test_the_whole_pipeline_runs_on_a_tiny_llama_and_a_wrong_lora_target_fails_f
     errors = [line for line in output.splitlines() if line.startswith("train_lora: error:")]
     assert len(errors) == 1 and "lora.target_modules: 'c_attn' matches no layer of this model" in errors[0]
     assert "-S 'lora.target_modules=[q_proj,v_proj]'" in errors[0] and "Traceback" not in output
+
+
+def test_prompt_completion_data_runs_the_whole_pipeline(repo):
+    dest, *_ = repo
+    proc = dvc(dest, "exp", "run", "-S", "data.name=assets/tiny-instruct/prompt_completion.jsonl",
+               "-S", "data.format=prompt_completion")
+    assert stages_run(proc) == ALL_STAGES
+    report = (dest / "metrics/report.md").read_text()
+    assert "Instruction data, format `prompt_completion`: the answer is the completion and the EOS after it" in report
+    assert "Training loss over the answer tokens alone (data.train_on_prompt: false)" in report
+    assert "columns `prompt`, `completion`" in report
+    ev = read_json(dest / "metrics/evaluate/full.json")["full"]
+    assert ev["test_examples"] > 20 and "lo" in read_json(dest / "metrics/compare.json")["paired"]["full_vs_lora"]
 
 
 def test_a_test_split_too_small_for_an_interval_gets_no_interval_and_no_verdict(repo):
