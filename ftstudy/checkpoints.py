@@ -82,7 +82,7 @@ def run_identity(params, method: str, data_dir: str | Path, base_dir: str | Path
     values, as a checkpoint stores them."""
     base = sorted(Path(base_dir).glob("*.json")) + sorted(Path(base_dir).glob("*.safetensors"))
     train = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_IDENTITY}
-    identity = {"params": {"seed": params.seed, "model.name": params.model.name,
+    identity = {"params": {"seed": params.seed, "model.name": params.model.name, "model.dtype": params.model.dtype,
                            "data.block_size": params.data.block_size,
                            "data.train_on_prompt": params.data.train_on_prompt, "train": train,
                            method: asdict(getattr(params, method))},

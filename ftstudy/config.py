@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -26,6 +27,8 @@ class ConfigError(StudyError):
     """Raised with one line per problem, each naming the params key."""
 
 
+# PEFT's init_lora_weights values that need no data pass (besides true, false and pissa_niter_<n>).
+LORA_INITS = ("gaussian", "orthogonal", "pissa", "olora")
 # Accelerate's tracker names (accelerate.utils.LoggerType), without importing it.
 TRACKERS = {"aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb"}
 
@@ -47,6 +50,7 @@ _revision = _check(lambda v: v is None or v.strip() != "", "must be a commit sha
 class ModelParams:
     name: str = field(metadata=_non_empty)
     revision: str | None = field(metadata=_revision)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"]
 
 
 _fraction = _check(lambda v: 0 < v < 1, "must be in (0, 1)")
@@ -111,6 +115,13 @@ class LoraParams:
         lambda v: isinstance(v, str) or len(v) > 0, "must not be an empty list (auto picks the family's default)"))
     lr: float = field(metadata=_finite_positive)
     merge: bool
+    use_dora: bool
+    use_rslora: bool
+    init_lora_weights: bool | str = field(metadata=_check(
+        lambda v: v in (True, False) or v in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", str(v)) is not None,
+        "must be true, false, gaussian, orthogonal, pissa, pissa_niter_<n> or olora (PEFT's names; eva, corda, "
+        "loftq and lora_ga need a data pass or a config of their own, which this study does not run)"))
+    quantize: Literal["none", "nf4"]
 
 
 @dataclass(frozen=True)

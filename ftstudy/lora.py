@@ -1,7 +1,10 @@
-"""LoRA through PEFT: which layers to wrap, the wrapping, and the adapter's integrity checks.
+"""LoRA and its variants through PEFT: which layers to wrap, the wrapping (lora.use_dora,
+lora.use_rslora, lora.init_lora_weights as LoraConfig spells them; a 4-bit base with
+lora.quantize), saving, and the adapter's integrity checks.
 
-Checks: the trainable parameter count equals r x (in + out) over the wrapped layers, and the
-merged model (merge_and_unload) gives the same logits as base plus adapter, both in fp32.
+Checks: the trainable parameter count equals r x (in + out) over the wrapped layers (plus DoRA's
+magnitude per output); the saved adapter, loaded on a fresh base as evaluate loads it, gives the
+trained model's logits; and the merged model (merge_and_unload) gives them again.
 """
 
 from __future__ import annotations
@@ -60,32 +63,65 @@ def targets(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Modu
     return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names}
 
 
-def expected_params(model: torch.nn.Module, r: int, names: list[str]) -> int:
-    """r x (fan_in + fan_out) per wrapped layer: the adapter's A and B matrices."""
+def variant(lora: LoraParams) -> str:
+    """The method's name as the literature gives it: LoRA, DoRA, rsLoRA, QLoRA, with a named init."""
+    name = ("rs" if lora.use_rslora else "") + ("DoRA" if lora.use_dora else "LoRA")
+    if lora.quantize == "nf4":
+        name = "QLoRA" if name == "LoRA" else f"{name} on a 4-bit base"
+    init = lora.init_lora_weights
+    if init not in (True, False):
+        name += f" ({'PiSSA' if str(init).startswith('pissa') else 'OLoRA' if init == 'olora' else init} init)"
+    return name
+
+
+def reshapes_base(lora: LoraParams) -> bool:
+    """PiSSA and OLoRA move part of each wrapped weight into the adapter at init: the adapter is then
+    saved converted to plain LoRA on the original base (PEFT's path_initial_model_for_weight_conversion)."""
+    return str(lora.init_lora_weights).startswith("pissa") or lora.init_lora_weights == "olora"
+
+
+def expected_params(model: torch.nn.Module, lora: LoraParams, names: list[str]) -> int:
+    """r x (fan_in + fan_out) per wrapped layer, the adapter's A and B matrices; DoRA adds a
+    magnitude per output."""
     from transformers.pytorch_utils import Conv1D
 
     total = 0
     for m in targets(model, names).values():
         fan_in, fan_out = (m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1])
-        total += r * (fan_in + fan_out)
+        total += lora.r * (fan_in + fan_out) + (fan_out if lora.use_dora else 0)
     return total
+
+
+def config(lora: LoraParams, names: list[str], fan_in_fan_out: bool):
+    """PEFT's LoraConfig for the lora params, its own errors named by the key."""
+    from peft import LoraConfig
+
+    from ftstudy.config import ConfigError
+
+    try:
+        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names,
+                          fan_in_fan_out=fan_in_fan_out, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                          init_lora_weights=lora.init_lora_weights, task_type="CAUSAL_LM")
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"lora: PEFT refuses these settings: {e}") from None
+
+
+def _fan_in_fan_out(model: torch.nn.Module, names: list[str]) -> bool:
+    """GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear: PEFT must know."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in targets(model, names).values())
 
 
 def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str, names: list[str] | None = None,
          base_revision: str | None = None):
-    """Wrap model with a PEFT LoRA adapter built from the lora params (on the layers `names`,
-    resolved from lora.target_modules when not given); the adapter names its base and the base's
-    commit."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
+    """Wrap model with a PEFT adapter built from the lora params (on the layers `names`, resolved
+    from lora.target_modules when not given); the adapter names its base and the base's commit."""
+    from peft import get_peft_model
 
     names = names or resolve_targets(model, lora.target_modules)
-    # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear: PEFT must know.
-    fan_in_fan_out = any(isinstance(m, Conv1D) for m in targets(model, names).values())
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names,
-                        fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
     with modeling.peft_attribute_note_silenced():
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config(lora, names, _fan_in_fan_out(model, names)))
     # The weights come from the local snapshot of model.name; the adapter records model.name itself,
     # so it loads anywhere that base is available (the hub id, for the real study).
     peft_model.peft_config["default"].base_model_name_or_path = base_name
@@ -95,47 +131,104 @@ def wrap(model: torch.nn.Module, lora: LoraParams, base_name: str, names: list[s
 
 def plan(base_dir: str | Path, lora: LoraParams) -> tuple[list[str], int]:
     """(the layer names to wrap, the trainable count they give), from the weightless skeleton, so
-    a bad lora.target_modules fails in seconds, before any weight is loaded."""
+    a bad lora.target_modules or a variant PEFT refuses fails in seconds, before any weight is
+    loaded."""
+    from ftstudy.config import ConfigError
+
     skeleton = modeling.skeleton(base_dir)
     names = resolve_targets(skeleton, lora.target_modules)
-    return names, expected_params(skeleton, lora.r, names)
+    fan_in_fan_out = _fan_in_fan_out(skeleton, names)
+    config(lora, names, fan_in_fan_out)
+    if lora.init_lora_weights == "olora" and fan_in_fan_out:
+        raise ConfigError("lora.init_lora_weights: olora builds its factors for nn.Linear layers, and this model's "
+                          "wrapped layers are Conv1D (GPT-2's, stored transposed): PEFT's OLoRA then fails on their "
+                          "shapes; use pissa, or a family with Linear layers")
+    if lora.quantize == "nf4":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("lora.quantize: nf4 needs bitsandbytes; pip install bitsandbytes, or set lora.quantize: none")
+        if lora.merge:
+            raise ConfigError("lora.merge: merging into a 4-bit base would round the merged weights to 4 bits; set "
+                              "lora.merge: false with lora.quantize: nf4 (merge into the full-precision base yourself)")
+    return names, expected_params(skeleton, lora, names)
 
 
 def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple[list[str], int],
-          base_revision: str | None):
-    """The snapshot wrapped with LoRA on the layers `plan` gave, its trainable count checked
-    against r x (in + out)."""
+          base_revision: str | None, dtype: str = "fp32", gradient_checkpointing: bool = False):
+    """The snapshot (in `dtype`, or 4-bit with lora.quantize) wrapped on the layers `plan` gave,
+    its trainable count checked against r x (in + out) (+ DoRA's magnitudes)."""
     names, expected = planned
-    model = wrap(modeling.load_causal_lm(base_dir), lora, base_name, names, base_revision)
+    base = modeling.load_causal_lm(base_dir, dtype=dtype, quantize=lora.quantize)
+    if lora.quantize == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap(base, lora, base_name, names, base_revision)
     trainable, _ = modeling.count_params(model)
     if trainable != expected:
-        raise ModelError(f"LoRA has {trainable} trainable parameters, but lora.r x (in + out) over the wrapped "
-                         f"layers gives {expected}; lora.target_modules matched layers PEFT wrapped differently")
+        raise ModelError(f"{variant(lora)} has {trainable} trainable parameters, but lora.r x (in + out) over the "
+                         f"wrapped layers{' plus a magnitude per output' if lora.use_dora else ''} gives {expected}; "
+                         "lora.target_modules matched layers PEFT wrapped differently")
     return model
 
 
-@torch.no_grad()
-def merge_check(peft_model, batch: torch.Tensor):
-    """(max |logits(base + adapter) - logits(merged)|, merged model), both in fp32; raises if they differ.
+def save(model, folder: Path, lora: LoraParams, initial: Path | None) -> None:
+    """The adapter, as plain LoRA on the original base: PiSSA and OLoRA adapters are converted
+    against their initial state (`initial`, saved by save_initial before training)."""
+    with modeling.peft_attribute_note_silenced():
+        if reshapes_base(lora):
+            model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial))
+        else:
+            model.save_pretrained(folder)
 
-    Both sides run outside any autocast: a model handed over still under a mixed-precision forward
-    would compare bf16 logits with fp32 ones and fail on a sound adapter."""
-    was_training, tf32 = peft_model.training, torch.backends.cuda.matmul.allow_tf32
+
+def save_initial(model, folder: Path, lora: LoraParams) -> None:
+    """A PiSSA or OLoRA adapter's state before training, as PEFT's conversion needs it."""
+    model.peft_config["default"].init_lora_weights = True  # so that it loads as plain LoRA
+    model.save_pretrained(folder)
+    model.peft_config["default"].init_lora_weights = lora.init_lora_weights
+
+
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-3}  # of the logits' scale, by the weights' dtype
+
+
+@torch.no_grad()
+def check(trained, folder: Path, base_dir: Path, lora: LoraParams, dtype: str, batch: torch.Tensor) -> tuple[dict, object]:
+    """The saved adapter, loaded on a fresh copy of the base as evaluate loads it (in the training
+    dtype and quantization), gives the trained model's logits; and its merge (merge_and_unload)
+    gives the same logits again (not for a 4-bit base, which a merge would round). Both outside
+    any autocast and TF32, within TOLERANCE of the logits' scale for the weights' dtype. Returns
+    (the largest differences, the merged model or None)."""
+    from peft import PeftModel
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32
+    modes = {m: m.training for m in trained.modules()}
     try:
-        peft_model.eval()
+        trained.eval()
         with torch.autocast(batch.device.type, enabled=False):
-            adapted = peft_model(input_ids=batch).logits.float()
-            try:
-                merged = copy.deepcopy(peft_model).merge_and_unload()
-                diff = (adapted - merged(input_ids=batch).logits.float()).abs().max().item()
-            except RuntimeError as e:  # shapes that do not fit: the adapter's layout is wrong
-                raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}") from e
+            reference = trained(input_ids=batch).logits.float()
+            base = modeling.load_causal_lm(base_dir, dtype=dtype, quantize=lora.quantize).to(batch.device)
+            with modeling.peft_attribute_note_silenced():
+                reloaded = PeftModel.from_pretrained(base, str(folder)).eval()
+            adapted = reloaded(input_ids=batch).logits.float()
+            out, merged = {"reload_max_abs_diff": (adapted - reference).abs().max().item()}, None
+            if lora.quantize != "nf4":
+                try:
+                    merged = copy.deepcopy(reloaded).merge_and_unload()
+                    out["merge_max_abs_diff"] = (adapted - merged(input_ids=batch).logits.float()).abs().max().item()
+                except RuntimeError as e:  # shapes that do not fit: the adapter's layout is wrong
+                    raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}") from e
     finally:
-        peft_model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    tolerance = 1e-4 * max(1.0, adapted.abs().max().item())
-    if not diff <= tolerance:  # also catches NaN
-        raise ModelError(f"LoRA merge check failed: merged and base+adapter logits differ by {diff:.3g} "
-                         f"(tolerance {tolerance:.3g}); the adapter is corrupt or wrongly oriented")
-    return diff, merged
+    tolerance = TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
+    for key, what in (("reload_max_abs_diff", "the saved adapter on a fresh base and the trained model"),
+                      ("merge_max_abs_diff", "merged and base+adapter")):
+        if key in out and not out[key] <= tolerance:  # also catches NaN
+            raise ModelError(f"LoRA integrity check failed: {what} give logits {out[key]:.3g} apart (tolerance "
+                             f"{tolerance:.3g}); the adapter is corrupt, wrongly oriented or wrongly saved")
+    return out | {"check_tolerance": tolerance}, merged

@@ -52,9 +52,13 @@ def load_tokenizer(name: str | Path, revision: str | None = None):
     return tok
 
 
-def load_causal_lm(name: str | Path, revision: str | None = None):
-    """A causal LM in fp32 from a hub id (at `revision`) or a save_pretrained folder, with errors
-    that name the file."""
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_causal_lm(name: str | Path, revision: str | None = None, dtype: str = "fp32", quantize: str = "none"):
+    """A causal LM from a hub id (at `revision`) or a save_pretrained folder, with errors that name
+    the file: its weights in `dtype` (fp32, bf16, fp16), or in 4-bit NormalFloat (quantize nf4,
+    through bitsandbytes, computing in bf16)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -64,8 +68,14 @@ def load_causal_lm(name: str | Path, revision: str | None = None):
     if is_local(str(name)):
         check_weights(Path(name))
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load; our stages print one summary line
-    model = AutoModelForCausalLM.from_pretrained(str(name), revision=revision, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    extra = {}
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(name), revision=revision, dtype=getattr(torch, DTYPES[dtype]),
+                                                 attn_implementation="sdpa", **extra)
     # GPT-2 configs name no loss; transformers 5 then warns on every load and uses ForCausalLM,
     # the causal-LM loss, which is ours: say so, and the warning goes.
     model.loss_type = "ForCausalLM"

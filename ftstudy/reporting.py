@@ -17,7 +17,7 @@ from ftstudy.findings import findings, paired_verdict
 from ftstudy.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
-LABELS = {"pretrained": "Pretrained {}", "full": "Fully fine-tuned {}", "lora": "LoRA fine-tuned {}"}
+LABELS = {"pretrained": "Pretrained {}", "full": "Fully fine-tuned {}", "lora": "{variant} fine-tuned {}"}
 
 
 class ReportError(StudyError):
@@ -109,7 +109,7 @@ class Inputs:
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
-        return LABELS[model].format(short_name(self.protocol["model"]))
+        return LABELS[model].format(short_name(self.protocol["model"]), variant=self.tr["lora"].get("variant", "LoRA"))
 
 
 def headline(r: Inputs) -> list[str]:
@@ -169,10 +169,17 @@ def efficiency(r: Inputs) -> list[str]:
             f"the parameters a token's matmuls use, all but the embedding tables, the output projection counted "
             f"once; N': the trainable ones) over the device's peak, {tr['full']['peak_flops'] / 1e12:,.3g} TFLOP/s "
             f"({tr['full']['peak_flops_source']}). "
-            f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. LoRA integrity: "
+            f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. Base weights: full fine-tuning "
+            f"{tr['full'].get('base_dtype', 'fp32')}, {lora.get('variant', 'LoRA')} {lora.get('base_dtype', 'fp32')}"
+            + (" quantized to 4-bit NF4" if "QLoRA" in lora.get("variant", "") or "4-bit" in lora.get("variant", "") else "")
+            + f". {lora.get('variant', 'LoRA')} integrity: "
             f"{lora['trainable_params']:,} trainable parameters in the wrapped layers "
-            f"({', '.join(lora['lora_target_modules'])}), checked equal to r x (in + out) over them; merged vs base+adapter logits differ by at most "
-            f"{lora['merge_max_abs_diff']:.2e}; adapter weights {lora['adapter_mb']:.2f} MB vs the base model's "
+            f"({', '.join(lora['lora_target_modules'])}), checked equal to r x (in + out) over them"
+            + (" plus DoRA's magnitudes" if "DoRA" in lora.get("variant", "") else "")
+            + f"; the saved adapter on a fresh base gives the trained model's logits within {lora['reload_max_abs_diff']:.2e}"
+            + (f", and merged vs base+adapter within {lora['merge_max_abs_diff']:.2e}" if "merge_max_abs_diff" in lora
+               else " (no merge check: merging into a 4-bit base rounds the weights)")
+            + f"; adapter weights {lora['adapter_mb']:.2f} MB vs the base model's "
             f"folder {lora['base_model_mb']:.2f} MB (Artifact counts each saved folder, tokenizer included"
             + (f"; LoRA's leaves out the merged model saved beside it, {lora['merged_mb']:,.2f} MB" if "merged_mb" in lora
                else "") + ").", ""]

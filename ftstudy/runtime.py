@@ -25,6 +25,20 @@ def resolve_precision(requested: str) -> str:
     return "no"
 
 
+def base_dtype(requested: str, method: str) -> str:
+    """model.dtype -> the dtype the base's weights load in for `method` (full, lora): auto keeps
+    fp32 master weights for full fine-tuning and loads LoRA's frozen base in bf16 on a GPU that
+    has it (fp32 elsewhere: a CPU without bf16 matrix units computes bf16 slower than fp32)."""
+    from ftstudy.config import ConfigError
+
+    if requested == "auto":
+        return "bf16" if method == "lora" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("model.dtype: fp16 needs a CUDA GPU (a CPU computes fp16 matmuls slowly, if at all); use "
+                          "bf16 or fp32")
+    return requested
+
+
 # Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets (no sparsity), by the
 # name CUDA reports (torch.cuda.get_device_name), matched as whole words in this order: variants
 # with their own peak (H100 PCIe, H100 NVL, L40S) before the plain name, and a word never matches a

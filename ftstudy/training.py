@@ -391,7 +391,8 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     return metrics, info
 
 
-def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -> dict:
+def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None,
+         saver: Callable | None = None) -> dict:
     """Save the trained model (a PEFT model saves its adapter only) beside the snapshot's tokenizer,
     atomically, on the main process. `check(model, folder, batch)`, if given, runs on the trained
     model before the folder is committed and returns extra metrics (artifact_mb among them, where
@@ -402,7 +403,7 @@ def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None) -
     if acc.is_main_process:
         trained = s.trained  # the module build() returned, outside the loss wrapper, compile and autocast
         with atomic_dir(out) as tmp:
-            trained.save_pretrained(tmp)
+            (saver or (lambda model, folder: model.save_pretrained(folder)))(trained, tmp)
             modeling.load_tokenizer(base_dir).save_pretrained(tmp)
             if check is not None:
                 extra = check(trained, tmp, _to_device(s.val_units.batch(np.arange(2)), acc.device)["input_ids"])
@@ -417,9 +418,9 @@ def tracker_config(p: Params, method: str) -> dict:
 
 
 def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module],
-        check: Callable | None = None, facts: dict | None = None) -> dict:
-    """A training stage: setup, fit, save, then metrics, facts (`facts` added) and curves; returns
-    the metrics."""
+        check: Callable | None = None, facts: dict | None = None, saver: Callable | None = None) -> dict:
+    """A training stage: setup, fit, save (`saver(model, folder)`, default save_pretrained), then
+    metrics, facts (`facts` added) and curves; returns the metrics."""
     modeling.check_context(paths.base, p.data.block_size)
     s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live,
               p.data.train_on_prompt)
@@ -434,7 +435,7 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     info |= {"loss": p.train.loss} | (facts or {})
     if isinstance(s.train_units, batches.ExampleBatches):
         info |= {"format": data.read_meta(paths.data)["format"], "train_on_prompt": p.data.train_on_prompt}
-    metrics |= save(s, paths.out, paths.base, check)
+    metrics |= save(s, paths.out, paths.base, check, saver)
     if s.accelerator.is_main_process:
         curves.write(paths.plots, progress.train_curve, progress.val_curve)
         write_json(paths.info, info)

@@ -5,34 +5,42 @@ model.name as the base. The layers it wraps (lora.target_modules, `auto` resolve
 default) are checked on the weightless skeleton before anything loads, and recorded in the info.
 Before the folder is committed, the adapter's integrity is checked and recorded (ftstudy.lora):
 the trainable count equals r x (in + out) over the wrapped layers, and merged and base+adapter
-logits agree. With lora.merge the merged model is also saved, loadable with plain transformers, at
-<out>/merged (its size apart, as merged_mb: artifact_mb counts the adapter folder alone). Started
-by ftstudy.launching, as train_full is.
+logits agree, and the saved adapter loaded on a fresh base gives the trained model's logits. The
+variant (lora.use_dora, lora.use_rslora, lora.init_lora_weights; a 4-bit base with
+lora.quantize) is PEFT's; PiSSA and OLoRA adapters are saved converted to plain LoRA on the
+original base. The base loads in model.dtype (auto: bf16 on a GPU that has it). With lora.merge
+the merged model is also saved, loadable with plain transformers, at <out>/merged (its size apart,
+as merged_mb: artifact_mb counts the adapter folder alone). Started by ftstudy.launching, as
+train_full is.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from ftstudy import data, lora, modeling, training
+from ftstudy import data, lora, modeling, runtime, training
 from ftstudy.config import load_params
 from ftstudy.errors import run_stage
 
 
-def build(p, base_dir, planned, base_revision):
-    return lora.build(base_dir, p.lora, p.model.name, planned, base_revision)
+def build(p, base_dir, planned, base_revision, dtype: str, initial: Path):
+    model = lora.build(base_dir, p.lora, p.model.name, planned, base_revision, dtype, p.train.gradient_checkpointing)
+    if lora.reshapes_base(p.lora):  # PiSSA, OLoRA: the state to convert the trained adapter against
+        lora.save_initial(model, initial, p.lora)
+    return model
 
 
-def check(p, base_dir: Path, model, out: Path, batch) -> dict:
-    diff, merged = lora.merge_check(model, batch)
+def check(p, base_dir: Path, model, out: Path, batch, dtype: str) -> dict:
     sizes = {"artifact_mb": round(modeling.dir_size_mb(out), 3),  # the adapter folder, before merged/ joins it
              "adapter_mb": round((out / "adapter_model.safetensors").stat().st_size / 2**20, 4),
              "base_model_mb": round(modeling.dir_size_mb(base_dir), 3)}
+    diffs, merged = lora.check(model, out, base_dir, p.lora, dtype, batch)
     if p.lora.merge:
         merged.save_pretrained(out / "merged")
         modeling.load_tokenizer(base_dir).save_pretrained(out / "merged")
         sizes["merged_mb"] = round(modeling.dir_size_mb(out / "merged"), 3)
-    return {"merge_max_abs_diff": diff, **sizes}
+    return diffs | sizes
 
 
 def main() -> None:
@@ -40,9 +48,13 @@ def main() -> None:
     p = load_params()
     planned = lora.plan(paths.base, p.lora)  # a lora.target_modules that matches nothing fails here, in seconds
     commit = data.read_meta(paths.data)["inputs"]["model.name"]["commit"]  # what prepare loaded
-    training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit),
-                 check=lambda model, out, batch: check(p, paths.base, model, out, batch),
-                 facts={"lora_target_modules": planned[0]})
+    dtype = runtime.base_dtype(p.model.dtype, "lora")
+    with tempfile.TemporaryDirectory() as initial:
+        training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit, dtype, Path(initial)),
+                     saver=lambda model, folder: lora.save(model, folder, p.lora, Path(initial)),
+                     check=lambda model, out, batch: check(p, paths.base, model, out, batch, dtype),
+                     facts={"lora_target_modules": planned[0], "variant": lora.variant(p.lora), "base_dtype": dtype,
+                            "lora_init": p.lora.init_lora_weights})
 
 
 if __name__ == "__main__":

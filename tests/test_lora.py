@@ -1,13 +1,16 @@
-"""LoRA through real PEFT: target matching, and the merge check on sound and corrupted adapters."""
+"""LoRA and its variants through real PEFT: target matching, names, refusals, and the integrity check on
+sound and corrupted adapters."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
 
 from conftest import TINY_MODEL, demo_params
 from ftstudy import lora, modeling
-from ftstudy.config import parse_params
+from ftstudy.config import ConfigError, parse_params
 
 
 def test_lora_target_that_matches_nothing_lists_valid_names():
@@ -34,37 +37,94 @@ def test_expected_count_for_gpt2_c_attn_at_r8():
         skeleton = GPT2LMHeadModel(GPT2Config())
     params = parse_params(demo_params()).lora
     assert params.r == 8 and lora.resolve_targets(skeleton, params.target_modules) == ["c_attn"]
-    assert lora.expected_params(skeleton, 8, ["c_attn"]) == 294_912  # 12 layers x 8 x (768 + 2304)
+    assert lora.expected_params(skeleton, params, ["c_attn"]) == 294_912  # 12 layers x 8 x (768 + 2304)
+    dora = parse_params(demo_params(**{"lora.use_dora": True})).lora
+    assert lora.expected_params(skeleton, dora, ["c_attn"]) == 294_912 + 12 * 2304  # a magnitude per output
+
+
+@pytest.mark.parametrize("overrides,name", [
+    ({}, "LoRA"), ({"lora.use_dora": True}, "DoRA"), ({"lora.use_rslora": True}, "rsLoRA"),
+    ({"lora.quantize": "nf4"}, "QLoRA"), ({"lora.init_lora_weights": "pissa"}, "LoRA (PiSSA init)"),
+    ({"lora.use_dora": True, "lora.quantize": "nf4"}, "DoRA on a 4-bit base"),
+    ({"lora.init_lora_weights": "olora"}, "LoRA (OLoRA init)")])
+def test_variants_are_named_as_the_literature_names_them(overrides, name):
+    assert lora.variant(parse_params(demo_params(**overrides)).lora) == name
+
+
+@pytest.mark.parametrize("value", ["eva", "corda", "loftq", "pisa", "pissa_niter_0"])
+def test_an_init_this_study_cannot_run_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"lora.init_lora_weights: must be true, false, gaussian, orthogonal, pissa, "
+                                          r"pissa_niter_<n> or olora"):
+        parse_params(demo_params(**{"lora.init_lora_weights": value}))
+
+
+def test_olora_on_gpt2s_conv1d_is_refused_before_any_weight_loads():
+    p = parse_params(demo_params(**{"lora.init_lora_weights": "olora"}))
+    with pytest.raises(ConfigError, match=r"^lora.init_lora_weights: olora builds its factors for nn.Linear layers"):
+        lora.plan(TINY_MODEL, p.lora)
 
 
 @pytest.fixture
-def lora_model():
+def saved(tmp_path):
+    """A trained-looking adapter (non-zero B) and its saved folder."""
     p = parse_params(demo_params(**{"lora.target_modules": ["c_proj"], "lora.dropout": 0.0}))
     model = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p.lora, str(TINY_MODEL))
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # as after training: a non-zero update
             param.data.normal_(0, 0.2)
-    return model, torch.randint(0, 1000, (2, 32))
+    lora.save(model, tmp_path / "adapter", p.lora, None)
+    return model, tmp_path / "adapter", p.lora, torch.randint(0, 1000, (2, 32))
 
 
-def test_merge_check_passes_for_a_sound_adapter(lora_model):
-    model, batch = lora_model
-    model.eval()
-    diff, merged = lora.merge_check(model, batch)
-    assert diff < 1e-4
-    assert torch.allclose(merged(input_ids=batch).logits, model(input_ids=batch).logits, atol=1e-4)
+def test_the_integrity_check_passes_a_sound_adapter(saved):
+    model, folder, params, batch = saved
+    diffs, merged = lora.check(model, folder, TINY_MODEL, params, "fp32", batch)
+    assert diffs["reload_max_abs_diff"] < 1e-5 and diffs["merge_max_abs_diff"] < 1e-4
+    assert torch.allclose(merged(input_ids=batch).logits, model.eval()(input_ids=batch).logits, atol=1e-4)
 
 
-def test_merge_check_fails_on_a_corrupted_adapter(lora_model):
-    model, batch = lora_model
-    broken = copy.deepcopy(model)
-    for module in broken.modules():  # a layout flag lost: GPT-2's Conv1D treated as nn.Linear
-        if hasattr(module, "fan_in_fan_out"):
-            module.fan_in_fan_out = False
-    with pytest.raises(modeling.ModelError, match="LoRA merge check failed"):
-        lora.merge_check(broken, batch)
+def test_the_integrity_check_fails_a_wrongly_saved_or_corrupt_adapter(saved):
+    model, folder, params, batch = saved
+    drifted = copy.deepcopy(model)  # trained on after it was saved: the folder is not this model
+    next(p for n, p in drifted.named_parameters() if "lora_B" in n).data += torch.randn(64, 8)  # (a constant would vanish in LayerNorm)
+    with pytest.raises(modeling.ModelError, match=r"LoRA integrity check failed: the saved adapter on a fresh base and "
+                                                  r"the trained model give logits"):
+        lora.check(drifted, folder, TINY_MODEL, params, "fp32", batch)
     nan = copy.deepcopy(model)
     next(p for n, p in nan.named_parameters() if "lora_A" in n).data[0, 0] = float("nan")
-    with pytest.raises(modeling.ModelError, match="LoRA merge check failed: merged and base\\+adapter logits differ by nan"):
-        lora.merge_check(nan, batch)
+    with pytest.raises(modeling.ModelError, match=r"LoRA integrity check failed: .* give logits nan apart"):
+        lora.check(nan, folder, TINY_MODEL, params, "fp32", batch)
+
+
+VARIANTS = [({"lora.use_dora": True}, "gpt2"), ({"lora.use_rslora": True}, "gpt2"),
+            ({"lora.init_lora_weights": "pissa"}, "gpt2"), ({"lora.init_lora_weights": "olora"}, "llama"),
+            ({"lora.quantize": "nf4"}, "gpt2"), ({"model.dtype": "bf16"}, "gpt2")]
+
+
+@pytest.mark.parametrize("overrides,family", VARIANTS, ids=[next(iter(o)) + f"={next(iter(o.values()))}" for o, _ in VARIANTS])
+def test_every_variant_trains_through_the_stage_with_a_sound_adapter(project, tmp_path, overrides, family):
+    """train_lora on each variant: the trainable count checked, the saved adapter (PiSSA and OLoRA
+    converted to plain LoRA) reloads on a fresh base to the trained model's logits, and evaluate
+    scores it as base plus adapter."""
+    from conftest import prepare_in, reset_accelerate, run_main, train_args
+    from ftstudy.outputs import read_json
+    from ftstudy.synthetic import write_tiny_model
+    from stages import evaluate, train_lora
+
+    model = TINY_MODEL if family == "gpt2" else write_tiny_model(family, tmp_path / family)
+    prepare_in(project, **{"model.name": str(model), "train.epochs": 1, "lora.dropout": 0.0} | overrides)
+    run_main(train_lora, *train_args("lora"))
+    reset_accelerate()
+    m, info = read_json("m/lora.json")["lora"], read_json("m/lora.info.json")
+    p = parse_params(demo_params(**overrides)).lora
+    assert info["variant"] == lora.variant(p) and m["reload_max_abs_diff"] <= m["check_tolerance"]
+    assert ("merge_max_abs_diff" in m) == (p.quantize != "nf4")
+    assert info["base_dtype"] == overrides.get("model.dtype", "fp32")
+    config = json.loads((tmp_path / "models/lora/adapter_config.json").read_text())
+    assert config["use_dora"] is p.use_dora and config["use_rslora"] is p.use_rslora
+    if lora.reshapes_base(p):  # saved as plain LoRA of twice the rank on the original base
+        assert config["init_lora_weights"] is True and config["r"] == 2 * p.r
+    run_main(evaluate, "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "m/evaluate/lora.json",
+             "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npz")
+    assert math.isfinite(read_json("m/evaluate/lora.json")["lora"]["test_ppl"])
