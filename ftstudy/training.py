@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ftstudy import batches, checkpoints, curves, data, loss, modeling, runtime, scoring, tracking
+from ftstudy import batches, checkpoints, curves, data, loss, memory, modeling, runtime, scoring, tracking
 from ftstudy.config import ConfigError, Params, TrainParams
 from ftstudy.errors import StudyError
 from ftstudy.outputs import atomic_dir, write_json
@@ -162,6 +162,7 @@ class Session:
     global_batch: int             # blocks (or examples) per optimizer step, over all processes
     compiled: bool
     own_forward: bool             # validation scores through the model's own forward (ftstudy.loss.check_fast_path)
+    memory_plan: object = None    # ftstudy.memory.Plan, made before the weights loaded
 
 
 def warmup_linear(warmup: int, total: int, step: int) -> float:
@@ -173,10 +174,12 @@ def warmup_linear(warmup: int, total: int, step: int) -> float:
 
 
 def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Callable[[], torch.nn.Module],
-          data_dir: Path, live_dir: Path, train_on_prompt: bool = False) -> Session:
+          data_dir: Path, live_dir: Path, train_on_prompt: bool = False, memory_plan: Callable | None = None,
+          label: str = "train") -> Session:
     """Accelerator (with train.trackers, writing under live_dir), the splits' blocks or examples
     (`train_on_prompt`: data.train_on_prompt), the model `build()` returns, AdamW and the
-    warmup-linear schedule."""
+    warmup-linear schedule. `memory_plan(device type, mixed precision)` gives the memory plan,
+    printed and checked against the GPU before build() loads any weight."""
     tracking.require(train.trackers)
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
                               log_with=tracking.log_with(train.trackers, live_dir), project_dir=str(live_dir))
@@ -195,6 +198,11 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
+    planned = memory_plan(device.type, accelerator.mixed_precision) if memory_plan is not None else None
+    if planned is not None:
+        if accelerator.is_main_process:
+            print(f"{label}: memory plan: {planned.line()}")
+        memory.refuse_if_too_big(planned, memory.capacity(device), label.removeprefix("train_"))
     model = build()
     runtime.use_cpu_threads(device)  # after loading: the machine's load is measured over the loading
     if train.gradient_checkpointing:
@@ -226,7 +234,8 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         raise ConfigError(f"train.loss: chunked cannot train {loss.causal_lm_of(trained).config.model_type}: {why}; "
                           "set train.loss: model")
     return Session(accelerator, model, trained, optimizer, scheduler, train_units, val_units, steps_per_epoch,
-                   total_steps, train.batch_size * train.grad_accum * world, compiled, own_forward=why is not None)
+                   total_steps, train.batch_size * train.grad_accum * world, compiled, own_forward=why is not None,
+                   memory_plan=planned)
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -386,6 +395,9 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
             "segments": [{"from_step": first, "cpu_threads": threads} for first, threads in progress.segments],
             "peak_flops": peak, "peak_flops_source": peak_source,
             "versions": versions}
+    if s.memory_plan is not None:
+        info["memory_plan_gib"] = {k: round(v / memory.GiB, 4) for k, v in asdict(s.memory_plan).items()} | {
+            "total": round(s.memory_plan.total / memory.GiB, 4)}
     if isinstance(s.train_units, batches.ExampleBatches):  # padding's cost, measured over this process's batches
         info["padding_share"] = round(s.train_units.padding, 4)
     return metrics, info
@@ -417,13 +429,19 @@ def tracker_config(p: Params, method: str) -> dict:
             **{f"train.{k}": v for k, v in asdict(p.train).items() if not isinstance(v, (list, tuple))}}
 
 
-def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module],
-        check: Callable | None = None, facts: dict | None = None, saver: Callable | None = None) -> dict:
-    """A training stage: setup, fit, save (`saver(model, folder)`, default save_pretrained), then
-    metrics, facts (`facts` added) and curves; returns the metrics."""
+def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.Module], dtype: str,
+        trainable: int | None = None, check: Callable | None = None, facts: dict | None = None,
+        saver: Callable | None = None) -> dict:
+    """A training stage: its memory plan (`trainable` parameters, all by default; the base in
+    `dtype`), setup, fit, save (`saver(model, folder)`, default save_pretrained), then metrics,
+    facts (`facts` added) and curves; returns the metrics."""
     modeling.check_context(paths.base, p.data.block_size)
+    skeleton = modeling.skeleton(paths.base)
+    trainable = trainable or sum(q.numel() for q in skeleton.parameters())
     s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live,
-              p.data.train_on_prompt)
+              p.data.train_on_prompt, label=f"train_{method}",
+              memory_plan=lambda device, precision: memory.for_stage(skeleton, p, method, trainable, dtype,
+                                                                     precision, device))
     identity = checkpoints.run_identity(p, method, paths.data, paths.base, {
         "processes": s.accelerator.num_processes, "precision": s.accelerator.mixed_precision,
         "versions": runtime.library_versions()})

@@ -5,6 +5,7 @@ our `prepare` tokenization side by side with run_clm's datasets.map + group_text
                             [--skip-prepare | --skip-training]
     python -m scripts.bench --loss     # train.loss: the model's own vs chunked, memory and tokens/s
     python -m scripts.bench --live     # a logged step's cost: Accelerate's DVCLive tracker vs ours
+    python -m scripts.bench --checkpointing  # gradient checkpointing off vs on, GPT-2 124M real shapes
 
 On a GPU it trains the GPT-2 124M architecture at random init (the compute is the same as the
 real weights'), 1024-token blocks; on CPU the bundled tiny GPT-2, 128-token blocks. Every path
@@ -66,14 +67,15 @@ def setup(work: Path, shape: dict, snapshot: Path | None = None) -> None:
     (prep / "meta.json").write_text(json.dumps(meta))
 
 
-def bench_params(work: Path, shape: dict, compile_: str | bool = "auto", loss: str = "chunked") -> None:
-    """params.yaml in `work` for the training paths: one epoch over the prepared random tokens."""
+def bench_params(work: Path, shape: dict, compile_: str | bool = "auto", loss: str = "chunked", **overrides) -> None:
+    """params.yaml in `work` for the training paths: one epoch over the prepared random tokens
+    (dotted `overrides` applied)."""
     log_every = shape.get("log_every", WARMUP_STEPS)
     write_params(work, local_params(work / "pre", work, **{
         "data.block_size": shape["block"], "evaluate.stride": shape["block"] // 2, "train.epochs": 1,
         "train.batch_size": shape["batch"], "train.grad_accum": 1, "train.warmup_steps": min(10, log_every),
         "train.log_every": log_every, "train.compile": compile_, "train.loss": loss,
-        "train.trackers": []}))  # as HF's report_to=[]
+        "train.trackers": []} | overrides))  # trackers as HF's report_to=[]
 
 
 def ours(work: Path, method: str, tag: str, label: str | None = None, check: bool = True) -> dict | None:
@@ -288,6 +290,31 @@ def bench_loss(work: Path) -> list[dict]:
     return rows
 
 
+# Gradient checkpointing at GPT-2 124M's real shapes, without dropout so both runs compute the same
+# losses (checkpointing replays a layer's dropout masks, but the comparison should not rest on it).
+CHECKPOINTING_SHAPE = {"config": {}, "block": 1024, "batch": 2, "tokens": 3 * 2 * 1024, "log_every": 1}
+
+
+def bench_checkpointing(work: Path) -> list[dict]:
+    """train.gradient_checkpointing off and on, for full and LoRA, side by side (each in its own
+    process, peak memory its own)."""
+    setup(work, CHECKPOINTING_SHAPE)
+    no_dropout(work / "pre")
+    rows = []
+    for method in ("full", "lora"):
+        pair = []
+        for on in (False, True):
+            bench_params(work, CHECKPOINTING_SHAPE, **{"train.gradient_checkpointing": on, "lora.dropout": 0.0})
+            tag = f"{method}-{'ckpt' if on else 'plain'}"
+            pair.append(ours(work, method, tag, label=f"ours, {method}, checkpointing {'on' if on else 'off'}"))
+        for r in pair:
+            r["vs_off_mem"] = round(r["peak_mem_gib"] / pair[0]["peak_mem_gib"], 3)
+            r["vs_off_tokens_per_s"] = round(r["tokens_per_s"] / pair[0]["tokens_per_s"], 3)
+            r["final_loss_delta"] = abs(r["final_loss"] - pair[0]["final_loss"])
+        rows += pair
+    return rows
+
+
 LIVE_MARKS = (100, 1_000, 4_000)  # steps at which the live bench reads the time a step has cost
 
 
@@ -360,6 +387,8 @@ def main() -> None:
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--loss", action="store_true", help="only the loss comparison (train.loss: model vs chunked)")
     ap.add_argument("--live", action="store_true", help="only a logged step's cost (DVCLive trackers)")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="only gradient checkpointing off vs on at GPT-2 124M's real shapes, full and LoRA")
     ap.add_argument("--repeats", type=int, default=0, help="rounds of the training paths (default: 3 on CPU, 1 on GPU)")
     ap.add_argument("--_hf-trainer", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_prepare", nargs=4, help=argparse.SUPPRESS)
@@ -377,13 +406,15 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.live:
+        if args.checkpointing:
+            results["checkpointing"] = bench_checkpointing(Path(tmp))
+        elif args.live:
             results["live"] = bench_live(Path(tmp))
         elif args.loss:
             results["loss"] = bench_loss(Path(tmp))
         elif not args.skip_training:
             results |= bench_training(Path(tmp) / "train", cuda, args.repeats)
-        if not args.skip_prepare and not (args.loss or args.live):
+        if not args.skip_prepare and not (args.loss or args.live or args.checkpointing):
             prep = bench_prepare(args.prepare_mb, args.prepare_format, Path(tmp))
             results["prepare"] = prep
             results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
@@ -392,6 +423,12 @@ def main() -> None:
         print(tabulate(results["live"], headers="keys", tablefmt="github"))
     if "loss" in results:
         print_loss(results["loss"])
+    if "checkpointing" in results:
+        print("\nGradient checkpointing, GPT-2 124M real shapes (batch 2 x 1,024, dropout off), peak memory "
+              f"{results['checkpointing'][0]['device']}")
+        print(tabulate([[r["path"], r["peak_mem_gib"], r["vs_off_mem"], f"{r['tokens_per_s']:,.0f}",
+                         r["vs_off_tokens_per_s"], f"{r['final_loss']:.6f}"] for r in results["checkpointing"]],
+                       ["path", "peak GiB", "vs off", "tokens/s", "vs off", "final loss"], tablefmt="github"))
     if "training" in results:
         print_training(results)
     if "prepare" in results:

@@ -21,7 +21,7 @@ def main() -> None:
     paths = training.TrainPaths.from_cli("full")
     p = load_params()
     dtype = runtime.base_dtype(p.model.dtype, "full")
-    training.run("full", p, paths, build=lambda: build(p, paths.base, dtype), facts={"base_dtype": dtype})
+    training.run("full", p, paths, build=lambda: build(p, paths.base, dtype), dtype=dtype, facts={"base_dtype": dtype})
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def main() -> None:
     dtype = runtime.base_dtype(p.model.dtype, "lora")
     with tempfile.TemporaryDirectory() as initial:
         training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit, dtype, Path(initial)),
+                     dtype=dtype, trainable=planned[1],
                      saver=lambda model, folder: lora.save(model, folder, p.lora, Path(initial)),
                      check=lambda model, out, batch: check(p, paths.base, model, out, batch, dtype),
                      facts={"lora_target_modules": planned[0], "variant": lora.variant(p.lora), "base_dtype": dtype,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import PREPARE_ARGS, ROOT, train_args
-from ftstudy import data, runtime
+from ftstudy import data, memory, runtime
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import local_params, write_corpus, write_gpt2_124m, write_params
 
@@ -64,10 +64,14 @@ def test_training_runs_at_124m_with_the_expected_lora_count(run):
     assert lora["merge_max_abs_diff"] < 1e-3
     for m in (full, lora):
         assert m["steps"] == 1 and np.isfinite(m["final_train_loss"]) and m["peak_mem_kind"] == "cpu_peak_rss"
-    # Peak RSS of each training process, recorded here and in the test output.
-    print(f"\nreal shapes: peak RSS full {full['peak_mem_gib']:.2f} GiB, lora {lora['peak_mem_gib']:.2f} GiB")
-    (run / "peak_rss.json").write_text(json.dumps({"full": full["peak_mem_gib"], "lora": lora["peak_mem_gib"]}))
+    # Peak RSS of each training process, recorded here and in the test output, beside the memory plan.
+    print(f"\nreal shapes: peak RSS full {full['peak_mem_gib']:.2f} GiB (planned {full['memory_plan_gib']['total']:.2f}), "
+          f"lora {lora['peak_mem_gib']:.2f} GiB (planned {lora['memory_plan_gib']['total']:.2f})")
+    (run / "peak_rss.json").write_text(json.dumps({m: {"measured": r["peak_mem_gib"], "planned": r["memory_plan_gib"]}
+                                                   for m, r in (("full", full), ("lora", lora))}))
     assert full["peak_mem_gib"] < 8 and lora["peak_mem_gib"] < 8
+    for r in (full, lora):  # the plan made before the weights loaded, against the measured peak
+        assert abs(r["memory_plan_gib"]["total"] - r["peak_mem_gib"]) <= memory.TOLERANCE * r["peak_mem_gib"], r
 
 
 def test_flops_per_token_of_the_real_config():

@@ -193,7 +193,7 @@ def test_training_refuses_the_chunked_loss_for_a_model_whose_forward_differs(pro
 
     prepare_in(project, **{"train.epochs": 1})
     original = train_full.build
-    monkeypatch.setattr(train_full, "build", lambda p, base: ScaledBeforeHead(original(p, base)))
+    monkeypatch.setattr(train_full, "build", lambda *args: ScaledBeforeHead(original(*args)))
     with pytest.raises(ConfigError, match=r"^train.loss: chunked cannot train gpt2: on one batch its per-token NLL "
                                           r"through body \+ head differs.*; set train.loss: model$"):
         run_main(train_full, *train_args("full"))
