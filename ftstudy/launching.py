@@ -141,6 +141,24 @@ def cpu_threads() -> int:
     return max(1, free if limit is None else min(free, math.floor(limit)))
 
 
+def fsdp_asked() -> bool:
+    """Whether the launch asked for FSDP: `accelerate launch --use_fsdp`, or a user's Accelerate
+    config with distributed_type FSDP, which accelerate launch turns into ACCELERATE_USE_FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+
+
+def require_asked_distribution(accelerator) -> None:
+    """Stop, in one line, when FSDP was asked for and Accelerate runs something else: it enables FSDP
+    on GPUs only, and otherwise runs DDP or independent single processes without a word."""
+    from ftstudy.config import ConfigError
+
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if fsdp_asked() and kind != "FSDP":
+        raise ConfigError(f"FSDP was asked for (ACCELERATE_USE_FSDP), but Accelerate runs {kind} on "
+                          f"{accelerator.device.type} with {accelerator.num_processes} process(es): it enables FSDP only "
+                          "on GPUs; launch on GPUs, or drop --use_fsdp (distributed_type: FSDP) from the Accelerate config")
+
+
 def user_config_file() -> Path | None:
     """The user's Accelerate config, where `accelerate config` writes it (accelerate's own lookup:
     $HF_HOME/accelerate, else $XDG_CACHE_HOME/huggingface/accelerate, else ~/.cache/...), or None."""

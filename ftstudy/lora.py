@@ -174,14 +174,15 @@ def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple
     return model
 
 
-def save(model, folder: Path, lora: LoraParams, initial: Path | None) -> None:
+def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict: dict | None = None) -> None:
     """The adapter, as plain LoRA on the original base: PiSSA and OLoRA adapters are converted
-    against their initial state (`initial`, saved by save_initial before training)."""
+    against their initial state (`initial`, saved by save_initial before training). `state_dict`:
+    the full model's, gathered under FSDP."""
     with modeling.peft_attribute_note_silenced():
         if reshapes_base(lora):
-            model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial))
+            model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial), state_dict=state_dict)
         else:
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, state_dict=state_dict)
 
 
 def save_initial(model, folder: Path, lora: LoraParams) -> None:
@@ -191,44 +192,50 @@ def save_initial(model, folder: Path, lora: LoraParams) -> None:
     model.peft_config["default"].init_lora_weights = lora.init_lora_weights
 
 
-TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-3}  # of the logits' scale, by the weights' dtype
+# The largest per-target NLL difference (nats) the integrity check accepts, by the weights' dtype (and
+# 16-bit when the run computes under a 16-bit autocast): the same operations on the same weights, up
+# to a merge's rounding.
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+
+
+def nll(model, batch: dict) -> torch.Tensor:
+    """Each target's NLL on `batch` (ftstudy.batches) through the model's own forward."""
+    from ftstudy.loss import position_nll
+
+    mask = batch.get("target_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"][:, 1:], dtype=torch.bool)
+    return position_nll(model, batch["input_ids"], mask, own_forward=True, attention_mask=batch.get("attention_mask"))
 
 
 @torch.no_grad()
-def check(trained, folder: Path, base_dir: Path, lora: LoraParams, dtype: str, batch: torch.Tensor) -> tuple[dict, object]:
+def check(folder: Path, base_dir: Path, lora: LoraParams, dtype: str, batch: dict, reference: torch.Tensor,
+          sixteen_bit: bool = False) -> tuple[dict, object]:
     """The saved adapter, loaded on a fresh copy of the base as evaluate loads it (in the training
-    dtype and quantization), gives the trained model's logits; and its merge (merge_and_unload)
-    gives the same logits again (not for a 4-bit base, which a merge would round). Both outside
-    any autocast and TF32, within TOLERANCE of the logits' scale for the weights' dtype. Returns
-    (the largest differences, the merged model or None)."""
+    dtype and quantization), scores `batch` as the trained model did (`reference`: its per-target
+    NLL through the model's own forward); and its merge (merge_and_unload) scores it the same
+    again (not for a 4-bit base, which a merge would round). Run under the training's autocast;
+    within TOLERANCE. Returns (the largest differences, the merged model or None)."""
     from peft import PeftModel
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32
-    modes = {m: m.training for m in trained.modules()}
-    try:
-        trained.eval()
-        with torch.autocast(batch.device.type, enabled=False):
-            reference = trained(input_ids=batch).logits.float()
-            base = modeling.load_causal_lm(base_dir, dtype=dtype, quantize=lora.quantize).to(batch.device)
-            with modeling.peft_attribute_note_silenced():
-                reloaded = PeftModel.from_pretrained(base, str(folder)).eval()
-            adapted = reloaded(input_ids=batch).logits.float()
-            out, merged = {"reload_max_abs_diff": (adapted - reference).abs().max().item()}, None
-            if lora.quantize != "nf4":
-                try:
-                    merged = copy.deepcopy(reloaded).merge_and_unload()
-                    out["merge_max_abs_diff"] = (adapted - merged(input_ids=batch).logits.float()).abs().max().item()
-                except RuntimeError as e:  # shapes that do not fit: the adapter's layout is wrong
-                    raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}") from e
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    tolerance = TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
+    device = batch["input_ids"].device
+    base = modeling.load_causal_lm(base_dir, dtype=dtype, quantize=lora.quantize)
+    if lora.quantize != "nf4":
+        base = base.to(device)
+    with modeling.peft_attribute_note_silenced():
+        reloaded = PeftModel.from_pretrained(base, str(folder)).eval()
+    scored = nll(reloaded, batch)
+    out, merged = {"reload_max_abs_diff": (scored - reference).abs().max().item()}, None
+    if lora.quantize != "nf4":
+        try:
+            merged = copy.deepcopy(reloaded).merge_and_unload()
+            out["merge_max_abs_diff"] = (nll(merged, batch) - scored).abs().max().item()
+        except RuntimeError as e:  # shapes that do not fit: the adapter's layout is wrong
+            raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}") from e
+    tolerance = TOLERANCE["bf16" if sixteen_bit else dtype]
     for key, what in (("reload_max_abs_diff", "the saved adapter on a fresh base and the trained model"),
                       ("merge_max_abs_diff", "merged and base+adapter")):
         if key in out and not out[key] <= tolerance:  # also catches NaN
-            raise ModelError(f"LoRA integrity check failed: {what} give logits {out[key]:.3g} apart (tolerance "
-                             f"{tolerance:.3g}); the adapter is corrupt, wrongly oriented or wrongly saved")
+            raise ModelError(f"LoRA integrity check failed: {what} score the same tokens {out[key]:.3g} nats apart "
+                             f"(tolerance {tolerance:g}); the adapter is corrupt, wrongly oriented or wrongly saved")
     return out | {"check_tolerance": tolerance}, merged

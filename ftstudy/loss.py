@@ -71,7 +71,7 @@ def unsupported(causal_lm) -> str | None:
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(causal_lm.config, key, None) not in (None, 1, 1.0):
             return f"its config sets {key}, which the chunked loss does not apply"
-    if type(causal_lm.get_output_embeddings()) is not torch.nn.Linear:
+    if not isinstance(causal_lm.get_output_embeddings(), torch.nn.Linear):  # (an FSDP-sharded Linear is one)
         return "its output projection is not a plain Linear layer (lora.target_modules wraps it, say)"
     return None
 
@@ -118,19 +118,25 @@ FAST_PATH_TOLERANCE = 1e-3
 
 
 @torch.no_grad()
-def check_fast_path(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[str | None, float | None]:
+def check_fast_path(model: torch.nn.Module, input_ids: torch.Tensor,
+                    root: torch.nn.Module | None = None) -> tuple[str | None, float | None]:
     """(why the body + head path would score `model` unlike its own forward, or None; the largest
     per-token NLL difference found on the batch `input_ids`). Both paths run in the model's own
     precision and in eval mode (no dropout), so only what the forward does between the body and
-    the head (a final scaling, soft-capping, a bias added outside the head) can part them."""
+    the head (a final scaling, soft-capping, a bias added outside the head) can part them. With
+    `root` (the prepared loss module over `model`), both score through its forward."""
     if (why := unsupported(causal_lm_of(model))) is not None:
         return why, None
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    owner = root if root is not None else model
+    modes = {m: m.training for m in owner.modules()}
+    owner.eval()
     try:
         mask = torch.ones((input_ids.shape[0], input_ids.shape[1] - 1), dtype=torch.bool, device=input_ids.device)
-        fast = position_nll(model, input_ids, mask, fp32_head=False)
-        own = position_nll(model, input_ids, mask, own_forward=True)
+        if root is not None:
+            fast, own = root(input_ids, nll="body_head"), root(input_ids, nll="model")
+        else:
+            fast = position_nll(model, input_ids, mask, fp32_head=False)
+            own = position_nll(model, input_ids, mask, own_forward=True)
     finally:
         for m, training in modes.items():  # each module as it was (a frozen part may be in eval mode)
             m.training = training
@@ -141,17 +147,33 @@ def check_fast_path(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[st
     return None, diff
 
 
-class CausalLMLoss(torch.nn.Module):
-    """forward(input_ids, attention_mask, target_mask) -> the summed next-token loss of `model` over
-    the targets target_mask marks (every next token when None); only those positions get logits.
-    The loop divides by the step's target count."""
+class _WithLoss(torch.nn.Module):
+    """A causal LM with its loss, as the module Accelerate prepares (DDP, FSDP's root, compile).
+
+    forward(input_ids, attention_mask, target_mask) -> the loss summed over the targets
+    target_mask marks (every next token when None; the loop divides by the step's target count).
+    forward(..., nll=path) -> instead, each target's NLL in fp32 without gradients, scored along
+    `path` (position_nll: "body_head" in the model's precision, "body_head_fp32", or "model", its
+    own forward): validation and the checks score through here, so that under FSDP every weight is
+    gathered by the root's forward."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model  # the module to train and save (a PEFT model saves its adapter)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+                target_mask: torch.Tensor | None = None, nll: str | None = None) -> torch.Tensor:
+        if nll is None:
+            return self.loss(input_ids, attention_mask, target_mask)
+        mask = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if target_mask is None else target_mask
+        return position_nll(self.model, input_ids, mask, own_forward=nll == "model", fp32_head=nll == "body_head_fp32",
+                            attention_mask=attention_mask)
+
+
+class CausalLMLoss(_WithLoss):
+    """The chunked loss: only the targets' positions get logits, a chunk at a time."""
+
+    def loss(self, input_ids, attention_mask, target_mask) -> torch.Tensor:
         body, head = body_and_head(self.model)  # looked up, not registered: each weight keeps one name
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
         if target_mask is None:
@@ -161,16 +183,10 @@ class CausalLMLoss(torch.nn.Module):
         return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, _chunk(head))
 
 
-class ModelOwnLoss(torch.nn.Module):
-    """forward(input_ids, attention_mask, target_mask) -> the model's own loss, whole logits and
-    all, summed over the targets (labels -100 elsewhere), as CausalLMLoss's."""
+class ModelOwnLoss(_WithLoss):
+    """The model's own loss, whole logits and all, summed over the targets (labels -100 elsewhere)."""
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, input_ids, attention_mask, target_mask) -> torch.Tensor:
         labels = input_ids.clone()
         if target_mask is not None:
             labels[:, 1:] = torch.where(target_mask, input_ids[:, 1:], -100)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from ftstudy import batches, checkpoints, curves, data, loss, memory, modeling, runtime, scoring, tracking
+from ftstudy import batches, checkpoints, curves, data, launching, loss, memory, modeling, runtime, tracking
 from ftstudy.config import ConfigError, Params, TrainParams
 from ftstudy.errors import StudyError
 from ftstudy.outputs import atomic_dir, write_json
@@ -183,6 +183,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     tracking.require(train.trackers)
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
                               log_with=tracking.log_with(train.trackers, live_dir), project_dir=str(live_dir))
+    launching.require_asked_distribution(accelerator)
     set_seed(seed)
     device = accelerator.device
     if accelerator.mixed_precision == "fp16" and device.type != "cuda":
@@ -191,8 +192,8 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         raise ConfigError(f"train.precision: fp16 needs a CUDA GPU (this run is on {device.type}); "
                           "use bf16 or fp32 on a CPU")
     meta = data.read_meta(data_dir)
-    train_units, val_units = (batches.for_split(data_dir, split, meta, block_size, train_on_prompt)
-                              for split in ("train", "validation"))
+    train_units = batches.for_split(data_dir, "train", meta, block_size, train_on_prompt)
+    val_units = batches.for_split(data_dir, "validation", meta, block_size, False)  # scored on answers alone
     world = accelerator.num_processes
     steps_per_epoch = check_schedule(train, block_size, len(train_units), world)
     if device.type == "cuda":
@@ -221,15 +222,18 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
         lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
     total_steps = steps_per_epoch * train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_linear, train.warmup_steps, total_steps))
-    model = loss.with_loss(model, train.loss)  # the loss inside the module: DDP and compile see it whole
+    model = loss.with_loss(model, train.loss)  # the loss inside the module: DDP, FSDP and compile see it whole
     compiled = train.compile is True or (train.compile == "auto" and device.type == "cuda")
-    if compiled:
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if compiled and not fsdp:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if compiled and fsdp:  # FSDP shards first, then compile sees the sharded modules
+        model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
-    # One block through body + head and through the model's own forward: the chunked loss and
-    # validation's scoring assume the two agree.
-    why, _ = loss.check_fast_path(trained, _to_device(train_units.batch(np.arange(1)), device)["input_ids"])
+    # One block through body + head and through the model's own forward, both through the prepared
+    # module (FSDP gathers the weights there): the chunked loss and validation assume they agree.
+    why, _ = loss.check_fast_path(trained, _to_device(train_units.batch(np.arange(1)), device)["input_ids"], root=model)
     if why is not None and train.loss == "chunked":
         raise ConfigError(f"train.loss: chunked cannot train {loss.causal_lm_of(trained).config.model_type}: {why}; "
                           "set train.loss: model")
@@ -273,20 +277,30 @@ def train_step(s: Session, train: TrainParams, order: np.ndarray, step_in_epoch:
     return step_loss, tokens
 
 
+def _score(s: Session, units, indices: np.ndarray, batch_size: int) -> np.ndarray:
+    """Each target's NLL over the units `indices`, through the prepared module (ftstudy.loss):
+    every next token of a text block, the answer tokens of an example."""
+    path = "model" if s.own_forward else "body_head_fp32"
+    out = [s.model(**_to_device(units.batch(indices[i:i + batch_size]), s.accelerator.device), nll=path)
+           for i in range(0, len(indices), batch_size)]
+    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
 def validation_loss(s: Session, batch_size: int) -> float:
     """Mean NLL over the validation split, sharded across processes: over its blocks (run_clm's
     protocol) for running text, over the answer tokens of its examples for instruction data."""
     acc = s.accelerator
     s.model.eval()
-    units = s.val_units
-    with acc.autocast():  # the trained model itself: scored through its logits, in the run's precision
-        if isinstance(units, batches.TextBlocks):
-            shard = units.blocks[acc.process_index::acc.num_processes]
-            nll = scoring.block_nll(s.trained, shard.reshape(-1), units.blocks.shape[1], acc.device, batch_size,
-                                    own_forward=s.own_forward)
-        else:
-            nll, _ = scoring.answer_nll(s.trained, units.ex, acc.device, batch_size, own_forward=s.own_forward,
-                                        indices=np.arange(acc.process_index, len(units), acc.num_processes))
+    n = len(s.val_units)
+    # Under FSDP every process runs every forward (the weights are gathered collectively): the
+    # shards are padded to the same number of batches, the padding left out of the sums.
+    per = -(-n // acc.num_processes)
+    mine = np.arange(acc.process_index * per, min(n, (acc.process_index + 1) * per))
+    nll = _score(s, s.val_units, mine, batch_size)
+    if acc.distributed_type == DistributedType.FSDP:
+        for _ in range(-(-per // batch_size) - -(-len(mine) // batch_size)):
+            _score(s, s.val_units, np.arange(min(batch_size, n)), batch_size)
     s.model.train()
     totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=acc.device)
     totals = acc.reduce(totals, reduction="sum")
@@ -375,10 +389,10 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     trainable, total = modeling.count_params(s.trained)
     device, world = s.accelerator.device, s.accelerator.num_processes
     name = runtime.device_name(device)
-    memory = runtime.peak_memory(device)
+    used = runtime.peak_memory(device)
     metrics = {"train_s": round(train_time, 3), "warmup_s": round(progress.warmup_time, 3),
                "tokens_per_s": round(tokens_per_s, 1),
-               **{k: v for k, v in memory.items() if k != "peak_mem_kind"},
+               **{k: v for k, v in used.items() if k != "peak_mem_kind"},
                "trainable_params": trainable,
                "final_train_loss": progress.train_curve[-1][1], **validation_summary(progress.val_curve),
                "eval_s": round(progress.eval_time, 3)}
@@ -389,7 +403,7 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
     fpt = runtime.flops_per_token(causal_lm.config, *runtime.matmul_params(causal_lm), block_size)
     metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
     info = {"method": method, "steps": steps, "tokens": progress.tokens, "global_batch": s.global_batch,
-            "processes": world, "total_params": total, "peak_mem_kind": memory["peak_mem_kind"],
+            "processes": world, "total_params": total, "peak_mem_kind": used["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
             "segments": [{"from_step": first, "cpu_threads": threads} for first, threads in progress.segments],
@@ -406,19 +420,40 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
 def save(s: Session, out: Path, base_dir: Path, check: Callable | None = None,
          saver: Callable | None = None) -> dict:
     """Save the trained model (a PEFT model saves its adapter only) beside the snapshot's tokenizer,
-    atomically, on the main process. `check(model, folder, batch)`, if given, runs on the trained
-    model before the folder is committed and returns extra metrics (artifact_mb among them, where
-    the folder holds more than the artifact)."""
+    atomically, on the main process: `saver(model, folder, state_dict)`, default save_pretrained.
+    Under FSDP the full state dict is gathered first, on every process. `check(folder, batch,
+    reference)`, if given, runs on the saved folder before it is committed, against the trained
+    model's per-target NLL on `batch` (`reference`, scored through the prepared module on every
+    process), and returns extra metrics (artifact_mb among them, where the folder holds more than
+    the artifact)."""
     acc = s.accelerator
     acc.wait_for_everyone()
+    batch = _to_device(s.val_units.batch(np.arange(min(2, len(s.val_units)))), acc.device)
+    reference = None
+    if check is not None:
+        s.model.eval()
+        with torch.no_grad():
+            reference = s.model(**batch, nll="model")  # the model's own forward: the checks compare like with like
+        s.model.train()
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    state = acc.get_state_dict(s.model) if fsdp else None  # collective: every process takes part
     extra: dict = {}
     if acc.is_main_process:
         trained = s.trained  # the module build() returned, outside the loss wrapper, compile and autocast
+        if state is not None:  # the loss wrapper's names, less its prefix, are the trained model's
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+            # Gathered, tied weights (GPT-2's head and embedding) come back as two copies: one
+            # tensor again, so save_pretrained stores it once, as for an unsharded model.
+            first: dict = {}
+            for name, param in trained.named_parameters(remove_duplicate=False):
+                if name in state:
+                    state[name] = state[first.setdefault(id(param), name)]
         with atomic_dir(out) as tmp:
-            (saver or (lambda model, folder: model.save_pretrained(folder)))(trained, tmp)
+            (saver or (lambda model, folder, sd: model.save_pretrained(folder, state_dict=sd)))(trained, tmp, state)
             modeling.load_tokenizer(base_dir).save_pretrained(tmp)
             if check is not None:
-                extra = check(trained, tmp, _to_device(s.val_units.batch(np.arange(2)), acc.device)["input_ids"])
+                with acc.autocast():
+                    extra = check(tmp, batch, reference)
         extra.setdefault("artifact_mb", round(modeling.dir_size_mb(out), 3))  # check may count it itself
     return extra
 

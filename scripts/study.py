@@ -50,11 +50,15 @@ SWEPT = ("seed", "full.lr", "lora.lr")
 
 
 def _normal(value):
-    """A params value as exp_show gives it (ints as floats, lists as their Python repr), comparable."""
-    if isinstance(value, str) and value[:1] in "[{":
+    """A params value as exp_show gives it, comparable: ints as floats, and a column whose rows mix
+    types stringified (None as 'None', false as 'False', lists as their Python repr). Both sides of
+    a comparison go through here."""
+    if isinstance(value, str):
         try:
-            return ast.literal_eval(value)
+            value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
+            return value
+        if isinstance(value, str):
             return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

@@ -31,11 +31,11 @@ def build(p, base_dir, planned, base_revision, dtype: str, initial: Path):
     return model
 
 
-def check(p, base_dir: Path, model, out: Path, batch, dtype: str) -> dict:
+def check(p, base_dir: Path, out: Path, batch, reference, dtype: str, sixteen_bit: bool) -> dict:
     sizes = {"artifact_mb": round(modeling.dir_size_mb(out), 3),  # the adapter folder, before merged/ joins it
              "adapter_mb": round((out / "adapter_model.safetensors").stat().st_size / 2**20, 4),
              "base_model_mb": round(modeling.dir_size_mb(base_dir), 3)}
-    diffs, merged = lora.check(model, out, base_dir, p.lora, dtype, batch)
+    diffs, merged = lora.check(out, base_dir, p.lora, dtype, batch, reference, sixteen_bit)
     if p.lora.merge:
         merged.save_pretrained(out / "merged")
         modeling.load_tokenizer(base_dir).save_pretrained(out / "merged")
@@ -52,8 +52,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as initial:
         training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit, dtype, Path(initial)),
                      dtype=dtype, trainable=planned[1],
-                     saver=lambda model, folder: lora.save(model, folder, p.lora, Path(initial)),
-                     check=lambda model, out, batch: check(p, paths.base, model, out, batch, dtype),
+                     saver=lambda model, folder, state: lora.save(model, folder, p.lora, Path(initial), state),
+                     check=lambda out, batch, reference: check(p, paths.base, out, batch, reference, dtype,
+                                                               runtime.resolve_precision(p.train.precision) != "no"),
                      facts={"lora_target_modules": planned[0], "variant": lora.variant(p.lora), "base_dtype": dtype,
                             "lora_init": p.lora.init_lora_weights})
 

@@ -130,9 +130,10 @@ def fresh_accelerate_state():
 
 # The pipeline tier: one demo sandbox built for the whole test run (tests copy it before changing it).
 SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12}
-# Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too).
+# Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too), and so does
+# a run's history (the processes a resumed run took: segments).
 TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_flops", "peak_mem_gib", "peak_mem_reserved_gib",
-          "eval_s", "eval_time_s", "seconds"}
+          "eval_s", "eval_time_s", "seconds", "segments"}
 
 
 def outcome(dest) -> dict:

@@ -1,6 +1,10 @@
-"""Several processes through Accelerate: 2 CPU processes (gloo DDP) match 1 process at the same
-global batch. Dropout is switched off in the snapshot so the two differ only by reduction order."""
+"""Several processes through Accelerate: 2 CPU processes (gloo) match 1 process at the same global
+batch, under DDP and under FSDP2 (full and LoRA; tests/fsdp_on_cpu.py switches Accelerate's
+distributed type to FSDP on CPU, which Accelerate itself does only on GPUs). Dropout is switched
+off in the snapshot so the runs differ only by reduction order. When FSDP is asked for and
+Accelerate runs anything else, the stage stops in one line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,16 +16,26 @@ from conftest import ROOT, demo_params, no_dropout, prepare_in, train_args
 from ftstudy.outputs import read_json
 
 
-def train(root, processes: int, batch_size: int, tag: str) -> tuple[dict, list[float]]:
-    (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**{"train.epochs": 1, "train.batch_size": batch_size})))
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+
+
+def train(root, processes: int, batch_size: int, tag: str, method: str = "full", fsdp: bool = False,
+          port: int = 29517) -> tuple[dict, list[float]]:
+    (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**{"train.epochs": 1, "train.batch_size": batch_size,
+                                                                    "lora.dropout": 0.0})))
     launch = ["--num_processes", "1"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes)]
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", "29517",
-           "-m", "stages.train_full", *train_args(tag)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    script = ["-m", f"stages.train_{method}"]
+    if fsdp:
+        env |= FSDP_ENV
+        script = [str(ROOT / "tests" / "fsdp_on_cpu.py"), f"stages.train_{method}"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(port), *script,
+           *train_args(tag)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = [float(line.split(",")[1]) for line in (root / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]]
-    return read_json(root / f"m/{tag}.json")["full"] | read_json(root / f"m/{tag}.info.json"), curve
+    return read_json(root / f"m/{tag}.json")[method] | read_json(root / f"m/{tag}.info.json"), curve
 
 
 @pytest.mark.slow
@@ -36,3 +50,47 @@ def test_two_processes_match_one_at_the_same_global_batch(project, tmp_path):
     assert curve_two == pytest.approx(curve_one, rel=2e-3)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
     assert curve_one[-1] < curve_one[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_fsdp_processes_match_one_at_the_same_global_batch(project, tmp_path, method):
+    """FSDP2 shards the weights over 2 processes; the chunked loss runs inside the root module's
+    forward, validation and the checks score through it, and the full state dict is gathered to
+    save: the same curve and the same saved model as one process."""
+    import torch
+
+    from ftstudy import modeling
+
+    prepare_in(project)
+    no_dropout(tmp_path / "pre")
+    one, curve_one = train(tmp_path, 1, 8, "one", method, port=29518)
+    two, curve_two = train(tmp_path, 2, 4, "two", method, fsdp=True, port=29519)
+    assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == 8
+    assert curve_two == pytest.approx(curve_one, rel=2e-3)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
+    if method == "lora":
+        assert two["reload_max_abs_diff"] <= two["check_tolerance"] and two["merge_max_abs_diff"] <= two["check_tolerance"]
+        saved = [json.loads((tmp_path / f"models/{t}/adapter_config.json").read_text())["r"] for t in ("one", "two")]
+        assert saved == [8, 8]
+    models = [modeling.load_for_eval(tmp_path / f"models/{t}", tmp_path / "pre", str(ROOT / "assets/tiny-gpt2"))
+              for t in ("one", "two")]
+    batch = torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        logits = [m(input_ids=batch).logits for m in models]
+    assert torch.allclose(logits[0], logits[1], atol=5e-3, rtol=1e-3)
+    assert sorted(p.name for p in (tmp_path / "models/two").iterdir()) == sorted(p.name for p in (tmp_path / "models/one").iterdir())
+
+
+def test_fsdp_asked_for_but_not_given_stops_in_one_line(project, monkeypatch):
+    """On a CPU, Accelerate runs no FSDP whatever was asked: the stage says so instead of training
+    on something else."""
+    from conftest import run_main
+    from ftstudy.config import ConfigError
+    from stages import train_full
+
+    prepare_in(project, **{"train.epochs": 1})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"^FSDP was asked for \(ACCELERATE_USE_FSDP\), but Accelerate runs NO on cpu "
+                                          r"with 1 process\(es\): it enables FSDP only on GPUs"):
+        run_main(train_full, *train_args("full"))

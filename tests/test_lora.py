@@ -66,7 +66,7 @@ def test_olora_on_gpt2s_conv1d_is_refused_before_any_weight_loads():
 
 @pytest.fixture
 def saved(tmp_path):
-    """A trained-looking adapter (non-zero B) and its saved folder."""
+    """A trained-looking adapter (non-zero B), its saved folder, a batch and its reference NLL."""
     p = parse_params(demo_params(**{"lora.target_modules": ["c_proj"], "lora.dropout": 0.0}))
     model = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p.lora, str(TINY_MODEL))
     torch.manual_seed(0)
@@ -74,14 +74,15 @@ def saved(tmp_path):
         if "lora_B" in name:  # as after training: a non-zero update
             param.data.normal_(0, 0.2)
     lora.save(model, tmp_path / "adapter", p.lora, None)
-    return model, tmp_path / "adapter", p.lora, torch.randint(0, 1000, (2, 32))
+    batch = {"input_ids": torch.randint(0, 1000, (2, 32))}
+    return model.eval(), tmp_path / "adapter", p.lora, batch
 
 
 def test_the_integrity_check_passes_a_sound_adapter(saved):
     model, folder, params, batch = saved
-    diffs, merged = lora.check(model, folder, TINY_MODEL, params, "fp32", batch)
+    diffs, merged = lora.check(folder, TINY_MODEL, params, "fp32", batch, lora.nll(model, batch))
     assert diffs["reload_max_abs_diff"] < 1e-5 and diffs["merge_max_abs_diff"] < 1e-4
-    assert torch.allclose(merged(input_ids=batch).logits, model.eval()(input_ids=batch).logits, atol=1e-4)
+    assert torch.allclose(merged(**batch).logits, model(**batch).logits, atol=1e-4)
 
 
 def test_the_integrity_check_fails_a_wrongly_saved_or_corrupt_adapter(saved):
@@ -89,12 +90,19 @@ def test_the_integrity_check_fails_a_wrongly_saved_or_corrupt_adapter(saved):
     drifted = copy.deepcopy(model)  # trained on after it was saved: the folder is not this model
     next(p for n, p in drifted.named_parameters() if "lora_B" in n).data += torch.randn(64, 8)  # (a constant would vanish in LayerNorm)
     with pytest.raises(modeling.ModelError, match=r"LoRA integrity check failed: the saved adapter on a fresh base and "
-                                                  r"the trained model give logits"):
-        lora.check(drifted, folder, TINY_MODEL, params, "fp32", batch)
+                                                  r"the trained model score the same tokens"):
+        lora.check(folder, TINY_MODEL, params, "fp32", batch, lora.nll(drifted, batch))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "adapter_model.safetensors")  # the saved file damaged: one factor doubled
+    key = next(k for k in weights if "lora_A" in k)
+    save_file(weights | {key: 2 * weights[key]}, folder / "adapter_model.safetensors")
+    with pytest.raises(modeling.ModelError, match=r"LoRA integrity check failed: the saved adapter"):
+        lora.check(folder, TINY_MODEL, params, "fp32", batch, lora.nll(model, batch))
     nan = copy.deepcopy(model)
     next(p for n, p in nan.named_parameters() if "lora_A" in n).data[0, 0] = float("nan")
-    with pytest.raises(modeling.ModelError, match=r"LoRA integrity check failed: .* give logits nan apart"):
-        lora.check(nan, folder, TINY_MODEL, params, "fp32", batch)
+    with pytest.raises(modeling.ModelError, match=r"score the same tokens nan nats apart"):
+        lora.check(folder, TINY_MODEL, params, "fp32", batch, lora.nll(nan, batch))
 
 
 VARIANTS = [({"lora.use_dora": True}, "gpt2"), ({"lora.use_rslora": True}, "gpt2"),
