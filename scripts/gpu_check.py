@@ -9,8 +9,9 @@ re-implemented here). It needs `dvc` importable: on a GPU machine without it, ca
    blocks: ours (real stage code) for full and LoRA, compiled, at train.precision auto (bf16 on
    current GPUs); ours full eager (the compiled-vs-eager loss agreement); ours full with the
    model's own loss instead of the chunked one (train.loss), at batch 16 and at the largest batch
-   that fits with each; the HF Trainer default path. For each: steady-state tokens/s, MFU,
-   warm-up, peak allocated and reserved memory.
+   that fits with each; DoRA, a bf16 LoRA base, QLoRA (nf4, where bitsandbytes is installed) and
+   LoRA with gradient checkpointing, each against plain LoRA; the HF Trainer default path. For
+   each: steady-state tokens/s, MFU, warm-up, peak allocated and reserved memory.
 2. The whole pipeline, stage by stage, on a WikiText-2-sized synthetic corpus (about 2.4M training tokens, the real
    GPT-2 tokenizer), 3 epochs, with each stage's wall time.
 
@@ -63,7 +64,33 @@ def loop_rows(work: Path, shape: dict, dry: bool) -> list[dict]:
         bench_params(work, shape, compile_=True, loss="model")
         rows.append(ours(work, "full", "full-model-loss", "ours, full, model's own loss"))
         rows += [largest_batch(work, shape, loss) for loss in ("model", "chunked")]
+    rows += method_rows(work, shape, dry, rows[2])
     rows.append(hf_trainer(work, shape))
+    return rows
+
+
+# The methods beside plain LoRA (params.yaml spellings), each compiled as plain LoRA is.
+METHODS = {"DoRA": {"lora.use_dora": True}, "LoRA, bf16 base": {"model.dtype": "bf16"},
+           "QLoRA (nf4 base)": {"lora.quantize": "nf4"}, "LoRA, gradient checkpointing": {"train.gradient_checkpointing": True}}
+
+
+def method_rows(work: Path, shape: dict, dry: bool, lora: dict) -> list[dict]:
+    """DoRA, a bf16 LoRA base, QLoRA and gradient checkpointing, each against plain LoRA's row
+    (tokens/s and peak memory ratios); QLoRA only where bitsandbytes is installed; a dry run runs
+    DoRA and gradient checkpointing, which prove the same code."""
+    import importlib.util
+
+    rows = []
+    for label, overrides in METHODS.items():
+        if dry and ("lora.quantize" in overrides or "model.dtype" in overrides):
+            continue  # 16- and 4-bit bases are GPU measurements; the test suite runs them on a CPU itself
+        if "lora.quantize" in overrides and importlib.util.find_spec("bitsandbytes") is None:
+            rows.append({"path": f"ours, {label}", "error": "bitsandbytes is not installed"})
+            continue
+        bench_params(work, shape, compile_=not dry, **overrides)
+        row = ours(work, "lora", "lora-" + label.split(",")[0].split(" ")[0].lower(), f"ours, {label}")
+        rows.append(row | {"vs_lora_tokens_per_s": round(row["tokens_per_s"] / lora["tokens_per_s"], 3),
+                           "vs_lora_peak_mem": round(row["peak_mem_gib"] / lora["peak_mem_gib"], 3)})
     return rows
 
 

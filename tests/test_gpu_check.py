@@ -24,12 +24,14 @@ def test_dry_run_measures_every_path(tmp_path):
     r = json.loads(out.read_text())
     assert r["dry_run"] is True
     paths = {row["path"]: row for row in r["training"]}
-    assert set(paths) == {"ours, full", "ours, lora", "ours, full, eager", "HF Trainer defaults"}
+    assert set(paths) == {"ours, full", "ours, lora", "ours, full, eager", "HF Trainer defaults", "ours, DoRA",
+                          "ours, LoRA, gradient checkpointing"}  # (the 16- and 4-bit bases: on a GPU only)
+    assert paths["ours, DoRA"]["vs_lora_tokens_per_s"] > 0 and paths["ours, LoRA, gradient checkpointing"]["vs_lora_peak_mem"] > 0
     assert paths["ours, full"]["loss"] == "chunked"  # the new loss, the default
     # One compile warm-up in a dry run: full compiled; LoRA (compiled on a GPU) and full eager are not.
     assert paths["ours, full"]["compiled"] and not paths["ours, lora"]["compiled"]
     assert not paths["ours, full, eager"]["compiled"]
-    assert all(row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 for row in r["training"])
+    assert all(row["tokens_per_s"] > 0 and row["peak_mem_gib"] > 0 for row in r["training"] if "error" not in row)
     assert r["compiled_vs_eager_final_loss_rel_diff"] < 1e-3
     assert r["pipeline"] == [] and set(r["targets"]) == {"full_tokens_per_s", "full_over_hf",
                                                           "lora_over_full_tokens_per_s", "lora_over_full_peak_mem"}
