@@ -237,7 +237,7 @@ def test_evaluate_killed_partway_leaves_no_partial_file_and_the_run_cache_brings
     override_file(dest / "params.yaml", {"evaluate.stride": 64})  # the demo's, as committed
     back = dvc(dest, "repro")
     assert "Stage 'evaluate@pretrained' is cached - skipping run" in back.stdout
-    assert stages_run(back) <= {"compare", "report"}
+    assert stages_run(back) <= {"check_params", "compare", "report"}  # check_params has no outputs to cache
     assert {p: p.read_bytes() for p in (dest / "metrics/evaluate").iterdir()} == old
 
 
@@ -352,3 +352,13 @@ def test_one_json_lines_file_runs_the_whole_pipeline_with_two_settings(repo):
     assert ("Split made here: validation and test carved out of the source's training rows by a keyed hash of each "
             "row's text (seed 42; validation 5% and test 5% of the rows on average") in report
     assert report.startswith("# tiny-gpt2 on articles.jsonl:")
+
+
+def test_dora_reruns_only_the_lora_stages_and_the_report_names_it(repo):
+    dest, *_ = repo
+    proc = dvc(dest, "exp", "run", "-S", "lora.use_dora=true")
+    assert stages_run(proc) == LORA_STAGES
+    m = read_json(dest / "metrics/train_lora.json")["lora"]
+    assert m["reload_max_abs_diff"] <= m["check_tolerance"] and m["merge_max_abs_diff"] <= m["check_tolerance"]
+    report = (dest / "metrics/report.md").read_text()
+    assert "DoRA fine-tuned tiny-gpt2" in report and "plus DoRA's magnitudes" in report
