@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 GiB = 2**30
-TOLERANCE = 0.35  # |plan - measured peak| / measured, at the real-shape tier (tests/test_real_shapes.py)
+TOLERANCE = 0.25  # |plan - measured peak| / measured, at the real-shape tier (tests/test_real_shapes.py)
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES = 0.5 + 4 / 64  # 4 bits a weight and an fp32 absmax per 64-weight block
 PROCESS = {"cpu": 0.45 * GiB, "cuda": 0.0}  # the interpreter with torch and transformers (CPU RSS); CUDA peaks count tensors only
@@ -33,14 +33,21 @@ class Plan:
     logits: float
     check: float        # LoRA's integrity check: a fresh base and a merged copy, after training
     process: float
+    device: str = "cuda"
 
     @property
     def total(self) -> float:
+        """The peak: on a GPU the check reuses what training freed (PyTorch's caching allocator); on
+        a CPU the process's resident memory keeps the training's pages, and the check comes on top."""
         training = self.gradients + self.optimizer + self.activations + self.logits
-        return self.weights + max(training, self.check) + self.process
+        after = training + self.check if self.device == "cpu" else max(training, self.check)
+        return self.weights + after + self.process
+
+    def parts(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if k != "device"}
 
     def line(self) -> str:
-        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in asdict(self).items() if value)
+        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in self.parts().items() if value)
         return f"{self.total / GiB:.2f} GiB ({parts} GiB; an estimate within ±{TOLERANCE:.0%} of measured peaks)"
 
 
@@ -84,7 +91,7 @@ def plan(skeleton, *, method: str, dtype: str, quantize: str, trainable: int, ba
         logits = b * s * z["vocab"] * (act + 4 + 4)
     check = 2 * weights if method == "lora" else 0.0
     return Plan(weights=weights, gradients=trainable * state, optimizer=2 * trainable * state,
-                activations=activations, logits=logits, check=check, process=PROCESS.get(device, 0.0))
+                activations=activations, logits=logits, check=check, process=PROCESS.get(device, 0.0), device=device)
 
 
 def capacity(device) -> float | None:

@@ -410,7 +410,7 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
             "peak_flops": peak, "peak_flops_source": peak_source,
             "versions": versions}
     if s.memory_plan is not None:
-        info["memory_plan_gib"] = {k: round(v / memory.GiB, 4) for k, v in asdict(s.memory_plan).items()} | {
+        info["memory_plan_gib"] = {k: round(v / memory.GiB, 4) for k, v in s.memory_plan.parts().items()} | {
             "total": round(s.memory_plan.total / memory.GiB, 4)}
     if isinstance(s.train_units, batches.ExampleBatches):  # padding's cost, measured over this process's batches
         info["padding_share"] = round(s.train_units.padding, 4)

@@ -46,7 +46,7 @@ def _run_every_stage(family, tmp_path):
     for model in ("full", "lora"):
         run_main(evaluate, "--model", f"models/{model}", "--base", "pre", "--data", "prep", "--out",
                  f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npz")
-    run_main(generate, "--model", "models/full", "--model", "models/lora", "--base", "pre", "--out", "gen",
+    run_main(generate, "--model", "models/full", "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "gen",
              "--metrics", "m/generate")
     reset_accelerate()
 

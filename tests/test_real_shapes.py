@@ -37,14 +37,14 @@ def run(tmp_path_factory):
     write_corpus(root / "corpus", {"train": 4_200, "validation": 4_200, "test": 4_200})
     write_params(root, local_params(root / "gpt2-random", root / "corpus", **{
         "data.block_size": 1024, "train.epochs": 1, "train.batch_size": 1, "train.warmup_steps": 0,
-        "train.log_every": 1, "evaluate.stride": 512, "evaluate.batch_size": 2, "evaluate.bootstrap_chunk": 512,
+        "train.log_every": 1, "evaluate.stride": 512, "evaluate.batch_size": 2, "evaluate.bootstrap_chunk": 32,
         "generate.extra_prompts": [], "generate.num_samples": 1, "generate.max_new_tokens": 8}))
     stage(root, "prepare", *PREPARE_ARGS)
     for method in ("full", "lora"):
         stage(root, f"train_{method}", *train_args(method))
     stage(root, "evaluate", "--model", "models/lora", "--base", "pre", "--data", "prep",
           "--out", "m/evaluate/lora.json", "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npz")
-    stage(root, "generate", "--model", "models/lora", "--base", "pre", "--out", "gen", "--metrics", "m/generate")
+    stage(root, "generate", "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
     return root
 
 
