@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test test-fast assets tokenizer bench gpu-check study study-demo
+.PHONY: demo test test-fast assets tokenizer bench gpu-check study study-demo docs
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
@@ -24,9 +24,15 @@ assets:
 tokenizer:
 	$(PYTHON) assets/build_gpt2_tokenizer.py
 
-# Speed and memory, side by side in one run (GPU: GPT-2 124M; CPU: the tiny model). Writes bench-results.json.
+# Speed and memory, side by side in one run (GPU: GPT-2 124M; CPU: the tiny model). Writes bench-results.json
+# and its tables into docs/performance.md.
 bench:
 	$(PYTHON) -m scripts.bench
+
+# The docs' computed tables and the committed demo report (docs/demo-report.md, README's excerpt),
+# from a demo sandbox at $(DIR) (built if needed).
+docs:
+	$(PYTHON) -m scripts.docs --dir $(DIR)
 
 # Run once whenever a GPU is at hand (about 8 minutes on an H100). Writes gpu-check.json.
 gpu-check:

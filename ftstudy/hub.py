@@ -75,15 +75,16 @@ def offline_advice(item: HubInput, reason: str) -> str:
             "make demo")
 
 
-def served_commit(item: HubInput) -> str:
-    """The commit the Hub serves for the item's revision; errors name the key."""
+def served_commit(item: HubInput) -> tuple[str, str | None]:
+    """(the commit the Hub serves for the item's revision, its card's license); errors name the key."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi()
     info = api.model_info if item.repo_type == "model" else api.dataset_info
     try:
-        return info(item.name, revision=item.asked).sha
+        found = info(item.name, revision=item.asked)
+        return found.sha, (getattr(found, "card_data", None) or {}).get("license")
     except RevisionNotFoundError:
         raise StudyError(f"{item.revision_key}: {item.asked!r} is not a revision of {item.name} on the Hub; set a "
                          "commit sha, tag or branch that it has") from None
@@ -137,8 +138,13 @@ def resolve(items: list[HubInput]) -> dict[str, dict]:
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     resolved = {}
     for item in items:
-        commit, how = (served_commit(item), "the Hub") if reason is None else cached_commit(item)
+        license = None
+        if reason is None:
+            (commit, license), how = served_commit(item), "the Hub"
+        else:
+            commit, how = cached_commit(item)
         if commit is None:
             raise StudyError(offline_advice(item, reason))
-        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit, "from": how}
+        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit, "license": license,
+                              "from": how}
     return resolved

@@ -183,6 +183,8 @@ def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict
             model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial), state_dict=state_dict)
         else:
             model.save_pretrained(folder, state_dict=state_dict)
+    # PEFT writes its empty card template: the study's card comes from the report (ftstudy.cards).
+    (Path(folder) / "README.md").unlink(missing_ok=True)
 
 
 def save_initial(model, folder: Path, lora: LoraParams) -> None:

@@ -67,10 +67,11 @@ def _sizes(skeleton) -> dict:
 
 
 def plan(skeleton, *, method: str, dtype: str, quantize: str, trainable: int, batch: int, block: int,
-         precision: str, checkpointing: bool, loss: str, device: str) -> Plan:
+         precision: str, checkpointing: bool, loss: str, device: str, shards: int = 1) -> Plan:
     """The plan for one process. `dtype`: the base's weights (ftstudy.runtime.base_dtype);
     `precision`: Accelerate's mixed precision ('no', 'bf16', 'fp16'); `trainable`: the trainable
-    parameters (all for full fine-tuning; the adapter's for LoRA)."""
+    parameters (all for full fine-tuning; the adapter's for LoRA); `shards`: the processes FSDP
+    shards weights, gradients and optimizer state over (1 without FSDP)."""
     z = _sizes(skeleton)
     weight = BYTES[dtype]
     if quantize == "nf4":
@@ -89,7 +90,9 @@ def plan(skeleton, *, method: str, dtype: str, quantize: str, trainable: int, ba
         logits = 2 * 4 * min(CHUNK_LOGITS, b * s * z["vocab"]) + 4 * b * s * h
     else:  # the whole micro-batch's logits, an fp32 copy and their gradient
         logits = b * s * z["vocab"] * (act + 4 + 4)
-    check = 2 * weights if method == "lora" else 0.0
+    # LoRA's integrity check: a fresh base and a merged copy (a 4-bit base is not merged).
+    check = (1 if quantize == "nf4" else 2) * weights if method == "lora" else 0.0
+    weights, trainable = weights / shards, trainable / shards
     return Plan(weights=weights, gradients=trainable * state, optimizer=2 * trainable * state,
                 activations=activations, logits=logits, check=check, process=PROCESS.get(device, 0.0), device=device)
 
@@ -118,8 +121,9 @@ def refuse_if_too_big(p: Plan, capacity: float | None, method: str) -> None:
                       f"ways out: {'; '.join(ways)}")
 
 
-def for_stage(skeleton, p, method: str, trainable: int, dtype: str, precision: str, device: str) -> Plan:
+def for_stage(skeleton, p, method: str, trainable: int, dtype: str, precision: str, device: str,
+              shards: int = 1) -> Plan:
     """The plan of one process of a training stage, from its params."""
     return plan(skeleton, method=method, dtype=dtype, quantize=p.lora.quantize if method == "lora" else "none",
                 trainable=trainable, batch=p.train.batch_size, block=p.data.block_size, precision=precision,
-                checkpointing=p.train.gradient_checkpointing, loss=p.train.loss, device=device)
+                checkpointing=p.train.gradient_checkpointing, loss=p.train.loss, device=device, shards=shards)

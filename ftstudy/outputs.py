@@ -36,6 +36,11 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+
+
 def _check_finite(obj, where: str = "") -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
         raise ValueError(f"metric {where or '<root>'} is {obj}; refusing to write a non-finite metric")

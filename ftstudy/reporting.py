@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from ftstudy import curves, figures
 from ftstudy.errors import StudyError
 from ftstudy.findings import findings, paired_verdict
 from ftstudy.outputs import read_json
@@ -94,6 +95,7 @@ class Inputs:
     prepared: dict   # prepare's facts: inputs (name, revision asked, commit served), text column, split made
     compare: dict    # paired test ratios, forgetting (paired, per general set), time to quality, bootstrap
     protocol: dict   # the evaluation protocol, the same for every model
+    curves: dict     # method -> its validation curve (step, seconds, tokens, loss), from the plots
 
     @classmethod
     def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
@@ -105,7 +107,8 @@ class Inputs:
                    tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
                    prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
-                   protocol=_check_protocols(ev))
+                   protocol=_check_protocols(ev),
+                   curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")})
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
@@ -176,7 +179,8 @@ def efficiency(r: Inputs) -> list[str]:
             f"{lora['trainable_params']:,} trainable parameters in the wrapped layers "
             f"({', '.join(lora['lora_target_modules'])}), checked equal to r x (in + out) over them"
             + (" plus DoRA's magnitudes" if "DoRA" in lora.get("variant", "") else "")
-            + f"; the saved adapter on a fresh base gives the trained model's logits within {lora['reload_max_abs_diff']:.2e}"
+            + f"; the saved adapter on a fresh base scores tokens as the trained model did within "
+            f"{lora['reload_max_abs_diff']:.2e} nats"
             + (f", and merged vs base+adapter within {lora['merge_max_abs_diff']:.2e}" if "merge_max_abs_diff" in lora
                else " (no merge check: merging into a 4-bit base rounds the weights)")
             + f"; adapter weights {lora['adapter_mb']:.2f} MB vs the base model's "
@@ -327,8 +331,20 @@ def environment(r: Inputs) -> list[str]:
             f"- Seed: {full['seed']}", ""]
 
 
-def render(metrics_dir: Path, generations_dir: Path) -> str:
-    r = Inputs.read(metrics_dir, generations_dir)
+def _picture(pictures: dict, name: str) -> list[str]:
+    return [f"![{pictures[name][0]}]({pictures[name][1]})", ""] if name in pictures else []
+
+
+def render(r: Inputs, figures_dir: Path | None = None, link: str = "") -> str:
+    """The report as markdown, from the inputs (Inputs.read); with `figures_dir`, its pictures
+    drawn there and linked as `link` + file name (the folder's path from the report's)."""
     found = findings(r.ev, r.tr, r.gq, r.compare)
-    return "\n".join([*headline(r), *efficiency(r), *validation(r), *quality(r), *paired_comparisons(r),
-                      *generation_quality(r), "## Findings", "", *[f"- {f}" for f in found], "", *environment(r)])
+    pictures = {}
+    if figures_dir is not None:
+        labels = {m: r.label(m) for m in MODELS}
+        for alt, name in figures.draw(r.ev, r.curves, labels, figures_dir):
+            pictures[name] = (alt, link + name)
+    return "\n".join([*headline(r), *_picture(pictures, "test_ppl.png"), *efficiency(r), *validation(r),
+                      *_picture(pictures, "val_loss.png"), *quality(r), *_picture(pictures, "tradeoff.png"),
+                      *paired_comparisons(r), *generation_quality(r), "## Findings", "",
+                      *[f"- {f}" for f in found], "", *environment(r)])

@@ -178,8 +178,8 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
           label: str = "train") -> Session:
     """Accelerator (with train.trackers, writing under live_dir), the splits' blocks or examples
     (`train_on_prompt`: data.train_on_prompt), the model `build()` returns, AdamW and the
-    warmup-linear schedule. `memory_plan(device type, mixed precision)` gives the memory plan,
-    printed and checked against the GPU before build() loads any weight."""
+    warmup-linear schedule. `memory_plan(device type, mixed precision, FSDP shards)` gives the
+    memory plan, printed and checked against the GPU before build() loads any weight."""
     tracking.require(train.trackers)
     accelerator = Accelerator(mixed_precision=runtime.resolve_precision(train.precision),
                               log_with=tracking.log_with(train.trackers, live_dir), project_dir=str(live_dir))
@@ -199,7 +199,8 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    planned = memory_plan(device.type, accelerator.mixed_precision) if memory_plan is not None else None
+    shards = accelerator.num_processes if accelerator.distributed_type == DistributedType.FSDP else 1
+    planned = memory_plan(device.type, accelerator.mixed_precision, shards) if memory_plan is not None else None
     if planned is not None:
         if accelerator.is_main_process:
             print(f"{label}: memory plan: {planned.line()}")
@@ -475,8 +476,8 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     trainable = trainable or sum(q.numel() for q in skeleton.parameters())
     s = setup(p.seed, p.data.block_size, p.train, getattr(p, method).lr, build, paths.data, paths.live,
               p.data.train_on_prompt, label=f"train_{method}",
-              memory_plan=lambda device, precision: memory.for_stage(skeleton, p, method, trainable, dtype,
-                                                                     precision, device))
+              memory_plan=lambda device, precision, shards: memory.for_stage(skeleton, p, method, trainable, dtype,
+                                                                             precision, device, shards))
     identity = checkpoints.run_identity(p, method, paths.data, paths.base, {
         "processes": s.accelerator.num_processes, "precision": s.accelerator.mixed_precision,
         "versions": runtime.library_versions()})
@@ -485,7 +486,7 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
     progress = fit(s, p.train, p.seed, ckpt, f"train_{method}", live, tracker_config(p, method))
     metrics, info = summarize(s, progress, p.data.block_size, p.seed, method, p.train.eval_every,
                               identity["versions"])
-    info |= {"loss": p.train.loss} | (facts or {})
+    info |= {"loss": p.train.loss, "lr": getattr(p, method).lr, "epochs": p.train.epochs} | (facts or {})
     if isinstance(s.train_units, batches.ExampleBatches):
         info |= {"format": data.read_meta(paths.data)["format"], "train_on_prompt": p.data.train_on_prompt}
     metrics |= save(s, paths.out, paths.base, check, saver)

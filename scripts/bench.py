@@ -350,36 +350,67 @@ def bench_live(work: Path) -> list[dict]:
     return rows
 
 
-def print_loss(rows: list[dict]) -> None:
+def _table(rows, headers) -> str:
     from tabulate import tabulate
 
-    print("\nTraining loss: the model's own (whole logits) vs chunked, full fine-tuning, fp32")
-    print(tabulate([[r["shape"], r["loss"], f"{r['peak_mem_gib']:.2f}", f"{r['vs_model_loss_mem']:.2f}x",
-                     f"{r['tokens_per_s']:,.0f}", f"{r['vs_model_loss_tokens_per_s']:.2f}x", f"{r['final_loss']:.4f}"]
-                    for r in rows],
-                   ["shape", "train.loss", "peak mem GiB", "vs model", "tokens/s", "vs model", "final loss"],
-                   tablefmt="github"))
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
-def print_training(results: dict) -> None:
-    from tabulate import tabulate
+def sections(results: dict) -> dict[str, str]:
+    """Each measured table as markdown, with a line saying what it measured: block name -> text."""
+    out = {}
+    if "live" in results:
+        out["bench-live"] = (f"A logged step's cost, ms (steps {', '.join(map(str, LIVE_MARKS))}; Studio not configured):\n\n"
+                             + _table([list(r.values()) for r in results["live"]], list(results["live"][0])))
+    if "loss" in results:
+        out["bench-loss"] = ("Training loss: the model's own (whole logits) vs chunked, full fine-tuning, fp32, each "
+                             "path in its own process:\n\n" + _table(
+                                 [[r["shape"], r["loss"], f"{r['peak_mem_gib']:.2f}", f"{r['vs_model_loss_mem']:.2f}x",
+                                   f"{r['tokens_per_s']:,.0f}", f"{r['vs_model_loss_tokens_per_s']:.2f}x",
+                                   f"{r['final_loss']:.4f}"] for r in results["loss"]],
+                                 ["shape", "train.loss", "peak mem GiB", "vs model", "tokens/s", "vs model", "final loss"]))
+    if "checkpointing" in results:
+        rows = results["checkpointing"]
+        out["bench-checkpointing"] = (
+            f"Gradient checkpointing at GPT-2 124M's real shapes (random init, batch 2 x 1,024, dropout off, 3 steps), "
+            f"peak memory as {rows[0]['device']} reports it, each run in its own process:\n\n" + _table(
+                [[r["path"], f"{r['peak_mem_gib']:.2f}", f"{r['vs_off_mem']:.2f}x", f"{r['tokens_per_s']:,.0f}",
+                  f"{r['vs_off_tokens_per_s']:.2f}x", f"{r['final_loss']:.6f}"] for r in rows],
+                ["path", "peak GiB", "vs off", "tokens/s", "vs off", "final loss"]))
+    if "training" in results:
+        out["bench-training"] = (
+            f"Training: {results['model']}, {results['block']}-token blocks, on {results['device']}; median of "
+            f"{results['rounds']} alternating round(s):\n\n" + _table(
+                [[r["path"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['warmup_s']}",
+                  "–" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['peak_mem_gib']}", r["precision"],
+                  f"{r['vs_hf_trainer']:.2f}x"] for r in results["training"]],
+                ["path", "tokens", "tokens/s (steady)", "warm-up s", "MFU", "peak mem GiB", "precision", "vs HF Trainer"])
+            + f"\n\nLoRA / full: {results['lora_over_full_tokens_per_s']}x tokens/s, "
+            f"{results['lora_over_full_peak_mem']}x peak memory.")
+    if "prepare" in results:
+        rows = results["prepare"]
+        what = "WikiText-format lines" if rows[0]["format"] == "text" else "one JSON Lines file, text in `content`"
+        out[f"bench-prepare-{rows[0]['format']}"] = (
+            f"Prepare: {rows[0]['mb']} MB synthetic corpus ({what}), GPT-2's tokenizer, each path in its own process:"
+            "\n\n" + _table([[r["path"], f"{r['seconds']}", f"{r['mb_per_s']}", f"{r['tokens']:,}", f"{r['tokens_per_s']:,}",
+                               f"{r['peak_rss_gib']}"] for r in rows],
+                              ["path", "seconds", "MB/s", "tokens", "tokens/s", "peak RSS GiB"])
+            + f"\n\nOurs is {results['prepare_speedup_vs_run_clm']}x run_clm's speed.")
+    return out
 
-    print(f"\nTraining: {results['model']}, {results['block']}-token blocks, on {results['device']}")
-    print(tabulate([[r["path"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["warmup_s"],
-                     "–" if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_mem_gib"], r["precision"],
-                     f"{r['vs_hf_trainer']:.2f}x"] for r in results["training"]],
-                   ["path", "tokens", "tokens/s (steady)", "warm-up s", "MFU", "peak mem GiB", "precision",
-                    "vs HF Trainer"], tablefmt="github"))
-    print(f"median of {results['rounds']} alternating round(s); every round's tokens/s is in the JSON")
-    print(f"LoRA / full: {results['lora_over_full_tokens_per_s']}x tokens/s, "
-          f"{results['lora_over_full_peak_mem']}x peak memory")
-    if "compiled_vs_eager_loss_rel_diff" in results:
-        print(f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_loss_rel_diff']:.2e}")
+
+def write_docs(results: dict, command: str) -> None:
+    """Each table into its block of docs/performance.md, stamped with the machine, date and command."""
+    from scripts.docs_tables import stamp, write_block
+
+    for name, text in sections(results).items():
+        print(f"bench: wrote {write_block('performance.md', name, stamp(command) + chr(10) + chr(10) + text)} ({name})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--no-docs", action="store_true", help="print and write JSON, but leave docs/performance.md alone")
     ap.add_argument("--prepare-mb", type=int, default=540)
     ap.add_argument("--prepare-format", choices=("text", "jsonl"), default="text",
                     help="the prepare corpus: WikiText-format lines, or one JSON Lines export (text in `content`)")
@@ -400,7 +431,6 @@ def main() -> None:
         return _prepare_child(which, Path(path), Path(work), Path(out))
 
     import torch
-    from tabulate import tabulate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     cuda = torch.cuda.is_available()
@@ -418,28 +448,12 @@ def main() -> None:
             prep = bench_prepare(args.prepare_mb, args.prepare_format, Path(tmp))
             results["prepare"] = prep
             results["prepare_speedup_vs_run_clm"] = round(prep[1]["seconds"] / prep[0]["seconds"], 2)
-    if "live" in results:
-        print(f"\nA logged step's cost, ms (steps {', '.join(map(str, LIVE_MARKS))}; Studio not configured)")
-        print(tabulate(results["live"], headers="keys", tablefmt="github"))
-    if "loss" in results:
-        print_loss(results["loss"])
-    if "checkpointing" in results:
-        print("\nGradient checkpointing, GPT-2 124M real shapes (batch 2 x 1,024, dropout off), peak memory "
-              f"{results['checkpointing'][0]['device']}")
-        print(tabulate([[r["path"], r["peak_mem_gib"], r["vs_off_mem"], f"{r['tokens_per_s']:,.0f}",
-                         r["vs_off_tokens_per_s"], f"{r['final_loss']:.6f}"] for r in results["checkpointing"]],
-                       ["path", "peak GiB", "vs off", "tokens/s", "vs off", "final loss"], tablefmt="github"))
-    if "training" in results:
-        print_training(results)
-    if "prepare" in results:
-        what = "WikiText-format lines" if args.prepare_format == "text" else "one JSON Lines file"
-        print(f"\nPrepare: {results['prepare'][0]['mb']} MB synthetic corpus ({what}), GPT-2's tokenizer")
-        print(tabulate([[r["path"], r["seconds"], r["mb_per_s"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,}",
-                         r["peak_rss_gib"]] for r in results["prepare"]],
-                       ["path", "seconds", "MB/s", "tokens", "tokens/s", "peak RSS GiB"], tablefmt="github"))
-        print(f"ours vs run_clm: {results['prepare_speedup_vs_run_clm']}x faster")
+    for text in sections(results).values():
+        print("\n" + text)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nbench: wrote {args.out}")
+    if not args.no_docs:
+        write_docs(results, "python -m scripts.bench " + " ".join(a for a in sys.argv[1:] if a != "--no-docs"))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("contention.json"))
+    ap.add_argument("--no-docs", action="store_true", help="leave docs/performance.md alone")
     args = ap.parse_args()
     rows, threads = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +81,25 @@ def main() -> None:
                           flush=True)
     args.out.write_text(json.dumps({"rounds": rows, "train_full": threads}, indent=2) + "\n")
     print(f"contention: wrote {args.out}")
+    if not args.no_docs:
+        write_docs(rows, threads, "python -m scripts.contention" + (f" --rounds {args.rounds}" if args.rounds != 1 else ""))
+
+
+def write_docs(rows: list[dict], threads: list[dict], command: str) -> None:
+    """The two tables into docs/performance.md, stamped with the machine, date and command."""
+    from tabulate import tabulate
+
+    from scripts.docs_tables import stamp, write_block
+
+    demo = tabulate([[i + 1, f"{r['quiet_s']}", f"{r['loaded_s']}", f"{r['ratio']:.2f}x"] for i, r in enumerate(rows)],
+                    ["round", "make demo quiet, s", "beside one busy process, s", "ratio"], tablefmt="github",
+                    disable_numparse=True)
+    by = {(t["busy"], t["threads"]): t["train_s"] for t in threads}
+    labels = list(dict.fromkeys(t["threads"] for t in threads))
+    train = tabulate([["quiet" if busy else "beside one busy process", *(f"{by[(busy, lab)]:.1f}" for lab in labels)]
+                      for busy in (False, True)], ["train_full's training seconds", *labels], tablefmt="github",
+                     disable_numparse=True)
+    print(f"contention: wrote {write_block('performance.md', 'contention', stamp(command) + chr(10) * 2 + demo + chr(10) * 2 + train)}")
 
 
 if __name__ == "__main__":

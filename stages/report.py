@@ -1,4 +1,6 @@
-"""Stage report: metrics, their facts and the generations only -> metrics/report.md.
+"""Stage report: metrics, their facts, the validation curves and the generations only ->
+metrics/report.md, its pictures (ftstudy.figures) and the trained models' Hugging Face cards
+(ftstudy.cards).
 
 Nothing is recomputed: every number comes from a file another stage wrote (ftstudy.reporting).
 """
@@ -6,11 +8,13 @@ Nothing is recomputed: every number comes from a file another stage wrote (ftstu
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ftstudy.errors import run_stage
 from ftstudy.outputs import write_text
-from ftstudy.reporting import render
+from ftstudy import cards
+from ftstudy.reporting import Inputs, render
 
 
 def main() -> None:
@@ -18,9 +22,15 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="metrics folder")
     ap.add_argument("--generations", required=True, help="generations folder")
     ap.add_argument("--out", required=True, help="markdown file to write")
+    ap.add_argument("--figures", required=True, help="folder for the report's pictures (PNG)")
+    ap.add_argument("--cards", required=True, help="folder for the models' Hugging Face cards (<model>/README.md)")
     args = ap.parse_args()
-    write_text(args.out, render(Path(args.metrics), Path(args.generations)))
-    print(f"report: wrote {args.out}")
+    link = os.path.relpath(args.figures, Path(args.out).parent) + "/"
+    inputs = Inputs.read(Path(args.metrics), Path(args.generations))
+    write_text(args.out, render(inputs, Path(args.figures), link))
+    for model in ("full", "lora"):
+        write_text(Path(args.cards) / model / "README.md", cards.card(inputs, model))
+    print(f"report: wrote {args.out}, its pictures in {args.figures} and the model cards in {args.cards}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ class HubRepo:
     repo_id: str               # org/name
     commit: str                # the one commit, 40 hex digits
     files: dict[str, bytes] = field(default_factory=dict)
+    card: dict | None = None   # the card's metadata, as the repo info gives it (cardData)
 
     @classmethod
     def from_folder(cls, kind: str, repo_id: str, commit: str, folder: Path) -> HubRepo:
@@ -135,7 +136,8 @@ class HubStandIn:
             if repo is not None:
                 self._send(h, 200, {"id": repo_id, "sha": commit, "private": False, "disabled": False, "gated": False,
                                     "lastModified": "2024-01-01T00:00:00.000Z", "tags": [], "downloads": 0,
-                                    "likes": 0, "siblings": [{"rfilename": p} for p in repo.files]})
+                                    "likes": 0, "siblings": [{"rfilename": p} for p in repo.files],
+                                    **({"cardData": repo.card} if repo.card else {})})
             return
         if rest[0] == "tree" and len(rest) >= 2:
             repo, commit = self._repo(h, kind, repo_id, rest[1])
@@ -240,6 +242,8 @@ def study_repos(work: Path) -> list[HubRepo]:
     passages = (ASSETS / "tiny-general" / "test.txt").read_text(encoding="utf-8").splitlines()
     lambada = {"README.md": _card("en", {"test": "en/test-*"}),
                "en/test-00000-of-00001.parquet": _parquet([p for p in passages if p.strip()])}
-    return [HubRepo.from_folder("model", MODEL, COMMITS[MODEL], model_dir),
+    model = HubRepo.from_folder("model", MODEL, COMMITS[MODEL], model_dir)
+    model.card = {"license": "mit"}  # as GPT-2's card says
+    return [model,
             HubRepo("dataset", WIKITEXT, COMMITS[WIKITEXT], wiki),
             HubRepo("dataset", LAMBADA, COMMITS[LAMBADA], lambada)]

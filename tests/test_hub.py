@@ -71,9 +71,9 @@ def test_shipped_pins_and_a_branch_resolve_to_commits_with_a_note(tmp_path, hub_
     assert lines[:-1] == [f"prepare: data.general[0].revision 'main' resolved to commit {'f' * 40}; pin it with "
                           f"-S 'data.general[0].revision={'f' * 40}'"]
     sources = json.loads(lines[-1])
-    assert sources["model.name"] == {"name": MODEL, "revision": COMMITS[MODEL], "commit": COMMITS[MODEL]}
+    assert sources["model.name"] == {"name": MODEL, "revision": COMMITS[MODEL], "commit": COMMITS[MODEL], "license": "mit"}
     assert sources["data.name"]["commit"] == COMMITS[DATA]
-    assert sources["data.general[0].name"] == {"name": LAMBADA, "revision": "main", "commit": "f" * 40}
+    assert sources["data.general[0].name"] == {"name": LAMBADA, "revision": "main", "commit": "f" * 40, "license": None}
 
 
 def test_an_unknown_revision_fails_in_seconds_naming_its_key(tmp_path, hub_endpoint):
@@ -186,3 +186,12 @@ def test_an_online_prepare_then_offline_repro_f_runs_every_stage(tmp_path, repos
     inputs = json.loads((dest / "metrics/prepare.info.json").read_text())["inputs"]
     assert inputs["data.general[0].name"]["commit"] == COMMITS[LAMBADA]
     assert (dest / "metrics/report.md").read_text().startswith("# gpt2 on wikitext (wikitext-2-raw-v1):")
+    # The model cards name the Hub base, its pinned commit and its license, and the test perplexity.
+    from huggingface_hub import ModelCard
+
+    test_ppl = json.loads((dest / "metrics/evaluate/full.json").read_text())["full"]["test_ppl"]
+    card = ModelCard.load(dest / "cards/full/README.md")
+    assert card.data.base_model == MODEL and card.data.base_model_revision == COMMITS[MODEL]
+    assert card.data.license == "mit" and card.data.datasets == [DATA] and card.data.library_name == "transformers"
+    assert card.data.eval_results[0].metric_value == pytest.approx(test_ppl, rel=1e-4)
+    assert f"https://huggingface.co/{MODEL}" in card.text

@@ -69,7 +69,8 @@ def instruct_run(request, tmp_path_factory):
         run_main(generate, *(a for m in ("pretrained", "full", "lora") for a in ("--model", f"models/{m}")),
                  "--base", "models/pretrained", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
         run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
-        run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md")
+        run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md", "--figures", "figures",
+                 "--cards", "cards")
         reset_accelerate()
     return fmt, root
 

@@ -107,6 +107,26 @@ def test_fine_tuning_beats_the_pretrained_model(demo_build):
     assert headline[0].startswith("| Model") and max(map(len, headline)) <= 120, headline
 
 
+def test_the_model_cards_are_real_hub_cards_and_the_report_has_its_pictures(demo_build):
+    from huggingface_hub import ModelCard
+
+    dest, *_ = demo_build
+    for model, library in (("full", "transformers"), ("lora", "peft")):
+        card = ModelCard.load(dest / f"cards/{model}/README.md")
+        test_ppl = read_json(dest / f"metrics/evaluate/{model}.json")[model]["test_ppl"]
+        assert card.data.library_name == library and "ftstudy" in card.data.tags
+        assert card.data.eval_results[0].metric_type == "perplexity"
+        assert card.data.eval_results[0].metric_value == pytest.approx(test_ppl, rel=1e-4)
+        assert card.data.base_model is None and "a local folder" in card.text  # the demo's base has no Hub id
+        assert "## How to load" in card.text
+    assert not (dest / "models/lora/README.md").exists()  # PEFT's empty template is not left to mislead
+    report = (dest / "metrics/report.md").read_text()
+    for name in ("val_loss", "test_ppl", "tradeoff"):
+        path = dest / f"metrics/report-figures/{name}.png"
+        assert f"(report-figures/{name}.png)" in report and path.read_bytes()[:4] == b"\x89PNG"
+        assert path.stat().st_size < 100_000
+
+
 def test_plots_render_both_methods(demo_build):
     dest, *_ = demo_build
     plots = json.loads(dvc(dest, "plots", "show", "--json").stdout)["data"]

@@ -1,0 +1,83 @@
+"""Hugging Face model cards for the two trained models, from the report's inputs only
+(huggingface_hub.ModelCardData, so `ModelCard.load` reads them): metadata (base_model, its commit,
+datasets, library_name, tags, license where the base has one, model-index with the test
+perplexity) and a body with the study's numbers for the model, its training setup and how to
+load it.
+
+The report stage writes them to cards/<model>/README.md: a DVC output cannot lie inside another
+(models/full is train_full's), and the test perplexity comes after training. Pushing a model
+uploads its folder and its card (README "Share a model").
+"""
+
+from __future__ import annotations
+
+LIBRARY = {"full": "transformers", "lora": "peft"}
+
+
+def _ppl(m: dict, key: str) -> str:
+    if f"{key}_lo" not in m:
+        return f"{m[key]:.2f}"
+    return f"{m[key]:.2f} (95% CI {m[f'{key}_lo']:.2f}–{m[f'{key}_hi']:.2f})"
+
+
+def _pct(pair: dict) -> str:
+    pct = lambda v: f"{100 * (v - 1):+.1f}%"  # noqa: E731
+    return pct(pair["ratio"]) + (f" (95% paired CI {pct(pair['lo'])} to {pct(pair['hi'])})" if "lo" in pair else "")
+
+
+def card(r, model: str) -> str:
+    """The card of `model` ("full" or "lora"), as README.md text; `r`: ftstudy.reporting.Inputs."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    inputs = r.prepared["inputs"]
+    base, data_in = inputs["model.name"], inputs["data.name"]
+    hub_base = base["commit"] is not None
+    hub_data = data_in["commit"] is not None
+    ev, tr, label = r.ev[model], r.tr[model], r.label(model)
+    source = r.protocol["source"]
+    tags = ["ftstudy", "causal-lm", "text-generation", "full-fine-tune" if model == "full" else "lora"]
+    if model == "lora" and "DoRA" in tr.get("variant", ""):
+        tags.append("dora")
+    metadata = ModelCardData(
+        base_model=base["name"] if hub_base else None, base_model_relation="finetune" if model == "full" else "adapter",
+        datasets=[source] if hub_data else None, library_name=LIBRARY[model], tags=tags,
+        license=base.get("license"), pipeline_tag="text-generation", model_name=label,
+        eval_results=[EvalResult(task_type="text-generation", dataset_type=source, dataset_name=source,
+                                 dataset_config=r.protocol.get("config"), dataset_split="test", metric_type="perplexity",
+                                 metric_value=round(ev["test_ppl"], 4),
+                                 metric_name="Test perplexity" + (" (answer tokens)" if r.protocol.get("format", "text") != "text"
+                                                                  else " (sliding window)"))])
+    yaml = metadata.to_yaml()
+    if hub_base:
+        yaml += f"\nbase_model_revision: {base['commit']}"
+    base_line = (f"[`{base['name']}`](https://huggingface.co/{base['name']}) at commit `{base['commit']}`" if hub_base
+                 else f"the model in a local folder, `{base['name']}` (sha256 {base.get('content_sha256', '')[:12]}; no Hub id)")
+    pair = r.compare["paired"][f"{model}_vs_pretrained"]
+    general = [f"- {g}: perplexity {_ppl(ev['general'][g], 'ppl')}, {_pct(r.compare['forgetting'][g][f'{model}_vs_pretrained'])} "
+               "against the pretrained model" for g in ev.get("general", {})]
+    load = ('model = AutoModelForCausalLM.from_pretrained("<this repo>")' if model == "full" else
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base["name"]}"'
+            + (f', revision="{base["commit"]}"' if hub_base else "") + '), "<this repo>")')
+    imports = ("from transformers import AutoModelForCausalLM, AutoTokenizer" if model == "full" else
+               "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer")
+    body = [f"# {label}", "",
+            f"{'Full fine-tuning' if model == 'full' else tr.get('variant', 'LoRA')} of {base_line} on `{source}`"
+            + (f" ({r.protocol['config']})" if r.protocol.get("config") else "") + ", trained and measured by the "
+            "ftstudy pipeline (a DVC study of pretrained vs full fine-tuning vs LoRA).", "",
+            "## Results", "",
+            f"- Test perplexity: {_ppl(ev, 'test_ppl')} over {r.protocol['test_tokens']:,} scored tokens",
+            f"- Against the pretrained model on the same test tokens: {_pct(pair)}",
+            f"- Validation perplexity: {_ppl(ev, 'val_ppl')}", *general, "",
+            "## Training", "",
+            f"- Method: {'full fine-tuning, every weight' if model == 'full' else tr.get('variant', 'LoRA')}, "
+            f"{tr['trainable_params']:,} trainable of {tr['total_params']:,} parameters"
+            + (f", on {', '.join(tr['lora_target_modules'])}" if model == "lora" else ""),
+            f"- {tr['steps']:,} optimizer steps, {tr['tokens']:,} tokens, global batch {tr['global_batch']}, "
+            f"peak learning rate {tr.get('lr', 'as configured')}, seed {tr['seed']}",
+            f"- {tr['precision']} on {tr['device']}, {tr['processes']} process(es), base weights {tr.get('base_dtype', 'fp32')}; "
+            f"{tr['train_s']:.1f} s of training",
+            f"- Data: `{source}`, column(s) {', '.join(r.prepared['columns'])}; "
+            + (f"validation and test carved out of training rows (seed {r.prepared['split']['seed']})"
+               if r.prepared["split"]["carved"] else "the source's own splits"), "",
+            "## How to load", "", "```python", imports, load, "```", ""]
+    return "---\n" + yaml + "\n---\n\n" + "\n".join(body)

@@ -1,0 +1,91 @@
+"""The report's pictures, drawn from the numbers it already reads (matplotlib, no display):
+
+- val_loss.png: validation loss against training seconds, both methods;
+- test_ppl.png: each model's test perplexity with its 95% interval;
+- tradeoff.png: learning against forgetting, test perplexity against the first general set's.
+
+PNG files of a few tens of kB, written atomically; the report links them beside its tables, which
+say the same in numbers.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from ftstudy.outputs import write_bytes
+
+COLORS = {"pretrained": "#7f7f7f", "full": "#1f77b4", "lora": "#d62728"}
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=100)
+    ax.grid(alpha=0.3)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: the same numbers, the same bytes
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def val_loss(curves: dict, labels: dict, path: Path) -> None:
+    plt, fig, ax = _figure()
+    for m, points in curves.items():
+        ax.plot([p["seconds"] for p in points], [p["loss"] for p in points], marker="o", markersize=3,
+                color=COLORS[m], label=labels[m])
+    ax.set_xlabel("training seconds (validation time left out)")
+    ax.set_ylabel("validation loss (nats per token)")
+    ax.set_title("Validation loss against training time")
+    ax.legend()
+    _save(plt, fig, path)
+
+
+def test_ppl(ev: dict, labels: dict, path: Path) -> None:
+    plt, fig, ax = _figure()
+    for i, (m, e) in enumerate(ev.items()):
+        low = e["test_ppl"] - e.get("test_ppl_lo", e["test_ppl"])
+        high = e.get("test_ppl_hi", e["test_ppl"]) - e["test_ppl"]
+        ax.errorbar([i], [e["test_ppl"]], yerr=[[low], [high]], fmt="o", capsize=6, color=COLORS[m])
+    ax.set_xticks(range(len(ev)), [labels[m] for m in ev], fontsize=8)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title("Test perplexity with its 95% interval")
+    _save(plt, fig, path)
+
+
+def tradeoff(ev: dict, general: str, labels: dict, path: Path) -> None:
+    plt, fig, ax = _figure()
+    base = ev["pretrained"]
+    for m, e in ev.items():
+        x, y = e["general"][general]["ppl"], e["test_ppl"]
+        ax.scatter([x], [y], color=COLORS[m], s=40, zorder=3, label=labels[m])
+        if m != "pretrained":
+            ax.annotate("", xy=(x, y), xytext=(base["general"][general]["ppl"], base["test_ppl"]),
+                        arrowprops={"arrowstyle": "->", "color": COLORS[m], "alpha": 0.6})
+    ax.set_xlabel(f"{general} perplexity (forgetting: further right)")
+    ax.set_ylabel("test perplexity (learning: further down)")
+    ax.set_title("Learning against forgetting")
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def draw(ev: dict, curves: dict, labels: dict, folder: Path) -> list[tuple[str, str]]:
+    """Every picture into `folder`: (alt text, file name) for each, in the report's order."""
+    folder = Path(folder)
+    out = [("Validation loss against training seconds", "val_loss.png"),
+           ("Test perplexity with 95% intervals", "test_ppl.png")]
+    val_loss(curves, labels, folder / "val_loss.png")
+    test_ppl(ev, labels, folder / "test_ppl.png")
+    general = list(ev["pretrained"].get("general", {}))
+    if general:
+        tradeoff(ev, general[0], labels, folder / "tradeoff.png")
+        out.append((f"Learning against forgetting ({general[0]})", "tradeoff.png"))
+    return out
