@@ -69,7 +69,9 @@ def main() -> None:
     modeling.check_context(p.model.name, p.data.block_size, model_commit)
     tokenizer = modeling.load_tokenizer(p.model.name, model_commit)
     with atomic_dir(args.out) as tmp:
-        meta = splits.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": inputs}
+        # The meta pins what was read; a license (asked of the Hub, unknown offline) is a fact for the info alone.
+        pinned = {key: {k: v for k, v in item.items() if k != "license"} for key, item in inputs.items()}
+        meta = splits.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": pinned}
         write_json(tmp / data.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
