@@ -189,8 +189,12 @@ def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict
 
 def save_initial(model, folder: Path, lora: LoraParams) -> None:
     """A PiSSA or OLoRA adapter's state before training, as PEFT's conversion needs it."""
+    import warnings
+
     model.peft_config["default"].init_lora_weights = True  # so that it loads as plain LoRA
-    model.save_pretrained(folder)
+    with warnings.catch_warnings():  # PEFT advises converting to plain LoRA, which save() does with this state
+        warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights", category=UserWarning)
+        model.save_pretrained(folder)
     model.peft_config["default"].init_lora_weights = lora.init_lora_weights
 
 
