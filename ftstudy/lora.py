@@ -178,7 +178,11 @@ def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict
     """The adapter, as plain LoRA on the original base: PiSSA and OLoRA adapters are converted
     against their initial state (`initial`, saved by save_initial before training). `state_dict`:
     the full model's, gathered under FSDP."""
-    with modeling.peft_attribute_note_silenced():
+    import warnings
+
+    with modeling.peft_attribute_note_silenced(), warnings.catch_warnings():
+        # PEFT advises converting a PiSSA/OLoRA adapter to plain LoRA: that is what this call does.
+        warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights", category=UserWarning)
         if reshapes_base(lora):
             model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial), state_dict=state_dict)
         else:
@@ -189,12 +193,8 @@ def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict
 
 def save_initial(model, folder: Path, lora: LoraParams) -> None:
     """A PiSSA or OLoRA adapter's state before training, as PEFT's conversion needs it."""
-    import warnings
-
     model.peft_config["default"].init_lora_weights = True  # so that it loads as plain LoRA
-    with warnings.catch_warnings():  # PEFT advises converting to plain LoRA, which save() does with this state
-        warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights", category=UserWarning)
-        model.save_pretrained(folder)
+    model.save_pretrained(folder)
     model.peft_config["default"].init_lora_weights = lora.init_lora_weights
 
 
