@@ -71,26 +71,41 @@ def hub_unreachable() -> str | None:
 def offline_advice(item: HubInput, reason: str) -> str:
     return (f"{item.key}: {item.name!r} is a Hugging Face Hub id, and the Hub could not be reached ({reason}) nor "
             f"is it complete in the local cache at {item.revision_key} {item.asked!r}. Either set {item.key} to a "
-            "local folder (README: \"A local model or dataset\"), or run the offline demo on the bundled assets: "
-            "make demo")
+            "local folder or file (README: \"Your own model\", \"Your own data\"), or run the offline demo on the "
+            "bundled assets: make demo")
 
 
-def served_commit(item: HubInput) -> tuple[str, str | None]:
-    """(the commit the Hub serves for the item's revision, its card's license); errors name the key."""
+def served_commit(item: HubInput) -> str:
+    """The commit the Hub serves for the item's revision; errors name the key."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi()
     info = api.model_info if item.repo_type == "model" else api.dataset_info
     try:
-        found = info(item.name, revision=item.asked)
-        return found.sha, (getattr(found, "card_data", None) or {}).get("license")
+        return info(item.name, revision=item.asked).sha
     except RevisionNotFoundError:
         raise StudyError(f"{item.revision_key}: {item.asked!r} is not a revision of {item.name} on the Hub; set a "
                          "commit sha, tag or branch that it has") from None
     except RepositoryNotFoundError:
         raise StudyError(f"{item.key}: {item.name!r} is not a {item.repo_type} on the Hub (or it is gated or "
                          "private and no token grants access)") from None
+
+
+def card_license(item: HubInput, commit: str) -> str | None:
+    """The license that the item's card (its README.md at `commit`) declares, or None where it has
+    no card or declares none. Online the card is downloaded into the Hub cache, so that offline,
+    where it is read from there, the license is still known."""
+    import yaml
+    from huggingface_hub import RepoCard, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        path = hf_hub_download(item.name, "README.md", repo_type=item.repo_type, revision=commit,
+                               local_files_only=offline())
+        return RepoCard.load(path).data.to_dict().get("license")
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError, yaml.YAMLError):  # no card, or unreadable
+        return None
 
 
 def cached_commit(item: HubInput) -> tuple[str | None, str]:
@@ -126,8 +141,8 @@ def cached_commit(item: HubInput) -> tuple[str | None, str]:
 
 
 def resolve(items: list[HubInput]) -> dict[str, dict]:
-    """key -> {"name", "revision" (asked), "commit" (served), "from" (where the commit was
-    learnt)} for every Hub input. When the Hub is
+    """key -> {"name", "revision" (asked), "commit" (served), "license" (its card's), "from" (where
+    the commit was learnt)} for every Hub input. When the Hub is
     down, the clients are switched to offline mode first (before they are imported), so they read
     the cache without retrying; raises StudyError for the first input that is neither reachable
     nor complete in the cache."""
@@ -138,13 +153,9 @@ def resolve(items: list[HubInput]) -> dict[str, dict]:
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     resolved = {}
     for item in items:
-        license = None
-        if reason is None:
-            (commit, license), how = served_commit(item), "the Hub"
-        else:
-            commit, how = cached_commit(item)
+        commit, how = (served_commit(item), "the Hub") if reason is None else cached_commit(item)
         if commit is None:
             raise StudyError(offline_advice(item, reason))
-        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit, "license": license,
-                              "from": how}
+        resolved[item.key] = {"name": item.name, "revision": item.asked, "commit": commit,
+                              "license": card_license(item, commit), "from": how}
     return resolved

@@ -22,7 +22,7 @@ from ftstudy.outputs import atomic_dir, write_json
 
 
 def inputs(p: Params) -> list[hub.HubInput]:
-    """Every input of the study, as (key, name, kind, revision); local folders among them too."""
+    """Every input of the study, as (key, name, repo_type, revision); local sources among them too."""
     items = [hub.HubInput("model.name", p.model.name, "model", p.model.revision),
              hub.HubInput("data.name", p.data.name, "dataset", p.data.revision)]
     return items + [hub.HubInput(f"data.general[{i}].name", g.name, "dataset", g.revision)
@@ -30,9 +30,9 @@ def inputs(p: Params) -> list[hub.HubInput]:
 
 
 def provenance(p: Params) -> dict:
-    """key -> {"name", "revision", "commit"}: Hub inputs resolved to the commit served (a branch or
-    tag gets a one-line note with the commit and how to pin it); a local source has neither, but
-    the hash of its content instead, and a revision or config given for one is ignored with a
+    """key -> {"name", "revision", "commit", "license"}: Hub inputs resolved to the commit served (a branch or
+    tag gets a one-line note with the commit and how to pin it); a local source has none of them,
+    but the hash of its content instead ("content_sha256"), and a revision or config given for one is ignored with a
     note (the shipped ones belong to the Hub's WikiText, so `-S data.name=my.jsonl` alone works)."""
     items = inputs(p)
     configs = {"data.name": p.data.config} | {f"data.general[{i}].name": g.config for i, g in enumerate(p.data.general)}
@@ -69,7 +69,7 @@ def main() -> None:
     modeling.check_context(p.model.name, p.data.block_size, model_commit)
     tokenizer = modeling.load_tokenizer(p.model.name, model_commit)
     with atomic_dir(args.out) as tmp:
-        # The meta pins what was read; a license (asked of the Hub, unknown offline) is a fact for the info alone.
+        # The meta pins what was read; the license (the card's, None where it declares none) is for the info alone.
         pinned = {key: {k: v for k, v in item.items() if k != "license"} for key, item in inputs.items()}
         meta = splits.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": pinned}
         write_json(tmp / data.META_FILE, meta)

@@ -235,6 +235,7 @@ def study_repos(work: Path) -> list[HubRepo]:
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
                     ).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    (model_dir / "README.md").write_text("---\nlicense: mit\n---\n# GPT-2\n")  # as GPT-2's card says
     wiki = {"README.md": _card("wikitext-2-raw-v1", {s: f"wikitext-2-raw-v1/{s}-*" for s in ("train", "validation", "test")})}
     for split, raw in (("train", "wiki.train.raw"), ("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
         lines = (ASSETS / "tiny-wikitext" / raw).read_text(encoding="utf-8").splitlines(keepends=True)
@@ -243,7 +244,7 @@ def study_repos(work: Path) -> list[HubRepo]:
     lambada = {"README.md": _card("en", {"test": "en/test-*"}),
                "en/test-00000-of-00001.parquet": _parquet([p for p in passages if p.strip()])}
     model = HubRepo.from_folder("model", MODEL, COMMITS[MODEL], model_dir)
-    model.card = {"license": "mit"}  # as GPT-2's card says
+    model.card = {"license": "mit"}  # the card's metadata, as the repo info gives it
     return [model,
             HubRepo("dataset", WIKITEXT, COMMITS[WIKITEXT], wiki),
             HubRepo("dataset", LAMBADA, COMMITS[LAMBADA], lambada)]

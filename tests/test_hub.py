@@ -142,6 +142,8 @@ def test_download_first_then_offline_serves_every_input_and_asks_the_hub_nothing
             f"the cache holds); pin it with -S 'data.general[0].revision={COMMITS[LAMBADA]}'") in offline.stdout
     again = json.loads((tmp_path / "prep/meta.json").read_text())
     assert again["splits"] == first["splits"] and again["inputs"] == first["inputs"]
+    license = json.loads((tmp_path / "m/prepare.info.json").read_text())["inputs"]["model.name"]["license"]
+    assert license == "mit"  # the card the online run cached
     assert "Traceback" not in offline.stderr
 
 
