@@ -130,13 +130,19 @@ class Checkpointer:
         done = [d for d in self.dir.glob("step-*") if (d / PROGRESS).is_file()]
         return max(done, key=lambda d: int(d.name.split("-")[1]), default=None)
 
-    def save(self, step: int, progress: dict) -> None:
+    def save(self, step: int, progress: dict, folders: dict[str, Path] | None = None) -> None:
+        """Checkpoint the training state and `progress`, with a copy of each of `folders` (name ->
+        the main process's folder: the live curves, which DVC removes with the stage's outputs
+        before a rerun)."""
         tmp = self.dir / f"step-{step}.tmp"
         self.acc.wait_for_everyone()
         with _quiet_shared_tensors():
             self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            for name, folder in (folders or {}).items():
+                if Path(folder).is_dir():
+                    shutil.copytree(folder, tmp / "folders" / name)
             (tmp / PROGRESS).write_text(json.dumps(progress))
             (self.dir / IDENTITY).write_text(json.dumps(self.identity, sort_keys=True, default=list))
             final = self.dir / f"step-{step}"
@@ -147,8 +153,15 @@ class Checkpointer:
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def load(self, path: Path) -> dict:
+    def load(self, path: Path, folders: dict[str, Path] | None = None) -> dict:
+        """Restore the training state of checkpoint `path`, and each of `folders` as it was saved."""
         self.acc.load_state(str(path))
+        if self.acc.is_main_process:
+            for name, folder in (folders or {}).items():
+                if (path / "folders" / name).is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    shutil.copytree(path / "folders" / name, folder)
+        self.acc.wait_for_everyone()
         return json.loads((path / PROGRESS).read_text())
 
     def clear(self) -> None:

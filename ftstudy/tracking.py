@@ -9,8 +9,9 @@ the folder, and `dvc exp run` makes the experiment. Other trackers Accelerate kn
 wandb, mlflow, ...) work the same way when installed. The final metrics and CSV curves are still
 written atomically at the end, whatever the trackers.
 
-A resumed run continues the live files and never logs a step twice: steps the killed run had
-already logged (they come out the same) are skipped.
+A resumed run continues the live files and never logs a step twice: each checkpoint keeps a copy
+of them (DVC removes a stage's outputs before it reruns) and the resume restores it; steps the
+copy already holds (they come out the same) are skipped.
 
 DVCLive runs as `LiveTracker`, Accelerate's DVCLive tracker on a `Live` that assembles DVC Studio's
 payload only when Studio is configured: DVCLive 3.49 assembles it at every step regardless, rereading

@@ -315,7 +315,7 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
     acc = s.accelerator
     progress = Progress()
     if (latest := ckpt.latest()) is not None:
-        progress = Progress(**ckpt.load(latest))
+        progress = Progress(**ckpt.load(latest, {"live": live.dir}))  # DVC removed the live curves before the rerun
         if acc.is_main_process:
             print(f"{label}: resuming from {latest} (step {progress.step} of {s.total_steps})")
     progress.segments.append((progress.step + 1, torch.get_num_threads()))
@@ -360,7 +360,7 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
             live.log(points, s.scheduler.get_last_lr()[0], tokens_per_s, val)
             if checkpoint:
                 progress.step = step
-                ckpt.save(step, asdict(progress))
+                ckpt.save(step, asdict(progress), {"live": live.dir})
             t0 = time.perf_counter()
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(oom_advice(train)) from e

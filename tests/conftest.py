@@ -141,9 +141,11 @@ def outcome(dest) -> dict:
     non-timing metrics and facts, flattened."""
     lock = yaml.safe_load((dest / "dvc.lock").read_text())
     # Loss curves carry training seconds (the live ones timestamps): their losses are compared
-    # below, not their hash.
+    # below, not their hash. The report's pictures (loss against seconds) and the model cards
+    # (training time) carry seconds too, rendered from the metrics compared here.
+    timed = ("metrics/plots", "metrics/live", "metrics/report-figures", "cards")
     hashes = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith(("metrics/plots", "metrics/live"))}
+              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith(timed)}
     metrics = {}
     for f in sorted((dest / "metrics").rglob("*.json")):
         for k, v in flatten(json.loads(f.read_text())).items():

@@ -1,6 +1,7 @@
 """Resumable training: the checkpoint key and partial checkpoints."""
 
 import json
+import shutil
 
 import pytest
 
@@ -80,3 +81,17 @@ def test_the_training_code_is_what_the_loop_imports():
     names = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert {"training.py", "loss.py", "lora.py", "data.py", "train_lora.py"} <= set(names)
     assert not {"reporting.py", "findings.py", "generation.py", "hub.py"} & set(names)  # their edits keep checkpoints
+
+
+def test_a_checkpoint_keeps_the_live_curves_that_dvc_removes_before_a_rerun(tmp_path):
+    from accelerate import Accelerator
+
+    live = tmp_path / "live"
+    (live / "plots").mkdir(parents=True)
+    (live / "plots" / "loss.tsv").write_text("step\tloss\n1\t2.5\n")
+    ckpt = checkpoints.Checkpointer(tmp_path / "ckpt", "full", {"params": {}}, Accelerator(cpu=True))
+    ckpt.save(1, {"step": 1}, {"live": live})
+    (live / "plots" / "loss.tsv").write_text("step\tloss\n1\t2.5\n2\t2.4\n")  # logged after the checkpoint
+    shutil.rmtree(live)  # DVC removes the stage's outputs before it reruns
+    assert ckpt.load(ckpt.latest(), {"live": live}) == {"step": 1}
+    assert (live / "plots" / "loss.tsv").read_text() == "step\tloss\n1\t2.5\n"
