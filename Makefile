@@ -34,7 +34,7 @@ bench:
 docs:
 	$(PYTHON) -m scripts.docs --dir $(DIR)
 
-# Run once whenever a GPU is at hand (about 8 minutes on an H100). Writes gpu-check.json.
+# Run once whenever a GPU is at hand. Writes gpu-check.json and its table into docs/performance.md.
 gpu-check:
 	$(PYTHON) -m scripts.gpu_check
 

@@ -1,7 +1,11 @@
 """The library behind the DVC stages in stages/, split by concern:
 
-config (typed params), data (sources, token files), modeling (loading, snapshot), lora (PEFT
-wrapping and integrity checks), scoring (perplexity protocols, intervals), generation (prompt
-panel, text quality), training (the one loop), checkpoints (resume), runtime (device, precision,
-memory, FLOPs), outputs (atomic writes), reporting and findings (the report).
+config (typed params); hub (Hub inputs, offline), sources (reading files and datasets), splits
+(carving and tokenizing), examples (instruction data), data (token files, the prepared meta),
+batches; modeling (loading, snapshot), lora (PEFT variants and integrity checks), memory (the
+plan); loss (the chunked loss, the checked scoring path), scoring (perplexity protocols), stats
+(paired intervals); generation (prompt panel, text quality); training (the one loop), checkpoints
+(resume), tracking (live curves), curves, launching (threads, distribution), runtime (device,
+precision, FLOPs); outputs (atomic writes), errors; reporting, findings, figures and cards (the
+report); synthetic (tiny models and tokenizers for tests and assets).
 """

@@ -78,6 +78,6 @@ class ExampleBatches:
 
 def for_split(data_dir, split: str, meta: dict, block_size: int, train_on_prompt: bool):
     """The split's units for the loop: blocks of running text, or instruction examples."""
-    if meta.get("format", "text") == "text":
+    if not data.is_instruct(meta):
         return TextBlocks(data.load_tokens(data_dir, split, meta), block_size)
     return ExampleBatches(examples.load(data_dir, split, meta), train_on_prompt)

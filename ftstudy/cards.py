@@ -6,23 +6,16 @@ load it.
 
 The report stage writes them to cards/<model>/README.md: a DVC output cannot lie inside another
 (models/full is train_full's), and the test perplexity comes after training. Pushing a model
-uploads its folder and its card (README "Share a model").
+uploads its folder and its card (docs/experiments.md, "Use the trained models").
 """
 
 from __future__ import annotations
 
+from ftstudy.findings import change as _pct
+from ftstudy.findings import with_interval as _ppl
+from ftstudy.reporting import instruct
+
 LIBRARY = {"full": "transformers", "lora": "peft"}
-
-
-def _ppl(m: dict, key: str) -> str:
-    if f"{key}_lo" not in m:
-        return f"{m[key]:.2f}"
-    return f"{m[key]:.2f} (95% CI {m[f'{key}_lo']:.2f}–{m[f'{key}_hi']:.2f})"
-
-
-def _pct(pair: dict) -> str:
-    pct = lambda v: f"{100 * (v - 1):+.1f}%"  # noqa: E731
-    return pct(pair["ratio"]) + (f" (95% paired CI {pct(pair['lo'])} to {pct(pair['hi'])})" if "lo" in pair else "")
 
 
 def card(r, model: str) -> str:
@@ -45,7 +38,7 @@ def card(r, model: str) -> str:
         eval_results=[EvalResult(task_type="text-generation", dataset_type=source, dataset_name=source,
                                  dataset_config=r.protocol.get("config"), dataset_split="test", metric_type="perplexity",
                                  metric_value=round(ev["test_ppl"], 4),
-                                 metric_name="Test perplexity" + (" (answer tokens)" if r.protocol.get("format", "text") != "text"
+                                 metric_name="Test perplexity" + (" (answer tokens)" if instruct(r)
                                                                   else " (sliding window)"))])
     yaml = metadata.to_yaml()
     if hub_base:

@@ -1,8 +1,8 @@
 """params.yaml -> typed, frozen config objects, validated before any model or data is loaded.
 
 Every problem (unknown key, missing key, wrong type, bad range) is collected and reported in one
-ConfigError that names each key, so a run never starts on a typo: DVC itself accepts
-`dvc exp run -S lora.rr=16` without a word.
+ConfigError that names each key, so a run never starts on a typo: DVC refuses `-S lora.rr=16`,
+but `-S +lora.rr=16` or a hand edit adds a key without a word.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Token files -> blocks, and what every stage knows of the prepared data: its splits, its meta,
-where a source is local. (Reading sources and tokenizing them is ftstudy.sources, prepare's alone.)
+where a source is local. (Reading sources is ftstudy.sources and tokenizing them ftstudy.splits, prepare's alone.)
 
 Token files are flat little-endian arrays: uint16 when the vocabulary fits, else uint32.
 """
@@ -62,6 +62,11 @@ def content_hash(name: str | Path) -> str:
 
 def read_meta(data_dir: str | Path) -> dict:
     return read_json(Path(data_dir) / META_FILE)
+
+
+def is_instruct(meta: dict) -> bool:
+    """Whether the prepared data (its meta, or a protocol naming its format) is instruction data."""
+    return meta.get("format", "text") != "text"
 
 
 def load_tokens(data_dir: str | Path, split: str, meta: dict | None = None) -> np.ndarray:

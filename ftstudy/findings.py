@@ -16,10 +16,15 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _fmt(m: dict, prefix: str) -> str:
-    if f"{prefix}_lo" not in m:
-        return f"{m[prefix]:.2f} (no interval: too few chunks)"
-    return f"{m[prefix]:.2f} (95% CI {m[f'{prefix}_lo']:.2f}–{m[f'{prefix}_hi']:.2f})"
+def with_interval(m: dict, key: str, missing: str = "") -> str:
+    """m[key] with its 95% interval (m[key_lo], m[key_hi]), or with `missing` where it has none."""
+    if f"{key}_lo" not in m:
+        return f"{m[key]:.2f}{missing}"
+    return f"{m[key]:.2f} (95% CI {m[f'{key}_lo']:.2f}–{m[f'{key}_hi']:.2f})"
+
+
+def _fmt(m: dict, key: str) -> str:
+    return with_interval(m, key, " (no interval: too few chunks)")
 
 
 def paired_verdict(pair: dict) -> str:
@@ -36,7 +41,7 @@ def _ratio(pair: dict) -> str:
     return f"ratio {pair['ratio']:.3f} (95% paired CI {pair['lo']:.3f}–{pair['hi']:.3f})"
 
 
-def _change(pair: dict) -> str:
+def change(pair: dict) -> str:
     """A paired ratio as a change: '+3.1% (95% paired CI +2.0% to +4.2%)'."""
     pct = lambda v: f"{100 * (v - 1):+.1f}%"  # noqa: E731
     return pct(pair["ratio"]) + (f" (95% paired CI {pct(pair['lo'])} to {pct(pair['hi'])})" if "lo" in pair else "")
@@ -83,8 +88,8 @@ def forgetting_finding(ev: dict, forgetting: dict, bootstrap: dict) -> list[str]
     out = []
     for name, pairs in forgetting.items():
         base = ev["pretrained"]["general"][name]
-        text = (f"On general text ({name}), perplexity changed {_change(pairs['full_vs_pretrained'])} after full "
-                f"fine-tuning and {_change(pairs['lora_vs_pretrained'])} after LoRA, against the pretrained model's "
+        text = (f"On general text ({name}), perplexity changed {change(pairs['full_vs_pretrained'])} after full "
+                f"fine-tuning and {change(pairs['lora_vs_pretrained'])} after LoRA, against the pretrained model's "
                 f"{base['ppl']:.2f}")
         if any(paired_verdict(pair) == "too few" for pair in pairs.values()):
             out.append(f"{text}; but {too_small('the set', pairs['full_vs_pretrained'], bootstrap)}.")

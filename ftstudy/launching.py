@@ -16,7 +16,7 @@ left idle while the stage imported transformers and loaded its model (the load r
 alone, its own CPU time left out, so the measurement costs nothing), at most the cgroup's CPU
 quota (a container's --cpus). A CPU-bound neighbour costs a two-thread run on two cores far more than the core it
 takes: OpenMP's threads wait on each other at every parallel region, and one of them keeps being
-descheduled (measured in the README, "Busy machines"). Precision is not decided here but by
+descheduled (measured in docs/performance.md, "Busy machines"). Precision is not decided here but by
 train.precision (ftstudy.runtime.resolve_precision).
 """
 
@@ -132,7 +132,7 @@ def cpu_threads() -> int:
     """Threads for a stage's CPU work: OMP_NUM_THREADS if the user (or accelerate launch) set it,
     else its affinity cores less each of them that other processes keep at least 3/4 busy, at most
     its cgroup's CPU quota, at least one. (A quiet machine always gets every core, so its runs stay
-    bit-identical: the thread count changes the last bits of trained weights, README
+    bit-identical: the thread count changes the last bits of trained weights, docs/reproducibility.md,
     "Determinism".)"""
     if (given := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(given) > 0:
         return int(given)

@@ -3,8 +3,9 @@ lora.use_rslora, lora.init_lora_weights as LoraConfig spells them; a 4-bit base 
 lora.quantize), saving, and the adapter's integrity checks.
 
 Checks: the trainable parameter count equals r x (in + out) over the wrapped layers (plus DoRA's
-magnitude per output); the saved adapter, loaded on a fresh base as evaluate loads it, gives the
-trained model's logits; and the merged model (merge_and_unload) gives them again.
+magnitude per output); the saved adapter, loaded on a fresh base in the training's dtype and
+quantization, scores a batch as the trained model did (per-target NLL); and the merged model
+(merge_and_unload) scores it the same again.
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ def check(folder: Path, base_dir: Path, lora: LoraParams, dtype: str, batch: dic
             merged = copy.deepcopy(reloaded).merge_and_unload()
             out["merge_max_abs_diff"] = (nll(merged, batch) - scored).abs().max().item()
         except RuntimeError as e:  # shapes that do not fit: the adapter's layout is wrong
-            raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}") from e
+            raise ModelError(f"LoRA merge check failed: merging the adapter raised {e}; its shapes do not fit the "
+                             "base, so the adapter was saved wrongly (a bug: report it with the variant)") from e
     tolerance = TOLERANCE["bf16" if sixteen_bit else dtype] * max(1.0, reference.abs().max().item())
     for key, what in (("reload_max_abs_diff", "the saved adapter on a fresh base and the trained model"),
                       ("merge_max_abs_diff", "merged and base+adapter")):

@@ -116,7 +116,7 @@ def refuse_if_too_big(p: Plan, capacity: float | None, method: str) -> None:
         ways.insert(0, "LoRA (stage train_lora) instead of full fine-tuning")
     else:
         ways.append("lora.quantize: nf4")
-    ways.append("more GPUs with FSDP (README: Several GPUs)")
+    ways.append("more GPUs with FSDP (docs/several-gpus.md)")
     raise ConfigError(f"memory: this run needs about {p.line()}, and the GPU holds {capacity / GiB:.1f} GiB; "
                       f"ways out: {'; '.join(ways)}")
 

@@ -13,6 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ftstudy.errors import StudyError
+
 
 @contextmanager
 def _atomic_file(path: str | Path, mode: str):
@@ -43,7 +45,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def _check_finite(obj, where: str = "") -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"metric {where or '<root>'} is {obj}; refusing to write a non-finite metric")
+        raise StudyError(f"metric {where or '<root>'} is {obj}; refusing to write a non-finite metric (a model that "
+                         "diverged or scored nothing: see the stage's log)")
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check_finite(v, f"{where}.{k}" if where else str(k))
@@ -73,7 +76,7 @@ def write_arrays(path: str | Path, arrays: dict) -> None:
 def read_json(path: str | Path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run the stage that writes it (dvc repro)")
+        raise StudyError(f"{path}: not found; run the stage that writes it (dvc repro)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -200,7 +200,8 @@ def validation(r: Inputs) -> list[str]:
     return ["### Validation during training", "",
             _table(rows, ["Model", "Best val loss (step)", "Final val loss", "Rose after best", "Validation time",
                           "Reached the other's final val loss after"]), "",
-            f"Validation loss (run_clm blocks) every {every or 'epoch'}{' optimizer steps' if every else ''}; its "
+            f"Validation loss ({'answer tokens of the validation examples' if instruct(r) else 'run_clm blocks'}) "
+            f"every {every or 'epoch'}{' optimizer steps' if every else ''}; its "
             "time is reported apart and left out of training time and tokens/s. Curves: `dvc plots show` (against "
             "step and against training seconds).", ""]
 
@@ -325,7 +326,7 @@ def environment(r: Inputs) -> list[str]:
     versions = ", ".join(f"{k} {v or 'none'}" for k, v in full["versions"].items())
     return ["## Environment", "",
             f"- Training device: {full['device']}; precision {full['precision']}; {full['processes']} process(es), "
-            f"global batch {full['global_batch']} blocks",
+            f"global batch {full['global_batch']} {'examples' if instruct(r) else 'blocks'}",
             f"- Evaluation precision: {r.protocol['precision']}",
             f"- Versions: {versions}",
             f"- Seed: {full['seed']}", ""]

@@ -126,7 +126,7 @@ def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
     sliding window). The fast path is checked first on one window (choose_path)."""
     from ftstudy import data, examples
 
-    instruct = meta.get("format", "text") != "text"
+    instruct = data.is_instruct(meta)
     splits = [s for s in meta["splits"] if s != "train"]
     tokens = {s: data.load_tokens(data_dir, s, meta) for s in splits}
     first = examples.load(data_dir, "test", meta).example(0)[0] if instruct else tokens["test"]

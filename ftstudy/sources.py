@@ -235,8 +235,8 @@ def _local_splits(name: str, fields: Fields, text: bool = True) -> dict[str, Spl
             file_rows(path, fields, text)  # raises, naming the formats
         return {"train": SplitRows(str(path), lambda: file_rows(path, fields, text))}
     if not path.is_dir():
-        raise DataError(f"{path}: no such file or folder; data.name must be a Hub dataset id, a local folder or "
-                        "a local file")
+        raise DataError(f"{path}: no such file or folder; a source (data.name, data.general[].name) is a Hub "
+                        "dataset id, a local folder or a local file")
     found = {split: f for split in SPLITS if (f := _split_file(path, split)) is not None}
     if found:
         if "train" not in found:
@@ -278,7 +278,8 @@ def _hub_splits(name: str, config: str | None, revision: str | None, fields: Fie
     out = {split: _hub_rows(dd[theirs], f"{name}@{revision}:{config}:{theirs}", fields, text)
            for split, theirs in names.items() if theirs in dd}
     if "train" not in out:
-        raise DataError(f"{name} ({config}) has no train split (its splits: {', '.join(dd)})")
+        raise DataError(f"{name} ({config}) has no train split (its splits: {', '.join(dd)}); set data.config to "
+                        "a config that has one, or data.name to another source")
     return out
 
 
@@ -300,5 +301,5 @@ def general_rows(name: str, config: str | None, revision: str | None, fields: Fi
         return _local_splits(name, fields)["train"]
     splits = _local_splits(name, fields)
     if split not in splits:
-        raise DataError(f"{name}: no file for split {split!r} (data.general split); it has {', '.join(splits)}")
+        raise DataError(f"{name}: no file for split {split!r} ; set data.general[].split to one it has: {', '.join(splits)}")
     return splits[split]

@@ -44,13 +44,12 @@ COLUMNS = [("full", "full", "fp32", "none", False), ("full, checkpointing", "ful
 def memory_table(batch: int = 8, block: int = 1024) -> str:
     import torch
     import transformers
-    import yaml
     from tabulate import tabulate
 
     from ftstudy import lora, memory
-    from ftstudy.config import parse_params
+    from ftstudy.config import load_params
 
-    params = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    params = load_params(ROOT / "params.yaml")
     rows = []
     for name, (config_class, sizes) in MODELS.items():
         with torch.device("meta"):

@@ -3,7 +3,7 @@
 Downloads nothing and needs no `datasets`: the stages run one by one from the commands DVC itself
 resolves from dvc.yaml (its vars and matrix expanded by DVC's own code, so no templating feature is
 re-implemented here). It needs `dvc` importable: on a GPU machine without it, carry dvc's wheels
-(README, "The GPU check").
+(docs/performance.md, "The GPU check").
 
 1. The training loop, side by side in one run, on GPT-2 124M at random init with 1,024-token
    blocks: ours (real stage code) for full and LoRA, compiled, at train.precision auto (bf16 on
@@ -202,12 +202,20 @@ def main() -> None:
               "–" if r.get("peak_mem_reserved_gib") is None else f"{r['peak_mem_reserved_gib']:.2f}"]
              for r in rows if "error" not in r]
     table += [[f"pipeline: {p['stage']}", "", "", "", "", "", "", "", f"{p['wall_s']:.1f} s"] for p in pipeline]
-    print(tabulate(table, ["path / stage", "batch", "precision", "compiled", "tokens/s", "MFU", "warm-up s",
-                           "peak alloc GiB", "reserved GiB / wall"], tablefmt="github"))
-    print(f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_final_loss_rel_diff']:.2e}")
-    for name, v in results["targets"].items():
-        print(f"target {name}: {v['measured']:,} vs {v['target']:,} -> {'met' if v['met'] else 'NOT met'}")
-    print(f"gpu_check: wrote {args.out} in {results['wall_s']:.0f} s")
+    table = tabulate(table, ["path / stage", "batch", "precision", "compiled", "tokens/s", "MFU", "warm-up s",
+                             "peak alloc GiB", "reserved GiB / wall"], tablefmt="github")
+    notes = [f"compiled vs eager final loss: relative difference {results['compiled_vs_eager_final_loss_rel_diff']:.2e}"]
+    notes += [f"target {name}: {v['measured']:,} vs {v['target']:,} -> {'met' if v['met'] else 'NOT met'}"
+              for name, v in results["targets"].items()]
+    print(table, *notes, sep="\n")
+    wrote = [args.out]
+    if not args.dry_run:  # a real GPU's figures go into the docs, stamped; a dry run's are the script's test
+        from scripts.docs_tables import stamp, write_block
+
+        command = "python -m scripts.gpu_check" + (" --loop-only" if args.loop_only else "")
+        body = "\n".join([stamp(command), "", table, "", *(f"- {n}" for n in notes)])
+        wrote.append(write_block("performance.md", "gpu-check", body))
+    print(f"gpu_check: wrote {', '.join(map(str, wrote))} in {results['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         metrics, arrays, path = scoring.score_all(model, args.data, meta, p.data.block_size, p.evaluate, p.seed,
                                                   device, f"evaluate@{name}")
-    instruct = meta.get("format", "text") != "text"
+    instruct = data.is_instruct(meta)
     info = {
         "eval_time_s": round(time.perf_counter() - t0, 3),
         # Numbers are comparable only between runs with the same protocol.

@@ -40,7 +40,7 @@ def main() -> None:
     for tokenizer in tokenizers.values():  # every model checked before any generates
         generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens, context)
     meta = data.read_meta(args.data)
-    test = examples.load(args.data, "test", meta) if meta.get("format", "text") != "text" else None
+    test = examples.load(args.data, "test", meta) if data.is_instruct(meta) else None
     picked = generation.heldout(len(test), p.generate.test_prompts, p.seed) if test is not None else []
     for folder, tokenizer in tokenizers.items():
         name = Path(folder).name

@@ -4,8 +4,9 @@ Only the adapter trains and only the adapter (plus tokenizer) is saved; its conf
 model.name as the base. The layers it wraps (lora.target_modules, `auto` resolved to the family's
 default) are checked on the weightless skeleton before anything loads, and recorded in the info.
 Before the folder is committed, the adapter's integrity is checked and recorded (ftstudy.lora):
-the trainable count equals r x (in + out) over the wrapped layers, and merged and base+adapter
-logits agree, and the saved adapter loaded on a fresh base gives the trained model's logits. The
+the trainable count equals r x (in + out) over the wrapped layers (plus DoRA's magnitudes), the
+saved adapter loaded on a fresh base scores a batch as the trained model did, and its merge scores
+it the same again. The
 variant (lora.use_dora, lora.use_rslora, lora.init_lora_weights; a 4-bit base with
 lora.quantize) is PEFT's; PiSSA and OLoRA adapters are saved converted to plain LoRA on the
 original base. The base loads in model.dtype (auto: bf16 on a GPU that has it). With lora.merge

@@ -23,7 +23,7 @@ def test_prepare_on_the_shipped_params_fails_fast_and_says_what_to_do(tmp_path):
     assert err.startswith("prepare: error: model.name: 'openai-community/gpt2' is a Hugging Face Hub id, and the Hub "
                           "could not be reached")
     assert "nor is it complete in the local cache at model.revision '607a30d783dfa663caf39e06633721c8d4cfcd7e'" in err
-    assert "set model.name to a local folder (README: \"A local model or dataset\")" in err and "make demo" in err
+    assert "set model.name to a local folder or file (README: \"Your own model\", \"Your own data\")" in err and "make demo" in err
     assert "Traceback" not in err and len(err.splitlines()) == 2
     assert not (tmp_path / "prep").exists()
 
