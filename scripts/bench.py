@@ -453,7 +453,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nbench: wrote {args.out}")
     if not args.no_docs:
-        write_docs(results, "python -m scripts.bench " + " ".join(a for a in sys.argv[1:] if a != "--no-docs"))
+        write_docs(results, " ".join(["python -m scripts.bench", *(a for a in sys.argv[1:] if a != "--no-docs")]))
 
 
 if __name__ == "__main__":
