@@ -96,7 +96,7 @@ def write_docs(rows: list[dict], threads: list[dict], command: str) -> None:
                     disable_numparse=True)
     by = {(t["busy"], t["threads"]): t["train_s"] for t in threads}
     labels = list(dict.fromkeys(t["threads"] for t in threads))
-    train = tabulate([["quiet" if busy else "beside one busy process", *(f"{by[(busy, lab)]:.1f}" for lab in labels)]
+    train = tabulate([["beside one busy process" if busy else "quiet", *(f"{by[(busy, lab)]:.1f}" for lab in labels)]
                       for busy in (False, True)], ["train_full's training seconds", *labels], tablefmt="github",
                      disable_numparse=True)
     print(f"contention: wrote {write_block('performance.md', 'contention', stamp(command) + chr(10) * 2 + demo + chr(10) * 2 + train)}")
