@@ -1,5 +1,6 @@
 """Token files -> blocks, and what every stage knows of the prepared data: its splits, its meta,
-where a source is local. (Reading sources is ftstudy.sources and tokenizing them ftstudy.splits, prepare's alone.)
+where a source is local. (Reading sources is ftstudy.sources and tokenizing them ftstudy.splits,
+prepare's alone.)
 
 Token files are flat little-endian arrays: uint16 when the vocabulary fits, else uint32.
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from ftstudy import curves, figures
+from ftstudy import curves, data, figures
 from ftstudy.errors import StudyError
 from ftstudy.findings import findings, paired_verdict
 from ftstudy.outputs import read_json
@@ -129,7 +129,7 @@ def headline(r: Inputs) -> list[str]:
 
 
 def instruct(r: Inputs) -> bool:
-    return r.protocol.get("format", "text") != "text"
+    return data.is_instruct(r.protocol)
 
 
 ANSWERS = {"prompt_completion": "the completion and the EOS after it",

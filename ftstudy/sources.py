@@ -301,5 +301,6 @@ def general_rows(name: str, config: str | None, revision: str | None, fields: Fi
         return _local_splits(name, fields)["train"]
     splits = _local_splits(name, fields)
     if split not in splits:
-        raise DataError(f"{name}: no file for split {split!r} ; set data.general[].split to one it has: {', '.join(splits)}")
+        raise DataError(f"{name}: no file for split {split!r}; set data.general[].split to one it has: "
+                        f"{', '.join(splits)}")
     return splits[split]

@@ -30,10 +30,11 @@ def inputs(p: Params) -> list[hub.HubInput]:
 
 
 def provenance(p: Params) -> dict:
-    """key -> {"name", "revision", "commit", "license"}: Hub inputs resolved to the commit served (a branch or
-    tag gets a one-line note with the commit and how to pin it); a local source has none of them,
-    but the hash of its content instead ("content_sha256"), and a revision or config given for one is ignored with a
-    note (the shipped ones belong to the Hub's WikiText, so `-S data.name=my.jsonl` alone works)."""
+    """key -> {"name", "revision", "commit", "license"}: Hub inputs resolved to the commit served
+    (a branch or tag gets a one-line note with the commit and how to pin it); a local source has
+    none of them but the hash of its content ("content_sha256"), and a revision or config given
+    for one is ignored with a note (the shipped ones belong to the Hub's WikiText, so
+    `-S data.name=my.jsonl` alone works)."""
     items = inputs(p)
     configs = {"data.name": p.data.config} | {f"data.general[{i}].name": g.config for i, g in enumerate(p.data.general)}
     for item in items:

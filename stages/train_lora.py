@@ -6,9 +6,8 @@ default) are checked on the weightless skeleton before anything loads, and recor
 Before the folder is committed, the adapter's integrity is checked and recorded (ftstudy.lora):
 the trainable count equals r x (in + out) over the wrapped layers (plus DoRA's magnitudes), the
 saved adapter loaded on a fresh base scores a batch as the trained model did, and its merge scores
-it the same again. The
-variant (lora.use_dora, lora.use_rslora, lora.init_lora_weights; a 4-bit base with
-lora.quantize) is PEFT's; PiSSA and OLoRA adapters are saved converted to plain LoRA on the
+it the same again. The variant (lora.use_dora, lora.use_rslora, lora.init_lora_weights; a 4-bit
+base with lora.quantize) is PEFT's; PiSSA and OLoRA adapters are saved converted to plain LoRA on the
 original base. The base loads in model.dtype (auto: bf16 on a GPU that has it). With lora.merge
 the merged model is also saved, loadable with plain transformers, at <out>/merged (its size apart,
 as merged_mb: artifact_mb counts the adapter folder alone). Started by ftstudy.launching, as

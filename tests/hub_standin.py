@@ -25,12 +25,19 @@ class HubRepo:
     repo_id: str               # org/name
     commit: str                # the one commit, 40 hex digits
     files: dict[str, bytes] = field(default_factory=dict)
-    card: dict | None = None   # the card's metadata, as the repo info gives it (cardData)
 
     @classmethod
     def from_folder(cls, kind: str, repo_id: str, commit: str, folder: Path) -> HubRepo:
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
         return cls(kind, repo_id, commit, files)
+
+    @property
+    def card(self) -> dict | None:
+        """The card's metadata (its README.md's YAML front matter), as the repo info gives it (cardData)."""
+        import yaml
+
+        text = self.files.get("README.md", b"").decode()
+        return yaml.safe_load(text.split("---")[1]) if text.startswith("---") else None
 
     def resolve(self, revision: str) -> str | None:
         if revision == "main" or (len(revision) >= 7 and self.commit.startswith(revision)):
@@ -243,8 +250,6 @@ def study_repos(work: Path) -> list[HubRepo]:
     passages = (ASSETS / "tiny-general" / "test.txt").read_text(encoding="utf-8").splitlines()
     lambada = {"README.md": _card("en", {"test": "en/test-*"}),
                "en/test-00000-of-00001.parquet": _parquet([p for p in passages if p.strip()])}
-    model = HubRepo.from_folder("model", MODEL, COMMITS[MODEL], model_dir)
-    model.card = {"license": "mit"}  # the card's metadata, as the repo info gives it
-    return [model,
+    return [HubRepo.from_folder("model", MODEL, COMMITS[MODEL], model_dir),
             HubRepo("dataset", WIKITEXT, COMMITS[WIKITEXT], wiki),
             HubRepo("dataset", LAMBADA, COMMITS[LAMBADA], lambada)]

@@ -3,8 +3,8 @@
 
 For each: the loss curve stays within LOSS_RTOL of fp32 eager's; the saved model reloads with
 plain transformers or PEFT and gives the trained model's logits; LoRA's integrity check (reload
-and merge, test_lora.py shows it failing on corrupt adapters) passes within the precision's tolerance. fp16 cannot run on a CPU (test_training.py checks
-that it is refused there)."""
+and merge; test_lora.py shows it failing on corrupt adapters) passes within the precision's
+tolerance. fp16 cannot run on a CPU (test_training.py checks that it is refused there)."""
 
 from __future__ import annotations
 
