@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test test-fast assets tokenizer bench gpu-check study study-demo docs
+.PHONY: demo test test-fast assets tokenizer bench gpu-check study study-demo docs lock upgrade-check
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
@@ -15,6 +15,15 @@ test:
 # The quick tier: unit and stage tests, every model family; no DVC pipelines, no compile.
 test-fast:
 	$(PYTHON) -m pytest -m "not slow"
+
+# Resolve requirements.in (the bounds) into requirements.txt (every package pinned) with uv.
+lock:
+	$(PYTHON) -m scripts.lock
+
+# The newest versions requirements.in admits, in a throwaway venv, then the quick tier there: drift
+# shows up here, before it moves the lock (docs/development.md, "The lock").
+upgrade-check:
+	$(PYTHON) -m scripts.lock --upgrade-check
 
 # Rebuild the bundled tiny assets (deterministic; a few minutes on 2 cores).
 assets:
