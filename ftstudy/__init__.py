@@ -9,3 +9,17 @@ plan); loss (the chunked loss, the checked scoring path), scoring (perplexity pr
 precision, FLOPs); outputs (atomic writes), errors; reporting, findings, figures and cards (the
 report); synthetic (tiny models and tokenizers for tests and assets).
 """
+
+import logging as _logging
+
+
+class _NoKernelsHubNote(_logging.Filter):
+    """bitsandbytes' CPU backend, imported by PEFT whenever bitsandbytes is installed, logs a warning
+    on CPUs with AVX512-BF16 that it could not fetch an optional kernel from the Hub
+    (`kernels-community`): it then uses its own, so the note is noise, and offline it always fails."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNote())

@@ -11,12 +11,14 @@ quantization, scores a batch as the trained model did (per-target NLL); and the 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ftstudy import modeling
 from ftstudy.config import LoraParams
+from ftstudy.errors import StudyError
 from ftstudy.modeling import ModelError
 
 
@@ -57,6 +59,39 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
                          f"valid names: {', '.join(valid)}. Set them with "
                          f"{_set_line(DEFAULTS.get(model_type, valid[:2]))}, or use auto")
     return list(target_modules)
+
+
+class QuantizedPathError(ModelError):
+    """bitsandbytes' 4-bit path failed; names lora.quantize and the way around it."""
+
+
+def _through_bitsandbytes(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if "bitsandbytes" in Path(tb.tb_frame.f_code.co_filename).parts:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextmanager
+def quantized_path_errors(lora: LoraParams):
+    """Under lora.quantize: nf4, an error raised through bitsandbytes' code (its layers, kernels,
+    quantization) ends the stage in one line that names the key and the way out, not a traceback."""
+    try:
+        yield
+    except StudyError:
+        raise
+    except Exception as e:
+        if lora.quantize == "none" or not _through_bitsandbytes(e):
+            raise
+        from importlib.metadata import version
+
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise QuantizedPathError(
+            f"lora.quantize: {lora.quantize}: the 4-bit path failed in bitsandbytes {version('bitsandbytes')} "
+            f"({type(e).__name__}: {detail}); train LoRA on the full-precision base with -S lora.quantize=none, "
+            "or install the bitsandbytes version requirements.txt pins") from e
 
 
 def targets(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
@@ -167,6 +202,11 @@ def build(base_dir: str | Path, lora: LoraParams, base_name: str, planned: tuple
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap(base, lora, base_name, names, base_revision)
+    if lora.quantize == "nf4":
+        # bitsandbytes loads GPT-2's Conv1D layers as (transposed) Linear4bit, so PEFT wrapped Linear
+        # layers; the saved config describes the adapter on the original base, where evaluate, the
+        # cards and users load it (PEFT would otherwise warn there and flip the flag itself).
+        model.peft_config["default"].fan_in_fan_out = _fan_in_fan_out(modeling.skeleton(base_dir), names)
     trainable, _ = modeling.count_params(model)
     if trainable != expected:
         raise ModelError(f"{variant(lora)} has {trainable} trainable parameters, but lora.r x (in + out) over the "

@@ -76,10 +76,27 @@ def load_causal_lm(name: str | Path, revision: str | None = None, dtype: str = "
                                                           bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(str(name), revision=revision, dtype=getattr(torch, DTYPES[dtype]),
                                                  attn_implementation="sdpa", **extra)
+    if quantize == "nf4":
+        keep_4bit_layout_for_training(model)
     # GPT-2 configs name no loss; transformers 5 then warns on every load and uses ForCausalLM,
     # the causal-LM loss, which is ours: say so, and the warning goes.
     model.loss_type = "ForCausalLM"
     return model
+
+
+def keep_4bit_layout_for_training(model) -> None:
+    """Keep bitsandbytes' 4-bit layers in the one weight layout that trains, on every CPU.
+
+    On a CPU with AVX512-BF16, a Linear4bit's first forward in eval mode without gradients
+    (validation, the fast-path check) repacks its weights for an inference kernel, for good: the
+    next training step then runs through that kernel, which has no backward (bitsandbytes 0.50:
+    "a view of a leaf Variable ... in-place operation" at `result += bias`). Our models switch
+    between training and scoring, so the repack is switched off (`support_avx512bf16_for_cpu`,
+    which Linear4bit reads at each forward); other CPUs and GPUs never take that path. The same
+    layout everywhere also keeps a run's scores from depending on the CPU's instruction set."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_weights(folder: Path) -> None:

@@ -49,7 +49,7 @@ def main() -> None:
     planned = lora.plan(paths.base, p.lora)  # a lora.target_modules that matches nothing fails here, in seconds
     commit = data.read_meta(paths.data)["inputs"]["model.name"]["commit"]  # what prepare loaded
     dtype = runtime.base_dtype(p.model.dtype, "lora")
-    with tempfile.TemporaryDirectory() as initial:
+    with tempfile.TemporaryDirectory() as initial, lora.quantized_path_errors(p.lora):
         training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit, dtype, Path(initial)),
                      dtype=dtype, trainable=planned[1],
                      saver=lambda model, folder, state: lora.save(model, folder, p.lora, Path(initial), state),

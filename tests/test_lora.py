@@ -136,3 +136,74 @@ def test_every_variant_trains_through_the_stage_with_a_sound_adapter(project, tm
     run_main(evaluate, "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "m/evaluate/lora.json",
              "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npz")
     assert math.isfinite(read_json("m/evaluate/lora.json")["lora"]["test_ppl"])
+
+
+@pytest.fixture
+def avx512_bf16(monkeypatch):
+    """bitsandbytes' Linear4bit as it is built on a CPU with AVX512-BF16: it then repacks its weights
+    for an inference kernel at its first forward in eval mode without gradients (a pure-torch
+    repack, so it runs on any CPU)."""
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    assert bitsandbytes.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu  # the emulation reaches the layer
+
+
+def test_qlora_trains_validates_and_checks_on_a_cpu_with_avx512_bf16(project, avx512_bf16):
+    """Validation during 4-bit training (every 5 steps) and the fast-path check before it: on such
+    a CPU the repack for inference used to stick, and the following steps ran through a kernel
+    with no backward (a RuntimeError there; here, silently wrong training that the reload check
+    caught 0.4 nats apart)."""
+    from conftest import prepare_in, run_main, train_args
+    from ftstudy.outputs import read_json
+    from stages import train_lora
+
+    prepare_in(project, **{"lora.quantize": "nf4", "train.epochs": 1, "train.eval_every": 5, "lora.dropout": 0.0})
+    run_main(train_lora, *train_args("lora"))
+    m, info = read_json("m/lora.json")["lora"], read_json("m/lora.info.json")
+    assert info["variant"] == "QLoRA" and m["reload_max_abs_diff"] <= m["check_tolerance"]
+    assert m["val_loss"] < 5.0  # it learned: the pretrained tiny model starts near 5.8
+
+
+def test_a_failure_in_the_4bit_path_ends_the_stage_in_one_line(project, monkeypatch, capsys):
+    import bitsandbytes
+
+    from conftest import prepare_in
+    from ftstudy.errors import run_stage
+    from stages import train_lora
+
+    prepare_in(project, **{"lora.quantize": "nf4", "train.epochs": 1})
+
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device\nsecond line")
+
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", broken_kernel)  # what Linear4bit.forward calls
+    monkeypatch.setattr("sys.argv", ["train_lora.py", *__import__("conftest").train_args("lora")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(train_lora.main)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    error = next(line for line in err if "error:" in line)
+    assert error.startswith("train_lora: error: lora.quantize: nf4: the 4-bit path failed in bitsandbytes ")
+    assert "(RuntimeError: no kernel image is available for execution on the device); " in error
+    assert "-S lora.quantize=none" in error and "Traceback" not in "\n".join(err)
+
+
+def test_an_error_outside_bitsandbytes_is_not_blamed_on_the_4bit_path():
+    params = parse_params(demo_params(**{"lora.quantize": "nf4"})).lora
+    with pytest.raises(KeyError), lora.quantized_path_errors(params):
+        raise KeyError("ours")
+
+
+def test_bitsandbytes_note_about_the_kernels_hub_is_not_shown(caplog):
+    import logging
+
+    import ftstudy  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                    "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        log.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
