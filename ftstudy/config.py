@@ -78,6 +78,7 @@ class DataParams:
     train_on_prompt: bool
     validation_fraction: float = field(metadata=_fraction)
     test_fraction: float = field(metadata=_fraction)
+    split_seed: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
     block_size: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2 (one context token, one target)"))
     general: list[SourceParams]
 
@@ -99,6 +100,8 @@ class TrainParams:
     log_every: int = field(metadata=_positive)
     eval_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 scores validation once per epoch)"))
     checkpoint_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns checkpoints off)"))
+    cpu_threads: Literal["auto", "by-load"] | int = field(metadata=_check(
+        lambda v: not isinstance(v, int) or v > 0, "must be auto, by-load or a thread count > 0"))
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,17 @@ def _times(ratio: float) -> str:
 
 
 def _setup(m: dict) -> str:
-    return f"{m['device']}, {m['precision']}, {m['processes']} process(es)"
+    return f"{m['device']}, {m['precision']}, {m['processes']} process{'' if m['processes'] == 1 else 'es'}"
+
+
+def conditions_differ(tr: dict) -> str | None:
+    """A sentence saying full fine-tuning and LoRA trained under different conditions (device and
+    threads, precision, processes), or None when they did not."""
+    full, lora = tr["full"], tr["lora"]
+    if _setup(full) == _setup(lora):
+        return None
+    return (f"Full fine-tuning and LoRA trained under different conditions (full fine-tuning: {_setup(full)}; "
+            f"LoRA: {_setup(lora)}): their times, speeds and memory are not compared.")
 
 
 def efficiency_finding(tr: dict) -> list[str]:
@@ -138,13 +148,12 @@ def efficiency_finding(tr: dict) -> list[str]:
     share = 100 * lora["trainable_params"] / full["trainable_params"]
     text = (f"LoRA trains {lora['trainable_params']:,} parameters ({share:.2f}% of full fine-tuning's "
             f"{full['trainable_params']:,}) and its artifact is {_times(full['artifact_mb'] / lora['artifact_mb'])} smaller")
-    if _setup(full) == _setup(lora):
+    if (differ := conditions_differ(tr)) is None:
         text += (f"; both trained on {_setup(full)}, it ran at {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x "
                  f"full fine-tuning's tokens/s with {lora['peak_mem_gib'] / full['peak_mem_gib']:.2f}x its peak "
                  f"memory ({full['peak_mem_kind'].replace('_', ' ')}).")
     else:
-        text += (f"; their speeds are not compared, since they trained on different setups (full fine-tuning: "
-                 f"{_setup(full)}; LoRA: {_setup(lora)}).")
+        text += ". " + differ
     return [text]
 
 

@@ -56,7 +56,7 @@ def generate(model, tokenizer, g: GenerateParams, seed: int, device) -> tuple[li
     distinct continuations."""
     panel, ids = [], []
     prompts = (g.prompt, *g.extra_prompts)
-    for pi, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False)):
+    for pi, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False, disable=None)):
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
         n_in = inputs["input_ids"].shape[1]
 

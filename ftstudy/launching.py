@@ -10,13 +10,18 @@ launcher:
 - plain `python` for one process on one GPU or a CPU: Accelerate runs the same loop without the
   launcher, which would start a second interpreter and import torch twice (seconds per stage).
 
-CPU threads (`cpu_threads`): the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it
-from --num_cpu_threads_per_process), else the cores of the process's affinity that other processes
-left idle while the stage imported transformers and loaded its model (the load read on those cores
-alone, its own CPU time left out, so the measurement costs nothing), at most the cgroup's CPU
-quota (a container's --cpus). A CPU-bound neighbour costs a two-thread run on two cores far more than the core it
-takes: OpenMP's threads wait on each other at every parallel region, and one of them keeps being
-descheduled (measured in docs/performance.md, "Busy machines"). Precision is not decided here but by
+CPU threads (`cpu_threads`, train.cpu_threads for the training stages): a number given there; else
+the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it from
+--num_cpu_threads_per_process); else (auto) the cores this process may use: its affinity, at most
+its cgroup's CPU quota (a container's --cpus). Never their load: the thread count changes the last
+bits of trained weights, so a count chosen by the load would make the same params give different
+models on a busy machine and a quiet one (docs/reproducibility.md, "Determinism"). Workers sharing
+a machine each get their own count from their affinity (taskset, a scheduler's CPU binding).
+`by-load` opts into leaving out the cores other processes keep busy, measured while the stage
+imported transformers and loaded its model (its own CPU time left out, so the measurement costs
+nothing): a CPU-bound neighbour costs a two-thread run on two cores far more than the core it
+takes, since OpenMP's threads wait on each other at every parallel region (docs/performance.md,
+"Busy machines"), but the result then depends on the load. Precision is not decided here but by
 train.precision (ftstudy.runtime.resolve_precision).
 """
 
@@ -106,7 +111,7 @@ def load_sample() -> tuple[float, float] | None:
     return times[0] / _HZ - own.user - own.system, times[1] / _HZ
 
 
-# The load is measured from when a stage imports this module (after torch, which ftstudy.runtime
+# by-load: the load is measured from when a stage imports this module (after torch, which ftstudy.runtime
 # imports first) to when it sets its threads, after loading its model: that work makes the window
 # (its own CPU time left out), so the measurement costs the stage nothing.
 _IMPORTED = load_sample()
@@ -128,14 +133,17 @@ def busy_cores(since: tuple[float, float] | None = None, window_s: float = 0.15)
     return max(0.0, after[0] - before[0]) / total * cores if total > 0 else 0.0
 
 
-def cpu_threads() -> int:
-    """Threads for a stage's CPU work: OMP_NUM_THREADS if the user (or accelerate launch) set it,
-    else its affinity cores less each of them that other processes keep at least 3/4 busy, at most
-    its cgroup's CPU quota, at least one. (A quiet machine always gets every core, so its runs stay
-    bit-identical: the thread count changes the last bits of trained weights, docs/reproducibility.md,
-    "Determinism".)"""
+def cpu_threads(policy: str | int = "auto") -> int:
+    """Threads for a stage's CPU work under `policy` (train.cpu_threads): a number is taken as it
+    is; else OMP_NUM_THREADS if the user (or accelerate launch) set it; else, for auto, the usable
+    cores (affinity, cgroup quota) whatever their load; for by-load, the affinity cores less each
+    of them that other processes keep at least 3/4 busy, at most the quota, at least one."""
+    if isinstance(policy, int):
+        return policy
     if (given := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(given) > 0:
         return int(given)
+    if policy == "auto":
+        return usable_cores()
     free = len(affinity_cores()) - math.floor(busy_cores() + 0.25)
     limit = cgroup_cpu_limit()
     return max(1, free if limit is None else min(free, math.floor(limit)))
@@ -155,7 +163,7 @@ def require_asked_distribution(accelerator) -> None:
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
     if fsdp_asked() and kind != "FSDP":
         raise ConfigError(f"FSDP was asked for (ACCELERATE_USE_FSDP), but Accelerate runs {kind} on "
-                          f"{accelerator.device.type} with {accelerator.num_processes} process(es): it enables FSDP only "
+                          f"{accelerator.device.type} with {accelerator.num_processes} process{'' if accelerator.num_processes == 1 else 'es'}: it enables FSDP only "
                           "on GPUs; launch on GPUs, or drop --use_fsdp (distributed_type: FSDP) from the Accelerate config")
 
 

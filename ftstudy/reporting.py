@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from ftstudy import curves, data, figures
 from ftstudy.errors import StudyError
-from ftstudy.findings import findings, paired_verdict
+from ftstudy.findings import NAMES, conditions_differ, findings, paired_verdict
 from ftstudy.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
@@ -125,6 +125,7 @@ def headline(r: Inputs) -> list[str]:
             ("Test perplexity on the answer tokens, each example scored alone; lower is better." if instruct(r)
              else "Test perplexity: sliding window, lower is better."), "",
             _table(rows, ["Model", "Test perplexity", "Training time", "Peak memory"]), "",
+            *([differ, ""] if (differ := conditions_differ(r.tr)) else []),
             f"Greedy continuations of the prompt *{prompt}*:", "", *texts, ""]
 
 
@@ -161,18 +162,21 @@ def protocol_text(r: Inputs) -> str:
 def efficiency(r: Inputs) -> list[str]:
     tr, lora = r.tr, r.tr["lora"]
     rows = [[r.label(m), duration(tr[m]["train_s"]), f"{tr[m]['warmup_s']:.1f} s", f"{tr[m]['tokens_per_s']:,.0f}",
-             f"{tr[m]['mfu']:.1%}", f"{tr[m]['peak_mem_gib']:.2f} GiB",
+             f"{tr[m]['mfu']:.1%}" if "mfu" in tr[m] else "–", f"{tr[m]['peak_mem_gib']:.2f} GiB",
              f"{tr[m]['trainable_params']:,}", f"{tr[m]['total_params']:,}", f"{tr[m]['artifact_mb']:,.2f}"] for m in tr]
+    mfu = (f"MFU: FLOPs per token 4N + 2N' + 12·L·d·T (6N + 12·L·d·T for full fine-tuning, about 4N for LoRA's frozen "
+           f"base; N: the parameters a token's matmuls use, all but the embedding tables, the output projection "
+           f"counted once; N': the trainable ones) over the device's peak, "
+           f"{tr['full']['peak_flops'] / 1e12:,.3g} TFLOP/s ({tr['full']['peak_flops_source']}). "
+           if tr["full"].get("peak_flops") else
+           "No MFU on a CPU: it has no data-sheet peak, and a measured one moved 2x between runs. ")
     return ["## Efficiency", "",
             _table(rows, ["Model", "Training time", "Warm-up", "Tokens/s (steady)", "MFU", "Peak memory",
                           "Trainable params", "Total params", "Artifact (MB)"]), "",
+            *([differ, ""] if (differ := conditions_differ(tr)) else []),
             f"Training time is the loop alone; warm-up is the first log interval of each process (compilation "
-            f"included; a resumed run has one per process), excluded from the steady-state tokens/s. MFU: FLOPs per "
-            f"token 4N + 2N' + 12·L·d·T (6N + 12·L·d·T for full fine-tuning, about 4N for LoRA's frozen base; N: "
-            f"the parameters a token's matmuls use, all but the embedding tables, the output projection counted "
-            f"once; N': the trainable ones) over the device's peak, {tr['full']['peak_flops'] / 1e12:,.3g} TFLOP/s "
-            f"({tr['full']['peak_flops_source']}). "
-            f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. Base weights: full fine-tuning "
+            f"included; a resumed run has one per process), excluded from the steady-state tokens/s. " + mfu
+            + f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. Base weights: full fine-tuning "
             f"{tr['full'].get('base_dtype', 'fp32')}, {lora.get('variant', 'LoRA')} {lora.get('base_dtype', 'fp32')}"
             + (" quantized to 4-bit NF4" if "QLoRA" in lora.get("variant", "") or "4-bit" in lora.get("variant", "") else "")
             + f". {lora.get('variant', 'LoRA')} integrity: "
@@ -261,7 +265,7 @@ def split_made(r: Inputs) -> str:
     if split["carved"]:
         shares = " and ".join(f"{s} {split[f'{s}_fraction']:.0%}" for s in split["carved"])
         text = (f"Split made here: {' and '.join(split['carved'])} carved out of the source's training rows by a keyed "
-                f"hash of each row's text (seed {split['seed']}; {shares} of the rows on average; an exact duplicate "
+                f"hash of each row's text (data.split_seed {split['split_seed']}; {shares} of the rows on average; an exact duplicate "
                 "always joins its twin). ")
     removed = {s: v["duplicates_removed"] for s, v in r.corpus.items() if v["duplicates_removed"]}
     if removed:
@@ -324,9 +328,11 @@ def heldout(r: Inputs) -> list[str]:
 def environment(r: Inputs) -> list[str]:
     full = r.tr["full"]
     versions = ", ".join(f"{k} {v or 'none'}" for k, v in full["versions"].items())
+    setups = [(m, tr) for m, tr in r.tr.items()] if conditions_differ(r.tr) else [(None, full)]
     return ["## Environment", "",
-            f"- Training device: {full['device']}; precision {full['precision']}; {full['processes']} process(es), "
-            f"global batch {full['global_batch']} {'examples' if instruct(r) else 'blocks'}",
+            *(f"- Training device{'' if m is None else f' ({NAMES[m]})'}: {tr['device']}; precision {tr['precision']}; "
+              f"{tr['processes']} process{'' if tr['processes'] == 1 else 'es'}, global batch {tr['global_batch']} "
+              f"{'examples' if instruct(r) else 'blocks'}" for m, tr in setups),
             f"- Evaluation precision: {r.protocol['precision']}",
             f"- Versions: {versions}",
             f"- Seed: {full['seed']}", ""]

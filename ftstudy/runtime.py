@@ -120,30 +120,37 @@ def peak_memory(device: torch.device) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def library_versions() -> dict:
-    """Installed versions, read from package metadata: importing peft only to ask would cost a
-    training stage that never uses it about 1.5 s."""
-    from importlib.metadata import version
+    """Installed versions of what a result depends on, read from package metadata (importing peft
+    only to ask would cost a training stage that never uses it about 1.5 s); None for one not
+    installed (bitsandbytes is needed only for lora.quantize)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     return {"torch": torch.__version__, "cuda": torch.version.cuda,
-            **{name: version(name) for name in ("transformers", "peft", "accelerate")},
+            **{name: installed(name) for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets")},
             "python": platform.python_version()}
 
 
-def use_cpu_threads(device: torch.device) -> None:
-    """On a CPU, run torch's parallel work on ftstudy.launching.cpu_threads() threads: the
-    user's OMP_NUM_THREADS, else the cores other processes leave idle."""
+def use_cpu_threads(device: torch.device, policy: str | int = "auto") -> None:
+    """On a CPU, run torch's parallel work on ftstudy.launching.cpu_threads(policy) threads:
+    train.cpu_threads for training, by default the cores this process may use, whatever their load."""
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
+        torch.set_num_threads(cpu_threads(policy))
 
 
 def to_eval_device(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.device]:
     """A loaded model moved to where evaluation and generation run: the GPU when there is one, else
-    the CPU with the threads use_cpu_threads chooses (after loading, so that the machine's load is
-    measured over the loading)."""
+    the CPU with the threads use_cpu_threads chooses by default (the usable cores)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_cpu_threads(device)
     return model.to(device), device

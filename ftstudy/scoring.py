@@ -52,7 +52,7 @@ def _score(model, windows: list[np.ndarray], first_offsets: list[int], device, b
            desc: str | None, own_forward: bool) -> np.ndarray:
     """NLL of tokens windows[i][j] for j >= first_offsets[i] (same-length windows, batched)."""
     out = []
-    for s in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, leave=False):
+    for s in tqdm(range(0, len(windows), batch_size), desc=desc, disable=True if desc is None else None, leave=False):
         x = torch.from_numpy(np.stack(windows[s:s + batch_size]).astype(np.int64)).to(device)
         mask = torch.zeros((x.shape[0], x.shape[1] - 1), dtype=torch.bool, device=device)
         for i, first in enumerate(first_offsets[s:s + batch_size]):
@@ -89,7 +89,7 @@ def answer_nll(model, ex, device, batch_size: int = 8, desc: str | None = None, 
     units = ExampleBatches(ex, train_on_prompt=False)
     indices = np.arange(len(ex)) if indices is None else np.asarray(indices)
     out, counts = [], []
-    for s in tqdm(range(0, len(indices), batch_size), desc=desc, disable=desc is None, leave=False):
+    for s in tqdm(range(0, len(indices), batch_size), desc=desc, disable=True if desc is None else None, leave=False):
         batch = {k: torch.from_numpy(v).to(device) for k, v in units.batch(indices[s:s + batch_size]).items()}
         out.append(position_nll(model, batch["input_ids"], batch["target_mask"], own_forward,
                                 attention_mask=batch["attention_mask"]).double().cpu().numpy())

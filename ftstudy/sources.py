@@ -211,9 +211,18 @@ def file_rows(path: Path, fields: Fields, text: bool = True) -> Iterator[list]:
 
 @dataclass(frozen=True)
 class SplitRows:
-    """One split of a source as it is: where it is read from, and a way to read its rows."""
+    """One split of a source as it is: where it is read from, a way to read its rows, and whether
+    its rows are documents (each file of a folder of .txt files, each record of structured data)
+    or a running text's lines (a text file's); None for a Hub dataset, whose rows' shape decides
+    (ftstudy.splits.join_rows)."""
     where: str
     rows: Callable[[], Iterator[list[str]]]
+    documents: bool | None = None
+
+
+def _rows_are_documents(path: Path, text: bool) -> bool:
+    """A text file's rows are its lines; a structured file's are its records."""
+    return not (text and file_format(path) in (".txt", ".raw"))
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -233,7 +242,7 @@ def _local_splits(name: str, fields: Fields, text: bool = True) -> dict[str, Spl
             raise DataError(f"{path}: the file is empty; give it text")
         if not file_format(path):
             file_rows(path, fields, text)  # raises, naming the formats
-        return {"train": SplitRows(str(path), lambda: file_rows(path, fields, text))}
+        return {"train": SplitRows(str(path), lambda: file_rows(path, fields, text), _rows_are_documents(path, text))}
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder; a source (data.name, data.general[].name) is a Hub "
                         "dataset id, a local folder or a local file")
@@ -242,10 +251,12 @@ def _local_splits(name: str, fields: Fields, text: bool = True) -> dict[str, Spl
         if "train" not in found:
             raise DataError(f"{path}: split files for {', '.join(found)} but none for train; add "
                             f"{', '.join(SPLIT_STEMS['train'])} (.txt, .jsonl, .json, .csv or .parquet)")
-        return {split: SplitRows(str(f), lambda f=f: file_rows(f, fields, text)) for split, f in found.items()}
+        return {split: SplitRows(str(f), lambda f=f: file_rows(f, fields, text), _rows_are_documents(f, text))
+                for split, f in found.items()}
     documents = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if documents and text:
-        return {"train": SplitRows(f"{path} ({len(documents):,} .txt documents)", lambda: _document_rows(documents))}
+        return {"train": SplitRows(f"{path} ({len(documents):,} .txt documents)", lambda: _document_rows(documents),
+                                   documents=True)}
     raise DataError(f"{path}: no split files and no .txt documents; expected train.jsonl (or .txt, .json, .csv, "
                     ".parquet, WikiText's wiki.train.raw), optionally with validation and test files, or a folder "
                     "of .txt documents")

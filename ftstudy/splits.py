@@ -1,14 +1,18 @@
 """Rows -> token files: prepare's splitting, deduplicating and tokenizing (ftstudy.sources reads).
 
-Rows become a split's text by the separator rule: rows that end in their own newline (WikiText's
-lines, a .txt file's) are a running text, joined as written, with one BOS at the start of the
-split where the tokenizer adds one; other rows are documents, each followed by a blank line and,
-for a BOS-adding tokenizer, preceded by BOS, as the scoring expects. No EOS is inserted: the
+Rows become a split's text by what the source is (ftstudy.sources.SplitRows.documents), never by
+what a row ends in: a text file's lines (WikiText's, any .txt file's) are a running text, joined as
+written, with one BOS at the start of the split where the tokenizer adds one; a folder's .txt
+files and the records of structured data (JSONL, JSON, CSV, parquet) are documents, each followed
+by a blank line (its own trailing newlines dropped) and, for a BOS-adding tokenizer, preceded by
+BOS, as the scoring expects; only documents are deduplicated across splits. A Hub dataset's rows are
+a running text's lines when each is one line ending in its newline (WikiText's shape), else
+documents. No EOS is inserted: the
 stream is scored as the text it is, and an EOS would be a token the text does not hold.
 
 Splits: a source without validation or test (one file, a folder of documents, a Hub dataset with
 only `train`) gets them carved out of its training rows, row by row, by a keyed hash of each row's
-text seeded by `seed`: data.validation_fraction and data.test_fraction of the rows on average,
+text keyed by data.split_seed (not `seed`: a study's training seeds all meet one test split): data.validation_fraction and data.test_fraction of the rows on average,
 the same split for the same params and text next year, and an exact duplicate always in the
 split of its twin. A source that has its own splits keeps them, and an exact duplicate of a
 training document in validation or test (or of a validation document in test) is removed there,
@@ -48,22 +52,28 @@ def bos_id(tokenizer) -> int | None:
     return bos if bos is not None and with_special[:1] == [bos] and plain[:1] != [bos] else None
 
 
-def join_rows(rows: Iterator[list[str]]) -> tuple[str, Iterator[list[str]]]:
-    """(the separator, the rows to tokenize in order) for a source, inferred from its first batch:
-    rows that end in their own newline (WikiText, text files) are joined as written; rows that do
-    not (documents, passages, records) each get PASSAGE_SEPARATOR after them, so that no two read
-    as one and no word loses its leading space. Empty rows of documents are dropped."""
+def _lines_shaped(batch: list[str]) -> bool:
+    """Whether rows look like a text file read line by line: each one line ending in its newline."""
+    return all(r.endswith("\n") and r.count("\n") == 1 for r in batch if r)
+
+
+def join_rows(rows: Iterator[list[str]], documents: bool | None = None) -> tuple[str, Iterator[list[str]]]:
+    """(the separator, the rows to tokenize in order): a running text's lines (`documents` False)
+    are joined as written; documents each get PASSAGE_SEPARATOR after them in place of their own
+    trailing newlines, so that no two read as one and no word loses its leading space, and empty
+    ones are dropped. `documents` None (a Hub dataset): lines when the first batch is lines-shaped."""
     rows = iter(rows)
     first = next(rows, None)
     while first is not None and not first:
         first = next(rows, None)
     if first is None:
         return "", iter(())
-    separator = "" if all(r.endswith("\n") for r in first if r) else PASSAGE_SEPARATOR
+    if documents is None:
+        documents = not _lines_shaped(first)
     batches = itertools.chain([first], rows)
-    if not separator:
-        return separator, batches
-    return separator, ([r + separator for r in batch if r.strip()] for batch in batches)
+    if not documents:
+        return "", batches
+    return PASSAGE_SEPARATOR, ([r.rstrip("\n") + PASSAGE_SEPARATOR for r in batch if r.strip()] for batch in batches)
 
 
 class SplitWriter:
@@ -143,16 +153,16 @@ def _sized(batches: Iterator[list[str]]) -> Iterator[list[str]]:
             yield batch[start:]
 
 
-def tokenize_stream(rows: Iterator[list[str]], tokenizer, route: Callable[[str, bytes, bool], SplitWriter | None],
+def tokenize_stream(source, tokenizer, route: Callable[[str, bytes, bool], SplitWriter | None],
                     writers: list[SplitWriter]) -> str:
-    """Tokenize the rows of one source split into the writers `route(text, digest, documents)`
-    picks for each row (None: dropped as a duplicate, counted by route); returns the separator
-    rule used ("" for a running text).
+    """Tokenize the rows of one source split (ftstudy.sources.SplitRows) into the writers
+    `route(text, digest, documents)` picks for each row (None: dropped as a duplicate, counted by
+    route); returns the separator rule used ("" for a running text).
 
     The Rust backend is called directly (the Python wrapper's BatchEncoding costs ~40% more for the
     same ids; encode_batch_fast skips offsets), and the next batch is encoded on a worker thread
     (the backend releases the GIL) while this one is written."""
-    separator, rows = join_rows(_sized(rows))
+    separator, rows = join_rows(_sized(source.rows()), source.documents)
     documents = bool(separator)
     for writer in writers:
         if not writer.started:
@@ -214,7 +224,7 @@ def _check_size(split: str, counts: dict, block_size: int, where: str, carved: d
 
 def _made(name: str, carved: dict, seed: int) -> str:
     if name in carved:
-        return f"carved from train: the rows whose keyed hash (seed {seed}) falls in its {carved[name]:.0%}"
+        return f"carved from train: the rows whose keyed hash (data.split_seed {seed}) falls in its {carved[name]:.0%}"
     return "the source's training rows left after carving" if name == "train" and carved else "the source's own"
 
 
@@ -237,7 +247,7 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
     carved = {s: getattr(d, f"{s}_fraction") for s in ("validation", "test") if s not in have}
     writers = {s: examples.ExampleWriter(out, s, dtype, d.block_size) if instruct else SplitWriter(out / f"{s}.bin", dtype, bos)
                for s in SPLITS}
-    carver, earlier, wheres = Carver(p.seed, carved), set(), {}  # earlier: documents of the splits already written
+    carver, earlier, wheres = Carver(d.split_seed, carved), set(), {}  # earlier: documents of the splits already written
     try:
         for split in (s for s in SPLITS if s in have):
             current: set[bytes] = set()
@@ -255,18 +265,18 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
             if instruct:
                 separator = examples_stream(have[split].rows(), d, tokenizer, bos, route, have[split].where)
             else:
-                separator = tokenize_stream(have[split].rows(), tokenizer, route, [writers[t] for t in targets])
+                separator = tokenize_stream(have[split], tokenizer, route, [writers[t] for t in targets])
             earlier |= current
             wheres |= {target: (have[split].where, separator) for target in targets}
         for name, rows in general:  # scored as text, whatever data.format
             writers[name] = SplitWriter(out / f"{name}.bin", dtype, bos)
-            wheres[name] = (rows.where, tokenize_stream(rows.rows(), tokenizer, lambda t, g, docs, w=writers[name]: w,
+            wheres[name] = (rows.where, tokenize_stream(rows, tokenizer, lambda t, g, docs, w=writers[name]: w,
                                                         [writers[name]]))
     finally:
         counts = {name: w.close() for name, w in writers.items()}
     splits = {}
     for name, c in counts.items():
-        (where, separator), made = wheres[name], _made(name, carved, p.seed)
+        (where, separator), made = wheres[name], _made(name, carved, d.split_seed)
         _check_size(name, c, d.block_size, where, carved, instruct and name in SPLITS)
         splits[name] = {"source": where, "separator": separator, "made": made, **c}
         print(f"prepare: {name}: {c['tokens']:,} tokens, {c['documents']:,} {'examples' if 'answer_tokens' in c else 'rows'} "
@@ -278,6 +288,6 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
                     "where": "start of each split's running text, and of each document"} if bos is not None else None,
             "source": d.name, "config": d.config,
             "columns": [name for name, _ in (examples.fields(d) if instruct else text_field(d.text_column))],
-            "split": {"carved": list(carved), "seed": p.seed, "validation_fraction": d.validation_fraction,
+            "split": {"carved": list(carved), "split_seed": d.split_seed, "validation_fraction": d.validation_fraction,
                       "test_fraction": d.test_fraction} if carved else {"carved": []},
             "splits": splits}

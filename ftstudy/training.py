@@ -206,7 +206,7 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
             print(f"{label}: memory plan: {planned.line()}")
         memory.refuse_if_too_big(planned, memory.capacity(device), label.removeprefix("train_"))
     model = build()
-    runtime.use_cpu_threads(device)  # after loading: the machine's load is measured over the loading
+    runtime.use_cpu_threads(device, train.cpu_threads)  # after loading: by-load measures the load over it
     if train.gradient_checkpointing:
         # Non-reentrant: no input needs requires_grad, so a frozen embedding (LoRA) is no problem.
         # transformers 5.2x names it activation_checkpointing_enable; earlier ones, gradient_...
@@ -322,7 +322,7 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
     live.start(label, config, resume=latest is not None)
     losses = StepLosses(train.log_every, acc.device)
     bar = tqdm(total=s.total_steps, initial=progress.step, desc=label, unit="step",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+               disable=None if acc.is_main_process else True, dynamic_ncols=True)  # None: a terminal only
     s.model.train()
     order, t0, warm, started_at, tokens_at_start = None, time.perf_counter(), False, progress.step, progress.tokens
     try:
@@ -397,18 +397,21 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
                "trainable_params": trainable,
                "final_train_loss": progress.train_curve[-1][1], **validation_summary(progress.val_curve),
                "eval_s": round(progress.eval_time, 3)}
+    # MFU against a data-sheet peak, or a GPU's measured one; none on a CPU, whose measured matmul
+    # peak moved 2x between runs (the load, turbo, caches): a ratio over noise is noise.
     peak, peak_source = runtime.peak_flops(name), "data sheet, dense bf16"
-    if peak is None:
+    if peak is None and device.type != "cpu":
         peak, peak_source = runtime.measured_peak_flops(device), "measured, matmul probe"
-    causal_lm = loss.causal_lm_of(s.trained)
-    fpt = runtime.flops_per_token(causal_lm.config, *runtime.matmul_params(causal_lm), block_size)
-    metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
+    if peak is not None:
+        causal_lm = loss.causal_lm_of(s.trained)
+        fpt = runtime.flops_per_token(causal_lm.config, *runtime.matmul_params(causal_lm), block_size)
+        metrics["mfu"] = round(tokens_per_s * fpt / (peak * world), 4)
     info = {"method": method, "steps": steps, "tokens": progress.tokens, "global_batch": s.global_batch,
             "processes": world, "total_params": total, "peak_mem_kind": used["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
             "segments": [{"from_step": first, "cpu_threads": threads} for first, threads in progress.segments],
-            "peak_flops": peak, "peak_flops_source": peak_source,
+            "peak_flops": peak, "peak_flops_source": peak_source if peak is not None else None,
             "versions": versions}
     if s.memory_plan is not None:
         info["memory_plan_gib"] = {k: round(v / memory.GiB, 4) for k, v in s.memory_plan.parts().items()} | {

@@ -178,7 +178,8 @@ def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     start = time.perf_counter()
     if which == "ours":  # prepare's own reading and tokenizing, into one token file
         writer = splits.SplitWriter(work / "train.bin", np.dtype("<u2"), None)
-        splits.tokenize_stream(sources.file_rows(path, sources.text_field(column)), tok, lambda *_: writer, [writer])
+        source = sources.source_splits(str(path), None, None, sources.text_field(column))["train"]
+        splits.tokenize_stream(source, tok, lambda *_: writer, [writer])
         n = writer.close()["tokens"]
     else:  # run_clm: load_dataset -> map(tokenize) -> map(group_texts), one process (its default)
         import datasets

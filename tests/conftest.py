@@ -15,10 +15,9 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFL
                   HF_HOME=_HF_HOME)
 for _name in ("STUDY_TRACEBACK", "HF_ENDPOINT", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"):
     os.environ.pop(_name, None)
-# Every stage the tests start trains on every usable core, whatever else the machine runs: the
-# thread count changes the last bits of trained weights, and the tests compare runs bit for bit.
-# (Left unset, stages choose by the load: ftstudy.launching.cpu_threads, tested on its own.)
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# OMP_NUM_THREADS is the caller's to leave out: the stages' default (train.cpu_threads: auto) takes
+# every usable core whatever else the machine runs, and the tests compare runs bit for bit with it.
+os.environ.pop("OMP_NUM_THREADS", None)
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

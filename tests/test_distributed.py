@@ -92,5 +92,5 @@ def test_fsdp_asked_for_but_not_given_stops_in_one_line(project, monkeypatch):
     prepare_in(project, **{"train.epochs": 1})
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match=r"^FSDP was asked for \(ACCELERATE_USE_FSDP\), but Accelerate runs NO on cpu "
-                                          r"with 1 process\(es\): it enables FSDP only on GPUs"):
+                                          r"with 1 process: it enables FSDP only on GPUs"):
         run_main(train_full, *train_args("full"))

@@ -59,7 +59,7 @@ def test_every_stage_runs_on_every_family(family_run):
     for method in ("full", "lora"):
         m, info = read_json(root / f"m/{method}.json")[method], read_json(root / f"m/{method}.info.json")
         assert info["steps"] >= 3 and math.isfinite(m["val_loss"])
-        assert 0 < m["mfu"] < 1 and info["peak_flops_source"] == "measured, matmul probe"
+        assert "mfu" not in m and info["peak_flops"] is None  # no MFU on a CPU: no stable peak to divide by
     lora_info = read_json(root / "m/lora.info.json")
     assert lora_info["lora_target_modules"] == AUTO_TARGETS[family]
     for model in ("full", "lora"):

@@ -84,13 +84,15 @@ def test_training_findings_give_time_to_quality_and_overfitting():
 def test_speeds_are_compared_only_like_with_like():
     evs, tr, gq, compare = _metrics()
     same = findings.findings(evs, tr, gq, compare)[-1]
-    assert same.endswith("both trained on cpu (x86_64, 2 threads), fp32, 1 process(es), it ran at 1.25x full "
+    assert same.endswith("both trained on cpu (x86_64, 2 threads), fp32, 1 process, it ran at 1.25x full "
                          "fine-tuning's tokens/s with 1.00x its peak memory (cpu peak rss).")
-    tr["lora"]["device"] = "cpu (x86_64, 1 threads)"
+    tr["lora"]["device"] = "cpu (x86_64, 1 thread)"
     other = findings.findings(evs, tr, gq, compare)[-1]
     assert "x full fine-tuning's tokens/s" not in other
-    assert other.endswith("not compared, since they trained on different setups (full fine-tuning: cpu (x86_64, "
-                          "2 threads), fp32, 1 process(es); LoRA: cpu (x86_64, 1 threads), fp32, 1 process(es)).")
+    note = ("Full fine-tuning and LoRA trained under different conditions (full fine-tuning: cpu (x86_64, 2 threads), "
+            "fp32, 1 process; LoRA: cpu (x86_64, 1 thread), fp32, 1 process): their times, speeds and memory are not "
+            "compared.")
+    assert other.endswith(note) and findings.conditions_differ(tr) == note
 
 
 def test_too_few_chunks_give_no_interval_and_no_verdict():

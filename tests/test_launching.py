@@ -1,5 +1,5 @@
 """How the training stages start and how many CPU threads a stage takes: the user's choices win
-(an Accelerate config, OMP_NUM_THREADS), else one plain process with the cores others leave idle."""
+(an Accelerate config, OMP_NUM_THREADS, train.cpu_threads), else one plain process on the usable cores."""
 
 import os
 import subprocess
@@ -28,15 +28,20 @@ def test_without_a_config_one_process_runs_plain_python_and_several_gpus_launch(
                                     "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
 
 
-def test_cpu_threads_leave_the_busy_cores_and_the_users_count_wins(monkeypatch):
+def test_cpu_threads_by_default_ignore_the_load_and_by_load_leaves_busy_cores(monkeypatch):
+    """auto: the usable cores, however busy (the thread count changes the trained bytes); by-load, an
+    opt-in: the cores others leave idle; a number, or the user's OMP_NUM_THREADS, wins."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(launching, "affinity_cores", lambda: [0, 1])
     monkeypatch.setattr(launching, "cgroup_cpu_limit", lambda: None)
     for busy, threads in ((0.0, 2), (0.7, 2), (0.8, 1), (1.0, 1), (1.6, 1), (5.0, 1)):
         monkeypatch.setattr(launching, "busy_cores", lambda busy=busy: busy)
-        assert launching.cpu_threads() == threads, busy
+        assert launching.cpu_threads("by-load") == threads, busy
+        assert launching.cpu_threads() == launching.cpu_threads("auto") == 2, busy
+    assert launching.cpu_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert launching.cpu_threads() == 3
+    assert launching.cpu_threads() == launching.cpu_threads("by-load") == 3
+    assert launching.cpu_threads(1) == 1
 
 
 def test_a_cgroup_quota_caps_the_threads_and_the_load_counts_only_our_cores(monkeypatch):
@@ -46,8 +51,9 @@ def test_a_cgroup_quota_caps_the_threads_and_the_load_counts_only_our_cores(monk
     monkeypatch.setattr(launching, "cgroup_cpu_limit", lambda: 2.5)
     monkeypatch.setattr(launching, "busy_cores", lambda: 30.0)
     assert launching.cpu_threads() == 2 and launching.usable_cores() == 2
+    assert launching.cpu_threads("by-load") == 2
     monkeypatch.setattr(launching, "busy_cores", lambda: 63.0)
-    assert launching.cpu_threads() == 1
+    assert launching.cpu_threads("by-load") == 1 and launching.cpu_threads() == 2
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import SETTINGS, dvc, outcome
 from ftstudy.config import override_file
+from ftstudy.launching import usable_cores
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import write_tiny_model
 from scripts import sandbox
@@ -219,15 +220,24 @@ def _repro_killed_when(dest, seen) -> str:
 
 
 def test_training_killed_mid_epoch_resumes_to_identical_results(demo_build, tmp_path):
-    """A second clean sandbox, killed mid-training and rerun, ends identical to the demo build: the
-    resume is exact, and two builds of the same params give the same hashes and metrics."""
+    """A second clean sandbox, built beside a CPU-bound process, killed mid-training and rerun, ends
+    identical to the demo build made on a quiet machine: the resume is exact, and the same params
+    give the same hashes and metrics whatever the load (the thread count follows the usable cores,
+    not their load: train.cpu_threads auto)."""
     _, _, first = demo_build
     dest = sandbox.make_sandbox(tmp_path / "killed", SETTINGS)
     ckpts = dest / ".checkpoints"
-    # Killed once a checkpoint of train_full (every 10 of its 53 steps) is complete, mid-epoch.
-    _repro_killed_when(dest, lambda out: "train_full" in out and any(ckpts.glob("full-*/step-*/progress.json")))
-    assert not (dest / "models/full").exists()
-    rerun = dvc(dest, "repro")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a neighbour keeping one core busy
+    try:
+        # Killed once a checkpoint of train_full (every 10 of its 53 steps) is complete, mid-epoch.
+        _repro_killed_when(dest, lambda out: "train_full" in out and any(ckpts.glob("full-*/step-*/progress.json")))
+        assert not (dest / "models/full").exists()
+        rerun = dvc(dest, "repro")
+    finally:
+        busy.kill()
+        busy.wait()
+    threads = {s["cpu_threads"] for m in ("full", "lora") for s in read_json(dest / f"metrics/train_{m}.info.json")["segments"]}
+    assert threads == {usable_cores()}
     assert re.search(r"train_full: resuming from .*step-\d+ \(step \d+ of 53\)", rerun.stdout + rerun.stderr)
     assert differences(outcome(dest), first) == []
     assert not any(ckpts.iterdir()), "checkpoints are removed after success"

@@ -107,11 +107,11 @@ def test_one_source_is_split_for_you_by_document(project, tmp_path, tokenizer, k
     name, column = _write_source(kind, tmp_path, docs)
     meta = run_prepare(project, **{"data.name": str(name), "data.text_column": column})
     splits = {s: meta["splits"][s] for s in data.SPLITS}
-    assert meta["split"] == {"carved": ["validation", "test"], "seed": 42, "validation_fraction": 0.05,
+    assert meta["split"] == {"carved": ["validation", "test"], "split_seed": 42, "validation_fraction": 0.05,
                              "test_fraction": 0.05}
     assert sum(s["documents"] for s in splits.values()) == len(docs)
     assert all(s["documents"] >= 3 for s in splits.values()), splits
-    assert splits["validation"]["made"].startswith("carved from train: the rows whose keyed hash (seed 42)")
+    assert splits["validation"]["made"].startswith("carved from train: the rows whose keyed hash (data.split_seed 42)")
     # Nothing lost, nothing twice: every document's tokens land in exactly one split.
     kept = [d.replace("\n", " ") + "\n" for d in docs] if kind == "one .txt" else [d + "\n\n" for d in docs]
     per_doc = [len(ids) for ids in tokenizer(kept, add_special_tokens=False)["input_ids"]]
@@ -122,19 +122,24 @@ def test_one_source_is_split_for_you_by_document(project, tmp_path, tokenizer, k
         assert sum(doc in t for t in text.values()) == 1, doc[:40]
 
 
-def test_the_same_params_give_the_same_split_and_another_seed_another(project, tmp_path):
+def test_the_same_params_give_the_same_split_whatever_the_training_seed(project, tmp_path):
+    """A study's seeds vary training alone: every seed meets one test split; data.split_seed carves another."""
     name = str(ARTICLES)
     first = run_prepare(project, **{"data.name": name, "data.text_column": "content"})
     again = run_prepare(project, **{"data.name": name, "data.text_column": "content"})
-    other = run_prepare(project, **{"data.name": name, "data.text_column": "content", "seed": 7})
+    seed = run_prepare(project, **{"data.name": name, "data.text_column": "content", "seed": 7})
+    other = run_prepare(project, **{"data.name": name, "data.text_column": "content", "data.split_seed": 7})
     digests = lambda meta: {s: meta["splits"][s]["documents_sha256"] for s in data.SPLITS}  # noqa: E731
-    assert digests(again) == digests(first)
+    assert digests(again) == digests(first) == digests(seed)
     assert digests(other)["test"] != digests(first)["test"]
     assert read_json("m/prepare.info.json")["inputs"]["data.name"]["content_sha256"] == data.content_hash(ARTICLES)
 
 
-def test_planted_duplicates_never_cross_splits(project, tmp_path, tokenizer):
-    docs = articles()
+@pytest.mark.parametrize("ending", ["", "\n"], ids=["rows-as-they-are", "rows-ending-in-a-newline"])
+def test_planted_duplicates_never_cross_splits(project, tmp_path, tokenizer, ending):
+    """Rows of structured data are documents, whatever they end in (JSONL, CSV, parquet and Hub text
+    fields often end in a newline, which once made them read as running text: no dedup at all)."""
+    docs = [d + ending for d in articles()]
     # The source's own splits, with 5 training documents planted in test and 2 in validation: removed there.
     (tmp_path / "own").mkdir()
     for split, rows in (("train", docs[:100]), ("validation", docs[100:120] + docs[:2]),
@@ -144,12 +149,31 @@ def test_planted_duplicates_never_cross_splits(project, tmp_path, tokenizer):
     assert meta["split"] == {"carved": []}
     assert (meta["splits"]["validation"]["duplicates_removed"], meta["splits"]["test"]["duplicates_removed"]) == (2, 5)
     assert (meta["splits"]["validation"]["documents"], meta["splits"]["test"]["documents"]) == (20, 20)
-    assert docs[12] not in decoded(tokenizer, "test") and docs[12] in decoded(tokenizer, "train")
+    assert meta["splits"]["test"]["separator"] == "\n\n"
+    assert docs[12].rstrip("\n") not in decoded(tokenizer, "test") and docs[12] in decoded(tokenizer, "train")
     # One file with a document 30 times over: carved by content, all its copies share one split.
     (tmp_path / "one.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs + [docs[7]] * 30))
     meta = run_prepare(project, **{"data.name": str(tmp_path / "one.jsonl"), "data.text_column": "content"})
     holding = [s for s in data.SPLITS if docs[7] in decoded(tokenizer, s)]
     assert len(holding) == 1 and decoded(tokenizer, holding[0]).count(docs[7]) == 31
+
+
+def test_a_folder_of_txt_documents_ending_in_a_newline_keeps_them_apart(project, tmp_path):
+    """Each .txt file is a document, ending in a newline or not: a blank line after each, and a BOS
+    before each for a tokenizer that adds one (they once ran together, joined as written)."""
+    from ftstudy.synthetic import write_tiny_model
+
+    docs = articles()
+    (tmp_path / "docs").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "docs" / f"{i:04d}.txt").write_text(d + "\n")
+    write_tiny_model("llama", tmp_path / "llama")
+    meta = run_prepare(project, **{"model.name": str(tmp_path / "llama"), "data.name": str(tmp_path / "docs")})
+    bos = meta["bos"]["id"]
+    for split in data.SPLITS:
+        tokens = data.load_tokens("prep", split)
+        assert meta["splits"][split]["separator"] == "\n\n"
+        assert int((tokens == bos).sum()) == meta["splits"][split]["documents"] >= 3
 
 
 def test_a_bos_tokenizer_gets_bos_before_each_document(project, tmp_path):
@@ -297,11 +321,18 @@ def test_empty_split_file_is_refused(project, tmp_path):
 def test_passages_are_joined_with_a_blank_line_and_wikitext_rows_as_written(tmp_path, tokenizer):
     passages = ["He ate the cake", "Her friend left early", "", "The river rose"]  # LAMBADA-shaped
     pq.write_table(pa.table({"text": passages}), tmp_path / "test.parquet")
-    separator, rows = splits.join_rows(sources.file_rows(tmp_path / "test.parquet", sources.text_field("text")))
+    source = sources.source_splits(str(tmp_path / "test.parquet"), None, None, sources.text_field("text"))["train"]
+    separator, rows = splits.join_rows(source.rows(), source.documents)
     assert separator == "\n\n"
     ids = tokenizer([r for batch in rows for r in batch], add_special_tokens=False)["input_ids"]
     text = tokenizer.decode([i for row in ids for i in row])
     assert text == "He ate the cake\n\nHer friend left early\n\nThe river rose\n\n"
     # Rows that end in their own newline (WikiText) are joined as written.
-    separator, wiki = splits.join_rows(sources.file_rows(TINY_WIKI / "wiki.test.raw", sources.text_field("text")))
+    wikitext = sources.source_splits(str(TINY_WIKI), None, None, sources.text_field("text"))["test"]
+    separator, wiki = splits.join_rows(wikitext.rows(), wikitext.documents)
     assert separator == "" and "".join(r for batch in wiki for r in batch) == (TINY_WIKI / "wiki.test.raw").read_text()
+    # A Hub dataset's rows: one line each, ending in its newline (WikiText on the Hub), is a running
+    # text; documents, ending in a newline or not, get their blank line.
+    assert splits.join_rows(iter([[" = Title = \n", "", " Some text .\n"]]))[0] == ""
+    separator, docs = splits.join_rows(iter([["First doc.\nIts second line.\n", "Second doc.\n"]]))
+    assert separator == "\n\n" and next(docs) == ["First doc.\nIts second line.\n\n", "Second doc.\n\n"]

@@ -26,8 +26,13 @@ def pretrained_val_loss(root) -> float:
         return float(scoring.block_nll(model, data.load_tokens(root / "prep", "validation"), 128, torch.device("cpu")).mean())
 
 
-def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared):
+def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared, capfd):
+    capfd.readouterr()
     run_main(train_full, *train_args("full"))
+    out, err = capfd.readouterr()
+    # Not a terminal (a log, CI): no progress bars, a line per epoch and the summary line.
+    assert "step/s" not in out + err and "%|" not in out + err
+    assert out.splitlines()[-1].startswith("train_full: 106 steps, 108,544 tokens in ")
     m, info = read_json("m/full.json")["full"], read_json("m/full.info.json")
     curve = (prepared / "m/plots/full/train_loss.csv").read_text().splitlines()
     # 55,281 training tokens: 431 blocks of 128, 53 steps of 8 blocks per epoch.
