@@ -64,6 +64,11 @@ class SourceParams:
     split: str = field(metadata=_non_empty)
     text_column: str = field(metadata=_non_empty)
 
+    @property
+    def label(self) -> str:
+        """Its short name in metrics and the report: <last part of its name>-<split>."""
+        return f"{Path(self.name.rstrip('/')).name}-{self.split}"
+
 
 @dataclass(frozen=True)
 class DataParams:
@@ -250,6 +255,12 @@ def _cross_checks(p: Params) -> list[str]:
     errors = []
     if p.evaluate.stride > p.data.block_size:
         errors.append(f"evaluate.stride: must be <= data.block_size ({p.data.block_size}), got {p.evaluate.stride}")
+    labels: dict[str, int] = {}
+    for i, g in enumerate(p.data.general):
+        if (first := labels.setdefault(g.label, i)) != i:
+            errors.append(f"data.general[{i}]: its label {g.label!r} (the name's last part and the split) is that of "
+                          f"data.general[{first}], and its scores would overwrite those; give one of the two files "
+                          "or folders another name")
     if p.data.validation_fraction + p.data.test_fraction >= 1:
         errors.append(f"data.validation_fraction + data.test_fraction: {p.data.validation_fraction} + "
                       f"{p.data.test_fraction} leaves no training data; keep their sum under 1")

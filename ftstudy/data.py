@@ -22,14 +22,10 @@ class DataError(StudyError):
     """A data source or token file is missing, empty, too short or unreadable."""
 
 
-def general_label(source) -> str:
-    """A data.general source's short name in metrics: <last part of its name>-<split>."""
-    return f"{Path(source.name.rstrip('/')).name}-{source.split}"
-
-
 def general_split(source) -> str:
-    """The prepared split (token file general-<label>.bin) holding a data.general source."""
-    return f"general-{general_label(source)}"
+    """The prepared split (token file general-<label>.bin) holding a data.general source
+    (ftstudy.config.SourceParams.label)."""
+    return f"general-{source.label}"
 
 
 def general_splits(meta: dict) -> list[tuple[str, str]]:

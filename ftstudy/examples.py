@@ -110,10 +110,12 @@ class ExampleWriter:
     """One split's examples being written: tokens, answer mask and offsets, with counts and a hash
     of the examples in order."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, block_size: int):
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, block_size: int, tokenizer):
         import hashlib
 
         self.folder, self.split, self.dtype, self.block_size = Path(folder), split, dtype, block_size
+        self.tokenizer = tokenizer
+        self.answer_bytes = 0
         self.tokens_file = open(self.folder / f"{split}.bin", "wb")
         self.mask_file = open(self.folder / f"{split}.mask.bin", "wb")
         self.offsets = [0]
@@ -132,8 +134,21 @@ class ExampleWriter:
         np.asarray(mask, dtype=np.uint8).tofile(self.mask_file)
         self.offsets.append(self.offsets[-1] + len(ids))
         self.answer_tokens += sum(mask)
+        self.answer_bytes += self._spelled(ids, mask)
         self.bytes += size
         self.digest.update(digest)
+
+    def _spelled(self, ids: list[int], mask: list[int]) -> int:
+        """The UTF-8 bytes the answer tokens spell, each run of them decoded (special tokens, such as
+        EOS or a template's end of turn, spell none): bits per byte divides the answers' NLL by these."""
+        total, start = 0, None
+        for i, m in enumerate([*mask, 0]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                total += len(self.tokenizer.decode(ids[start:i], skip_special_tokens=True).encode("utf-8"))
+                start = None
+        return total
 
     def close(self) -> dict:
         for f in (self.tokens_file, self.mask_file):
@@ -141,7 +156,7 @@ class ExampleWriter:
             f.close()
         np.save(self.folder / f"{self.split}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
         return {"tokens": self.offsets[-1], "bytes": self.bytes, "documents": len(self.offsets) - 1,
-                "answer_tokens": self.answer_tokens, "truncated": self.truncated, "dropped_no_answer": self.dropped,
+                "answer_tokens": self.answer_tokens, "answer_bytes": self.answer_bytes, "truncated": self.truncated, "dropped_no_answer": self.dropped,
                 "duplicates_removed": self.duplicates, "documents_sha256": self.digest.hexdigest()}
 
 

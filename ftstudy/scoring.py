@@ -135,22 +135,25 @@ def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
         print(f"{label}: scoring through the model's own forward (whole logits), not body + head: {path['reason']}")
     metrics, keep = {}, {}
     for split, short in (("validation", "val"), ("test", "test")):
-        n_bytes = meta["splits"][split]["bytes"]
-        if instruct:
-            m, nll, sizes = answer_metrics(model, examples.load(data_dir, split, meta), n_bytes, ev, seed, device,
+        if instruct:  # bits per byte over the bytes the answer tokens spell
+            m, nll, sizes = answer_metrics(model, examples.load(data_dir, split, meta),
+                                           meta["splits"][split]["answer_bytes"], ev, seed, device,
                                            f"{split} answers", path["own_forward"])
-            keep[f"{split}_sizes"] = sizes
+            if split == "test":
+                keep["test_sizes"] = sizes
         else:
-            m, nll = sliding_metrics(model, tokens[split], n_bytes, block, ev, seed, device, f"{split} sliding",
+            m, nll = sliding_metrics(model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device,
+                                     f"{split} sliding",
                                      path["own_forward"])
             blocks = block_nll(model, tokens[split], block, device, ev.batch_size, f"{split} blocks", path["own_forward"])
             m["ppl_blocks"] = perplexity(blocks)
             metrics[f"{short}_tokens_blocks"] = len(blocks)
-        keep[split] = nll
+        if split == "test":  # compare pairs the test split's NLL; validation's is not kept
+            keep[split] = nll
         metrics |= {f"{short}_{k}": v for k, v in m.items()}
     metrics["general"] = {}
     for split, label in data.general_splits(meta):
         metrics["general"][label], keep[label] = sliding_metrics(
             model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device, f"{label} sliding",
             path["own_forward"])
-    return metrics, {k: v for k, v in keep.items() if not k.startswith("validation")}, path
+    return metrics, keep, path

@@ -56,11 +56,14 @@ def _stream(path: Path):
 
 def _text_rows(path: Path, chunk_bytes: int = 1 << 22) -> Iterator[list[str]]:
     """The file's lines (newlines kept), in batches; read and decoded in large chunks, since
-    per-line Python work would cost as much as the tokenizer itself."""
+    per-line Python work would cost as much as the tokenizer itself. A UTF-8 byte-order mark at the
+    start (Windows editors write one) is no text and is dropped."""
     with _stream(path) as f:
         tail, lineno = b"", 0
+        first = f.read(chunk_bytes)
+        chunks = itertools.chain([first.removeprefix(b"\xef\xbb\xbf")], iter(lambda: f.read(chunk_bytes), None))
         while True:
-            chunk = f.read(chunk_bytes)
+            chunk = next(chunks)
             data = tail + chunk
             if not data:
                 return
@@ -146,7 +149,8 @@ def _missing(where, names, fields: Fields) -> None:
 def _csv_rows(path: Path, fields: Fields) -> Iterator[list]:
     csv.field_size_limit(2**31 - 1)  # a document may be long
     with _stream(path) as f:
-        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would stick to the first column's name
+        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
         _missing(path, reader.fieldnames or [], fields)
         for rows in iter(lambda: list(itertools.islice(reader, ROWS_PER_BATCH)), []):
             yield [_fields(row, fields, str(path)) for row in rows]

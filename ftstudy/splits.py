@@ -245,7 +245,7 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
     for rows in [*have.values(), *(r for _, r in general)]:  # every source opened, its fields checked, first
         next(iter(rows.rows()), None)
     carved = {s: getattr(d, f"{s}_fraction") for s in ("validation", "test") if s not in have}
-    writers = {s: examples.ExampleWriter(out, s, dtype, d.block_size) if instruct else SplitWriter(out / f"{s}.bin", dtype, bos)
+    writers = {s: examples.ExampleWriter(out, s, dtype, d.block_size, tokenizer) if instruct else SplitWriter(out / f"{s}.bin", dtype, bos)
                for s in SPLITS}
     carver, earlier, wheres = Carver(d.split_seed, carved), set(), {}  # earlier: documents of the splits already written
     try:

@@ -66,6 +66,9 @@ def test_wrong_types_are_named():
     ("train", "grad_accum", -2, "train.grad_accum: must be > 0"),
     ("train", "epochs", 0, "train.epochs: must be > 0"),
     ("train", "precision", "fp8", "train.precision: expected one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    ("train", "cpu_threads", 0, "train.cpu_threads: must be auto, by-load or a thread count > 0"),
+    ("train", "cpu_threads", "many", "train.cpu_threads: expected"),
+    ("data", "split_seed", -1, "data.split_seed: must be >= 0"),
     ("evaluate", "stride", 0, "evaluate.stride: must be > 0"),
     ("evaluate", "stride", 2048, "evaluate.stride: must be <= data.block_size (1024)"),
     ("generate", "prompt", "  ", "generate.prompt: must not be empty"),
@@ -119,3 +122,14 @@ def test_overrides_set_dotted_keys_and_refuse_unknown_ones(tmp_path):
     text = path.read_text()
     assert "r: 16                       # adapter rank" in text  # comments kept
     assert parse_params(yaml.safe_load(text)).lora.r == 16
+
+
+def test_two_general_sets_with_one_label_are_refused_before_any_work():
+    """a/test.txt and b/test.txt: both would be test.txt-test in the metrics, one silently lost."""
+    raw = shipped()
+    first = dict(raw["data"]["general"][0], name="a/test.txt", split="test")
+    raw["data"]["general"] = [first, dict(first, name="b/test.txt"), dict(first, name="b/other.txt")]
+    msg = errors_of(raw)
+    assert ("data.general[1]: its label 'test.txt-test' (the name's last part and the split) is that of "
+            "data.general[0], and its scores would overwrite those; give one of the two files or folders another "
+            "name") in msg and "data.general[2]" not in msg

@@ -113,6 +113,17 @@ def test_answer_only_perplexity_equals_a_brute_force_per_example_computation(ins
     got = read_json(root / "m/evaluate/full.json")["full"]
     assert got["test_ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
     assert got["test_examples"] == len(test) and got["test_chunks"] == len(test)
+    # Bits per byte over the bytes the scored answer tokens spell, each run of them decoded, special
+    # tokens (EOS, the template's end of turn) spelling none: not over the whole records.
+    tok = modeling.load_tokenizer(root / "models/pretrained")
+    answer_bytes = 0
+    for i in range(len(test)):
+        tokens, mask = test.example(i)
+        runs = np.split(np.arange(len(mask)), np.flatnonzero(np.diff(mask.astype(np.int8))) + 1)
+        answer_bytes += sum(len(tok.decode(tokens[r].tolist(), skip_special_tokens=True).encode("utf-8"))
+                            for r in runs if mask[r[0]])
+    assert meta["splits"]["test"]["answer_bytes"] == answer_bytes < meta["splits"]["test"]["bytes"]
+    assert got["test_bpb"] == pytest.approx(sum(nll) / (math.log(2) * answer_bytes), rel=1e-5)
 
 
 def test_padded_batches_score_each_example_as_if_alone(instruct_run):

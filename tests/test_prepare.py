@@ -2,6 +2,7 @@
 folder of documents in each format, split for the user by document, with no document in two
 splits; bad input refused in one line before anything is written."""
 
+import csv
 import gzip
 import json
 import re
@@ -336,3 +337,21 @@ def test_passages_are_joined_with_a_blank_line_and_wikitext_rows_as_written(tmp_
     assert splits.join_rows(iter([[" = Title = \n", "", " Some text .\n"]]))[0] == ""
     separator, docs = splits.join_rows(iter([["First doc.\nIts second line.\n", "Second doc.\n"]]))
     assert separator == "\n\n" and next(docs) == ["First doc.\nIts second line.\n\n", "Second doc.\n\n"]
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_column(project, tmp_path, tokenizer):
+    """Excel's "CSV UTF-8" starts with a BOM, which once stuck to the first column's name, invisibly:
+    "no column 'content'; its columns are content, title". The same for JSON Lines and text."""
+    docs = articles()
+    with open(tmp_path / "rows.csv", "w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["content", "title"])
+        writer.writerows([d, f"t{i}"] for i, d in enumerate(docs))
+    meta = run_prepare(project, **{"data.name": str(tmp_path / "rows.csv"), "data.text_column": "content"})
+    assert sum(meta["splits"][s]["documents"] for s in data.SPLITS) == len(docs)
+    (tmp_path / "rows.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"content": d}) + "\n" for d in docs).encode())
+    meta = run_prepare(project, **{"data.name": str(tmp_path / "rows.jsonl"), "data.text_column": "content"})
+    assert sum(meta["splits"][s]["documents"] for s in data.SPLITS) == len(docs)
+    (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbf" + (TINY_WIKI / "wiki.train.raw").read_bytes())
+    run_prepare(project, **{"data.name": str(tmp_path / "notes.txt")})
+    assert "\ufeff" not in decoded(tokenizer, "train") + decoded(tokenizer, "test")

@@ -197,3 +197,25 @@ def test_training_refuses_the_chunked_loss_for_a_model_whose_forward_differs(pro
     with pytest.raises(ConfigError, match=r"^train.loss: chunked cannot train gpt2: on one batch its per-token NLL "
                                           r"through body \+ head differs.*; set train.loss: model$"):
         run_main(train_full, *train_args("full"))
+
+
+def test_a_general_set_whose_label_starts_with_validation_is_kept_for_compare(project, tmp_path):
+    """Its NLL was once filtered out with the validation split's by name, and the report then
+    stopped with a KeyError."""
+    from stages import compare, evaluate
+
+    notes = tmp_path / "validation-notes.txt"
+    notes.write_text((TINY_WIKI / "wiki.valid.raw").read_text(encoding="utf-8"))
+    general = [{"name": str(notes), "revision": None, "config": None, "split": "test", "text_column": "text"}]
+    root = prepare_in(project, **{"data.general": general})
+    for model in ("pretrained", "full", "lora"):  # the same model three times: compare needs three files
+        run_main(evaluate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", f"m/evaluate/{model}.json",
+                 "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npz")
+    assert set(np.load(root / "nll/pretrained.npz").files) == {"test", "validation-notes.txt-test"}
+    (root / "m/plots").mkdir(parents=True)
+    for method in ("full", "lora"):
+        (root / f"m/plots/train_{method}").mkdir()
+        (root / f"m/plots/train_{method}/val_loss.csv").write_text("step,seconds,tokens,loss\n1,1.0,100,2.0\n")
+    run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
+    forgetting = read_json(root / "m/compare.json")["forgetting"]
+    assert "validation-notes.txt-test" in forgetting
