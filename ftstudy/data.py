@@ -79,6 +79,17 @@ def load_tokens(data_dir: str | Path, split: str, meta: dict | None = None) -> n
     return tokens
 
 
+def unit_starts(data_dir: str | Path, split: str, meta: dict) -> np.ndarray | None:
+    """Where each independent unit (document, WikiText article) of a running-text split starts, in
+    tokens; None where the split has none (ftstudy.splits.SplitWriter)."""
+    if meta["splits"][split].get("units", "chunks") == "chunks":
+        return None
+    starts = np.load(Path(data_dir) / f"{split}.units.npy")
+    if len(starts) != meta["splits"][split]["unit_count"]:
+        raise DataError(f"{data_dir}: {split}.units.npy does not match {META_FILE}; rerun `dvc repro -f prepare`")
+    return starts
+
+
 def blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
     """Non-overlapping blocks of `block_size` tokens, as a (n_blocks, block_size) view; the tail is dropped."""
     n = len(tokens) // block_size

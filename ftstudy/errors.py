@@ -19,6 +19,16 @@ def run_stage(main: Callable[[], None]) -> None:
     except StudyError as e:
         if os.environ.get("STUDY_TRACEBACK"):
             raise
-        stage = os.path.basename(sys.argv[0]).removesuffix(".py")
-        print(f"{stage}: error: {e}\n(set STUDY_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        stage = os.environ.get("DVC_STAGE") or os.path.basename(sys.argv[0]).removesuffix(".py")
+        print(f"{stage}: error: {e}\n(set STUDY_TRACEBACK=1 for the traceback){back(stage)}", file=sys.stderr)
         sys.exit(1)
+
+
+def back(stage: str) -> str:
+    """Under DVC, how to get back the outputs DVC removed before running the failed stage (it
+    removes a stage's outputs first; check_params has none, and fails before any other stage runs)."""
+    if not os.environ.get("DVC_STAGE") or stage == "check_params":
+        return ""
+    return ("\n(DVC removed this stage's previous outputs before running it: `dvc checkout` brings back the cached "
+            "ones and `git checkout -- metrics` the metrics, or undo the change and `dvc repro` restores them from "
+            "the run-cache)")

@@ -40,12 +40,27 @@ def fields(d) -> tuple[tuple[str, str], ...]:
     return ((d.messages_column, "data.messages_column"),)
 
 
+def no_chat_template(model_name: str) -> str:
+    return (f"data.format: messages renders each conversation with the tokenizer's chat template, and "
+            f"{model_name}'s tokenizer has none; use data.format: prompt_completion, or a model whose "
+            "tokenizer has a chat template (assets/tiny-chat is one: docs/data.md)")
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a save_pretrained folder's tokenizer has a chat template, read from its files alone."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def check_tokenizer(d, tokenizer, model_name: str) -> None:
     """Refuse, before any work, a messages format for a tokenizer without a chat template."""
     if d.format == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"data.format: messages renders each conversation with the tokenizer's chat template, and "
-                          f"{model_name}'s tokenizer has none; use data.format: prompt_completion, or a model whose "
-                          "tokenizer has a chat template")
+        raise ConfigError(no_chat_template(model_name))
 
 
 def canonical(record) -> str:

@@ -1,7 +1,7 @@
 """The report's pictures, drawn from the numbers it already reads (matplotlib, no display):
 
 - val_loss.png: validation loss against training seconds, both methods;
-- test_ppl.png: each model's test perplexity with its 95% interval;
+- test_ppl.png: each model's test perplexity with its 95% interval (none drawn where there is none);
 - tradeoff.png: learning against forgetting, test perplexity against the first general set's.
 
 PNG files of a few tens of kB, written atomically; the report links them beside its tables, which
@@ -49,16 +49,24 @@ def val_loss(curves: dict, labels: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
-def test_ppl(ev: dict, labels: dict, path: Path) -> None:
+def test_ppl(ev: dict, labels: dict, path: Path) -> str:
+    """Each model's test perplexity with its 95% interval; a hollow point and no bar where the split
+    had too few units for one (a zero-width bar would claim a certainty there is none of). Returns
+    the title."""
     plt, fig, ax = _figure()
     for i, (m, e) in enumerate(ev.items()):
-        low = e["test_ppl"] - e.get("test_ppl_lo", e["test_ppl"])
-        high = e.get("test_ppl_hi", e["test_ppl"]) - e["test_ppl"]
-        ax.errorbar([i], [e["test_ppl"]], yerr=[[low], [high]], fmt="o", capsize=6, color=COLORS[m])
+        if "test_ppl_lo" in e:
+            ax.errorbar([i], [e["test_ppl"]], yerr=[[e["test_ppl"] - e["test_ppl_lo"]], [e["test_ppl_hi"] - e["test_ppl"]]],
+                        fmt="o", capsize=6, color=COLORS[m])
+        else:
+            ax.plot([i], [e["test_ppl"]], "o", markerfacecolor="none", color=COLORS[m])
     ax.set_xticks(range(len(ev)), [labels[m] for m in ev], fontsize=8)
     ax.set_ylabel("test perplexity (lower is better)")
-    ax.set_title("Test perplexity with its 95% interval")
+    title = ("Test perplexity with its 95% interval" if all("test_ppl_lo" in e for e in ev.values())
+             else "Test perplexity (no interval: too few test units)")
+    ax.set_title(title)
     _save(plt, fig, path)
+    return title
 
 
 def tradeoff(ev: dict, general: str, labels: dict, path: Path) -> None:
@@ -80,10 +88,9 @@ def tradeoff(ev: dict, general: str, labels: dict, path: Path) -> None:
 def draw(ev: dict, curves: dict, labels: dict, folder: Path) -> list[tuple[str, str]]:
     """Every picture into `folder`: (alt text, file name) for each, in the report's order."""
     folder = Path(folder)
-    out = [("Validation loss against training seconds", "val_loss.png"),
-           ("Test perplexity with 95% intervals", "test_ppl.png")]
     val_loss(curves, labels, folder / "val_loss.png")
-    test_ppl(ev, labels, folder / "test_ppl.png")
+    out = [("Validation loss against training seconds", "val_loss.png"),
+           (test_ppl(ev, labels, folder / "test_ppl.png"), "test_ppl.png")]
     general = list(ev["pretrained"].get("general", {}))
     if general:
         tradeoff(ev, general[0], labels, folder / "tradeoff.png")

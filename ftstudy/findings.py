@@ -24,7 +24,7 @@ def with_interval(m: dict, key: str, missing: str = "") -> str:
 
 
 def _fmt(m: dict, key: str) -> str:
-    return with_interval(m, key, " (no interval: too few chunks)")
+    return with_interval(m, key, " (no interval: too few units)")
 
 
 def paired_verdict(pair: dict) -> str:
@@ -48,22 +48,44 @@ def change(pair: dict) -> str:
 
 
 def too_small(what: str, pair: dict, bootstrap: dict) -> str:
-    """Why no difference is called on `what`, and how many tokens would be enough."""
-    chunk, need = bootstrap["chunk"], bootstrap["min_chunks"]
-    if bootstrap.get("examples") and what == "The test split":  # instruction data: examples are the units
-        return (f"{what} is too small to call a difference: it has {pair['chunks']} example(s), and an interval "
-                f"needs at least {need}; give it more examples (data.test_fraction, or a larger test file)")
-    return (f"{what} is too small to call a difference: its scored tokens make {pair['chunks']} chunk(s) of "
+    """Why no difference is called on `what`: how many independent units it has (pair["unit"]:
+    examples, documents, articles, or chunks of a running text) and how many would do."""
+    unit, count, need = pair.get("unit", "chunks"), pair["chunks"], bootstrap["min_chunks"]
+    if unit != "chunks":
+        more = ("more examples (data.test_fraction, or a larger test file)" if unit == "examples"
+                else f"more {unit} (a larger split, or data.test_fraction where the split is carved)")
+        return (f"{what} is too small to call a difference: it has {count} {unit.removesuffix('s') if count == 1 else unit}, "
+                f"its independent units, and an interval needs at least {need}; give it {more}")
+    chunk = bootstrap["chunk"]
+    return (f"{what} is too small to call a difference: its scored tokens make {count} chunk(s) of "
             f"{chunk:,} tokens, and an interval needs at least {need} ({need * chunk:,} scored tokens); score a "
             "larger split, or lower evaluate.bootstrap_chunk where neighbouring tokens' losses are little "
             "correlated")
 
 
+def _beats(model: str, other: str, paired: dict) -> bool:
+    """Whether the paired interval puts `model`'s test perplexity below `other`'s."""
+    if f"{model}_vs_{other}" in paired:
+        return paired_verdict(paired[f"{model}_vs_{other}"]) == "lower"
+    return paired_verdict(paired[f"{other}_vs_{model}"]) == "higher"
+
+
+def lowest(ev: dict, paired: dict) -> str | None:
+    """The model whose test perplexity the paired intervals put below every other's, or None where
+    they do not (a tie, or too few units): then no model is named the lowest."""
+    best = min(ev, key=lambda k: ev[k]["test_ppl"])
+    return best if all(_beats(best, other, paired) for other in ev if other != best) else None
+
+
 def perplexity_finding(ev: dict, paired: dict, bootstrap: dict) -> list[str]:
     order = sorted(ev, key=lambda k: ev[k]["test_ppl"])
-    best = order[0]
-    out = [f"{_cap(NAMES[best])} gives the lowest test perplexity, {_fmt(ev[best], 'test_ppl')}; "
-           + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order[1:]) + "."]
+    best = lowest(ev, paired)
+    if best is not None:
+        out = [f"{_cap(NAMES[best])} gives the lowest test perplexity, {_fmt(ev[best], 'test_ppl')}; "
+               + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order[1:]) + "."]
+    else:
+        out = ["Test perplexity: " + "; ".join(f"{NAMES[k]} {_fmt(ev[k], 'test_ppl')}" for k in order)
+               + " (no model is named the lowest: the paired intervals below do not put one under both others)."]
     if any(paired_verdict(pair) == "too few" for pair in paired.values()):
         ratios = "; ".join(f"{NAMES[a]} / {NAMES[b]} {_ratio(pair)}" for name, pair in paired.items()
                            for a, b in [name.split("_vs_")])
@@ -110,8 +132,10 @@ def forgetting_finding(ev: dict, forgetting: dict, bootstrap: dict) -> list[str]
     return out
 
 
-def text_finding(ev: dict, gq: dict) -> list[str]:
-    best = min(ev, key=lambda k: ev[k]["test_ppl"])
+def text_finding(ev: dict, gq: dict, paired: dict) -> list[str]:
+    best = lowest(ev, paired)
+    if best is None:  # no lowest-perplexity model to set against the others
+        return []
     others = [k for k in gq if k != best]
     rep = ", ".join(f"{NAMES[k]} {gq[k]['repetition_4gram']:.3f}" for k in others)
     dist = ", ".join(f"{NAMES[k]} {gq[k]['distinct_2']:.3f}" for k in others)
@@ -168,12 +192,20 @@ def training_finding(tr: dict, reach: dict) -> list[str]:
         else:
             out.append(f"{_cap(NAMES[m])} never reached {NAMES[other]}'s final validation loss ({r['target']:.4f}); "
                        f"its best was {tr[m]['val_loss_best']:.4f}.")
-    rose = [m for m in ("full", "lora") if tr[m]["val_rise_after_best"] > 0]
+    # A rise is called overfitting only beyond twice the final validation loss's standard error over
+    # the validation units: a smaller one is within what another sample of the split would give.
+    noise = {m: 2 * tr[m].get("val_loss_se", 0.0) for m in ("full", "lora")}
+    rose = [m for m in ("full", "lora") if tr[m]["val_rise_after_best"] > noise[m]]
+    within = [m for m in ("full", "lora") if 0 < tr[m]["val_rise_after_best"] <= noise[m]]
     if rose:
         out.append("Validation loss rose after its minimum for " + " and ".join(
-            f"{NAMES[m]} (+{tr[m]['val_rise_after_best']:.4f} after step {tr[m]['val_best_step']})" for m in rose)
-            + ": a sign of overfitting.")
-    else:
+            f"{NAMES[m]} (+{tr[m]['val_rise_after_best']:.4f} after step {tr[m]['val_best_step']}, beyond twice its "
+            f"standard error {tr[m]['val_loss_se']:.4f})" for m in rose) + ": a sign of overfitting.")
+    if within:
+        out.append("Validation loss rose after its minimum for " + " and ".join(
+            f"{NAMES[m]} (+{tr[m]['val_rise_after_best']:.4f}, within twice its standard error "
+            f"{tr[m]['val_loss_se']:.4f})" for m in within) + ": within the noise, no sign of overfitting.")
+    if not rose and not within:
         out.append("Validation loss was lowest at the end of training for both methods: no sign of overfitting.")
     return out
 
@@ -182,5 +214,6 @@ def findings(ev: dict, tr: dict, gq: dict, compare: dict) -> list[str]:
     """Every finding, from the evaluate, train and generation-quality metrics and compare's
     (paired, forgetting, time_to_quality, bootstrap)."""
     return (perplexity_finding(ev, compare["paired"], compare["bootstrap"])
-            + forgetting_finding(ev, compare["forgetting"], compare["bootstrap"]) + text_finding(ev, gq)
+            + forgetting_finding(ev, compare["forgetting"], compare["bootstrap"])
+            + text_finding(ev, gq, compare["paired"])
             + training_finding(tr, compare["time_to_quality"]) + efficiency_finding(tr))

@@ -9,6 +9,8 @@ prompt once: a sample that repeats the greedy text or another sample adds nothin
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -51,17 +53,93 @@ def text_quality(continuations: list[list[int]], eos_id: int) -> dict:
             "texts": len(continuations)}
 
 
-def generate(model, tokenizer, g: GenerateParams, seed: int, device) -> tuple[list[dict], list[list[int]]]:
+def _special_ids(tokenizer) -> set[int]:
+    """Every special token's id: the named ones (EOS, BOS, ...) and the added ones a chat template
+    uses (<|eot_id|>, <|start_header_id|>, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The ids a generated answer stops at: EOS, and where the tokenizer has a chat template, the
+    special token that ends an assistant turn (Llama 3's <|eot_id|>, ChatML's <|im_end|>), found by
+    rendering one exchange."""
+    stops = {tokenizer.eos_token_id} - {None}
+    if getattr(tokenizer, "chat_template", None):
+        asked = [{"role": "user", "content": "x"}]
+        before = tokenizer.apply_chat_template(asked, tokenize=True, add_generation_prompt=True, return_dict=False)
+        whole = tokenizer.apply_chat_template(asked + [{"role": "assistant", "content": "y"}], tokenize=True,
+                                              return_dict=False)
+        special = _special_ids(tokenizer)
+        turn = [t for t in list(whole)[len(before):] if t in special]
+        stops |= set(turn[:1])
+    return sorted(stops)
+
+
+ROLE = re.compile(r"(system|user|assistant)\b[:\s]*(.*)", re.S)
+
+
+def readable_prompt(tokenizer, ids) -> str:
+    """A chat-templated prompt as people read it: 'user: How many…?' per turn, the template's
+    special tokens dropped and its role names set apart from the text (decoding with special tokens
+    skipped glued them: 'user How many…?assistant'); the trailing generation prompt left out.
+    A plain prompt decodes as it is."""
+    special = _special_ids(tokenizer)
+    parts, current = [], []
+    for t in list(ids) + [None]:
+        if t is None or t in special:
+            if current:
+                parts.append(tokenizer.decode(current).strip())
+            current = []
+        else:
+            current.append(t)
+    turns, role = [], None  # a role name alone (Llama 3's header) labels the part after it
+    for part in filter(None, parts):
+        m = ROLE.fullmatch(part)
+        if m and not m.group(2).strip():
+            role = m.group(1)
+        elif m:
+            turns.append(f"{m.group(1)}: {m.group(2).strip()}")
+        else:
+            turns.append(f"{role}: {part}" if role else part)
+            role = None
+    return " / ".join(turns)  # a trailing role alone (the generation prompt) is left out
+
+
+def openings(tokenizer, tokens: np.ndarray, starts: np.ndarray | None, count: int, seed: int,
+             n_tokens: int = 16) -> list[str]:
+    """The openings (about n_tokens, cut at a word) of a seeded sample of `count` held-out units
+    (documents, articles; `starts`: where each begins), or of as many evenly spaced points of a
+    running text without them: own-data prompts, instead of an encyclopedia's."""
+    points = (np.asarray(starts) if starts is not None
+              else np.linspace(0, max(0, len(tokens) - n_tokens), num=max(count, 1), dtype=np.int64))
+    chosen = sorted(np.random.default_rng(seed).choice(len(points), size=min(count, len(points)), replace=False))
+    out = []
+    for i in chosen:
+        text = tokenizer.decode(tokens[int(points[i]):int(points[i]) + n_tokens].tolist(), skip_special_tokens=True)
+        text = " ".join(text.split())
+        cut = text.rsplit(" ", 1)[0] if " " in text else text
+        if cut.strip():
+            out.append(cut)
+    return out
+
+
+def generate(model, tokenizer, g: GenerateParams, seed: int, device,
+             prompts: list[tuple[str, list[int]]] | None = None) -> tuple[list[dict], list[list[int]]]:
     """Per prompt {'prompt', 'greedy', 'samples'}, and the generated token ids of each prompt's
-    distinct continuations."""
+    distinct continuations; each stops at EOS or a chat template's end of turn. `prompts`: (text
+    shown, ids) each, by default generate.prompt and generate.extra_prompts tokenized."""
     panel, ids = [], []
-    prompts = (g.prompt, *g.extra_prompts)
-    for pi, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False, disable=None)):
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
-        n_in = inputs["input_ids"].shape[1]
+    if prompts is None:
+        prompts = [(t, tokenizer(t)["input_ids"]) for t in (g.prompt, *g.extra_prompts)]
+    stops = stop_ids(tokenizer)
+    for pi, (prompt, prompt_ids) in enumerate(tqdm(prompts, desc="prompts", leave=False, disable=None)):
+        inputs = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        n_in = inputs.shape[1]
 
         def continuation(**kw) -> list[int]:
-            out = model.generate(**inputs, max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kw)
+            out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=g.max_new_tokens,
+                                 eos_token_id=stops, pad_token_id=stops[0] if stops else 0, **kw)
             return out[0, n_in:].tolist()
 
         greedy = continuation(do_sample=False)
@@ -82,21 +160,27 @@ def heldout(n_examples: int, count: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n_examples, size=min(count, n_examples), replace=False).tolist())
 
 
+def heldout_prompts(tokenizer, ex, indices: list[int]) -> list[tuple[str, list[int]]]:
+    """(readable text, ids) of each held-out example's prompt: everything before its last answer."""
+    return [(readable_prompt(tokenizer, ex.example(i)[0][:ex.last_answer(i)[0]].tolist()),
+             ex.example(i)[0][:ex.last_answer(i)[0]].tolist()) for i in indices]
+
+
 def answer_heldout(model, tokenizer, ex, indices: list[int], max_new_tokens: int, context: int | None,
                    device) -> list[dict]:
-    """Per held-out example: its prompt (everything before its last answer), the reference answer
-    and the model's greedy answer, stopping at EOS or at the token that ends the reference (a chat
-    template's end of turn); at most max_new_tokens, within the model's context."""
-    out = []
-    for i in indices:
+    """Per held-out example: its prompt (everything before its last answer, as people read it), the
+    reference answer and the model's greedy answer, stopping at EOS or the chat template's end of
+    turn (never at the reference's last token, which for a cut example is wherever the cut fell); at
+    most max_new_tokens, within the model's context."""
+    out, stops = [], stop_ids(tokenizer)
+    for i, (text, prompt_ids) in zip(indices, heldout_prompts(tokenizer, ex, indices)):
         tokens, _ = ex.example(i)
         start, end = ex.last_answer(i)
-        prompt = torch.from_numpy(np.asarray(tokens[:start], dtype=np.int64))[None].to(device)
-        stop = sorted({t for t in (tokenizer.eos_token_id, int(tokens[end - 1])) if t is not None})
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         room = max_new_tokens if context is None else max(1, min(max_new_tokens, context - start))
         generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=room,
-                                   do_sample=False, eos_token_id=stop, pad_token_id=stop[0])[0, start:].tolist()
+                                   do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, start:].tolist()
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-        out.append({"example": i, "prompt": decode(tokens[:start].tolist()), "reference": decode(tokens[start:end].tolist()),
+        out.append({"example": i, "prompt": text, "reference": decode(tokens[start:end].tolist()),
                     "answer": decode(generated)})
     return out

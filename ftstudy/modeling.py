@@ -130,14 +130,40 @@ def context_length(name: str | Path, revision: str | None = None) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def context_error(name, block_size: int, context: int | None) -> str | None:
+    """Why data.block_size does not fit the model's context, or None."""
+    if context is not None and block_size > context:
+        return f"data.block_size: {block_size} exceeds the context of {name} ({context} tokens); set it to at most {context}"
+    return None
+
+
 def check_context(name: str | Path, block_size: int, revision: str | None = None) -> None:
     """Refuse data.block_size beyond the model's context, reading only its config."""
     from ftstudy.config import ConfigError
 
-    context = context_length(name, revision)
-    if context is not None and block_size > context:
-        raise ConfigError(f"data.block_size: {block_size} exceeds the context of {name} ({context} tokens); "
-                          f"set it to at most {context}")
+    if (error := context_error(name, block_size, context_length(name, revision))) is not None:
+        raise ConfigError(error)
+
+
+def config_on_this_machine(name: str, revision: str | None, pretrained: Path, prepared_meta: Path) -> Path | None:
+    """The folder holding the model's config.json, where this machine has it without downloading:
+    model.name itself (a local folder), the Hub cache at model.revision, or the pretrained snapshot
+    an earlier prepare made of this very model.name and revision; None elsewhere."""
+    from ftstudy.data import is_local
+
+    if is_local(name):
+        return Path(name) if (Path(name) / "config.json").is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached).parent
+    try:
+        made = json.loads(prepared_meta.read_text())["inputs"]["model.name"]
+    except (OSError, ValueError, KeyError):
+        return None
+    same = made.get("name") == name and made.get("revision") == revision
+    return pretrained if same and (pretrained / "config.json").is_file() else None
 
 
 def snapshot(name: str, out_dir: Path, revision: str | None = None) -> None:

@@ -62,12 +62,12 @@ def write_json(path: str | Path, obj) -> None:
 
 def write_arrays(path: str | Path, arrays: dict) -> None:
     """Named numpy arrays as one .npz file, atomically (np.load(path)[name] reads one); floats as
-    float32, integers kept."""
+    float32, integers and text kept."""
     import numpy as np
 
     def stored(a):
         a = np.asarray(a)
-        return a if np.issubdtype(a.dtype, np.integer) else a.astype(np.float32)
+        return a if np.issubdtype(a.dtype, np.integer) or a.dtype.kind == "U" else a.astype(np.float32)
 
     with _atomic_file(path, "wb") as f:
         np.savez(f, **{name: stored(a) for name, a in arrays.items()})

@@ -60,14 +60,14 @@ def _one_line(text: str) -> str:
 
 def _ppl(m: dict, prefix: str) -> str:
     if f"{prefix}_lo" not in m:
-        return f"{m[prefix]:.2f} [too few chunks]"
+        return f"{m[prefix]:.2f} [no interval: too few units]"
     return f"{m[prefix]:.2f} [{m[f'{prefix}_lo']:.2f}, {m[f'{prefix}_hi']:.2f}]"
 
 
 def _change(pair: dict) -> str:
     """A paired ratio as a change in percent, with its interval: '+3.1% [+2.0, +4.2]'."""
     pct = lambda v: f"{100 * (v - 1):+.1f}"  # noqa: E731
-    return f"{pct(pair['ratio'])}%" + (f" [{pct(pair['lo'])}, {pct(pair['hi'])}]" if "lo" in pair else " [too few chunks]")
+    return f"{pct(pair['ratio'])}%" + (f" [{pct(pair['lo'])}, {pct(pair['hi'])}]" if "lo" in pair else f" [too few {pair['unit']}]")
 
 
 def _check_protocols(ev: dict) -> dict:
@@ -151,12 +151,19 @@ def protocol_text(r: Inputs) -> str:
                 f"{p['test_tokens']:,} answer tokens of {p['test_examples']:,} test examples, {p['val_tokens']:,} "
                 f"validation answer tokens. Intervals: percentile bootstrap, {b['samples']:,} resamples of whole "
                 f"examples, seed {b['seed']}, given only from {b['min_chunks']} examples on.")
+    units = b.get("units", {})
+    test_unit = units.get("test", "chunks")
+    resampled = (f"whole {test_unit} (the test split's independent units; each token's loss counted in the "
+                 f"{test_unit.removesuffix('s')} it belongs to)" if test_unit != "chunks"
+                 else f"{b['chunk']:,}-token chunks (the text has no documents to resample)")
+    general = sorted({u for k, u in units.items() if k not in ("test", "validation")} - {test_unit})
     return (f"Sliding window: {p['context']}-token windows moved by {p['stride']} tokens, every token "
             f"but the first scored once ({p['test_tokens']:,} test, {p['val_tokens']:,} validation "
             f"tokens). Blocks: non-overlapping {p['context']}-token blocks, tail dropped "
             f"({p['test_tokens_blocks']:,} test tokens). Intervals: percentile bootstrap, "
-            f"{b['samples']:,} resamples of {b['chunk']:,}-token chunks, seed {b['seed']}, "
-            f"given only from {b['min_chunks']} chunks ({b['min_chunks'] * b['chunk']:,} scored tokens) on.")
+            f"{b['samples']:,} resamples of {resampled}, seed {b['seed']}, given only from {b['min_chunks']} "
+            f"{'units' if test_unit != 'chunks' else 'chunks'} on"
+            + (f"; the general sets resample {' or '.join(general)}" if general else "") + ".")
 
 
 def efficiency(r: Inputs) -> list[str]:
@@ -283,14 +290,15 @@ def _source(key: str, source: dict) -> str:
 
 
 def paired_comparisons(r: Inputs) -> list[str]:
-    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie",
-                    "too few": "no call: too few chunks"}
+    verdict_text = {"lower": "lower perplexity", "higher": "higher perplexity", "tie": "tie"}
     rows = [[f"{r.label(a)} / {r.label(b)}",
-             f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} [too few chunks]",
-             verdict_text[paired_verdict(v)]] for name, v in r.compare["paired"].items() for a, b in [name.split("_vs_")]]
+             f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} [too few {v['unit']}]",
+             verdict_text.get(paired_verdict(v), f"no call: too few {v['unit']}")]
+            for name, v in r.compare["paired"].items() for a, b in [name.split("_vs_")]]
+    unit = next(iter(r.compare["paired"].values()))["unit"]
     return [_table(rows, ["Comparison", "Test ppl ratio [95% paired CI]", "Verdict"]), "",
-            "Paired: both models are scored on the same test tokens, and each bootstrap resample draws the same "
-            "chunks for both, so the interval covers their difference alone; a winner is called only when it "
+            f"Paired: both models are scored on the same test tokens, and each bootstrap resample draws the same "
+            f"{unit} for both, so the interval covers their difference alone; a winner is called only when it "
             "excludes 1.", ""]
 
 
@@ -317,12 +325,12 @@ def heldout(r: Inputs) -> list[str]:
     """Held-out test prompts: the reference answer and each model's, side by side."""
     if not r.heldout["pretrained"]:
         return []
-    rows = [[_cell(item["prompt"]), _cell(item["reference"]), *(_cell(r.heldout[m][i]["answer"]) for m in MODELS)]
+    rows = [[_cell(item["prompt"]), _cell(item["reference"]), *(_cell(r.heldout[m][i]["answer"]) or "(empty)" for m in MODELS)]
             for i, item in enumerate(r.heldout["pretrained"])]
     return ["### Answers to held-out test prompts", "",
             _table(rows, ["Prompt", "Reference", *(r.label(m) for m in MODELS)]), "",
             f"{len(rows)} test example(s) drawn with the seed (generate.test_prompts), the same for every model; greedy "
-            "answers, each stopped at EOS or at the token that ends the reference's turn.", ""]
+            "answers, each stopped at EOS or the chat template's end of turn, or at generate.max_new_tokens.", ""]
 
 
 def environment(r: Inputs) -> list[str]:

@@ -102,19 +102,31 @@ def answer_nll(model, ex, device, batch_size: int = 8, desc: str | None = None, 
 def answer_metrics(model, ex, n_bytes: int, ev, seed: int, device, desc: str | None = None,
                    own_forward: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
     """(answer-only perplexity, its interval resampling whole examples, bits per byte of the
-    split's text, answer tokens and examples scored; the per-token NLL; the per-example counts)."""
+    answers (`n_bytes`: the bytes their tokens spell), answer tokens and examples scored; the per-token NLL; the per-example counts)."""
     nll, counts = answer_nll(model, ex, device, ev.batch_size, desc, own_forward)
     metrics = ppl_metrics(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed, sizes=counts)
     return metrics | {"bpb": bits_per_byte(nll, n_bytes), "tokens": int(len(nll)), "examples": int(len(counts))}, nll, counts
 
 
+def unit_sizes(starts: np.ndarray | None, n_tokens: int) -> np.ndarray | None:
+    """How many of a running text's scored positions (every token but the first, ftstudy.scoring's
+    sliding window) fall in each unit starting at `starts`; units with none are left out. None
+    where the text has no units (its intervals then resample chunks)."""
+    if starts is None:
+        return None
+    edges = np.append(np.maximum(np.asarray(starts, dtype=np.int64), 1), n_tokens)
+    sizes = np.diff(edges)
+    return sizes[sizes > 0]
+
+
 def sliding_metrics(model, tokens: np.ndarray, n_bytes: int, block: int, ev, seed: int, device,
-                    desc: str | None = None, own_forward: bool = False) -> tuple[dict, np.ndarray]:
-    """(ppl, its bootstrap interval when there are enough chunks, the chunk count, bits per byte and
+                    desc: str | None = None, own_forward: bool = False,
+                    sizes: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """(ppl, its bootstrap interval when there are enough units, the unit count, bits per byte and
     token count; the per-token NLL) of one split under the sliding window (`ev`: the evaluate
-    params)."""
+    params); `sizes`: each independent unit's scored positions (unit_sizes), else chunks."""
     nll = sliding_window_nll(model, tokens, block, ev.stride, device, ev.batch_size, desc, own_forward)
-    return (ppl_metrics(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed)
+    return (ppl_metrics(nll, ev.bootstrap_chunk, ev.bootstrap_samples, seed, sizes=sizes)
             | {"bpb": bits_per_byte(nll, n_bytes), "tokens": int(len(nll))}), nll
 
 
@@ -123,7 +135,10 @@ def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
     """Everything evaluate scores, as (metrics, the arrays to keep for stage compare, the scoring
     path): validation and test under the sliding window and as run_clm's blocks, or, for
     instruction data, over their examples' answer tokens; and every general set (always text,
-    sliding window). The fast path is checked first on one window (choose_path)."""
+    sliding window). Intervals resample the independent units: examples, documents, WikiText
+    articles, or chunks of a running text without them; the arrays kept hold, for the test split
+    and each general set, the per-token NLL, the units' sizes (`<name>_sizes`) and the unit's name
+    (`<name>_unit`). The fast path is checked first on one window (choose_path)."""
     from ftstudy import data, examples
 
     instruct = data.is_instruct(meta)
@@ -133,27 +148,37 @@ def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
     path = choose_path(model, first, block, device)
     if path["own_forward"]:
         print(f"{label}: scoring through the model's own forward (whole logits), not body + head: {path['reason']}")
+
+    def text_units(split: str) -> tuple[np.ndarray | None, str]:
+        sizes = unit_sizes(data.unit_starts(data_dir, split, meta), len(tokens[split]))
+        return sizes, meta["splits"][split].get("units", "chunks")
+
     metrics, keep = {}, {}
     for split, short in (("validation", "val"), ("test", "test")):
         if instruct:  # bits per byte over the bytes the answer tokens spell
             m, nll, sizes = answer_metrics(model, examples.load(data_dir, split, meta),
                                            meta["splits"][split]["answer_bytes"], ev, seed, device,
                                            f"{split} answers", path["own_forward"])
-            if split == "test":
-                keep["test_sizes"] = sizes
+            unit = "examples"
         else:
+            sizes, unit = text_units(split)
             m, nll = sliding_metrics(model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device,
-                                     f"{split} sliding",
-                                     path["own_forward"])
+                                     f"{split} sliding", path["own_forward"], sizes)
             blocks = block_nll(model, tokens[split], block, device, ev.batch_size, f"{split} blocks", path["own_forward"])
             m["ppl_blocks"] = perplexity(blocks)
             metrics[f"{short}_tokens_blocks"] = len(blocks)
         if split == "test":  # compare pairs the test split's NLL; validation's is not kept
-            keep[split] = nll
+            keep |= _kept("test", nll, sizes, unit)
         metrics |= {f"{short}_{k}": v for k, v in m.items()}
     metrics["general"] = {}
-    for split, label in data.general_splits(meta):
-        metrics["general"][label], keep[label] = sliding_metrics(
-            model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device, f"{label} sliding",
-            path["own_forward"])
+    for split, name in data.general_splits(meta):
+        sizes, unit = text_units(split)
+        metrics["general"][name], nll = sliding_metrics(
+            model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device, f"{name} sliding",
+            path["own_forward"], sizes)
+        keep |= _kept(name, nll, sizes, unit)
     return metrics, keep, path
+
+
+def _kept(name: str, nll: np.ndarray, sizes: np.ndarray | None, unit: str) -> dict:
+    return {name: nll, f"{name}_unit": np.asarray(unit)} | ({} if sizes is None else {f"{name}_sizes": sizes})

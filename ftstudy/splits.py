@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,8 @@ from ftstudy.data import SPLITS, DataError, general_split, token_dtype
 from ftstudy.sources import general_rows, source_splits, text_field
 
 PASSAGE_SEPARATOR = "\n\n"
+# A WikiText article's title line (" = Title = "); its sections' (" = = History = = ") do not match.
+ARTICLE_TITLE = re.compile(r" = [^=].* = \n")
 
 
 # -- tokenizing into split files --------------------------------------------------------------
@@ -77,8 +80,11 @@ def join_rows(rows: Iterator[list[str]], documents: bool | None = None) -> tuple
 
 
 class SplitWriter:
-    """One token file being written: ids appended document by document, with counts and a hash of
-    the documents in order."""
+    """One token file being written: ids appended document by document, with counts, a hash of
+    the documents in order, and where each independent unit starts (<split>.units.npy): each
+    document, or, in a running text, each WikiText article (at its title line; the first takes in
+    what comes before it). A running text without article titles has none: its intervals resample
+    chunks of tokens (ftstudy.stats)."""
 
     def __init__(self, path: Path, dtype: np.dtype, bos: int | None):
         self.path, self.dtype, self.bos = path, dtype, bos
@@ -86,6 +92,7 @@ class SplitWriter:
         self.tokens = self.bytes = self.documents = self.duplicates = 0
         self.digest = hashlib.sha256()
         self.started = False
+        self.starts: list[int] = []
 
     def start(self, per_document: bool) -> None:
         """A running text gets its BOS once, here; documents get one each (write)."""
@@ -101,6 +108,11 @@ class SplitWriter:
     def write(self, ids: list[list[int]], texts: list[str], digests: list[bytes]) -> None:
         if self.bos is not None and self.per_document:
             ids = [[self.bos, *row] for row in ids]
+        offset = self.tokens
+        for row, text in zip(ids, texts):
+            if self.per_document or ARTICLE_TITLE.fullmatch(text):
+                self.starts.append(offset)
+            offset += len(row)
         self._put(np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype))
         self.bytes += sum(len(t.encode("utf-8")) for t in texts)
         self.documents += len(texts)
@@ -111,8 +123,13 @@ class SplitWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        units = "documents" if self.per_document else "articles" if self.starts else "chunks"
+        if self.starts:
+            self.starts[0] = 0  # the first unit takes in what precedes it (a blank line, the split's BOS)
+            np.save(self.path.with_suffix(".units.npy"), np.asarray(self.starts, dtype=np.int64))
         return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents,
-                "documents_sha256": self.digest.hexdigest(), "duplicates_removed": self.duplicates}
+                "documents_sha256": self.digest.hexdigest(), "duplicates_removed": self.duplicates,
+                "units": units, "unit_count": len(self.starts)}
 
 
 def _digest(text: str) -> bytes:

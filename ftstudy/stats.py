@@ -1,7 +1,9 @@
 """Statistics over per-token NLL arrays, numpy only (the compare stage imports no torch):
-perplexity, bits per byte, and chunk-bootstrap intervals, single and paired.
+perplexity, bits per byte, and bootstrap intervals, single and paired, over the independent units
+(`sizes`: each example's, document's or article's scored tokens) or, for running text without
+them, chunks of consecutive tokens.
 
-An interval is given only from at least MIN_CHUNKS chunks. With fewer, a percentile bootstrap has
+An interval is given only from at least MIN_CHUNKS units. With fewer, a percentile bootstrap has
 a handful of distinct resamples and claims more certainty than the data hold (one chunk: every
 resample is the same, and the "interval" has zero width). Measured by the coverage test
 (tests/test_scoring.py: 300 trials of correlated synthetic NLL with a known ratio, 1,024-token

@@ -143,6 +143,7 @@ class Progress:
     tokens: int = 0           # input tokens trained on (padding left out)
     train_curve: list = field(default_factory=list)  # (step, loss)
     val_curve: list = field(default_factory=list)    # (step, training seconds, tokens, loss)
+    val_loss_se: float = math.inf  # the last validation loss's standard error over the split's units
     eval_time: float = 0.0  # seconds spent on validation, kept out of train_time and tokens/s
     segments: list = field(default_factory=list)  # (first step, CPU threads) of each process that trained
 
@@ -288,9 +289,12 @@ def _score(s: Session, units, indices: np.ndarray, batch_size: int) -> np.ndarra
 
 
 @torch.no_grad()
-def validation_loss(s: Session, batch_size: int) -> float:
-    """Mean NLL over the validation split, sharded across processes: over its blocks (run_clm's
-    protocol) for running text, over the answer tokens of its examples for instruction data."""
+def validation_loss(s: Session, batch_size: int) -> tuple[float, float]:
+    """(mean NLL over the validation split, its standard error over the split's units), sharded
+    across processes: over its blocks (run_clm's protocol) for running text, over the answer tokens
+    of its examples for instruction data. The standard error is the ratio estimator's
+    (sqrt(n/(n-1) Σ(s_i − L c_i)²) / Σc_i, unit i's NLL sum s_i and target count c_i): the noise a
+    change in validation loss must exceed to mean anything."""
     acc = s.accelerator
     s.model.eval()
     n = len(s.val_units)
@@ -303,9 +307,15 @@ def validation_loss(s: Session, batch_size: int) -> float:
         for _ in range(-(-per // batch_size) - -(-len(mine) // batch_size)):
             _score(s, s.val_units, np.arange(min(batch_size, n)), batch_size)
     s.model.train()
-    totals = torch.tensor([nll.sum(), len(nll)], dtype=torch.float64, device=acc.device)
-    totals = acc.reduce(totals, reduction="sum")
-    return float(totals[0] / totals[1])
+    counts = np.array([s.val_units.counts(np.array([i]))[0] for i in mine], dtype=np.float64)
+    starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
+    sums = np.add.reduceat(nll, starts) if len(mine) else np.zeros(0)
+    parts = [sums.sum(), counts.sum(), (sums**2).sum(), (sums * counts).sum(), (counts**2).sum(), len(mine)]
+    total, count, ss, sc, cc, n = acc.reduce(torch.tensor(parts, dtype=torch.float64, device=acc.device),
+                                             reduction="sum").tolist()
+    mean = total / count
+    spread = max(0.0, ss - 2 * mean * sc + mean**2 * cc)
+    return mean, (math.sqrt(n / (n - 1) * spread) / count if n > 1 else math.inf)
 
 
 def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointer, label: str,
@@ -352,7 +362,7 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
             val = None
             if validate:
                 started = time.perf_counter()
-                val = validation_loss(s, train.batch_size)
+                val, progress.val_loss_se = validation_loss(s, train.batch_size)
                 progress.eval_time += time.perf_counter() - started
                 progress.val_curve.append((step, round(progress.train_time, 3), progress.tokens, val))
                 if acc.is_main_process and step_in_epoch == s.steps_per_epoch - 1:
@@ -370,13 +380,14 @@ def fit(s: Session, train: TrainParams, seed: int, ckpt: checkpoints.Checkpointe
     return progress
 
 
-def validation_summary(val_curve: list) -> dict:
-    """Final and best validation loss, the step of the best, and how far the loss rose after it
-    (0 when the last point is the best: no sign of overfitting)."""
+def validation_summary(val_curve: list, se: float) -> dict:
+    """Final and best validation loss, the step of the best, how far the loss rose after it (0 when
+    the last point is the best), and the final loss's standard error over the validation units
+    (`se`), which a rise must exceed to be called overfitting (ftstudy.findings)."""
     losses = [point[-1] for point in val_curve]
     best = min(range(len(losses)), key=losses.__getitem__)
     return {"val_loss": losses[-1], "val_loss_best": losses[best], "val_best_step": val_curve[best][0],
-            "val_rise_after_best": losses[-1] - losses[best]}
+            "val_rise_after_best": losses[-1] - losses[best]} | ({"val_loss_se": se} if math.isfinite(se) else {})
 
 
 def summarize(s: Session, progress: Progress, block_size: int, seed: int, method: str,
@@ -395,7 +406,8 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
                "tokens_per_s": round(tokens_per_s, 1),
                **{k: v for k, v in used.items() if k != "peak_mem_kind"},
                "trainable_params": trainable,
-               "final_train_loss": progress.train_curve[-1][1], **validation_summary(progress.val_curve),
+               "final_train_loss": progress.train_curve[-1][1],
+               **validation_summary(progress.val_curve, progress.val_loss_se),
                "eval_s": round(progress.eval_time, 3)}
     # MFU against a data-sheet peak, or a GPU's measured one; none on a CPU, whose measured matmul
     # peak moved 2x between runs (the load, turbo, caches): a ratio over noise is noise.

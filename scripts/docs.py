@@ -55,7 +55,7 @@ def memory_table(batch: int = 8, block: int = 1024) -> str:
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**sizes))
         total = sum(q.numel() for q in skeleton.parameters())
-        adapter = lora.expected_params(skeleton, params.lora, lora.resolve_targets(skeleton, "auto"))
+        adapter = lora.expected_params(skeleton, params.lora, lora.resolve_targets(skeleton, params.lora.target_modules))
         row = [name, f"{total / 1e9:.2f}B"]
         for _, method, dtype, quantize, ckpt in COLUMNS:
             p = memory.plan(skeleton, method=method, dtype=dtype, quantize=quantize,
@@ -67,9 +67,13 @@ def memory_table(batch: int = 8, block: int = 1024) -> str:
 
 
 def write_memory() -> None:
+    from ftstudy.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
     text = (f"Computed by `python -m scripts.docs --memory` ({time.strftime('%Y-%m-%d')}) from `ftstudy.memory`, the plan "
             "each training stage prints: GiB on one GPU in bf16 mixed precision, `train.batch_size` 8 x 1,024 tokens, "
-            "the chunked loss, LoRA at the shipped `lora.r` 8 on `auto` targets; the integrity check's copies, which "
+            f"the chunked loss, LoRA at the shipped `lora.r` {params.lora.r} on the shipped `lora.target_modules` "
+            f"({params.lora.target_modules}); the integrity check's copies, which "
             "come after training, are within each figure.\n\n" + memory_table())
     print(f"docs: wrote {write_block('models.md', 'memory-table', text)} (memory table)")
 

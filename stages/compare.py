@@ -1,11 +1,12 @@
 """Stage compare: per-token NLL and validation curves -> paired ratios, forgetting, time to quality.
 
 For each pair (full vs pretrained, lora vs pretrained, full vs lora): the ratio of their test
-perplexities with a 95% paired chunk-bootstrap interval. The models are scored on the very same
-tokens, so the same resampled chunks are drawn for both (ftstudy.stats.paired_ppl_ratio): a
-tighter and more honest test than whether two separate intervals overlap. The report's findings
-call a winner only when the paired interval excludes 1, and no winner at all from fewer than
-ftstudy.stats.MIN_CHUNKS chunks. The same pairs on each general set (data.general) measure
+perplexities with a 95% paired bootstrap interval over the split's independent units (examples,
+documents, WikiText articles; chunks of a running text without them), named in each pair as
+`unit`. The models are scored on the very same tokens, so the same resampled units are drawn for
+both (ftstudy.stats.paired_ppl_ratio): a tighter and more honest test than whether two separate
+intervals overlap. The report's findings call a winner only when the paired interval excludes 1,
+and no winner at all from fewer than ftstudy.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
 other's final validation loss (none when it never did).
 """
@@ -37,25 +38,28 @@ def main() -> None:
     ev = p.evaluate
 
     def pairs(split: str) -> dict:
-        # Instruction data: the resampled units are whole examples (their answer-token counts).
-        sizes = nll["pretrained"][f"{split}_sizes"] if f"{split}_sizes" in nll["pretrained"].files else None
+        # The resampled units: whole examples, documents or articles (their scored-token counts), else chunks.
+        files = nll["pretrained"].files
+        sizes = nll["pretrained"][f"{split}_sizes"] if f"{split}_sizes" in files else None
+        unit = str(nll["pretrained"][f"{split}_unit"]) if f"{split}_unit" in files else "chunks"
         return {f"{a}_vs_{b}": paired_ppl_ratio(nll[a][split], nll[b][split], ev.bootstrap_chunk,
-                                                ev.bootstrap_samples, p.seed, sizes=sizes) for a, b in PAIRS}
+                                                ev.bootstrap_samples, p.seed, sizes=sizes) | {"unit": unit}
+                for a, b in PAIRS}
 
     paired = pairs("test")
-    forgetting = {label: pairs(label) for label in nll["pretrained"].files if label != "test" and not label.endswith("_sizes")}
+    forgetting = {label: pairs(label) for label in nll["pretrained"].files
+                  if label != "test" and not label.endswith(("_sizes", "_unit"))}
     val = {m: curves.read_val(args.curves / f"train_{m}") for m in ("full", "lora")}
     # Time to quality: when each method first reached the other's final validation loss.
     reach = {m: curves.time_to_reach(val[m], val[other][-1]["loss"]) for m, other in (("full", "lora"), ("lora", "full"))}
-    bootstrap = {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS} | (
-        {"examples": 1} if "test_sizes" in nll["pretrained"].files else {})
+    bootstrap = {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS}
     write_json(args.out, {"paired": paired, "forgetting": forgetting, "time_to_quality": reach, "bootstrap": bootstrap})
     print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v)}" for k, v in paired.items())
           + f"; {len(forgetting)} general set(s); wrote {args.out}")
 
 
 def _ratio(v: dict) -> str:
-    return f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} (too few chunks)"
+    return f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} (too few {v['unit']})"
 
 
 if __name__ == "__main__":

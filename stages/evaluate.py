@@ -3,7 +3,8 @@
 For validation and test, both protocols over whole splits, weighted by tokens: val_ppl/test_ppl
 slide a block_size window by evaluate.stride (HF perplexity guide); *_ppl_blocks score
 non-overlapping blocks (run_clm). Each sliding-window perplexity carries a seeded 95% bootstrap
-interval (from ftstudy.stats.MIN_CHUNKS chunks on) and bits per byte; every data.general set that
+interval (from ftstudy.stats.MIN_CHUNKS units on, resampling the split's independent units:
+documents, WikiText articles, or chunks of a running text without them) and bits per byte; every data.general set that
 prepare tokenized (its general-* splits, read from the prepared meta, so that evaluate reads no
 data.general key) is scored the same way, to measure forgetting. Before scoring, the fast path
 (body + output projection) is checked against the model's own forward on one window; where they
@@ -51,6 +52,7 @@ def main() -> None:
         metrics, arrays, path = scoring.score_all(model, args.data, meta, p.data.block_size, p.evaluate, p.seed,
                                                   device, f"evaluate@{name}")
     instruct = data.is_instruct(meta)
+    val_unit = "examples" if instruct else meta["splits"]["validation"].get("units", "chunks")
     info = {
         "eval_time_s": round(time.perf_counter() - t0, 3),
         # Numbers are comparable only between runs with the same protocol.
@@ -64,7 +66,10 @@ def main() -> None:
                      "precision": "bf16 autocast" if bf16 else "fp32",
                      "bootstrap": {"samples": p.evaluate.bootstrap_samples,
                                    "chunk": "example" if instruct else p.evaluate.bootstrap_chunk,
-                                   "min_chunks": stats.MIN_CHUNKS, "seed": p.seed}},
+                                   "min_chunks": stats.MIN_CHUNKS, "seed": p.seed,
+                                   # what each interval resamples: examples, documents, articles or chunks
+                                   "units": {k.removesuffix("_unit"): str(v) for k, v in arrays.items()
+                                             if k.endswith("_unit")} | {"validation": val_unit}}},
         "scoring": {k: v for k, v in path.items() if v is not None},
     }
     metrics.pop("val_tokens_blocks", None)
@@ -79,7 +84,7 @@ def main() -> None:
 
 
 def _ppl(m: dict, key: str) -> str:
-    interval = f"[{m[key + '_lo']:.3f}, {m[key + '_hi']:.3f}]" if key + "_lo" in m else "(too few chunks for an interval)"
+    interval = f"[{m[key + '_lo']:.3f}, {m[key + '_hi']:.3f}]" if key + "_lo" in m else "(too few units for an interval)"
     return f"{m[key]:.3f} {interval}"
 
 

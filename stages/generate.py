@@ -7,7 +7,9 @@ For each model folder, the texts go to <--out>/<model>.json and distinct-n, repe
 and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folder's name. For
 instruction data (the prepared meta's format), each model also answers generate.test_prompts
 held-out test prompts (a sample seeded by `seed`, the same for every model), kept beside their
-reference answers.
+reference answers. generate.prompt: auto prompts with the user's own held-out data: the openings
+of a seeded sample of test documents (articles, or evenly spaced points of a running text), or the
+held-out prompts of instruction data; every answer stops at EOS or the chat template's end of turn.
 """
 
 from __future__ import annotations
@@ -34,19 +36,19 @@ def main() -> None:
                     help="folder for each model's generation-quality metrics (<model>.json)")
     args = ap.parse_args()
     p = load_params()
-    prompts = (p.generate.prompt, *p.generate.extra_prompts)
     tokenizers = {m: modeling.load_tokenizer(m) for m in args.model}
+    tokenizer = next(iter(tokenizers.values()))  # the snapshot's, saved with every model
     context = modeling.context_length(args.base)
-    for tokenizer in tokenizers.values():  # every model checked before any generates
-        generation.check_room({t: len(tokenizer(t)["input_ids"]) for t in prompts}, p.generate.max_new_tokens, context)
     meta = data.read_meta(args.data)
     test = examples.load(args.data, "test", meta) if data.is_instruct(meta) else None
     picked = generation.heldout(len(test), p.generate.test_prompts, p.seed) if test is not None else []
+    prompts = panel_prompts(p, args.data, meta, tokenizer, test, picked)
+    generation.check_room({t: len(ids) for t, ids in prompts}, p.generate.max_new_tokens, context)
     for folder, tokenizer in tokenizers.items():
         name = Path(folder).name
         model, device = runtime.to_eval_device(modeling.load_for_eval(folder, args.base, p.model.name))
         with torch.no_grad():
-            panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device)
+            panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device, prompts)
             answers = generation.answer_heldout(model, tokenizer, test, picked, p.generate.max_new_tokens, context,
                                                 device) if picked else []
         quality = generation.text_quality(ids, tokenizer.eos_token_id)
@@ -55,6 +57,22 @@ def main() -> None:
         print(f"generate: {name}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} "
               f"tokens for {len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}")
     print(f"generate: wrote {len(tokenizers)} models' texts to {args.out}/ and metrics to {args.metrics}/")
+
+
+def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -> list[tuple[str, list[int]]]:
+    """The panel's prompts, (text, ids) each: generate.prompt and generate.extra_prompts; with
+    generate.prompt auto, in its place the openings of generate.test_prompts held-out test
+    documents (a seeded sample), or for instruction data the held-out prompts themselves."""
+    g = p.generate
+    if g.prompt != "auto":
+        texts = [g.prompt]
+    elif test is not None:
+        own = generation.heldout_prompts(tokenizer, test, picked)
+        return own + [(t, tokenizer(t)["input_ids"]) for t in g.extra_prompts]
+    else:
+        texts = generation.openings(tokenizer, data.load_tokens(data_dir, "test", meta),
+                                    data.unit_starts(data_dir, "test", meta), max(1, g.test_prompts), p.seed)
+    return [(t, tokenizer(t)["input_ids"]) for t in (*texts, *g.extra_prompts)]
 
 
 if __name__ == "__main__":

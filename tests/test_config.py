@@ -19,7 +19,7 @@ def errors_of(raw) -> str:
 
 def test_shipped_and_demo_params_validate():
     p = load_params(ROOT / "params.yaml")
-    assert p.model.name == "openai-community/gpt2" and p.lora.target_modules == "auto"
+    assert p.model.name == "openai-community/gpt2" and p.lora.target_modules == "all-linear"
     assert len(p.model.revision) == len(p.data.revision) == 40  # pinned commits
     assert parse_params(demo_params()).data.block_size == 128
 
@@ -133,3 +133,27 @@ def test_two_general_sets_with_one_label_are_refused_before_any_work():
     assert ("data.general[1]: its label 'test.txt-test' (the name's last part and the split) is that of "
             "data.general[0], and its scores would overwrite those; give one of the two files or folders another "
             "name") in msg and "data.general[2]" not in msg
+
+
+def test_check_params_refuses_what_does_not_fit_the_models_config(project, tmp_path, capsys):
+    """Before any stage runs (and DVC removes outputs): a layer list that matches nothing, a block
+    beyond the context, chat data for a tokenizer without a chat template; all in one error."""
+    from conftest import run_main
+    from stages import check_params
+
+    args = ("--snapshot", str(tmp_path / "none"), "--prepared", str(tmp_path / "none"))
+    project(**{"lora.target_modules": ["c_attn", "qkv"], "data.block_size": 100_000, "data.format": "messages"})
+    with pytest.raises(ConfigError) as e:
+        run_main(check_params, *args)
+    msg = str(e.value)
+    assert msg.startswith("params.yaml does not fit ") and "tiny-gpt2: " in msg
+    assert "lora.target_modules: 'qkv' matches no layer of this model; valid names: c_attn, c_fc, c_proj, lm_head" in msg
+    assert "data.block_size: 100000 exceeds the context of" in msg and "(128 tokens); set it to at most 128" in msg
+    assert "data.format: messages renders each conversation with the tokenizer's chat template" in msg
+    project()
+    run_main(check_params, *args)
+    assert capsys.readouterr().out.strip().endswith("params.yaml is valid, and fits " + str(ROOT / "assets/tiny-gpt2"))
+    # A Hub model whose config is nowhere on this machine: the params alone are checked.
+    project(**{"model.name": "someone/not-cached", "lora.target_modules": ["qkv"]})
+    run_main(check_params, *args)
+    assert "(the model's config is not on this machine yet)" in capsys.readouterr().out

@@ -118,7 +118,9 @@ def covers(listed: list, key: str) -> bool:
 def test_revision_keys_are_params_of_exactly_the_stages_that_read_them():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     readers = {p.stem for p in (ROOT / "stages").glob("*.py") if re.search(r"\.revision\b", p.read_text())}
-    assert readers == {"prepare"}  # prepare alone reads the revision keys (train_lora reads the commit from its meta)
+    # prepare reads the revision keys, and check_params model.revision to find the model's config in
+    # the Hub cache (train_lora reads the commit from the prepared meta)
+    assert readers == {"prepare", "check_params"}
     for key in REVISION_KEYS:
         stages = {name for name, stage in spec["stages"].items() if covers(stage.get("params", []), key)}
         assert stages == {"check_params", "prepare"}, (key, stages)  # check_params validates the whole file

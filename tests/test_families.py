@@ -36,6 +36,7 @@ def _run_every_stage(family, tmp_path):
     write_params(tmp_path, local_params(tmp_path / "model", tmp_path / "corpus", **{
         "data.block_size": 32, "train.epochs": 1, "train.warmup_steps": 1, "train.log_every": 2,
         "train.eval_every": 0, "full.lr": 2e-3, "lora.lr": 1e-2, "evaluate.stride": 16,
+        "lora.target_modules": "auto",  # each family's PEFT default (the shipped all-linear is family-blind)
         "evaluate.bootstrap_samples": 100, "evaluate.bootstrap_chunk": 16,
         "generate.prompt": "The town of", "generate.extra_prompts": [],
         "generate.max_new_tokens": 8, "generate.num_samples": 1}))
@@ -64,7 +65,8 @@ def test_every_stage_runs_on_every_family(family_run):
     assert lora_info["lora_target_modules"] == AUTO_TARGETS[family]
     for model in ("full", "lora"):
         ev = read_json(root / f"m/evaluate/{model}.json")[model]
-        assert math.isfinite(ev["test_ppl"]) and ev["test_ppl_lo"] <= ev["test_ppl"] <= ev["test_ppl_hi"]
+        assert math.isfinite(ev["test_ppl"]) and ("test_ppl_lo" in ev) == (ev["test_chunks"] >= 20)
+        assert ev.get("test_ppl_lo", 0) <= ev["test_ppl"] <= ev.get("test_ppl_hi", math.inf)
         info = read_json(root / f"m/evaluate/{model}.info.json")
         assert info["protocol"]["model"].endswith("model") and info["protocol"]["bos"] == meta["bos"]
         assert info["scoring"]["path"] == "body + head" and info["scoring"]["checked_max_nll_diff"] < 1e-5

@@ -76,9 +76,34 @@ def test_training_findings_give_time_to_quality_and_overfitting():
     assert "Full fine-tuning reached LoRA's final validation loss (1.9000) after 2.5 s of training and 20,480 tokens (25% of its run)." in text
     assert "LoRA never reached full fine-tuning's final validation loss (1.1000); its best was 1.9000." in text
     assert "no sign of overfitting" in text
-    tr["full"]["val_rise_after_best"] = 0.05
+    tr["full"] |= {"val_rise_after_best": 0.05, "val_loss_se": 0.01}
     text = " ".join(findings.findings(evs, tr, gq, compare))
-    assert "Validation loss rose after its minimum for full fine-tuning (+0.0500 after step 100)" in text
+    assert ("Validation loss rose after its minimum for full fine-tuning (+0.0500 after step 100, beyond twice its "
+            "standard error 0.0100): a sign of overfitting.") in text
+    # A rise within the validation loss's own noise is no overfitting (once called on +0.0001).
+    tr["full"] |= {"val_rise_after_best": 0.0001, "val_loss_se": 0.004}
+    text = " ".join(findings.findings(evs, tr, gq, compare))
+    assert ("Validation loss rose after its minimum for full fine-tuning (+0.0001, within twice its standard error "
+            "0.0040): within the noise, no sign of overfitting.") in text and "a sign of overfitting" not in text
+
+
+def test_no_model_is_named_the_lowest_unless_its_paired_intervals_put_it_below_both():
+    """Too few units, or a tie: the perplexities are listed, no model is called the lowest, and the
+    text finding, which compares against the lowest-perplexity model, is not written."""
+    evs, tr, gq, compare = _metrics(full_ppl=6.9, lora_ppl=7.0)
+    compare["paired"]["full_vs_lora"] = paired_ratio(6.9 / 7.0, half_width=0.05)  # a tie
+    text = findings.findings(evs, tr, gq, compare)
+    assert text[0].startswith("Test perplexity: full fine-tuning 6.90 (95% CI 6.55–7.25); LoRA 7.00")
+    assert "(no model is named the lowest" in text[0]
+    assert not any("gives the lowest" in t or "lowest-perplexity model" in t for t in text)
+    evs, tr, gq, compare = _metrics()
+    for pair in compare["paired"].values():
+        del pair["lo"], pair["hi"]
+        pair |= {"chunks": 7, "unit": "documents"}
+    text = findings.findings(evs, tr, gq, compare)
+    assert not any("gives the lowest" in t for t in text)
+    assert text[1].startswith("The test split is too small to call a difference: it has 7 documents, its independent "
+                              "units, and an interval needs at least 20; give it more documents")
 
 
 def test_speeds_are_compared_only_like_with_like():

@@ -60,3 +60,37 @@ def test_text_quality_metrics():
     assert q["distinct_2"] == pytest.approx(7 / 10)          # {56 67 78 85 89 12 23} of 8 + 2 bigrams
     assert q["repetition_4gram"] == pytest.approx(1 / 6)     # 5678 comes back once among 6 4-grams
     assert generation.text_quality([], eos)["texts"] == 0
+
+
+def test_auto_prompts_are_openings_of_held_out_test_documents(project, tmp_path):
+    """Own data is prompted with its own held-out text (the Python docs once got "The town of")."""
+    import json
+
+    from conftest import prepare_in, run_main
+    from ftstudy.outputs import read_json
+    from stages import generate
+
+    docs = [f"Module number {i} provides functions for parsing and formatting things. " * 2 for i in range(200)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare_in(project, **{"data.name": str(tmp_path / "docs.jsonl"), "generate.prompt": "auto",
+                           "generate.extra_prompts": [], "generate.test_prompts": 2, "generate.max_new_tokens": 5,
+                           "generate.num_samples": 0})
+    run_main(generate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
+    prompts = [p["prompt"] for p in read_json("gen/pre.json")["prompts"]]
+    test = modeling.load_tokenizer(TINY_MODEL).decode(__import__("ftstudy.data", fromlist=["x"]).load_tokens("prep", "test"))
+    assert len(prompts) == 2 and all(p.startswith("Module number ") and p in " ".join(test.split()) for p in prompts)
+
+
+def test_chat_prompts_read_without_glued_role_names_and_answers_stop_at_the_end_of_turn(tmp_path):
+    from ftstudy.synthetic import write_tiny_model
+
+    write_tiny_model("llama", tmp_path / "llama")
+    tok = modeling.load_tokenizer(tmp_path / "llama")
+    ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How many?"}],
+                                  tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert generation.readable_prompt(tok, ids) == "system: Be brief. / user: How many?"
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in generation.stop_ids(tok) and tok.eos_token_id in generation.stop_ids(tok)
+    gpt2 = modeling.load_tokenizer(TINY_MODEL)
+    assert generation.stop_ids(gpt2) == [gpt2.eos_token_id]
+    assert generation.readable_prompt(gpt2, gpt2("The town of")["input_ids"]) == "The town of"

@@ -28,7 +28,7 @@ def test_auto_and_all_linear_resolve_to_layer_names():
     assert lora.resolve_targets(model, "all-linear") == ["c_attn", "c_fc", "c_proj"]  # not the output layer
 
 
-def test_expected_count_for_gpt2_c_attn_at_r8():
+def test_expected_count_for_gpt2_at_r8_every_linear_layer_by_default():
     from transformers import GPT2Config
 
     with torch.device("meta"):
@@ -36,7 +36,9 @@ def test_expected_count_for_gpt2_c_attn_at_r8():
 
         skeleton = GPT2LMHeadModel(GPT2Config())
     params = parse_params(demo_params()).lora
-    assert params.r == 8 and lora.resolve_targets(skeleton, params.target_modules) == ["c_attn"]
+    assert params.r == 8 and lora.resolve_targets(skeleton, params.target_modules) == ["c_attn", "c_fc", "c_proj"]
+    # Per layer: c_attn 8 x (768 + 2304), attention's c_proj 8 x (768 + 768), the MLP's c_fc and c_proj 8 x (768 + 3072) each.
+    assert lora.expected_params(skeleton, params, ["c_attn", "c_fc", "c_proj"]) == 12 * 8 * (3072 + 1536 + 2 * 3840)
     assert lora.expected_params(skeleton, params, ["c_attn"]) == 294_912  # 12 layers x 8 x (768 + 2304)
     dora = parse_params(demo_params(**{"lora.use_dora": True})).lora
     assert lora.expected_params(skeleton, dora, ["c_attn"]) == 294_912 + 12 * 2304  # a magnitude per output

@@ -186,6 +186,24 @@ def test_misspelled_param_fails_before_training(repo):
     assert (dest / "models/lora/adapter_model.safetensors").read_bytes() == adapter
 
 
+@pytest.mark.parametrize("override,message", [
+    ("lora.target_modules=[c_attn,qkv]", "lora.target_modules: 'qkv' matches no layer of this model; valid names: "
+                                         "c_attn, c_fc, c_proj, lm_head"),
+    ("data.block_size=100000", "data.block_size: 100000 exceeds the context of assets/tiny-gpt2 (128 tokens); set it "
+                               "to at most 128")])
+def test_a_mistake_knowable_from_the_models_config_is_refused_before_anything_is_deleted(repo, override, message):
+    """Both once failed in their own stage after DVC had removed its previous outputs: the metrics
+    were gone from the workspace. check_params reads the model's config (here a local folder) first."""
+    dest, *_ = repo
+    outputs = {p: p.read_bytes() for p in (dest / "metrics").rglob("*") if p.is_file()}
+    proc = dvc(dest, "exp", "run", "-S", override, check=False)
+    assert proc.returncode != 0 and stages_run(proc) == {"check_params"}
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("check_params: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stdout + proc.stderr
+    status = subprocess.run(["git", "status", "--porcelain", "--", "metrics"], cwd=dest, capture_output=True, text=True)
+    assert status.stdout == "" and {p: p.read_bytes() for p in (dest / "metrics").rglob("*") if p.is_file()} == outputs
+
+
 def test_misspelled_section_added_by_hand_fails_in_seconds(repo):
     dest, *_ = repo
     lock = (dest / "dvc.lock").read_bytes()
@@ -326,15 +344,15 @@ def test_the_whole_pipeline_runs_a_tiny_llama_on_chat_data_and_a_wrong_lora_targ
     sandbox.repro_and_commit(dest)
     report = (dest / "metrics/report.md").read_text()
     assert report.startswith("# tiny-llama on messages.jsonl:") and "GPT-2" not in report
-    assert "Fully fine-tuned tiny-llama" in report and "(q_proj, v_proj)" in report
+    assert "Fully fine-tuned tiny-llama" in report and "(down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)" in report
     assert "BOS token `<|begin_of_text|>`" in report and "Instruction data, format `messages`" in report
     assert "### Answers to held-out test prompts" in report
 
-    # GPT-2's layer name on a Llama: refused by train_lora, which runs before train_full, in one line.
+    # GPT-2's layer name on a Llama: refused by check_params, before any stage runs, in one line.
     proc = dvc(dest, "exp", "run", "-S", "lora.target_modules=[c_attn]", check=False)
-    assert proc.returncode != 0 and stages_run(proc) == {"check_params", "train_lora"}
+    assert proc.returncode != 0 and stages_run(proc) == {"check_params"}
     output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if line.startswith("train_lora: error:")]
+    errors = [line for line in output.splitlines() if line.startswith("check_params: error:")]
     assert len(errors) == 1 and "lora.target_modules: 'c_attn' matches no layer of this model" in errors[0]
     assert "-S 'lora.target_modules=[q_proj,v_proj]'" in errors[0] and "Traceback" not in output
 
@@ -353,21 +371,27 @@ def test_prompt_completion_data_runs_the_whole_pipeline(repo):
 
 
 def test_a_test_split_too_small_for_an_interval_gets_no_interval_and_no_verdict(repo):
-    """1,024-token chunks (the shipped size) over the demo's 10,530 test tokens: 10 chunks, under
-    the 20 an interval needs. Only scoring and what follows reruns; the report calls no winner."""
+    """One JSON Lines file of 140 articles: each a document, its test split (5%, carved) a handful of
+    them, under the 20 independent units an interval needs; the general set, running text without
+    articles, in 1,024-token chunks (the shipped size): 7 of them. The report calls no winner and
+    names the units."""
     dest, *_ = repo
-    override_file(dest / "params.yaml", {"evaluate.bootstrap_chunk": 1024})
-    proc = dvc(dest, "repro")
-    assert stages_run(proc) == {"check_params", "evaluate@pretrained", "evaluate@full", "evaluate@lora", "compare",
-                                "report"}
+    override_file(dest / "params.yaml", {"data.name": "assets/tiny-jsonl/articles.jsonl", "data.text_column": "content",
+                                         "evaluate.bootstrap_chunk": 1024})
+    dvc(dest, "repro")
     compare = read_json(dest / "metrics/compare.json")
-    assert all(set(pair) == {"ratio", "chunks"} and pair["chunks"] == 10 for pair in compare["paired"].values())
+    documents = read_json(dest / "metrics/prepare.json")["corpus"]["test"]["documents"]
+    assert 0 < documents < 20
+    assert all(set(pair) == {"ratio", "chunks", "unit"} and pair["chunks"] == documents and pair["unit"] == "documents"
+               for pair in compare["paired"].values())
+    assert all(pair["unit"] == "chunks" and pair["chunks"] == 7 for pair in compare["forgetting"]["tiny-general-test"].values())
     report = (dest / "metrics/report.md").read_text()
-    assert ("The test split is too small to call a difference: its scored tokens make 10 chunk(s) of 1,024 tokens, "
-            "and an interval needs at least 20 (20,480 scored tokens)") in report
-    assert "No winner is called" in report and "no call: too few chunks" in report
+    assert (f"The test split is too small to call a difference: it has {documents} documents, its independent units, "
+            "and an interval needs at least 20") in report
+    assert "the set is too small to call a difference: its scored tokens make 7 chunk(s) of 1,024 tokens" in report
+    assert "No winner is called" in report and "no call: too few documents" in report
     assert "lower test perplexity than" not in report and "a tie on test perplexity" not in report
-    assert "[too few chunks]" in report  # the perplexity columns give no interval either
+    assert "[no interval: too few units]" in report  # the perplexity columns give no interval either
 
 
 def test_one_json_lines_file_runs_the_whole_pipeline_with_two_settings(repo):
@@ -380,7 +404,7 @@ def test_one_json_lines_file_runs_the_whole_pipeline_with_two_settings(repo):
     report = (dest / "metrics/report.md").read_text()
     assert "corpus `assets/tiny-jsonl/articles.jsonl`, column `content`:" in report
     assert ("Split made here: validation and test carved out of the source's training rows by a keyed hash of each "
-            "row's text (seed 42; validation 5% and test 5% of the rows on average") in report
+            "row's text (data.split_seed 42; validation 5% and test 5% of the rows on average") in report
     assert report.startswith("# tiny-gpt2 on articles.jsonl:")
 
 

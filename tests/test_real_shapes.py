@@ -59,8 +59,8 @@ def test_training_runs_at_124m_with_the_expected_lora_count(run):
     full = read_json(run / "m/full.json")["full"] | read_json(run / "m/full.info.json")
     lora = read_json(run / "m/lora.json")["lora"] | read_json(run / "m/lora.info.json")
     assert full["trainable_params"] == full["total_params"] == 124_439_808
-    assert lora["trainable_params"] == 294_912  # c_attn in 12 layers: 8 x (768 + 2304) each
-    assert lora["total_params"] == 124_439_808 + 294_912
+    assert lora["trainable_params"] == 1_179_648  # every linear layer of 12: 8 x (3072 + 1536 + 2 x 3840) each
+    assert lora["total_params"] == 124_439_808 + 1_179_648
     assert lora["merge_max_abs_diff"] < 1e-3
     for m in (full, lora):
         assert m["steps"] == 1 and np.isfinite(m["final_train_loss"]) and m["peak_mem_kind"] == "cpu_peak_rss"

@@ -1,6 +1,8 @@
 """Both perplexity protocols against a brute-force, one-prediction-at-a-time computation."""
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -185,7 +187,8 @@ def test_evaluate_scores_through_the_models_own_forward_when_body_and_head_diffe
     own = scoring.sliding_window_nll(model, data.load_tokens("prep", "test"), 128, p.evaluate.stride,
                                      torch.device("cpu"), own_forward=True)
     assert read_json(root / "m/pretrained.json")["pretrained"]["test_ppl"] == pytest.approx(stats.perplexity(own), rel=1e-6)
-    assert set(np.load(root / "nll/pretrained.npz").files) == {"test", "tiny-general-test"}
+    assert set(np.load(root / "nll/pretrained.npz").files) == {"test", "test_sizes", "test_unit", "tiny-general-test",
+                                                               "tiny-general-test_unit"}
 
 
 def test_training_refuses_the_chunked_loss_for_a_model_whose_forward_differs(project, monkeypatch):
@@ -211,7 +214,7 @@ def test_a_general_set_whose_label_starts_with_validation_is_kept_for_compare(pr
     for model in ("pretrained", "full", "lora"):  # the same model three times: compare needs three files
         run_main(evaluate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", f"m/evaluate/{model}.json",
                  "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npz")
-    assert set(np.load(root / "nll/pretrained.npz").files) == {"test", "validation-notes.txt-test"}
+    assert {"test", "validation-notes.txt-test"} <= set(np.load(root / "nll/pretrained.npz").files)
     (root / "m/plots").mkdir(parents=True)
     for method in ("full", "lora"):
         (root / f"m/plots/train_{method}").mkdir()
@@ -219,3 +222,42 @@ def test_a_general_set_whose_label_starts_with_validation_is_kept_for_compare(pr
     run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
     forgetting = read_json(root / "m/compare.json")["forgetting"]
     assert "validation-notes.txt-test" in forgetting
+
+
+def test_intervals_resample_documents_and_articles_and_chunks_only_without_them(project, tmp_path):
+    """The bootstrap's unit is the data's independent unit: each WikiText article (at its title
+    line), each record of JSON Lines; chunks of tokens only for running text without articles (the
+    demo's general set). The scoring itself is unchanged: one sliding window over the text."""
+    from stages import evaluate
+
+    root = prepare_in(project)
+    meta = read_json(root / "prep/meta.json")
+    assert [meta["splits"][s]["units"] for s in ("validation", "test", "general-tiny-general-test")] == [
+        "articles", "articles", "chunks"]
+    run_main(evaluate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/pretrained.json",
+             "--info", "m/pretrained.info.json", "--nll", "nll/pretrained.npz")
+    kept = np.load(root / "nll/pretrained.npz")
+    test_text = (TINY_WIKI / "wiki.test.raw").read_text(encoding="utf-8")
+    titles = [line for line in test_text.splitlines(keepends=True) if re.fullmatch(r" = [^=].* = \n", line)]
+    assert str(kept["test_unit"]) == "articles" and len(kept["test_sizes"]) == len(titles) == 20
+    assert kept["test_sizes"].sum() == len(kept["test"])
+    m = read_json(root / "m/pretrained.json")["pretrained"]
+    assert m["test_chunks"] == 20 and "test_ppl_lo" in m  # 20 articles: just enough for an interval
+    # Each unit's tokens are its article's: the first title's article runs to the second title.
+    tok = modeling.load_tokenizer(TINY_MODEL)
+    second = test_text.index(titles[1])
+    assert kept["test_sizes"][0] == len(tok(test_text[:second])["input_ids"]) - 1  # every token but the first
+    protocol = read_json(root / "m/pretrained.info.json")["protocol"]["bootstrap"]
+    assert protocol["units"] == {"test": "articles", "validation": "articles", "tiny-general-test": "chunks"}
+    # JSON Lines: each record a document, each document a unit.
+    (tmp_path / "docs").mkdir()
+    docs = [f"Document {i} says " + "word " * (20 + i % 7) for i in range(200)]
+    for split, rows in (("train", docs[:160]), ("validation", docs[160:180]), ("test", docs[180:])):
+        (tmp_path / f"docs/{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in rows))
+    root = prepare_in(project, **{"data.name": str(tmp_path / "docs")})
+    run_main(evaluate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/pretrained.json",
+             "--info", "m/pretrained.info.json", "--nll", "nll/pretrained.npz")
+    kept = np.load(root / "nll/pretrained.npz")
+    assert str(kept["test_unit"]) == "documents" and len(kept["test_sizes"]) == 20
+    per_doc = [len(tok(d + "\n\n")["input_ids"]) for d in docs[180:]]
+    assert list(kept["test_sizes"]) == [per_doc[0] - 1, *per_doc[1:]]

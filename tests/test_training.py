@@ -1,6 +1,7 @@
 """The shared loop, run in-process through real Accelerate and PEFT on the tiny assets."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +105,16 @@ def test_lora_trains_only_the_adapter(prepared, monkeypatch):
     monkeypatch.setattr(train_lora, "build", build)
     run_main(train_lora, *train_args("lora"))
     m = read_json("m/lora.json")["lora"]
-    # c_attn in each of the 2 layers: in 64, out 3 x 64.
-    assert m["trainable_params"] == 8 * (64 + 192) * 2
+    # Every linear layer of each of the 2 layers: c_attn (in 64, out 3 x 64), attention's c_proj
+    # (64, 64), the MLP's c_fc (64, 4 x 64) and c_proj (4 x 64, 64).
+    assert m["trainable_params"] == 8 * ((64 + 192) + (64 + 64) + 2 * (64 + 256)) * 2
     assert m["val_loss"] < pretrained_val_loss(prepared)
     assert 0 <= m["merge_max_abs_diff"] < 1e-4
 
     base = load_file(prepared / "pre" / "model.safetensors")
     state = built["model"].state_dict()
     for name, tensor in base.items():
-        peft_name = "base_model.model." + name.replace("c_attn.weight", "c_attn.base_layer.weight").replace("c_attn.bias", "c_attn.base_layer.bias")
+        peft_name = "base_model.model." + re.sub(r"(c_attn|c_fc|c_proj)\.(weight|bias)$", r"\1.base_layer.\2", name)
         if peft_name in state:
             assert torch.equal(state[peft_name], tensor), name
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in state.items())
