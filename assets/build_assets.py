@@ -9,6 +9,8 @@ Writes, next to this file:
   tiny-gpt2/                       a GPT-2 (same model class, 2 layers, 1,024-token byte-level
                                    BPE vocabulary trained here) genuinely pretrained on
                                    tiny-general/train.txt
+  tiny-chat/                       the tiny GPT-2 with a chat template (role, newline, content,
+                                   <|endoftext|> closing each turn), for chat data on a bundled model
   tiny-jsonl/articles.jsonl        the same articles as one JSON Lines export, a record per
                                    article ({"id", "title", "content"}): one file, no splits,
                                    the text in a field not called "text"
@@ -19,7 +21,7 @@ Writes, next to this file:
                                    conversations ({"messages": [system, user, assistant, ...]}),
                                    a two-section conversation in every third
 
-`derived` rebuilds only the files derived from the others (tiny-jsonl, tiny-instruct), in seconds.
+`derived` rebuilds only the files derived from the others (tiny-jsonl, tiny-instruct, tiny-chat), in seconds.
 
 Nothing is downloaded. The text comes from seeded grammars below, so the demo tells the real
 study's story: fine-tuning on the WikiText-domain corpus lowers its perplexity below the
@@ -231,6 +233,25 @@ def instructions(wiki: Path) -> tuple[str, str]:
     return pc, "".join(conversations)
 
 
+# A ChatML-shaped template on the tiny GPT-2's own vocabulary: each turn opens with its role and
+# closes with the tokenizer's one special token, which is then the end of turn an answer stops at.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}<|endoftext|>{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:\n{% endif %}")
+
+
+def chat_model() -> None:
+    """tiny-chat: the tiny GPT-2, weights and tokenizer unchanged, with a chat template, so that
+    chat data (data.format: messages) runs on a bundled model."""
+    from transformers import AutoTokenizer
+
+    out = HERE / "tiny-chat"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(HERE / "tiny-gpt2", out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+
+
 def derived() -> None:
     wiki = HERE / "tiny-wikitext"
     for name in ("tiny-jsonl", "tiny-instruct"):
@@ -239,7 +260,8 @@ def derived() -> None:
     pc, messages = instructions(wiki)
     (HERE / "tiny-instruct" / "prompt_completion.jsonl").write_text(pc, encoding="utf-8")
     (HERE / "tiny-instruct" / "messages.jsonl").write_text(messages, encoding="utf-8")
-    print(f"wrote {HERE / 'tiny-jsonl'} and {HERE / 'tiny-instruct'}")
+    chat_model()
+    print(f"wrote {HERE / 'tiny-jsonl'}, {HERE / 'tiny-instruct'} and {HERE / 'tiny-chat'}")
 
 
 # ---------------------------------------------------------------- tokenizer and pretraining

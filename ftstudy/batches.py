@@ -76,6 +76,12 @@ class ExampleBatches:
         return self.padded / total if total else 0.0
 
 
+def mean_tokens(units) -> float:
+    """Input tokens a unit holds on average: a block's size, or the examples' mean length."""
+    lengths = getattr(units, "lengths", None)
+    return float(lengths.mean()) if lengths is not None and len(lengths) else float(units.blocks.shape[1])
+
+
 def for_split(data_dir, split: str, meta: dict, block_size: int, train_on_prompt: bool):
     """The split's units for the loop: blocks of running text, or instruction examples."""
     if not data.is_instruct(meta):

@@ -11,11 +11,19 @@ uploads its folder and its card (docs/experiments.md, "Use the trained models").
 
 from __future__ import annotations
 
-from ftstudy.findings import change as _pct
-from ftstudy.findings import with_interval as _ppl
+from ftstudy.findings import change, with_interval
 from ftstudy.reporting import instruct
 
 LIBRARY = {"full": "transformers", "lora": "peft"}
+
+
+def _ppl(m: dict, key: str) -> str:
+    """A perplexity with its interval, or the note that there is none (too few units)."""
+    return with_interval(m, key, " (no interval: too few units)")
+
+
+def _pct(pair: dict) -> str:
+    return change(pair) + ("" if "lo" in pair else f" (no interval: too few {pair.get('unit', 'units')})")
 
 
 def card(r, model: str) -> str:

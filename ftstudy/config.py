@@ -105,6 +105,7 @@ class TrainParams:
     log_every: int = field(metadata=_positive)
     eval_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 scores validation once per epoch)"))
     checkpoint_every: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns checkpoints off)"))
+    eval_budget: float = field(metadata=_check(lambda v: 0 <= v <= 10, "must be in [0, 10] (0 scores the whole split)"))
     cpu_threads: Literal["auto", "by-load"] | int = field(metadata=_check(
         lambda v: not isinstance(v, int) or v > 0, "must be auto, by-load or a thread count > 0"))
 

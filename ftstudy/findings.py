@@ -9,6 +9,8 @@ quality (per model), compare.
 
 from __future__ import annotations
 
+import re
+
 NAMES = {"pretrained": "the pretrained model", "full": "full fine-tuning", "lora": "LoRA"}
 
 
@@ -41,10 +43,25 @@ def _ratio(pair: dict) -> str:
     return f"ratio {pair['ratio']:.3f} (95% paired CI {pair['lo']:.3f}–{pair['hi']:.3f})"
 
 
+def as_change(ratio: float, as_ratio: bool) -> str:
+    """A ratio of perplexities as a change, '+3.1%' (never '-0.0%'), or as a factor, '960.5x', which
+    reads better than '+95952.0%'."""
+    if as_ratio:
+        return f"{ratio:,.1f}x" if ratio >= 10 else f"{ratio:.2f}x"
+    return f"{round(100 * (ratio - 1), 1) + 0.0:+.1f}%"
+
+
+def by_ratio(pair: dict) -> bool:
+    """Whether a change reads better as a factor: the ratio (or its interval) at 2 or more, or at 1/2 or less."""
+    values = [pair["ratio"], pair.get("lo", pair["ratio"]), pair.get("hi", pair["ratio"])]
+    return max(values) >= 2 or min(values) <= 0.5
+
+
 def change(pair: dict) -> str:
-    """A paired ratio as a change: '+3.1% (95% paired CI +2.0% to +4.2%)'."""
-    pct = lambda v: f"{100 * (v - 1):+.1f}%"  # noqa: E731
-    return pct(pair["ratio"]) + (f" (95% paired CI {pct(pair['lo'])} to {pct(pair['hi'])})" if "lo" in pair else "")
+    """A paired ratio as a change: '+3.1% (95% paired CI +2.0% to +4.2%)', or '960.5x (95% paired
+    CI 900.2x to 1,010.0x)' where the change is a factor of 2 or more."""
+    f = lambda v: as_change(v, by_ratio(pair))  # noqa: E731
+    return f(pair["ratio"]) + (f" (95% paired CI {f(pair['lo'])} to {f(pair['hi'])})" if "lo" in pair else "")
 
 
 def too_small(what: str, pair: dict, bootstrap: dict) -> str:
@@ -210,10 +227,18 @@ def training_finding(tr: dict, reach: dict) -> list[str]:
     return out
 
 
+def named(text: str, tr: dict) -> str:
+    """`text` with the adapter method called by its variant's name (DoRA, QLoRA, rsLoRA, ...; the
+    train info's `variant`), as the tables call it: the rules write "LoRA" for any of them."""
+    variant = tr["lora"].get("variant", "LoRA")
+    return text if variant == "LoRA" else re.sub(r"\bLoRA\b", variant, text)
+
+
 def findings(ev: dict, tr: dict, gq: dict, compare: dict) -> list[str]:
     """Every finding, from the evaluate, train and generation-quality metrics and compare's
     (paired, forgetting, time_to_quality, bootstrap)."""
-    return (perplexity_finding(ev, compare["paired"], compare["bootstrap"])
-            + forgetting_finding(ev, compare["forgetting"], compare["bootstrap"])
-            + text_finding(ev, gq, compare["paired"])
-            + training_finding(tr, compare["time_to_quality"]) + efficiency_finding(tr))
+    out = (perplexity_finding(ev, compare["paired"], compare["bootstrap"])
+           + forgetting_finding(ev, compare["forgetting"], compare["bootstrap"])
+           + text_finding(ev, gq, compare["paired"])
+           + training_finding(tr, compare["time_to_quality"]) + efficiency_finding(tr))
+    return [named(f, tr) for f in out]

@@ -14,7 +14,7 @@ plan, and refuse, before loading weights, a plan that exceeds the GPU's memory, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GiB = 2**30
 TOLERANCE = 0.25  # |plan - measured peak| / measured, at the real-shape tier (tests/test_real_shapes.py)
@@ -48,7 +48,8 @@ class Plan:
 
     def line(self) -> str:
         parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in self.parts().items() if value)
-        return f"{self.total / GiB:.2f} GiB ({parts} GiB; an estimate within ±{TOLERANCE:.0%} of measured peaks)"
+        return (f"{self.total / GiB:.2f} GiB ({parts} GiB; an estimate, within ±{TOLERANCE:.0%} of the measured "
+                "peaks at GPT-2 124M's shapes)")
 
 
 def _sizes(skeleton) -> dict:
@@ -121,9 +122,23 @@ def refuse_if_too_big(p: Plan, capacity: float | None, method: str) -> None:
                       f"ways out: {'; '.join(ways)}")
 
 
+def resident() -> float | None:
+    """This process's resident memory now, in bytes (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def for_stage(skeleton, p, method: str, trainable: int, dtype: str, precision: str, device: str,
               shards: int = 1) -> Plan:
-    """The plan of one process of a training stage, from its params."""
-    return plan(skeleton, method=method, dtype=dtype, quantize=p.lora.quantize if method == "lora" else "none",
-                trainable=trainable, batch=p.train.batch_size, block=p.data.block_size, precision=precision,
-                checkpointing=p.train.gradient_checkpointing, loss=p.train.loss, device=device, shards=shards)
+    """The plan of one process of a training stage, from its params. On a CPU the process's own
+    part is measured, not assumed: its resident memory before any weight loads (what it imported
+    differs by stage: PEFT and bitsandbytes add to LoRA's), which the peak RSS includes."""
+    planned = plan(skeleton, method=method, dtype=dtype, quantize=p.lora.quantize if method == "lora" else "none",
+                   trainable=trainable, batch=p.train.batch_size, block=p.data.block_size, precision=precision,
+                   checkpointing=p.train.gradient_checkpointing, loss=p.train.loss, device=device, shards=shards)
+    if device == "cpu" and (now := resident()) is not None:
+        planned = replace(planned, process=float(now))
+    return planned

@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from ftstudy import curves, data, figures
 from ftstudy.errors import StudyError
-from ftstudy.findings import NAMES, conditions_differ, findings, paired_verdict
+from ftstudy.findings import NAMES, as_change, by_ratio, conditions_differ, findings, named, paired_verdict
 from ftstudy.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
@@ -65,9 +65,9 @@ def _ppl(m: dict, prefix: str) -> str:
 
 
 def _change(pair: dict) -> str:
-    """A paired ratio as a change in percent, with its interval: '+3.1% [+2.0, +4.2]'."""
-    pct = lambda v: f"{100 * (v - 1):+.1f}"  # noqa: E731
-    return f"{pct(pair['ratio'])}%" + (f" [{pct(pair['lo'])}, {pct(pair['hi'])}]" if "lo" in pair else f" [too few {pair['unit']}]")
+    """A paired ratio as a change with its interval: '+3.1% [+2.0%, +4.2%]', or a factor ('960.5x')."""
+    f = lambda v: as_change(v, by_ratio(pair))  # noqa: E731
+    return f(pair["ratio"]) + (f" [{f(pair['lo'])}, {f(pair['hi'])}]" if "lo" in pair else f" [too few {pair['unit']}]")
 
 
 def _check_protocols(ev: dict) -> dict:
@@ -125,8 +125,26 @@ def headline(r: Inputs) -> list[str]:
             ("Test perplexity on the answer tokens, each example scored alone; lower is better." if instruct(r)
              else "Test perplexity: sliding window, lower is better."), "",
             _table(rows, ["Model", "Test perplexity", "Training time", "Peak memory"]), "",
-            *([differ, ""] if (differ := conditions_differ(r.tr)) else []),
+            *([named(differ, r.tr), ""] if (differ := conditions_differ(r.tr)) else []),
             f"Greedy continuations of the prompt *{prompt}*:", "", *texts, ""]
+
+
+def headline_metrics(r: Inputs) -> dict:
+    """The figures a decision reads, flat, each name unique among the metrics files (so that a
+    `dvc exp show --keep` pattern such as '_ppl$' picks them alone): each model's test perplexity
+    with its interval (where there is one), each method's training seconds and peak memory, and the
+    paired test perplexity ratios with theirs."""
+    out: dict = {}
+    for m in MODELS:
+        ev = r.ev[m]
+        out[f"{m}_ppl"] = ev["test_ppl"]
+        out |= {f"{m}_ppl_{end}": ev[f"test_ppl_{end}"] for end in ("lo", "hi") if f"test_ppl_{end}" in ev}
+    for m in ("full", "lora"):
+        out |= {f"{m}_train_s": r.tr[m]["train_s"], f"{m}_peak_gib": r.tr[m]["peak_mem_gib"]}
+    for name, pair in r.compare["paired"].items():
+        out[name] = pair["ratio"]
+        out |= {f"{name}_{end}": pair[end] for end in ("lo", "hi") if end in pair}
+    return out
 
 
 def instruct(r: Inputs) -> bool:
@@ -180,7 +198,7 @@ def efficiency(r: Inputs) -> list[str]:
     return ["## Efficiency", "",
             _table(rows, ["Model", "Training time", "Warm-up", "Tokens/s (steady)", "MFU", "Peak memory",
                           "Trainable params", "Total params", "Artifact (MB)"]), "",
-            *([differ, ""] if (differ := conditions_differ(tr)) else []),
+            *([named(differ, tr), ""] if (differ := conditions_differ(tr)) else []),
             f"Training time is the loop alone; warm-up is the first log interval of each process (compilation "
             f"included; a resumed run has one per process), excluded from the steady-state tokens/s. " + mfu
             + f"Peak memory is {tr['full']['peak_mem_kind'].replace('_', ' ')}. Base weights: full fine-tuning "
@@ -203,18 +221,24 @@ def efficiency(r: Inputs) -> list[str]:
 def validation(r: Inputs) -> list[str]:
     tr, reach = r.tr, r.compare["time_to_quality"]
     rows = [[r.label(m), f"{tr[m]['val_loss_best']:.4f} (step {tr[m]['val_best_step']})", f"{tr[m]['val_loss']:.4f}",
-             f"+{tr[m]['val_rise_after_best']:.4f}" if tr[m]["val_rise_after_best"] > 0 else "no",
+             (f"+{tr[m]['val_rise_after_best']:.4f}" + (f" (± {2 * tr[m]['val_loss_se']:.4f})" if "val_loss_se" in tr[m] else ""))
+             if tr[m]["val_rise_after_best"] > 0 else "no",
              duration(tr[m]["eval_s"]),
              f"{duration(reach[m]['seconds'])}, {reach[m]['tokens']:,} tokens" if "seconds" in reach[m] else "never"]
             for m in tr]
-    every = tr["full"]["eval_every"]
+    every, full = tr["full"]["eval_every"], tr["full"]
+    unit = "examples" if instruct(r) else "blocks"
+    sample = (f"each pass on the same seeded {full['val_units_scored']:,} of the {full['val_units']:,} validation {unit} "
+              f"(the sample train.eval_budget sizes; evaluate scores them all)"
+              if full.get("val_units_scored", 0) < full.get("val_units", 0) else f"each pass on all validation {unit}")
     return ["### Validation during training", "",
             _table(rows, ["Model", "Best val loss (step)", "Final val loss", "Rose after best", "Validation time",
                           "Reached the other's final val loss after"]), "",
             f"Validation loss ({'answer tokens of the validation examples' if instruct(r) else 'run_clm blocks'}) "
-            f"every {every or 'epoch'}{' optimizer steps' if every else ''}; its "
-            "time is reported apart and left out of training time and tokens/s. Curves: `dvc plots show` (against "
-            "step and against training seconds).", ""]
+            f"every {every or 'epoch'}{' optimizer steps' if every else ''}, {sample}; a rise after the best counts as "
+            "overfitting only beyond twice the final loss's standard error over those units (±). Its time is "
+            "reported apart and left out of training time and tokens/s. Curves: `dvc plots show` (against step and "
+            "against training seconds).", ""]
 
 
 def quality(r: Inputs) -> list[str]:

@@ -253,6 +253,10 @@ def tokenize_sources(p, out: Path, tokenizer, commits: dict) -> dict:
     d = p.data
     instruct = d.format != "text"
     dtype, bos = token_dtype(len(tokenizer)), bos_id(tokenizer)
+    # Texts longer than the model's context are what prepare expects: running text is cut into
+    # blocks and windows later, examples to data.block_size here. transformers' warning that a
+    # sequence is longer than the maximum (shown once per tokenizer) would only alarm.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     examples.check_tokenizer(d, tokenizer, p.model.name)
     have = source_splits(d.name, d.config, commits["data.name"],
                          examples.fields(d) if instruct else text_field(d.text_column), text=not instruct)

@@ -74,6 +74,21 @@ def validation_due(step: int, steps_per_epoch: int, total_steps: int, eval_every
     return step % steps_per_epoch == 0
 
 
+MIN_VAL_UNITS = 20  # a validation sample smaller than this gives no standard error worth the name
+
+
+def validation_units(n_units: int, unit_tokens: float, trained_tokens: float, budget: float, seed: int) -> np.ndarray:
+    """The validation units every pass during training scores: all of them, or, where that would
+    cost more than `budget` of the training between two passes (`trained_tokens`; scoring a token
+    costs about a third of training on it: one forward against forward and backward), the same
+    seeded sample of as many as fit, at least MIN_VAL_UNITS. The whole split is scored by evaluate."""
+    fit = int(budget * 3 * trained_tokens // max(unit_tokens, 1))
+    if budget == 0 or fit >= n_units:
+        return np.arange(n_units)
+    keep = min(n_units, max(MIN_VAL_UNITS, fit))
+    return np.sort(np.random.default_rng(seed).choice(n_units, size=keep, replace=False))
+
+
 def check_schedule(train: TrainParams, block_size: int, n_blocks: int, world: int) -> int:
     """Optimizer steps per epoch; errors name the params keys when the data cannot fill the schedule."""
     global_batch = train.batch_size * train.grad_accum * world
@@ -163,6 +178,7 @@ class Session:
     global_batch: int             # blocks (or examples) per optimizer step, over all processes
     compiled: bool
     own_forward: bool             # validation scores through the model's own forward (ftstudy.loss.check_fast_path)
+    val_scored: np.ndarray = None  # the validation units each pass scores (validation_units)
     memory_plan: object = None    # ftstudy.memory.Plan, made before the weights loaded
 
 
@@ -239,8 +255,11 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     if why is not None and train.loss == "chunked":
         raise ConfigError(f"train.loss: chunked cannot train {loss.causal_lm_of(trained).config.model_type}: {why}; "
                           "set train.loss: model")
+    global_batch = train.batch_size * train.grad_accum * world
+    between = (train.eval_every or steps_per_epoch) * global_batch * batches.mean_tokens(train_units)
+    scored = validation_units(len(val_units), batches.mean_tokens(val_units), between, train.eval_budget, seed)
     return Session(accelerator, model, trained, optimizer, scheduler, train_units, val_units, steps_per_epoch,
-                   total_steps, train.batch_size * train.grad_accum * world, compiled, own_forward=why is not None,
+                   total_steps, global_batch, compiled, own_forward=why is not None, val_scored=scored,
                    memory_plan=planned)
 
 
@@ -297,15 +316,16 @@ def validation_loss(s: Session, batch_size: int) -> tuple[float, float]:
     change in validation loss must exceed to mean anything."""
     acc = s.accelerator
     s.model.eval()
-    n = len(s.val_units)
+    scored = s.val_scored
+    n = len(scored)
     # Under FSDP every process runs every forward (the weights are gathered collectively): the
     # shards are padded to the same number of batches, the padding left out of the sums.
     per = -(-n // acc.num_processes)
-    mine = np.arange(acc.process_index * per, min(n, (acc.process_index + 1) * per))
+    mine = scored[acc.process_index * per:min(n, (acc.process_index + 1) * per)]
     nll = _score(s, s.val_units, mine, batch_size)
     if acc.distributed_type == DistributedType.FSDP:
         for _ in range(-(-per // batch_size) - -(-len(mine) // batch_size)):
-            _score(s, s.val_units, np.arange(min(batch_size, n)), batch_size)
+            _score(s, s.val_units, scored[:min(batch_size, n)], batch_size)
     s.model.train()
     counts = np.array([s.val_units.counts(np.array([i]))[0] for i in mine], dtype=np.float64)
     starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
@@ -422,6 +442,7 @@ def summarize(s: Session, progress: Progress, block_size: int, seed: int, method
             "processes": world, "total_params": total, "peak_mem_kind": used["peak_mem_kind"],
             "precision": {"no": "fp32"}.get(s.accelerator.mixed_precision, s.accelerator.mixed_precision),
             "compiled": s.compiled, "eval_every": eval_every, "device": name, "seed": seed,
+            "val_units_scored": len(s.val_scored), "val_units": len(s.val_units),
             "segments": [{"from_step": first, "cpu_threads": threads} for first, threads in progress.segments],
             "peak_flops": peak, "peak_flops_source": peak_source if peak is not None else None,
             "versions": versions}

@@ -1,6 +1,7 @@
 """Stage report: metrics, their facts, the validation curves and the generations only ->
-metrics/report.md, its pictures (ftstudy.figures) and the trained models' Hugging Face cards
-(ftstudy.cards).
+metrics/report.md, its pictures (ftstudy.figures), the trained models' Hugging Face cards
+(ftstudy.cards) and metrics/headline.json, the few figures a decision reads, flat and named so that
+one `dvc exp show --keep` pattern shows them (README).
 
 Nothing is recomputed: every number comes from a file another stage wrote (ftstudy.reporting).
 """
@@ -12,9 +13,9 @@ import os
 from pathlib import Path
 
 from ftstudy.errors import run_stage
-from ftstudy.outputs import write_text
 from ftstudy import cards
-from ftstudy.reporting import Inputs, render
+from ftstudy.outputs import write_json, write_text
+from ftstudy.reporting import Inputs, headline_metrics, render
 
 
 def main() -> None:
@@ -24,13 +25,16 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="markdown file to write")
     ap.add_argument("--figures", required=True, help="folder for the report's pictures (PNG)")
     ap.add_argument("--cards", required=True, help="folder for the models' Hugging Face cards (<model>/README.md)")
+    ap.add_argument("--headline", required=True, help="the headline metrics JSON to write (for dvc exp show)")
     args = ap.parse_args()
     link = os.path.relpath(args.figures, Path(args.out).parent) + "/"
     inputs = Inputs.read(Path(args.metrics), Path(args.generations))
     write_text(args.out, render(inputs, Path(args.figures), link))
     for model in ("full", "lora"):
         write_text(Path(args.cards) / model / "README.md", cards.card(inputs, model))
-    print(f"report: wrote {args.out}, its pictures in {args.figures} and the model cards in {args.cards}")
+    write_json(args.headline, headline_metrics(inputs))
+    print(f"report: wrote {args.out}, its pictures in {args.figures}, the model cards in {args.cards} and the "
+          f"headline figures in {args.headline}")
 
 
 if __name__ == "__main__":

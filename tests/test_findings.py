@@ -1,5 +1,7 @@
 """The report's findings follow the metrics, by fixed rules."""
 
+import re
+
 from ftstudy import findings
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
@@ -58,8 +60,11 @@ def test_findings_follow_the_metrics():
     assert "no measurable forgetting" in no_forgetting[4]
     # Forgetting is called from the paired interval of each method against the pretrained model,
     # and which method kept more from the paired interval between them.
-    assert ("+305.4% (95% paired CI +303.4% to +307.4%) after full fine-tuning and +21.6% (95% paired CI +19.6% to "
+    # A change of a factor of 2 or more reads as the factor (once "+95952.0%"), a smaller one in percent.
+    assert ("4.05x (95% paired CI 4.03x to 4.07x) after full fine-tuning and +21.6% (95% paired CI +19.6% to "
             "+23.6%) after LoRA") in rest[0]
+    assert findings.change({"ratio": 0.99996, "lo": 0.9999, "hi": 1.0001}) == "+0.0% (95% paired CI +0.0% to +0.0%)"
+    assert findings.change({"ratio": 960.52}) == "960.5x"
     assert ("LoRA retains more of the pretrained model's general ability (full fine-tuning over LoRA: ratio 3.333 "
             "(95% paired CI 3.313–3.353))") in rest[0]
     both = findings.findings(*_metrics(full_general=3.9, lora_general=3.89, half_width=0.01))
@@ -137,3 +142,13 @@ def test_too_few_chunks_give_no_interval_and_no_verdict():
     assert not any(word in " ".join(out) for word in ("lower test perplexity", "higher test perplexity", "a tie"))
     assert "but the set is too small to call a difference: its scored tokens make 3 chunk(s)" in out[2]
     assert "retains more" not in out[2] and "no measurable forgetting" not in out[2]
+
+
+def test_the_findings_call_the_adapter_method_by_its_variants_name():
+    """DoRA's findings once said "LoRA trains 4,480 parameters" beside a table row saying DoRA."""
+    evs, tr, gq, compare = _metrics()
+    tr["lora"]["variant"] = "DoRA"
+    text = " ".join(findings.findings(evs, tr, gq, compare))
+    assert "DoRA trains 4,096 parameters" in text and not re.search(r"\bLoRA\b", text)
+    tr["lora"]["variant"] = "QLoRA"
+    assert "QLoRA trains 4,096 parameters" in " ".join(findings.findings(evs, tr, gq, compare))

@@ -7,9 +7,12 @@ from conftest import TINY_MODEL, demo_params
 from ftstudy import generation, modeling
 from ftstudy.config import ConfigError, parse_params
 
+# Prompts of one's own (the demo prompts with generate.prompt auto: held-out openings).
+PANEL = {"generate.prompt": "The town of", "generate.extra_prompts": ["The river", "In 1840 , the ship"]}
+
 
 def test_same_seed_same_text_and_samples_differ():
-    g = parse_params(demo_params(**{"generate.num_samples": 2, "generate.max_new_tokens": 20})).generate
+    g = parse_params(demo_params(**PANEL, **{"generate.num_samples": 2, "generate.max_new_tokens": 20})).generate
     model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
     tok = modeling.load_tokenizer(TINY_MODEL)
     with torch.no_grad():
@@ -25,7 +28,7 @@ def test_same_seed_same_text_and_samples_differ():
 
 
 def test_temperature_zero_is_greedy_and_counted_once():
-    g = parse_params(demo_params(**{"generate.temperature": 0.0, "generate.max_new_tokens": 8})).generate
+    g = parse_params(demo_params(**PANEL, **{"generate.temperature": 0.0, "generate.max_new_tokens": 8})).generate
     assert g.num_samples == 2
     model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
     with torch.no_grad():
@@ -35,7 +38,7 @@ def test_temperature_zero_is_greedy_and_counted_once():
 
 
 def test_a_sample_that_repeats_the_greedy_text_counts_once():
-    g = parse_params(demo_params(**{"generate.top_k": 1, "generate.max_new_tokens": 8})).generate  # top-1: greedy
+    g = parse_params(demo_params(**PANEL, **{"generate.top_k": 1, "generate.max_new_tokens": 8})).generate  # top-1: greedy
     model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
     with torch.no_grad():
         panel, ids = generation.generate(model, modeling.load_tokenizer(TINY_MODEL), g, 0, torch.device("cpu"))

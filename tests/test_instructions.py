@@ -70,7 +70,7 @@ def instruct_run(request, tmp_path_factory):
                  "--base", "models/pretrained", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
         run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
         run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md", "--figures", "figures",
-                 "--cards", "cards")
+                 "--cards", "cards", "--headline", "m/headline.json")
         reset_accelerate()
     return fmt, root
 
@@ -88,6 +88,10 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     assert ev["test_tokens"] == meta["splits"]["test"]["answer_tokens"] and "test_ppl_blocks" not in ev
     assert read_json(root / "m/evaluate/full.json")["full"]["test_ppl"] < read_json(
         root / "m/evaluate/pretrained.json")["pretrained"]["test_ppl"]
+    headline = read_json(root / "m/headline.json")  # the few figures `dvc exp show` reads (README)
+    assert {"pretrained_ppl", "full_ppl", "lora_ppl", "full_train_s", "lora_train_s", "full_peak_gib", "lora_peak_gib",
+            "full_vs_pretrained", "lora_vs_pretrained", "full_vs_lora"} <= set(headline)
+    assert headline["lora_ppl"] == ev["test_ppl"] and all(isinstance(v, (int, float)) for v in headline.values())
     text = (root / "report.md").read_text()
     assert f"Instruction data, format `{fmt}`" in text
     assert "Training loss over the answer tokens alone (data.train_on_prompt: false)" in text
@@ -248,3 +252,37 @@ def test_the_interval_resamples_whole_examples():
     m = stats.ppl_metrics(nll, 1024, 500, 1, sizes=sizes)
     assert m["chunks"] == 30 and m["ppl_lo"] < m["ppl"] < m["ppl_hi"]
     assert "ppl_lo" not in stats.ppl_metrics(nll[:19 * 20], 1024, 500, 1, sizes=sizes[:19])
+
+
+def test_examples_longer_than_the_context_are_cut_without_a_third_party_warning(project, tmp_path, capfd):
+    long = [{"prompt": "Request: " + "word " * 300, "completion": " The town of Marven ."}] + GOOD
+    instruct_params(project, "prompt_completion", tmp_path, **{"data.name": str(_jsonl(tmp_path / "long.jsonl", long)),
+                                                                "model.name": str(ASSETS / "tiny-gpt2")})  # max length 128
+    capfd.readouterr()
+    run_main(prepare, *PREPARE_ARGS)
+    out, err = capfd.readouterr()
+    assert "longer than the specified maximum" not in out + err
+    splits = read_json("prep/meta.json")["splits"]
+    # The long one, cut to data.block_size, its answer cut off with it: dropped, and counted.
+    assert sum(splits[s]["dropped_no_answer"] for s in data.SPLITS) == 1
+
+
+def test_the_bundled_chat_model_takes_chat_data(project, tmp_path):
+    """assets/tiny-chat: the tiny GPT-2 with a chat template (built by assets/build_assets.py), so chat
+    data runs on a bundled model; each assistant turn ends at <|endoftext|>, where answers stop."""
+    from ftstudy import generation
+    from stages import check_params
+
+    chat = ASSETS / "tiny-chat"
+    tok = modeling.load_tokenizer(chat)
+    assert generation.stop_ids(tok) == [tok.eos_token_id]
+    project(**{"model.name": str(chat), "data.name": str(INSTRUCT / "messages.jsonl"), "data.format": "messages"})
+    run_main(check_params, "--snapshot", "none", "--prepared", "none")
+    run_main(prepare, *PREPARE_ARGS)
+    test = examples.load("prep", "test", read_json("prep/meta.json"))
+    whole = [i for i in range(len(test)) if len(test.example(i)[0]) < 128]  # not cut to data.block_size
+    assert len(whole) >= 3
+    for i in whole:
+        tokens, mask = test.example(i)
+        assert tokens[mask.astype(bool)][-1] == tok.eos_token_id  # each answer ends at the end of its turn
+        assert tok.decode(tokens[:test.last_answer(i)[0]].tolist()).endswith("assistant:\n")

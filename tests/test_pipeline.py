@@ -170,8 +170,11 @@ def test_readme_exp_show_command_fits_120_columns(r16):
     assert "…" not in proc.stdout, proc.stdout
     table = proc.stdout
     assert "lora.r" in table and "16" in table and "8" in table
-    for column in ("pretrained.test_ppl", "full.test_ppl", "lora.test_ppl", "full.train_s", "lora.train_s"):
+    for column in ("pretrained_ppl", "full_ppl", "lora_ppl", "full_train_s", "lora_train_s"):
         assert column in table, (column, table)
+    # LoRA's new test perplexity, from the experiment's headline figures, as exp show rounds it.
+    new = read_json(dest / "metrics/headline.json")["lora_ppl"]
+    assert f"{new:.5g}"[:5] in table, (new, table)
 
 
 def test_misspelled_param_fails_before_training(repo):
@@ -406,6 +409,10 @@ def test_one_json_lines_file_runs_the_whole_pipeline_with_two_settings(repo):
     assert ("Split made here: validation and test carved out of the source's training rows by a keyed hash of each "
             "row's text (data.split_seed 42; validation 5% and test 5% of the rows on average") in report
     assert report.startswith("# tiny-gpt2 on articles.jsonl:")
+    # generate.prompt auto: the panel opens held-out test articles of this export, not demo text.
+    test_text = " ".join(json.loads(line)["content"] for line in (sandbox.ROOT / "assets/tiny-jsonl/articles.jsonl").open())
+    prompts = [p["prompt"] for p in read_json(dest / "generations/lora.json")["prompts"]]
+    assert len(prompts) == 3 and all(p in " ".join(test_text.split()) for p in prompts), prompts
 
 
 def test_dora_reruns_only_the_lora_stages_and_the_report_names_it(repo):

@@ -335,3 +335,23 @@ def test_gradient_checkpointing_recomputes_and_trains_to_the_same_loss(no_dropou
     assert calls["n"] - validation == 2 * 53, (forwards, calls["n"])
     assert ckpt == pytest.approx(plain, rel=1e-5)
     assert m_ckpt["val_loss"] == pytest.approx(m_plain["val_loss"], rel=1e-5)
+
+
+def test_validation_in_proportion_scores_one_seeded_sample_sized_by_the_budget():
+    """Validation during training costs at most about train.eval_budget of the training between two
+    passes: a sample of as many units as fit (at least 20), the same every pass; all where they fit."""
+    # 10 steps x 8 blocks x 128 tokens between passes; a quarter of that, at a third the cost a token.
+    picked = training.validation_units(84, 128, 10 * 8 * 128, 0.25, seed=42)
+    assert len(picked) == 60 and list(picked) == sorted(set(picked))
+    assert list(training.validation_units(84, 128, 10 * 8 * 128, 0.25, seed=42)) == list(picked)
+    assert len(training.validation_units(84, 128, 10 * 8 * 128, 0.0, seed=42)) == 84  # 0: the whole split
+    assert len(training.validation_units(84, 128, 100 * 8 * 128, 0.25, seed=42)) == 84  # it all fits
+    assert len(training.validation_units(5000, 1024, 8 * 1024, 0.25, seed=42)) == 20  # at least 20
+
+
+def test_a_run_records_how_many_validation_units_each_pass_scored(project):
+    prepare_in(project, **{"train.epochs": 1, "train.eval_every": 5})
+    run_main(train_full, *train_args("full"))
+    info = read_json("m/full.info.json")
+    # 5 steps x 8 blocks x 128 tokens between passes: 0.25 x 3 x 5,120 tokens = 30 blocks of the 84.
+    assert (info["val_units_scored"], info["val_units"]) == (30, 84)
