@@ -107,20 +107,20 @@ def readable_prompt(tokenizer, ids) -> str:
 
 
 def openings(tokenizer, tokens: np.ndarray, starts: np.ndarray | None, count: int, seed: int,
-             n_tokens: int = 16) -> list[str]:
-    """The openings (about n_tokens, cut at a word) of a seeded sample of `count` held-out units
-    (documents, articles; `starts`: where each begins), or of as many evenly spaced points of a
-    running text without them: own-data prompts, instead of an encyclopedia's."""
+             n_tokens: int = 16) -> list[tuple[str, list[int]]]:
+    """(text shown, ids) of the openings, their first n_tokens tokens as the data holds them, of a
+    seeded sample of `count` held-out units (documents, articles; `starts`: where each begins), or
+    of as many evenly spaced points of a running text without them: own-data prompts, instead of an
+    encyclopedia's."""
     points = (np.asarray(starts) if starts is not None
               else np.linspace(0, max(0, len(tokens) - n_tokens), num=max(count, 1), dtype=np.int64))
     chosen = sorted(np.random.default_rng(seed).choice(len(points), size=min(count, len(points)), replace=False))
     out = []
     for i in chosen:
-        text = tokenizer.decode(tokens[int(points[i]):int(points[i]) + n_tokens].tolist(), skip_special_tokens=True)
-        text = " ".join(text.split())
-        cut = text.rsplit(" ", 1)[0] if " " in text else text
-        if cut.strip():
-            out.append(cut)
+        ids = [int(t) for t in tokens[int(points[i]):int(points[i]) + n_tokens]]
+        text = " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+        if text:
+            out.append((text, ids))
     return out
 
 

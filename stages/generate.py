@@ -65,14 +65,13 @@ def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -
     documents (a seeded sample), or for instruction data the held-out prompts themselves."""
     g = p.generate
     if g.prompt != "auto":
-        texts = [g.prompt]
+        own = [(g.prompt, tokenizer(g.prompt)["input_ids"])]
     elif test is not None:
         own = generation.heldout_prompts(tokenizer, test, picked)
-        return own + [(t, tokenizer(t)["input_ids"]) for t in g.extra_prompts]
     else:
-        texts = generation.openings(tokenizer, data.load_tokens(data_dir, "test", meta),
-                                    data.unit_starts(data_dir, "test", meta), max(1, g.test_prompts), p.seed)
-    return [(t, tokenizer(t)["input_ids"]) for t in (*texts, *g.extra_prompts)]
+        own = generation.openings(tokenizer, data.load_tokens(data_dir, "test", meta),
+                                  data.unit_starts(data_dir, "test", meta), max(1, g.test_prompts), p.seed)
+    return own + [(t, tokenizer(t)["input_ids"]) for t in g.extra_prompts]
 
 
 if __name__ == "__main__":
