@@ -230,6 +230,19 @@ def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict
             model.save_pretrained(folder, state_dict=state_dict)
     # PEFT writes its empty card template: the study's card comes from the report (ftstudy.cards).
     (Path(folder) / "README.md").unlink(missing_ok=True)
+    sort_targets(Path(folder) / modeling.ADAPTER_CONFIG)
+
+
+def sort_targets(config_file: Path) -> None:
+    """PEFT keeps target_modules as a set and saves it in the set's order, which changes with
+    Python's string hashing from run to run: the same training then saved different bytes. Sorted,
+    the same params give the same adapter folder."""
+    import json
+
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_initial(model, folder: Path, lora: LoraParams) -> None:

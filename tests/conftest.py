@@ -132,7 +132,8 @@ SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_toke
 # Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too), and so does
 # a run's history (the processes a resumed run took: segments).
 TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_flops", "peak_mem_gib", "peak_mem_reserved_gib",
-          "eval_s", "eval_time_s", "seconds", "segments"}
+          "eval_s", "eval_time_s", "seconds", "segments", "full_train_s", "lora_train_s", "full_peak_gib",
+          "lora_peak_gib"}  # the last four: metrics/headline.json's
 
 
 def outcome(dest) -> dict:
@@ -148,7 +149,8 @@ def outcome(dest) -> dict:
     metrics = {}
     for f in sorted((dest / "metrics").rglob("*.json")):
         for k, v in flatten(json.loads(f.read_text())).items():
-            if k.split(".")[-1] not in TIMING and k != "versions.python":
+            # The memory plan's process part is measured (the process's RSS before loading weights).
+            if k.split(".")[-1] not in TIMING and k != "versions.python" and not k.startswith("memory_plan_gib"):
                 metrics[f"{f.relative_to(dest)}:{k}"] = v
     for f in sorted((dest / "metrics/plots").rglob("*.csv")):
         for line in f.read_text().splitlines()[1:]:

@@ -209,3 +209,25 @@ def test_bitsandbytes_note_about_the_kernels_hub_is_not_shown(caplog):
                     "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
         log.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
+    """PEFT saves target_modules in a set's order, which Python's string hashing changes from run to
+    run (PYTHONHASHSEED): two identical trainings once saved different adapter folders."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; from pathlib import Path; from conftest import TINY_MODEL, demo_params; "
+            "from ftstudy import lora, modeling; from ftstudy.config import parse_params; "
+            "p = parse_params(demo_params()).lora; "
+            "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, 'x'); lora.save(m, Path(sys.argv[1]), p, None)")
+    configs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT / "tests", check=True, capture_output=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)})
+        configs.append((out / "adapter_config.json").read_bytes())
+    assert configs[0] == configs[1] == configs[2]
+    assert json.loads(configs[0])["target_modules"] == ["c_attn", "c_fc", "c_proj"]

@@ -153,7 +153,11 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(demo_buil
     assert "lora.test_ppl" in diff["metrics/evaluate/lora.json"]
     changed = {f for f, keys in diff.items() if keys}
     assert changed <= {"metrics/train_lora.json", "metrics/evaluate/lora.json", "metrics/generate/lora.json",
-                       "metrics/compare.json"}, changed
+                       "metrics/compare.json", "metrics/headline.json"}, changed
+    assert {k for k in diff.get("metrics/headline.json", {}) if diff["metrics/headline.json"][k].get("diff")} <= {
+        "lora_ppl", "lora_ppl_lo", "lora_ppl_hi", "lora_train_s", "lora_peak_gib",
+        "lora_vs_pretrained", "lora_vs_pretrained_lo", "lora_vs_pretrained_hi", "full_vs_lora", "full_vs_lora_lo",
+        "full_vs_lora_hi"}
     # Only comparisons that involve LoRA (and time to quality, measured against LoRA) may move.
     assert not [k for k in diff.get("metrics/compare.json", {}) if k.startswith("paired.full_vs_pretrained")]
 
@@ -221,8 +225,9 @@ def test_misspelled_section_added_by_hand_fails_in_seconds(repo):
     assert {p: p.read_bytes() for p in (dest / "metrics").rglob("*") if p.is_file()} == outputs
 
 
-def _repro_killed_when(dest, seen) -> str:
-    """Start `dvc repro`, SIGKILL its whole process group once seen(output so far) is true."""
+def _repro_killed_when(dest, seen, after: float = 0.0) -> str:
+    """Start `dvc repro`, SIGKILL its whole process group `after` seconds after seen(output so far)
+    is true."""
     proc = subprocess.Popen(["dvc", "repro"], cwd=dest, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=os.environ | sandbox.ENV, start_new_session=True)
     chunks: list[bytes] = []
@@ -231,6 +236,7 @@ def _repro_killed_when(dest, seen) -> str:
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if seen(b"".join(chunks).decode(errors="replace")):
+            time.sleep(after)
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -281,7 +287,9 @@ def test_evaluate_killed_partway_leaves_no_partial_file_and_the_run_cache_brings
     assert "up to date" in dvc(dest, "status").stdout
     old = {p: p.read_bytes() for p in (dest / "metrics/evaluate").iterdir()}
     override_file(dest / "params.yaml", {"evaluate.stride": 32})
-    _repro_killed_when(dest, lambda out: "sliding" in out)
+    # Killed 4 s into the first evaluate stage (its imports take about 3): mid-scoring, with no
+    # progress bar to watch in a log.
+    _repro_killed_when(dest, lambda out: "Running stage 'evaluate@" in out, after=4.0)
     assert not [f for f in dest.rglob("*.tmp") if ".dvc" not in f.parts]
     # The change undone: what DVC removed before the killed run comes back from its run-cache, and
     # nothing trains or scores again.

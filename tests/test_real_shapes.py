@@ -6,6 +6,7 @@ model (base plus adapter, the longer path), on a small corpus."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def test_evaluate_and_generate_at_1024_context(run):
     info = read_json(run / "m/evaluate/lora.info.json")
     assert info["protocol"]["context"] == 1024 and info["protocol"]["tokenizer"].endswith("gpt2-random")
     # Random weights over 50,257 tokens: perplexity near the vocabulary size, finite.
-    assert 1_000 < ev["test_ppl"] < 500_000 and ev["test_ppl_lo"] <= ev["test_ppl"] <= ev["test_ppl_hi"]
+    assert 1_000 < ev["test_ppl"] < 500_000 and ("test_ppl_lo" in ev) == (ev["test_chunks"] >= 20)
+    assert ev.get("test_ppl_lo", 0) <= ev["test_ppl"] <= ev.get("test_ppl_hi", math.inf)
     gen = read_json(run / "gen/lora.json")["prompts"]
     assert len(gen) == 1 and len(gen[0]["samples"]) == 1
     assert read_json(run / "m/generate/lora.json")["lora"]["texts"] in (1, 2)  # distinct continuations
