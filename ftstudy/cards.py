@@ -75,7 +75,8 @@ def card(r, model: str) -> str:
             + (f", on {', '.join(tr['lora_target_modules'])}" if model == "lora" else ""),
             f"- {tr['steps']:,} optimizer steps, {tr['tokens']:,} tokens, global batch {tr['global_batch']}, "
             f"peak learning rate {tr.get('lr', 'as configured')}, seed {tr['seed']}",
-            f"- {tr['precision']} on {tr['device']}, {tr['processes']} process{'' if tr['processes'] == 1 else 'es'}, base weights {tr.get('base_dtype', 'fp32')}; "
+            f"- {tr['precision']} on {tr['device']}, {tr['processes']} process{'' if tr['processes'] == 1 else 'es'}, "
+            f"base weights {tr.get('base_dtype', 'fp32')}; "
             f"{tr['train_s']:.1f} s of training",
             f"- Data: `{source}`, column(s) {', '.join(r.prepared['columns'])}; "
             + (f"validation and test carved out of training rows (data.split_seed {r.prepared['split']['split_seed']})"

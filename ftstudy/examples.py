@@ -171,7 +171,8 @@ class ExampleWriter:
             f.close()
         np.save(self.folder / f"{self.split}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
         return {"tokens": self.offsets[-1], "bytes": self.bytes, "documents": len(self.offsets) - 1,
-                "answer_tokens": self.answer_tokens, "answer_bytes": self.answer_bytes, "truncated": self.truncated, "dropped_no_answer": self.dropped,
+                "answer_tokens": self.answer_tokens, "answer_bytes": self.answer_bytes, "truncated": self.truncated,
+                "dropped_no_answer": self.dropped,
                 "duplicates_removed": self.duplicates, "documents_sha256": self.digest.hexdigest()}
 
 

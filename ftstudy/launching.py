@@ -163,8 +163,9 @@ def require_asked_distribution(accelerator) -> None:
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
     if fsdp_asked() and kind != "FSDP":
         raise ConfigError(f"FSDP was asked for (ACCELERATE_USE_FSDP), but Accelerate runs {kind} on "
-                          f"{accelerator.device.type} with {accelerator.num_processes} process{'' if accelerator.num_processes == 1 else 'es'}: it enables FSDP only "
-                          "on GPUs; launch on GPUs, or drop --use_fsdp (distributed_type: FSDP) from the Accelerate config")
+                          f"{accelerator.device.type} with {accelerator.num_processes} "
+                          f"process{'' if accelerator.num_processes == 1 else 'es'}: it enables FSDP only on GPUs; "
+                          "launch on GPUs, or drop --use_fsdp (distributed_type: FSDP) from the Accelerate config")
 
 
 def user_config_file() -> Path | None:

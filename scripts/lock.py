@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDS, LOCK = ROOT / "requirements.in", ROOT / "requirements.txt"
 TORCH = "torch==2.13.0"  # the pinned line README and .ci/run install first
@@ -58,6 +60,20 @@ def lock() -> None:
     print(f"lock: {pinned} pins from {BOUNDS.name}; wrote {LOCK.name}")
 
 
+def locked_versions() -> dict[str, str]:
+    """The lock's version of each package for this Python (its markers evaluated here)."""
+    from packaging.requirements import Requirement
+
+    out = {}
+    for line in LOCK.read_text().splitlines():
+        text = line.split(" #", 1)[0].strip()
+        if text and not text.startswith("#"):
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate():
+                out[canonicalize_name(req.name)] = next(iter(req.specifier)).version
+    return out
+
+
 def upgrade_check() -> int:
     """The newest versions requirements.in admits, in a fresh venv, then the quick tier there."""
     venv = Path(tempfile.mkdtemp(prefix="ftstudy-upgrade-check-"))
@@ -69,10 +85,10 @@ def upgrade_check() -> int:
         subprocess.run(pip + ["--no-deps", "-e", str(ROOT)], check=True)
         freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"],
                                 check=True, capture_output=True, text=True).stdout
-        locked = {line.split("==")[0].lower(): line.split(";")[0].strip() for line in LOCK.read_text().splitlines()
-                  if "==" in line and not line.startswith("#")}
-        moved = [line for line in freeze.splitlines() if "==" in line
-                 and line.split("==")[0].lower() in locked and locked[line.split("==")[0].lower()] != line]
+        locked = locked_versions()
+        moved = [f"{name} {locked[name]} -> {version}" for name, version in
+                 (line.split("==", 1) for line in freeze.splitlines() if "==" in line)
+                 if canonicalize_name(name) in locked and locked[canonicalize_name(name)] != version]
         print("upgrade-check: newer than the lock: " + (", ".join(moved) if moved else "nothing"))
         rc = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"],
                             cwd=ROOT, env=os.environ | {"FTSTUDY_UPGRADE_CHECK": "1"}).returncode

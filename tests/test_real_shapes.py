@@ -39,7 +39,7 @@ def run(tmp_path_factory):
     write_params(root, local_params(root / "gpt2-random", root / "corpus", **{
         "data.block_size": 1024, "train.epochs": 1, "train.batch_size": 1, "train.warmup_steps": 0,
         "train.log_every": 1, "evaluate.stride": 512, "evaluate.batch_size": 2, "evaluate.bootstrap_chunk": 32,
-        "generate.extra_prompts": [], "generate.num_samples": 1, "generate.max_new_tokens": 8}))
+        "generate.extra_prompts": [], "generate.test_prompts": 1, "generate.num_samples": 1, "generate.max_new_tokens": 8}))
     stage(root, "prepare", *PREPARE_ARGS)
     for method in ("full", "lora"):
         stage(root, f"train_{method}", *train_args(method))
