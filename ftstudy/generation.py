@@ -162,8 +162,8 @@ def heldout(n_examples: int, count: int, seed: int) -> list[int]:
 
 def heldout_prompts(tokenizer, ex, indices: list[int]) -> list[tuple[str, list[int]]]:
     """(readable text, ids) of each held-out example's prompt: everything before its last answer."""
-    return [(readable_prompt(tokenizer, ex.example(i)[0][:ex.last_answer(i)[0]].tolist()),
-             ex.example(i)[0][:ex.last_answer(i)[0]].tolist()) for i in indices]
+    prompts = [ex.example(i)[0][:ex.last_answer(i)[0]].tolist() for i in indices]
+    return [(readable_prompt(tokenizer, ids), ids) for ids in prompts]
 
 
 def answer_heldout(model, tokenizer, ex, indices: list[int], max_new_tokens: int, context: int | None,

@@ -179,6 +179,7 @@ class Session:
     compiled: bool
     own_forward: bool             # validation scores through the model's own forward (ftstudy.loss.check_fast_path)
     val_scored: np.ndarray = None  # the validation units each pass scores (validation_units)
+    val_targets: np.ndarray = None  # their target counts, in the same order
     memory_plan: object = None    # ftstudy.memory.Plan, made before the weights loaded
 
 
@@ -258,9 +259,10 @@ def setup(seed: int, block_size: int, train: TrainParams, lr: float, build: Call
     global_batch = train.batch_size * train.grad_accum * world
     between = (train.eval_every or steps_per_epoch) * global_batch * batches.mean_tokens(train_units)
     scored = validation_units(len(val_units), batches.mean_tokens(val_units), between, train.eval_budget, seed)
+    targets = np.array([val_units.counts(np.array([i]))[0] for i in scored], dtype=np.float64)
     return Session(accelerator, model, trained, optimizer, scheduler, train_units, val_units, steps_per_epoch,
                    total_steps, global_batch, compiled, own_forward=why is not None, val_scored=scored,
-                   memory_plan=planned)
+                   val_targets=targets, memory_plan=planned)
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -321,13 +323,14 @@ def validation_loss(s: Session, batch_size: int) -> tuple[float, float]:
     # Under FSDP every process runs every forward (the weights are gathered collectively): the
     # shards are padded to the same number of batches, the padding left out of the sums.
     per = -(-n // acc.num_processes)
-    mine = scored[acc.process_index * per:min(n, (acc.process_index + 1) * per)]
+    share = slice(acc.process_index * per, min(n, (acc.process_index + 1) * per))
+    mine = scored[share]
     nll = _score(s, s.val_units, mine, batch_size)
     if acc.distributed_type == DistributedType.FSDP:
         for _ in range(-(-per // batch_size) - -(-len(mine) // batch_size)):
             _score(s, s.val_units, scored[:min(batch_size, n)], batch_size)
     s.model.train()
-    counts = np.array([s.val_units.counts(np.array([i]))[0] for i in mine], dtype=np.float64)
+    counts = s.val_targets[share]
     starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
     sums = np.add.reduceat(nll, starts) if len(mine) else np.zeros(0)
     parts = [sums.sum(), counts.sum(), (sums**2).sum(), (sums * counts).sum(), (counts**2).sum(), len(mine)]
