@@ -9,6 +9,12 @@ Writes, next to this file:
   tiny-gpt2/                       a GPT-2 (same model class, 2 layers, 1,024-token byte-level
                                    BPE vocabulary trained here) genuinely pretrained on
                                    tiny-general/train.txt
+  ../tasks/                        two lm-evaluation-harness tasks as local YAML with their data
+                                   (the demo's `tasks:`): tiny_cloze, a multiple-choice cloze on
+                                   unseen general-domain sentences (what fine-tuning may make the
+                                   model forget), and tiny_complete, sentence openings of the
+                                   encyclopedia domain with their reference endings, answered by
+                                   greedy generation and scored by exact match (what it learns)
   tiny-chat/                       the tiny GPT-2 with a chat template (role, newline, content,
                                    <|endoftext|> closing each turn), for chat data on a bundled model
   tiny-jsonl/articles.jsonl        the same articles as one JSON Lines export, a record per
@@ -21,7 +27,7 @@ Writes, next to this file:
                                    conversations ({"messages": [system, user, assistant, ...]}),
                                    a two-section conversation in every third
 
-`derived` rebuilds only the files derived from the others (tiny-jsonl, tiny-instruct, tiny-chat), in seconds.
+`derived` rebuilds only the files derived from the others (tiny-jsonl, tiny-instruct, tiny-chat, tasks), in seconds.
 
 Nothing is downloaded. The text comes from seeded grammars below, so the demo tells the real
 study's story: fine-tuning on the WikiText-domain corpus lowers its perplexity below the
@@ -252,6 +258,115 @@ def chat_model() -> None:
     tok.save_pretrained(out)
 
 
+# ---------------------------------------------------------------- lm-evaluation-harness tasks
+# Each slot of a general sentence takes a noun phrase of one kind; the choices are one noun phrase
+# of each kind, so every choice reads as English and only the domain's grammar tells them apart
+# (chance is 25%).
+CLOZE = {"place": PLACES, "thing": THINGS, "person": [f"the {job}" for job in JOBS], "name": NAMES}
+TASK_SEED = SEED + 7  # items drawn apart from every corpus above: none is a training sentence
+
+
+def cloze_items(r: random.Random, n: int) -> list[dict]:
+    items = []
+    while len(items) < n:
+        a, b = r.sample(NAMES, 2)
+        kind, opening = r.choice([
+            ("place", f"{a} {r.choice(VERBS_GO)}"),
+            ("thing", f"{a} {r.choice(VERBS_GET)}"),
+            ("place", f"It was {r.choice(WEATHER)} {r.choice(TIMES)}, so {a} stayed at"),
+            ("thing", f"{a} and {b} met at {r.choice(PLACES)} and talked about"),
+            ("name", f"The {r.choice(JOBS)} told"),
+            ("name", f"{a} felt {r.choice(FEELINGS)} because"),
+        ])
+        choices = [r.choice(CLOZE[k]) for k in CLOZE]  # one of each kind, in a fixed order
+        items.append({"context": opening, "choices": choices, "answer": list(CLOZE).index(kind)})
+    return items
+
+
+def completion_items(r: random.Random, n: int) -> list[dict]:
+    """Openings of encyclopedia-domain sentences whose ending the domain's grammar fixes (or narrows
+    to a few words), with that ending as the reference."""
+    items = []
+    while len(items) < n:
+        name, year = proper(r), r.randint(1100, 1899)
+        prompt, reference = r.choice([
+            (f"The river is {number(r)} km long and drains a basin of {number(r)} square", "kilometres"),
+            (f"The walls were {decimal(r)} metres thick and enclosed {number(r)} square", "metres"),
+            (f"{name} was rebuilt in {year} after a fire destroyed the",
+             f"{r.choice(['old', 'western', 'upper', 'main'])} quarter"),
+            (f"As of the census of {year} , it had {number(r)}", "inhabitants"),
+            (f"In the {r.choice(CENTURIES)} century , {name} became a centre of", f"trade for {r.choice(REGIONS)}"),
+            (f"It lies {decimal(r)} km north @-@", f"east of {proper(r)}"),
+        ])
+        items.append({"prompt": prompt, "reference": reference})
+    return items
+
+
+TASK_YAML = {
+    "tiny_cloze": """\
+# Built by assets/build_assets.py: a multiple-choice cloze on unseen general-domain sentences
+# (the tiny GPT-2's pretraining domain), so fine-tuning elsewhere shows as forgetting. lm-eval reads
+# data_files from the working directory: run from the repo root, as dvc repro does.
+task: tiny_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: tasks/tiny_cloze.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+    "tiny_complete": """\
+# Built by assets/build_assets.py: openings of encyclopedia-domain sentences (the fine-tuning
+# domain) with their reference endings; greedy generation to the sentence's end, exact match.
+task: tiny_complete
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: tasks/tiny_complete.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{reference}}"
+generation_kwargs:
+  until: [" .", " ,", "\\n"]
+  do_sample: false
+  max_gen_toks: 12
+filter_list:
+  - name: strip
+    filter:
+      - function: remove_whitespace
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+}
+
+
+def task_files() -> None:
+    """The demo's two tasks in the project's tasks/ folder (other files there are left alone)."""
+    import json
+
+    out = HERE.parent / "tasks"
+    out.mkdir(exist_ok=True)
+    r = random.Random(TASK_SEED)
+    for name, items in (("tiny_cloze", cloze_items(r, 200)), ("tiny_complete", completion_items(r, 60))):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
+        (out / f"{name}.yaml").write_text(TASK_YAML[name], encoding="utf-8")
+
+
 def derived() -> None:
     wiki = HERE / "tiny-wikitext"
     for name in ("tiny-jsonl", "tiny-instruct"):
@@ -261,7 +376,8 @@ def derived() -> None:
     (HERE / "tiny-instruct" / "prompt_completion.jsonl").write_text(pc, encoding="utf-8")
     (HERE / "tiny-instruct" / "messages.jsonl").write_text(messages, encoding="utf-8")
     chat_model()
-    print(f"wrote {HERE / 'tiny-jsonl'}, {HERE / 'tiny-instruct'} and {HERE / 'tiny-chat'}")
+    task_files()
+    print(f"wrote {HERE / 'tiny-jsonl'}, {HERE / 'tiny-instruct'}, {HERE / 'tiny-chat'} and {HERE.parent / 'tasks'}")
 
 
 # ---------------------------------------------------------------- tokenizer and pretraining

@@ -154,6 +154,24 @@ class GenerateParams:
     test_prompts: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
 
 
+def _task_entry(v: str) -> bool:
+    name, _, commit = v.partition("@")
+    return name.strip() != "" and name == name.strip() and (commit == "" or re.fullmatch(r"[0-9a-f]{7,40}", commit) is not None)
+
+
+@dataclass(frozen=True)
+class TasksParams:
+    names: list[str] = field(metadata=_check(lambda v: all(_task_entry(t) for t in v) and len(set(v)) == len(v),
+                                              "must be lm-eval task names (pinned as name@<dataset commit sha>) or "
+                                              "tasks/<file>.yaml, each once"))
+    num_fewshot: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    batch_size: int = field(metadata=_positive)
+    limit: int | None = field(metadata=_check(lambda v: v is None or v > 0, "must be > 0, or null for every item"))
+    chat_template: bool
+    merge_check: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns the check off)"))
+    merge_tolerance: float = field(metadata=_finite_positive)
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
@@ -164,6 +182,7 @@ class Params:
     lora: LoraParams
     evaluate: EvaluateParams
     generate: GenerateParams
+    tasks: TasksParams
 
 
 def _is_union(tp) -> bool:

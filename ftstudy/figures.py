@@ -2,7 +2,8 @@
 
 - val_loss.png: validation loss against training seconds, both methods;
 - test_ppl.png: each model's test perplexity with its 95% interval (none drawn where there is none);
-- tradeoff.png: learning against forgetting, test perplexity against the first general set's.
+- tradeoff.png: learning against forgetting, test perplexity against the first general set's;
+- tasks.png: each benchmark score against test perplexity, one point per model, with both intervals.
 
 PNG files of a few tens of kB, written atomically; the report links them beside its tables, which
 say the same in numbers.
@@ -85,7 +86,7 @@ def tradeoff(ev: dict, general: str, labels: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
-def draw(ev: dict, curves: dict, labels: dict, folder: Path) -> list[tuple[str, str]]:
+def draw(ev: dict, curves: dict, labels: dict, folder: Path, tasks: dict | None = None) -> list[tuple[str, str]]:
     """Every picture into `folder`: (alt text, file name) for each, in the report's order."""
     folder = Path(folder)
     val_loss(curves, labels, folder / "val_loss.png")
@@ -95,4 +96,33 @@ def draw(ev: dict, curves: dict, labels: dict, folder: Path) -> list[tuple[str, 
     if general:
         tradeoff(ev, general[0], labels, folder / "tradeoff.png")
         out.append((f"Learning against forgetting ({general[0]})", "tradeoff.png"))
+    if tasks and tasks["pretrained"]:
+        tasks_vs_ppl(ev, tasks, labels, folder / "tasks.png")
+        out.append(("Task scores against test perplexity", "tasks.png"))
     return out
+
+
+def tasks_vs_ppl(ev: dict, tasks: dict, labels: dict, path: Path) -> None:
+    """One panel per task metric: the score (y) against test perplexity (x), a point per model,
+    each with its 95% intervals as bars where it has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(task, metric) for task, row in tasks["pretrained"].items()
+              for metric in row if metric != "items" and not metric.endswith(("_lo", "_hi"))][:6]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=100, squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels):
+        ax.grid(alpha=0.3)
+        for m, e in ev.items():
+            row, x = tasks[m][task], e["test_ppl"]
+            xerr = [[x - e["test_ppl_lo"]], [e["test_ppl_hi"] - x]] if "test_ppl_lo" in e else None
+            y = row[metric]
+            yerr = [[y - row[metric + "_lo"]], [row[metric + "_hi"] - y]] if metric + "_lo" in row else None
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=COLORS[m], capsize=3, label=labels[m])
+        ax.set_xlabel("test perplexity")
+        ax.set_ylabel(metric)
+        ax.set_title(task, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    _save(plt, fig, path)

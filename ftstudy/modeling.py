@@ -193,6 +193,11 @@ def peft_attribute_note_silenced():
         yield
 
 
+def is_adapter(model_dir: str | Path) -> bool:
+    """Whether a model folder holds a PEFT adapter (else a full model)."""
+    return (Path(model_dir) / ADAPTER_CONFIG).is_file()
+
+
 def load_for_eval(model_dir: str | Path, base_dir: str | Path, base_name: str):
     """A model ready to score: a full model folder, or base plus a PEFT adapter folder whose
     recorded base must be `base_name` (params model.name)."""

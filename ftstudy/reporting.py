@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabulate import tabulate
-
-from ftstudy import curves, data, figures
+from ftstudy import curves, data, figures, task_report
 from ftstudy.errors import StudyError
-from ftstudy.findings import NAMES, as_change, by_ratio, conditions_differ, findings, named, paired_verdict
+from ftstudy.findings import NAMES, as_change, by_ratio, conditions_differ, findings, lowest, named, paired_verdict
 from ftstudy.outputs import read_json
 
 MODELS = ("pretrained", "full", "lora")
@@ -25,8 +23,7 @@ class ReportError(StudyError):
     """The metrics cannot be put side by side."""
 
 
-def _table(rows, headers) -> str:
-    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+_table = task_report.table
 
 
 def info_path(metrics_file: Path) -> Path:
@@ -96,6 +93,7 @@ class Inputs:
     compare: dict    # paired test ratios, forgetting (paired, per general set), time to quality, bootstrap
     protocol: dict   # the evaluation protocol, the same for every model
     curves: dict     # method -> its validation curve (step, seconds, tokens, loss), from the plots
+    tasks: dict      # model -> task -> benchmark scores with intervals (stage tasks)
 
     @classmethod
     def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
@@ -108,7 +106,8 @@ class Inputs:
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
                    prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
                    protocol=_check_protocols(ev),
-                   curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")})
+                   curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")},
+                   tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json") for m in MODELS})
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
@@ -132,8 +131,8 @@ def headline(r: Inputs) -> list[str]:
 def headline_metrics(r: Inputs) -> dict:
     """The figures a decision reads, flat, each name unique among the metrics files (so that a
     `dvc exp show --keep` pattern such as '_ppl$' picks them alone): each model's test perplexity
-    with its interval (where there is one), each method's training seconds and peak memory, and the
-    paired test perplexity ratios with theirs."""
+    with its interval (where there is one), each method's training seconds and peak memory, the
+    paired test perplexity ratios with theirs, and each model's task scores with theirs."""
     out: dict = {}
     for m in MODELS:
         ev = r.ev[m]
@@ -144,7 +143,7 @@ def headline_metrics(r: Inputs) -> dict:
     for name, pair in r.compare["paired"].items():
         out[name] = pair["ratio"]
         out |= {f"{name}_{end}": pair[end] for end in ("lo", "hi") if end in pair}
-    return out
+    return out | task_report.headline_metrics(r.tasks)
 
 
 def instruct(r: Inputs) -> bool:
@@ -378,12 +377,16 @@ def render(r: Inputs, figures_dir: Path | None = None, link: str = "") -> str:
     """The report as markdown, from the inputs (Inputs.read); with `figures_dir`, its pictures
     drawn there and linked as `link` + file name (the folder's path from the report's)."""
     found = findings(r.ev, r.tr, r.gq, r.compare)
+    found += [named(f, r.tr) for f in task_report.task_findings(r.tasks, r.compare.get("tasks", {}),
+                                                                      lowest(r.ev, r.compare["paired"]))]
     pictures = {}
+    labels = {m: r.label(m) for m in MODELS}
     if figures_dir is not None:
-        labels = {m: r.label(m) for m in MODELS}
-        for alt, name in figures.draw(r.ev, r.curves, labels, figures_dir):
+        for alt, name in figures.draw(r.ev, r.curves, labels, figures_dir, r.tasks):
             pictures[name] = (alt, link + name)
     return "\n".join([*headline(r), *_picture(pictures, "test_ppl.png"), *efficiency(r), *validation(r),
                       *_picture(pictures, "val_loss.png"), *quality(r), *_picture(pictures, "tradeoff.png"),
-                      *paired_comparisons(r), *generation_quality(r), "## Findings", "",
+                      *paired_comparisons(r),
+                      *task_report.tasks_section(r.tasks, r.compare.get("tasks", {}), labels, _picture(pictures, "tasks.png")),
+                      *generation_quality(r), "## Findings", "",
                       *[f"- {f}" for f in found], "", *environment(r)])

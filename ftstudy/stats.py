@@ -85,3 +85,34 @@ def paired_ppl_ratio(nll_a: np.ndarray, nll_b: np.ndarray, chunk: int, samples: 
     out = {"ratio": float(np.exp(diff.mean())), "chunks": chunk_count(len(diff), chunk) if sizes is None else len(sizes)}
     interval = _chunk_bootstrap(diff, chunk, samples, seed, level, sizes)  # exp(mean difference) = the ratio
     return out | ({} if interval is None else {"lo": interval[0], "hi": interval[1]})
+
+
+def _mean_bootstrap(values: np.ndarray, samples: int, seed: int, level: float) -> tuple[float, float] | None:
+    """Percentile interval of the mean of per-item `values`, resampling items; None from fewer than
+    MIN_CHUNKS of them."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < MIN_CHUNKS:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
+    lo, hi = np.percentile(values[idx].mean(axis=1), [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def mean_metrics(values: np.ndarray, samples: int, seed: int, level: float = 0.95) -> dict:
+    """{"score" (the mean of per-item scores: accuracy, exact match, F1), "items"} and, from MIN_CHUNKS
+    items on, its percentile bootstrap interval over items {"lo", "hi"}."""
+    out = {"score": float(np.mean(values)) if len(values) else float("nan"), "items": len(values)}
+    interval = _mean_bootstrap(values, samples, seed, level)
+    return out | ({} if interval is None else {"lo": interval[0], "hi": interval[1]})
+
+
+def paired_mean_difference(a: np.ndarray, b: np.ndarray, samples: int, seed: int, level: float = 0.95) -> dict:
+    """mean(a) - mean(b) for two models' per-item scores on the very same items, with a paired
+    bootstrap interval over items ("lo", "hi"; left out below MIN_CHUNKS items): each resample draws
+    the same items for both, so item difficulty cancels. Identical scores give 0 with [0, 0]."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same items: {len(a)} vs {len(b)}")
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    out = {"diff": float(diff.mean()) if len(diff) else float("nan"), "items": len(diff)}
+    interval = _mean_bootstrap(diff, samples, seed, level)
+    return out | ({} if interval is None else {"lo": interval[0], "hi": interval[1]})

@@ -50,6 +50,8 @@ def lock() -> None:
         excludes = Path(tmp) / "excludes.txt"
         excludes.write_text("torch\n")
         out = Path(tmp) / "requirements.txt"
+        if LOCK.is_file():  # uv keeps the versions an existing output pins: a new bound moves only what it must
+            shutil.copy(LOCK, out)
         subprocess.run([uv(), "pip", "compile", str(BOUNDS.relative_to(ROOT)), "--universal",
                         "--python-version", LOWEST_PYTHON, "--excludes", str(excludes), "--no-header",
                         "--annotation-style", "line", "--quiet", "-o", str(out)],

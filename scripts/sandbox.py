@@ -2,7 +2,7 @@
 
     python -m scripts.sandbox DIR [--repro] [-S key=value ...]
 
-Copies the pipeline (dvc.yaml, params.yaml, stages/, ftstudy/, assets/) to DIR, applies
+Copies the pipeline (dvc.yaml, params.yaml, stages/, ftstudy/, assets/, tasks/) to DIR, applies
 assets/demo-params.yaml and any -S overrides to DIR/params.yaml (comments kept), then runs
 git init, dvc init and a first commit, so `dvc repro`, `dvc exp run -S ...`, `dvc metrics diff`
 and `dvc exp show` work there. The project's own params, lock file and outputs are never touched.
@@ -26,7 +26,7 @@ from ftstudy.config import override_file
 from ftstudy.synthetic import demo_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "ftstudy", "assets")
+COPY = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "ftstudy", "assets", "tasks")
 MARKER = ".sandbox"
 # Belt and braces for the sandbox's own commands: its params point at local folders only, so
 # nothing reaches for the Hub anyway. CPU threads are chosen by the stages themselves

@@ -8,7 +8,9 @@ both (ftstudy.stats.paired_ppl_ratio): a tighter and more honest test than wheth
 intervals overlap. The report's findings call a winner only when the paired interval excludes 1,
 and no winner at all from fewer than ftstudy.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
-other's final validation loss (none when it never did).
+other's final validation loss (none when it never did). Benchmarks (stage tasks): for each task
+metric and pair, the difference of their mean scores with a 95% paired bootstrap interval over the
+task's items, both models' scores on each item drawn together (ftstudy.stats.paired_mean_difference).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ftstudy import curves
+from ftstudy import benchmarks, curves
 from ftstudy.config import load_params
-from ftstudy.errors import run_stage
+from ftstudy.errors import StudyError, run_stage
 from ftstudy.outputs import write_json
-from ftstudy.stats import MIN_CHUNKS, paired_ppl_ratio
+from ftstudy.stats import MIN_CHUNKS, paired_mean_difference, paired_ppl_ratio
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 
@@ -30,6 +32,7 @@ PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 def main() -> None:
     ap = argparse.ArgumentParser(description="Paired model comparisons; run by dvc.yaml stage compare")
     ap.add_argument("--nll", required=True, type=Path, help="folder of <model>.npz per-token NLL (test, general sets)")
+    ap.add_argument("--tasks", required=True, type=Path, help="folder of <model>.npz per-item benchmark scores")
     ap.add_argument("--curves", required=True, type=Path, help="folder of train_<method>/val_loss.csv")
     ap.add_argument("--out", required=True, help="metrics JSON to write")
     args = ap.parse_args()
@@ -52,10 +55,27 @@ def main() -> None:
     val = {m: curves.read_val(args.curves / f"train_{m}") for m in ("full", "lora")}
     # Time to quality: when each method first reached the other's final validation loss.
     reach = {m: curves.time_to_reach(val[m], val[other][-1]["loss"]) for m, other in (("full", "lora"), ("lora", "full"))}
+    tasks = task_pairs({m: benchmarks.read_items(np.load(args.tasks / f"{m}.npz")) for m in nll},
+                       ev.bootstrap_samples, p.seed)
     bootstrap = {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS}
-    write_json(args.out, {"paired": paired, "forgetting": forgetting, "time_to_quality": reach, "bootstrap": bootstrap})
+    write_json(args.out, {"paired": paired, "forgetting": forgetting, "tasks": tasks, "time_to_quality": reach,
+                          "bootstrap": bootstrap})
     print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v)}" for k, v in paired.items())
-          + f"; {len(forgetting)} general set(s); wrote {args.out}")
+          + f"; {len(forgetting)} general set(s), {len(tasks)} task(s); wrote {args.out}")
+
+
+def task_pairs(items: dict[str, dict], samples: int, seed: int) -> dict:
+    """task -> metric -> "<a>_vs_<b>" -> the paired difference of mean scores over the task's items."""
+    out: dict = {}
+    for task, arrays in items["pretrained"].items():
+        for key, metric in benchmarks.metric_keys(arrays).items():
+            for a, b in PAIRS:
+                if not np.array_equal(items[a][task]["doc_id"], items[b][task]["doc_id"]):
+                    raise StudyError(f"tasks: {a} and {b} were scored on different items of {task}; rerun both "
+                                     "(dvc repro tasks)")
+                out.setdefault(task, {}).setdefault(metric, {})[f"{a}_vs_{b}"] = paired_mean_difference(
+                    items[a][task][key], items[b][task][key], samples, seed)
+    return out
 
 
 def _ratio(v: dict) -> str:

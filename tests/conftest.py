@@ -40,9 +40,12 @@ TINY_WIKI = ASSETS / "tiny-wikitext"
 
 
 def demo_params(**overrides) -> dict:
-    """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict."""
+    """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict. The
+    stage tests run in a temp folder without the project's tasks/, so they run no benchmarks
+    (tasks.names: [], the stage then writes empty results in a moment) unless they ask: the pipeline
+    tests (sandboxes) and tests/test_tasks.py run the demo's."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    set_keys(params, demo_overrides() | overrides)
+    set_keys(params, demo_overrides() | {"tasks.names": []} | overrides)
     for section in (params["model"], params["data"], *params["data"]["general"]):  # absolute: any cwd works
         section["name"] = str(ROOT / section["name"])
     return params
@@ -93,6 +96,15 @@ def run_main(module, *argv: str) -> None:
 
 # The prepare stage's command line in a test folder: prep/, pre/ and m/prepare{,.info}.json.
 PREPARE_ARGS = ("--out", "prep", "--pretrained", "pre", "--metrics", "m/prepare.json", "--info", "m/prepare.info.json")
+
+
+def run_tasks(models=("pretrained", "full", "lora"), folder: str = "models", base: str = "pre") -> None:
+    """Stage tasks for each model, into m/tasks/ and task-items/ (compare and report read them)."""
+    from stages import tasks
+
+    for model in models:
+        run_main(tasks, "--model", f"{folder}/{model}", "--base", base, "--out", f"m/tasks/{model}.json",
+                 "--info", f"m/tasks/{model}.info.json", "--items", f"task-items/{model}.npz")
 
 
 def train_args(tag: str) -> tuple[str, ...]:

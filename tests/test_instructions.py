@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PREPARE_ARGS, reset_accelerate, run_main, train_args
+from conftest import PREPARE_ARGS, reset_accelerate, run_main, run_tasks, train_args
 from ftstudy import batches, data, examples, loss, modeling, scoring, stats
 from ftstudy.config import ConfigError
 from ftstudy.outputs import read_json
@@ -68,7 +68,8 @@ def instruct_run(request, tmp_path_factory):
                      "--nll", f"nll/{model}.npz")
         run_main(generate, *(a for m in ("pretrained", "full", "lora") for a in ("--model", f"models/{m}")),
                  "--base", "models/pretrained", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
-        run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
+        run_tasks(base="models/pretrained")
+        run_main(compare, "--nll", "nll", "--tasks", "task-items", "--curves", "m/plots", "--out", "m/compare.json")
         run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md", "--figures", "figures",
                  "--cards", "cards", "--headline", "m/headline.json")
         reset_accelerate()

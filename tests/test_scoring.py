@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_WIKI, ScaledBeforeHead, prepare_in, run_main, train_args
+from conftest import TINY_MODEL, TINY_WIKI, ScaledBeforeHead, prepare_in, run_main, run_tasks, train_args
 from ftstudy import data, modeling, scoring, stats
 from ftstudy.config import ConfigError, load_params
 from ftstudy.outputs import read_json
@@ -219,7 +219,8 @@ def test_a_general_set_whose_label_starts_with_validation_is_kept_for_compare(pr
     for method in ("full", "lora"):
         (root / f"m/plots/train_{method}").mkdir()
         (root / f"m/plots/train_{method}/val_loss.csv").write_text("step,seconds,tokens,loss\n1,1.0,100,2.0\n")
-    run_main(compare, "--nll", "nll", "--curves", "m/plots", "--out", "m/compare.json")
+    run_tasks(folder=".", models=("pretrained", "full", "lora"))
+    run_main(compare, "--nll", "nll", "--tasks", "task-items", "--curves", "m/plots", "--out", "m/compare.json")
     forgetting = read_json(root / "m/compare.json")["forgetting"]
     assert "validation-notes.txt-test" in forgetting
 

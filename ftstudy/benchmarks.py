@@ -1,0 +1,298 @@
+"""Benchmarks through lm-evaluation-harness (params `tasks:`), scored item by item.
+
+Each model is run by lm-eval's own evaluator (`simple_evaluate`) on an already-loaded model, the
+one `evaluate` scores: a full model folder, or the pretrained snapshot with the LoRA adapter
+applied, unmerged (PEFT). lm-eval's per-item records (`log_samples`) are kept as arrays, one per
+task metric, in lm-eval's item order, so that stage compare can resample the same items for two
+models (a paired bootstrap over items), as it does examples and documents for perplexity.
+
+Local tasks are lm-eval task YAML files (lm-eval's new_task_guide, "Using Local Datasets") in the
+project's `tasks/` folder, with their data files: the folder is a DVC dependency of the stage,
+so editing a task reruns it. Their data paths are read from the working directory (the repo root,
+where dvc runs stages). Hub tasks are lm-eval's own task names, optionally pinned to a dataset
+commit as `name@commit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ftstudy.errors import StudyError
+
+TASKS_DIR = "tasks"  # local task YAML files and their data: a dependency of stage tasks (dvc.yaml)
+
+
+class TaskError(StudyError):
+    """A task in params `tasks.names` cannot be found, read or loaded."""
+
+
+def local_task_name(path: str | Path) -> str:
+    """The lm-eval task name a local task YAML file defines (its `task:` key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"tasks.names: {path} not found; local task files live in {TASKS_DIR}/ (with their data)")
+    if Path(os.path.relpath(path.resolve(), Path.cwd().resolve())).parts[:1] != (TASKS_DIR,):
+        raise TaskError(f"tasks.names: {path} is outside {TASKS_DIR}/; move it and its data files there, so that "
+                        "DVC reruns the tasks when they change")
+    try:
+        name = yaml.safe_load(path.read_text(encoding="utf-8")).get("task")
+    except (yaml.YAMLError, AttributeError) as e:
+        raise TaskError(f"tasks.names: {path} is not an lm-eval task YAML file (a mapping with a `task:` key): {e}") from e
+    if not isinstance(name, str):
+        raise TaskError(f"tasks.names: {path} has no `task:` name; lm-eval task files name their task there")
+    return name
+
+
+def is_local(entry: str) -> bool:
+    return entry.endswith((".yaml", ".yml"))
+
+
+def split_pin(entry: str) -> tuple[str, str | None]:
+    """'name@commit' -> (name, commit); 'name' -> (name, None)."""
+    name, _, commit = entry.partition("@")
+    return name, commit or None
+
+
+def task_names(entries: tuple[str, ...]) -> list[str]:
+    """The lm-eval task names that params `tasks.names` asks for, in its order."""
+    return [local_task_name(e) if is_local(e) else split_pin(e)[0] for e in entries]
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval's logs stay out of a stage's output but for its errors: its info and warnings are
+    about its own machinery (a model passed as an object, few-shot defaults overridden), and what
+    they would tell is recorded in the stage's info instead."""
+    os.environ["LMEVAL_LOG_LEVEL"] = "ERROR"  # lm-eval sets its logger's level from this at import
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def task_manager(entries: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    folders = sorted({str(Path(e).parent.resolve()) for e in entries if is_local(e)})
+    # lm-eval's own thousands of task files take 12 s to index on a 2-core CPU: only when a task is theirs
+    return TaskManager(include_path=folders or None, include_defaults=has_hub_tasks(entries))
+
+
+def has_hub_tasks(entries: tuple[str, ...]) -> bool:
+    return any(not is_local(e) for e in entries)
+
+
+def resolve_datasets(entries: tuple[str, ...], manager) -> dict[str, dict]:
+    """task -> {"dataset", "revision" (asked), "commit" (served), "from"} for every Hub task whose
+    config names one dataset (a group of tasks, such as mmlu, is loaded as lm-eval says), like
+    prepare's Hub inputs: asked from the Hub when it can be reached, else found complete in the
+    local Hub cache, else a TaskError with the way on, before any model is loaded. lm-eval's own
+    task files pin no dataset revision; the run then loads exactly these commits."""
+    from ftstudy.hub import HubInput, cached_commit, hub_unreachable, served_commit
+
+    reason = hub_unreachable()
+    out = {}
+    for i, entry in enumerate(entries):
+        if is_local(entry):
+            continue
+        name, pin = split_pin(entry)
+        if name not in manager.all_tasks:
+            raise TaskError(f"tasks.names[{i}]: {name!r} is not an lm-eval task (`lm_eval ls tasks` lists them); for "
+                            f"a task of your own, give its YAML file under {TASKS_DIR}/")
+        dataset = _registered_config(manager, name).get("dataset_path")
+        if not dataset:
+            continue
+        item = HubInput(f"tasks.names[{i}]", dataset, "dataset", pin)
+        commit, how = (served_commit(item), "the Hub") if reason is None else cached_commit(item)
+        if commit is None:
+            raise TaskError(f"tasks.names[{i}]: task {name!r} reads the Hub dataset {dataset!r}, which could not be "
+                            f"reached ({reason}) and is not complete in the local Hub cache at {pin or 'main'!r}; run "
+                            "once with the network (or copy a cache that has it, HF_HOME), or drop the task")
+        out[name] = {"dataset": dataset, "revision": item.asked, "commit": commit, "from": how}
+    return out
+
+
+def task_specs(entries: tuple[str, ...], manager, commits: dict[str, dict]) -> list:
+    """lm-eval task specs: a local task's name, or a Hub task's config pinned to its resolved commit."""
+    specs = []
+    for entry in entries:
+        name = local_task_name(entry) if is_local(entry) else split_pin(entry)[0]
+        if name not in commits:
+            specs.append(name)
+        else:
+            kwargs = dict(_registered_config(manager, name).get("dataset_kwargs") or {})
+            specs.append({"task": name, "dataset_kwargs": kwargs | {"revision": commits[name]["commit"]}})
+    return specs
+
+
+def _registered_config(manager, name: str) -> dict:
+    """A registered task's own YAML config (for the keys a pin must keep)."""
+    entry = manager.task_index[name]
+    path = getattr(entry, "yaml_path", None) or (entry.get("yaml_path") if isinstance(entry, dict) else None)
+    if not path:
+        return {}
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=False) or {}
+
+
+def evaluate(model, tokenizer, p_tasks, seed: int, manager, commits: dict, samples: dict | None = None) -> dict:
+    """lm-eval's results for `model` on params tasks, Hub datasets at `commits` (resolve_datasets);
+    `samples`: only these items of each task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=p_tasks.batch_size)
+    # lm-eval's progress bars go to a terminal only (its own tqdm calls ignore TQDM_DISABLE).
+    bars = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with bars:
+            return simple_evaluate(
+                model=lm, tasks=task_specs(p_tasks.names, manager, commits), num_fewshot=p_tasks.num_fewshot,
+                limit=None if samples is not None else p_tasks.limit, samples=samples,
+                apply_chat_template=p_tasks.chat_template, log_samples=True, bootstrap_iters=0,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                task_manager=manager)
+    except FileNotFoundError as e:  # a local task's data file (a Hub task's dataset was resolved before)
+        raise TaskError(f"tasks.names: a task's data file was not found ({e}); local tasks read their data_files "
+                        f"from the repo root, under {TASKS_DIR}/") from e
+
+
+def _logliks(resps) -> list[float]:
+    """The log-likelihoods in one item's raw responses, one per request (a choice, a continuation);
+    none for generated text."""
+    out = []
+    for resp in resps:
+        first = resp[0] if isinstance(resp, (list, tuple)) and resp else resp
+        if isinstance(first, (list, tuple)) and first:  # (log-likelihood, is_greedy)
+            first = first[0]
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            out.append(float(first))
+    return out
+
+
+def per_item(results: dict) -> dict[str, dict[str, np.ndarray]]:
+    """task -> {"doc_id", "<metric>,<filter>" per-item scores..., "loglik" (every request's
+    log-likelihood, in item order), "text" (each item's generated text, if any)} from lm-eval's
+    logged samples, sorted by item. A task's filters (lm-eval's answer extractions) share items."""
+    out = {}
+    for task, samples in results["samples"].items():
+        arrays: dict[str, np.ndarray] = {}
+        filters = sorted({s.get("filter", "none") for s in samples})
+        for f in filters:
+            rows = sorted((s for s in samples if s.get("filter", "none") == f), key=lambda s: s["doc_id"])
+            arrays.setdefault("doc_id", np.array([s["doc_id"] for s in rows]))
+            for metric in rows[0].get("metrics", []):
+                arrays[f"{metric},{f}"] = np.array([float(s[metric]) for s in rows])
+            if f == filters[0]:
+                lls = [_logliks(s["resps"]) for s in rows]
+                arrays["loglik"] = np.array([x for ll in lls for x in ll])
+                arrays["requests"] = np.array([len(ll) for ll in lls])
+                texts = [s["filtered_resps"][0] for s in rows
+                         if isinstance(s.get("filtered_resps"), list) and s["filtered_resps"]
+                         and isinstance(s["filtered_resps"][0], str)]
+                if texts:
+                    arrays["text"] = np.array(texts)
+        out[task] = arrays
+    return out
+
+
+def flat_arrays(items: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """For the .npz: "<task>::<key>" -> array."""
+    return {f"{task}::{key}": a for task, arrays in items.items() for key, a in arrays.items()}
+
+
+def read_items(npz) -> dict[str, dict[str, np.ndarray]]:
+    """The .npz of flat_arrays back as task -> key -> array."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for flat in npz.files:
+        task, _, key = flat.partition("::")
+        out.setdefault(task, {})[key] = npz[flat]
+    return out
+
+
+def metric_keys(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """A task's per-item score arrays: lm-eval's "<metric>,<filter>" -> our name, the metric alone
+    when unfiltered ("acc"), else "<metric>_<filter>" ("exact_match_strip")."""
+    keys = {}
+    for key in arrays:
+        if "," in key:
+            metric, _, filt = key.partition(",")
+            keys[key] = metric if filt == "none" else f"{metric}_{filt}"
+    return keys
+
+
+def scores(items: dict[str, dict[str, np.ndarray]], samples: int, seed: int) -> dict:
+    """task -> {"<metric>": score, "<metric>_lo", "<metric>_hi" (a 95% bootstrap interval over
+    items, from MIN_CHUNKS items on), "items"}."""
+    from ftstudy.stats import mean_metrics
+
+    out = {}
+    for task, arrays in items.items():
+        row: dict = {}
+        for key, metric in metric_keys(arrays).items():
+            m = mean_metrics(arrays[key], samples, seed)
+            row[metric] = m["score"]
+            if "lo" in m:
+                row[f"{metric}_lo"], row[f"{metric}_hi"] = m["lo"], m["hi"]
+            row["items"] = m["items"]
+        out[task] = row
+    return out
+
+
+def describe(row: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" + (f" [{row[k + '_lo']:.3f}, {row[k + '_hi']:.3f}]" if k + "_lo" in row else "")
+                     for k, v in row.items() if k != "items" and not k.endswith(("_lo", "_hi")))
+
+
+def merge_check(items: dict, run_merged, n: int, tolerance: float) -> dict:
+    """The adapter's first `n` items of each task against its merged model's, run by `run_merged`
+    (samples -> per_item): every request's log-likelihood within `tolerance` nats, and at most 5%
+    of generated texts different (greedy decoding may part at a near-tie); else TaskError."""
+    samples = {task: [int(i) for i in arrays["doc_id"][:n]] for task, arrays in items.items()}
+    merged = run_merged(samples)
+    worst, worst_at, texts, differ = 0.0, None, 0, 0
+    for task, arrays in items.items():
+        k = len(samples[task])
+        lls = arrays["loglik"][: int(arrays["requests"][:k].sum())]
+        gap = np.abs(lls - merged[task]["loglik"]) if len(lls) else np.zeros(0)
+        if len(gap) and gap.max() > worst:
+            worst, worst_at = float(gap.max()), task
+        if "text" in arrays:
+            texts += k
+            differ += int((arrays["text"][:k] != merged[task]["text"]).sum())
+    out = {"items": {t: len(s) for t, s in samples.items()}, "max_loglik_diff": worst, "tolerance": tolerance,
+           "texts_compared": texts, "texts_differ": differ}
+    if worst > tolerance or differ > 0.05 * texts:
+        where = (f"log-likelihoods up to {worst:.3g} nats apart on {worst_at} (tolerance {tolerance})" if worst > tolerance
+                 else f"{differ} of {texts} generated texts differ")
+        raise TaskError(f"the LoRA adapter and its merged model disagree: {where}; the adapter folder may be corrupt or "
+                        "not for this base (retrain: dvc repro train_lora), or raise tasks.merge_tolerance for a "
+                        "lower-precision run")
+    return out
+
+
+def info(results: dict, p_tasks, seed: int, names: list[str], commits: dict) -> dict:
+    """What the scores depend on: settings, versions, and each task's data source."""
+    from importlib.metadata import version
+
+    tasks = {}
+    for task in names:
+        cfg = results["configs"].get(task, {})
+        kwargs = dict(cfg.get("dataset_kwargs") or {})
+        source = {"dataset": cfg.get("dataset_path"), "config": cfg.get("dataset_name"),
+                  "split": cfg.get("test_split") or cfg.get("validation_split")}
+        if kwargs.get("data_files"):
+            source["data_files"] = kwargs["data_files"]
+        elif task in commits:
+            source |= {k: commits[task][k] for k in ("revision", "commit", "from")}
+        tasks[task] = {"version": results["versions"].get(task), "num_fewshot": results["n-shot"].get(task),
+                       "output_type": cfg.get("output_type"), "items": results["n-samples"].get(task, {}).get("effective"),
+                       "source": source}
+    return {"tasks": tasks, "settings": {"num_fewshot": p_tasks.num_fewshot, "batch_size": p_tasks.batch_size,
+                                         "limit": p_tasks.limit, "chat_template": p_tasks.chat_template, "seed": seed},
+            "lm_eval": version("lm_eval"), "chat_template": p_tasks.chat_template}

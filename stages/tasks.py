@@ -1,0 +1,82 @@
+"""Stage tasks@<model>: a model + params `tasks:` -> benchmark scores through lm-evaluation-harness.
+
+Each model has its own entry, so that changing the tasks reruns no training and no perplexity
+scoring, and a retrained model reruns only its own tasks. The model is loaded as `evaluate` loads
+it (a full folder, or the pretrained snapshot with the LoRA adapter applied, unmerged) and handed to
+lm-eval's evaluator. Per task and metric, --out gets the score with a 95% bootstrap interval over
+items (from ftstudy.stats.MIN_CHUNKS items on); --items gets every item's score (.npz), which stage
+compare pairs between models; --info gets what changes scores (few-shot count, batch size, seed,
+chat template, lm-eval's and each task's version, each Hub task's dataset and commit) and, for an
+adapter, the merged-versus-unmerged check: its first tasks.merge_check items of each task scored
+again by the adapter merged into its base, every log-likelihood within tasks.merge_tolerance, or
+the stage fails naming the largest gap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if not sys.stderr.isatty():  # before tqdm is first imported: it reads this once
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ftstudy.config import load_params  # noqa: E402
+from ftstudy.errors import run_stage  # noqa: E402
+from ftstudy.outputs import write_arrays, write_json  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Benchmark a model through lm-eval; run by dvc.yaml stage tasks@<model>")
+    ap.add_argument("--model", required=True, help="model folder (full model or PEFT adapter)")
+    ap.add_argument("--base", required=True, help="pretrained snapshot, the base of an adapter")
+    ap.add_argument("--out", required=True, help="metrics JSON to write")
+    ap.add_argument("--info", required=True, help="settings and versions JSON to write")
+    ap.add_argument("--items", required=True, help="per-item scores (.npz) to write")
+    args = ap.parse_args()
+    p = load_params()
+    name = Path(args.out).stem
+    if not p.tasks.names:
+        write_arrays(args.items, {})
+        write_json(args.info, {"tasks": {}})
+        write_json(args.out, {name: {}})
+        print(f"tasks@{name}: tasks.names is empty, nothing to run; wrote {args.out}")
+        return
+    from ftstudy import benchmarks, hub, modeling, runtime
+
+    names = benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before loading
+    if benchmarks.has_hub_tasks(p.tasks.names) and hub.hub_unreachable() is not None:
+        # before the Hub clients are first imported (they read these once): the cache, no retries
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    benchmarks.quiet_lm_eval()
+    manager = benchmarks.task_manager(p.tasks.names)
+    commits = benchmarks.resolve_datasets(p.tasks.names, manager)
+    model, _ = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
+    tokenizer = modeling.load_tokenizer(args.base)
+    t0 = time.perf_counter()
+    results = benchmarks.evaluate(model, tokenizer, p.tasks, p.seed, manager, commits)
+    items = benchmarks.per_item(results)
+    eval_s = time.perf_counter() - t0
+    check = None
+    if modeling.is_adapter(args.model) and p.tasks.merge_check:
+        merged = model.merge_and_unload()
+        check = benchmarks.merge_check(items, lambda samples: benchmarks.per_item(
+            benchmarks.evaluate(merged, tokenizer, p.tasks, p.seed, manager, commits, samples)),
+            p.tasks.merge_check, p.tasks.merge_tolerance)
+    scores = benchmarks.scores(items, p.evaluate.bootstrap_samples, p.seed)
+    info = benchmarks.info(results, p.tasks, p.seed, names, commits) | {"eval_time_s": round(eval_s, 3)}
+    if check is not None:
+        info["merge_check"] = check
+    write_arrays(args.items, benchmarks.flat_arrays(items))
+    write_json(args.info, info)
+    write_json(args.out, {name: scores})
+    print(f"tasks@{name}: " + "; ".join(f"{task} {benchmarks.describe(s)}" for task, s in scores.items())
+          + (f"; merged model agrees within {check['tolerance']} nats" if check else "")
+          + f" in {eval_s:.1f} s; wrote {args.out}, {args.info}, {args.items}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

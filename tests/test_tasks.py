@@ -1,0 +1,160 @@
+"""Benchmarks through lm-evaluation-harness (stage tasks): real lm-eval on the demo's local tasks,
+its per-item scores paired between models, and the adapter checked against its merged model."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, run_main
+from ftstudy import benchmarks, modeling
+from ftstudy.config import load_params
+from ftstudy.errors import StudyError
+from ftstudy.stats import MIN_CHUNKS, mean_metrics, paired_mean_difference
+
+TASKS = ("tasks/tiny_cloze.yaml", "tasks/tiny_complete.yaml")
+
+
+# ---------------------------------------------------------------- statistics over items
+def test_a_score_and_its_interval_resample_items():
+    scores = np.array([1.0] * 30 + [0.0] * 10)
+    m = mean_metrics(scores, 1000, 0)
+    assert m["score"] == 0.75 and m["items"] == 40 and m["lo"] < 0.75 < m["hi"]
+    assert set(mean_metrics(scores[: MIN_CHUNKS - 1], 1000, 0)) == {"score", "items"}  # too few: no interval
+
+
+def test_a_paired_difference_cancels_what_both_models_share():
+    a = np.array([1.0, 0.0] * 20)
+    same = paired_mean_difference(a, a, 1000, 0)
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0
+    better = a.copy()
+    better[1:11:2] = 1.0  # five items more right, none less
+    d = paired_mean_difference(better, a, 1000, 0)
+    assert d["diff"] == pytest.approx(5 / 40) and d["lo"] > 0  # every resample gains: a clear call
+    with pytest.raises(ValueError, match="same items"):
+        paired_mean_difference(a, a[:-1], 100, 0)
+
+
+# ---------------------------------------------------------------- the stage on the local tasks
+@pytest.fixture
+def task_project(project):
+    """A demo project holding the repo's tasks/ folder (local tasks read their data from the cwd)."""
+    root = project(**{"tasks.names": list(TASKS), "tasks.merge_check": 30})
+    shutil.copytree(ROOT / "tasks", root / "tasks")
+    return root
+
+
+def adapter(folder, seed: int = 0):
+    """A LoRA adapter on the tiny GPT-2 with non-zero weights (B = 0 would make merging trivial)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)
+    with modeling.peft_attribute_note_silenced():
+        model = get_peft_model(modeling.load_causal_lm(TINY_MODEL), config)
+    model.peft_config["default"].base_model_name_or_path = str(TINY_MODEL)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_the_stage_scores_every_item_and_checks_the_adapter_against_its_merged_model(task_project, capsys):
+    from stages import tasks
+
+    adapter(task_project / "lora")
+    run_main(tasks, "--model", "lora", "--base", str(TINY_MODEL), "--out", "m/lora.json", "--info", "m/lora.info.json",
+             "--items", "items/lora.npz")
+    scores = json.loads((task_project / "m/lora.json").read_text())["lora"]
+    info = json.loads((task_project / "m/lora.info.json").read_text())
+    items = benchmarks.read_items(np.load(task_project / "items/lora.npz"))
+    assert set(scores) == {"tiny_cloze", "tiny_complete"}
+    assert scores["tiny_cloze"]["items"] == 200 and scores["tiny_complete"]["items"] == 60
+    assert scores["tiny_cloze"]["acc"] == pytest.approx(items["tiny_cloze"]["acc,none"].mean())
+    assert "acc_lo" in scores["tiny_cloze"] and "exact_match_strip_lo" in scores["tiny_complete"]
+    assert len(items["tiny_cloze"]["loglik"]) == 4 * 200  # four choices an item
+    check = info["merge_check"]
+    assert check["items"] == {"tiny_cloze": 30, "tiny_complete": 30}
+    assert check["max_loglik_diff"] <= check["tolerance"] == 1e-3 and check["texts_differ"] == 0
+    assert info["settings"] == {"num_fewshot": 0, "batch_size": 16, "limit": None, "chat_template": False, "seed": 42}
+    assert info["tasks"]["tiny_cloze"]["version"] == 1.0 and info["lm_eval"]
+    assert info["tasks"]["tiny_complete"]["source"]["data_files"] == {"test": "tasks/tiny_complete.jsonl"}
+    out = capsys.readouterr()
+    assert "merged model agrees" in out.out and "WARNING" not in out.err and "it/s" not in out.err
+
+
+def test_a_corrupted_merged_model_fails_the_check(task_project):
+    """The same check, on the merged model with one weight nudged: it must fail, naming the gap."""
+    p = load_params()
+    model = modeling.load_for_eval(adapter(task_project / "lora"), TINY_MODEL, str(TINY_MODEL))
+    tok = modeling.load_tokenizer(TINY_MODEL)
+    manager = benchmarks.task_manager(p.tasks.names)
+    items = benchmarks.per_item(benchmarks.evaluate(model, tok, p.tasks, p.seed, manager, {}))
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        merged.transformer.h[0].attn.c_attn.weight[0] += 0.05
+    with pytest.raises(StudyError, match=r"adapter and its merged model disagree: log-likelihoods up to .* nats apart"):
+        benchmarks.merge_check(items, lambda samples: benchmarks.per_item(
+            benchmarks.evaluate(merged, tok, p.tasks, p.seed, manager, {}, samples)), 30, p.tasks.merge_tolerance)
+
+
+@pytest.mark.parametrize("names,message", [
+    (["tasks/nowhere.yaml"], "tasks/nowhere.yaml not found"),
+    (["elsewhere/task.yaml"], "elsewhere/task.yaml not found"),
+    (["no_such_task_anywhere"], "'no_such_task_anywhere' is not an lm-eval task"),
+])
+def test_a_task_that_cannot_be_found_is_refused_in_one_line_before_any_model_loads(task_project, project, names,
+                                                                                   message):
+    from stages import tasks
+
+    project(**{"tasks.names": names})
+    with pytest.raises(StudyError, match=message):
+        run_main(tasks, "--model", "missing-model", "--base", "missing-base", "--out", "m/x.json", "--info",
+                 "m/x.info.json", "--items", "items/x.npz")
+
+
+def test_a_local_task_file_outside_the_tasks_folder_is_refused(task_project):
+    (task_project / "elsewhere").mkdir()
+    shutil.copy(task_project / "tasks/tiny_cloze.yaml", task_project / "elsewhere/tiny_cloze.yaml")
+    with pytest.raises(StudyError, match="is outside tasks/; move it and its data files there"):
+        benchmarks.local_task_name(task_project / "elsewhere/tiny_cloze.yaml")
+
+
+def test_a_hub_task_with_a_cold_cache_stops_with_one_line_of_advice(task_project, project):
+    """Offline (as every test is) and with the run's own empty HF_HOME: no retries, no traceback."""
+    project(**{"tasks.names": ["tasks/tiny_cloze.yaml", "lambada_openai"]})
+    proc = subprocess.run([sys.executable, "-m", "stages.tasks", "--model", str(TINY_MODEL), "--base", str(TINY_MODEL),
+                           "--out", "m/x.json", "--info", "m/x.info.json", "--items", "items/x.npz"],
+                          cwd=task_project, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("tasks: error: tasks.names[1]: task 'lambada_openai' reads the Hub dataset "
+                            "'EleutherAI/lambada_openai', which could not be reached (HF_HUB_OFFLINE is set)"), first
+    assert "run once with the network" in first and not (task_project / "m").exists()
+
+
+def _env() -> dict:
+    import os
+
+    return os.environ | {"PYTHONPATH": str(ROOT)}
+
+
+# ---------------------------------------------------------------- agreement with lm-eval's own CLI
+@pytest.mark.slow
+def test_the_pipelines_scores_are_lm_evals_own_to_the_item(demo_build, tmp_path):
+    """`lm_eval` through its own CLI on the demo's fully fine-tuned model and the local tasks gives
+    the same score on every item as stage tasks@full."""
+    dest, *_ = demo_build
+    proc = subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={dest / 'models/full'},dtype=float32",
+                           "--device", "cpu", "--tasks", "tiny_cloze,tiny_complete", "--include_path", str(dest / "tasks"),
+                           "--batch_size", "16", "--output_path", str(tmp_path / "out"), "--log_samples"],
+                          cwd=dest, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = benchmarks.read_items(np.load(dest / "data/tasks/full.npz"))
+    for task, key, metric in (("tiny_cloze", "acc,none", "acc"), ("tiny_complete", "exact_match,strip", "exact_match")):
+        (samples,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+        rows = sorted((json.loads(line) for line in samples.open()), key=lambda s: s["doc_id"])
+        assert [s["doc_id"] for s in rows] == list(ours[task]["doc_id"])
+        assert [float(s[metric]) for s in rows] == list(ours[task][key]), task
