@@ -19,6 +19,7 @@ import string
 from collections import Counter
 
 METRICS = ("exact_match", "f1", "rouge_l", "chrf")
+TASK = "held-out answers"  # their name among the benchmarks (compare's pairs, the report's Tasks section)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 

@@ -29,6 +29,8 @@ class ConfigError(StudyError):
 
 # PEFT's init_lora_weights values that need no data pass (besides true, false and pissa_niter_<n>).
 LORA_INITS = ("gaussian", "orthogonal", "pissa", "olora")
+# Answer metrics (ftstudy.answers.METRICS), without importing it.
+ANSWER_METRICS = ("exact_match", "f1", "rouge_l", "chrf")
 # Accelerate's tracker names (accelerate.utils.LoggerType), without importing it.
 TRACKERS = {"aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb"}
 
@@ -152,6 +154,10 @@ class GenerateParams:
     top_k: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 turns top-k off)"))
     top_p: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     test_prompts: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    answer_examples: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 scores no answers)"))
+    answer_metrics: list[str] = field(metadata=_check(
+        lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(ANSWER_METRICS),
+        f"must list some of {', '.join(ANSWER_METRICS)}, each once"))
 
 
 def _task_entry(v: str) -> bool:
@@ -281,6 +287,10 @@ def _cross_checks(p: Params) -> list[str]:
             errors.append(f"data.general[{i}]: its label {g.label!r} (the name's last part and the split) is that of "
                           f"data.general[{first}], and its scores would overwrite those; give one of the two files "
                           "or folders another name")
+    if 0 < p.generate.answer_examples < p.generate.test_prompts:
+        errors.append(f"generate.answer_examples: {p.generate.answer_examples} is fewer than generate.test_prompts "
+                      f"({p.generate.test_prompts}), and the report shows a few of the scored answers; raise it, or 0 "
+                      "to score none")
     if p.data.validation_fraction + p.data.test_fraction >= 1:
         errors.append(f"data.validation_fraction + data.test_fraction: {p.data.validation_fraction} + "
                       f"{p.data.test_fraction} leaves no training data; keep their sum under 1")

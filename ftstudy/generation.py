@@ -166,18 +166,17 @@ def heldout_prompts(tokenizer, ex, indices: list[int]) -> list[tuple[str, list[i
     return [(readable_prompt(tokenizer, ids), ids) for ids in prompts]
 
 
-def answer_heldout(model, tokenizer, ex, indices: list[int], max_new_tokens: int, context: int | None,
-                   device) -> list[dict]:
+def answer_heldout(model, tokenizer, ex, indices: list[int], context: int | None, device) -> list[dict]:
     """Per held-out example: its prompt (everything before its last answer, as people read it), the
     reference answer and the model's greedy answer, stopping at EOS or the chat template's end of
-    turn (never at the reference's last token, which for a cut example is wherever the cut fell); at
-    most max_new_tokens, within the model's context."""
+    turn (never at the reference's last token, which for a cut example is wherever the cut fell), or
+    at twice the reference's tokens, within the model's context."""
     out, stops = [], stop_ids(tokenizer)
     for i, (text, prompt_ids) in zip(indices, heldout_prompts(tokenizer, ex, indices)):
         tokens, _ = ex.example(i)
         start, end = ex.last_answer(i)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        room = max_new_tokens if context is None else max(1, min(max_new_tokens, context - start))
+        room = 2 * (end - start) if context is None else max(1, min(2 * (end - start), context - start))
         generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=room,
                                    do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, start:].tolist()
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731

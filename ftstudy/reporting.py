@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftstudy import curves, data, figures, task_report
+from ftstudy import answers, curves, data, figures, task_report
 from ftstudy.errors import StudyError
 from ftstudy.findings import NAMES, as_change, by_ratio, conditions_differ, findings, lowest, named, paired_verdict
 from ftstudy.outputs import read_json
@@ -93,21 +93,23 @@ class Inputs:
     compare: dict    # paired test ratios, forgetting (paired, per general set), time to quality, bootstrap
     protocol: dict   # the evaluation protocol, the same for every model
     curves: dict     # method -> its validation curve (step, seconds, tokens, loss), from the plots
-    tasks: dict      # model -> task -> benchmark scores with intervals (stage tasks)
+    tasks: dict      # model -> task -> benchmark scores with intervals (stage tasks), and the held-out answers' (generate)
 
     @classmethod
     def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
         ev = {m: _with_info(metrics_dir / "evaluate" / f"{m}.json") for m in MODELS}
         compare = read_json(metrics_dir / "compare.json")
-        return cls(ev=ev, gq={m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS},
-                   gen={m: read_json(generations_dir / f"{m}.json")["prompts"] for m in MODELS},
-                   heldout={m: read_json(generations_dir / f"{m}.json").get("heldout", []) for m in MODELS},
+        gq = {m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS}
+        gen = {m: read_json(generations_dir / f"{m}.json") for m in MODELS}
+        return cls(ev=ev, gq=gq, gen={m: gen[m]["prompts"] for m in MODELS},
+                   heldout={m: gen[m].get("heldout", [])[:gen[m].get("shown")] for m in MODELS},
                    tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
                    prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
                    protocol=_check_protocols(ev),
                    curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")},
-                   tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json") for m in MODELS})
+                   tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json")
+                          | ({answers.TASK: gq[m]["answers"]} if "answers" in gq[m] else {}) for m in MODELS})
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
@@ -352,8 +354,9 @@ def heldout(r: Inputs) -> list[str]:
             for i, item in enumerate(r.heldout["pretrained"])]
     return ["### Answers to held-out test prompts", "",
             _table(rows, ["Prompt", "Reference", *(r.label(m) for m in MODELS)]), "",
-            f"{len(rows)} test example(s) drawn with the seed (generate.test_prompts), the same for every model; greedy "
-            "answers, each stopped at EOS or the chat template's end of turn, or at generate.max_new_tokens.", ""]
+            f"The first {len(rows)} (generate.test_prompts) of the held-out test examples every model answered (a sample "
+            "drawn with the seed, the same for every model); greedy answers, each stopped at EOS or the chat template's "
+            "end of turn, or at twice its reference's tokens. Their scores over all of them: Tasks, held-out answers.", ""]
 
 
 def environment(r: Inputs) -> list[str]:

@@ -10,7 +10,8 @@ and no winner at all from fewer than ftstudy.stats.MIN_CHUNKS units. The same pa
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
 other's final validation loss (none when it never did). Benchmarks (stage tasks): for each task
 metric and pair, the difference of their mean scores with a 95% paired bootstrap interval over the
-task's items, both models' scores on each item drawn together (ftstudy.stats.paired_mean_difference).
+task's items, both models' scores on each item drawn together (ftstudy.stats.paired_mean_difference);
+the same for the held-out answers' scores of instruction data (stage generate), over examples.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ftstudy import benchmarks, curves
+from ftstudy import answers, benchmarks, curves
 from ftstudy.config import load_params
 from ftstudy.errors import StudyError, run_stage
-from ftstudy.outputs import write_json
+from ftstudy.outputs import read_json, write_json
 from ftstudy.stats import MIN_CHUNKS, paired_mean_difference, paired_ppl_ratio
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
@@ -33,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Paired model comparisons; run by dvc.yaml stage compare")
     ap.add_argument("--nll", required=True, type=Path, help="folder of <model>.npz per-token NLL (test, general sets)")
     ap.add_argument("--tasks", required=True, type=Path, help="folder of <model>.npz per-item benchmark scores")
+    ap.add_argument("--generations", required=True, type=Path,
+                    help="folder of <model>.json generations (held-out answers and their scores, instruction data)")
     ap.add_argument("--curves", required=True, type=Path, help="folder of train_<method>/val_loss.csv")
     ap.add_argument("--out", required=True, help="metrics JSON to write")
     args = ap.parse_args()
@@ -55,13 +58,23 @@ def main() -> None:
     val = {m: curves.read_val(args.curves / f"train_{m}") for m in ("full", "lora")}
     # Time to quality: when each method first reached the other's final validation loss.
     reach = {m: curves.time_to_reach(val[m], val[other][-1]["loss"]) for m, other in (("full", "lora"), ("lora", "full"))}
-    tasks = task_pairs({m: benchmarks.read_items(np.load(args.tasks / f"{m}.npz")) for m in nll},
-                       ev.bootstrap_samples, p.seed)
+    items = {m: benchmarks.read_items(np.load(args.tasks / f"{m}.npz")) | answer_items(args.generations / f"{m}.json")
+             for m in nll}
+    tasks = task_pairs(items, ev.bootstrap_samples, p.seed)
     bootstrap = {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS}
     write_json(args.out, {"paired": paired, "forgetting": forgetting, "tasks": tasks, "time_to_quality": reach,
                           "bootstrap": bootstrap})
     print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v)}" for k, v in paired.items())
           + f"; {len(forgetting)} general set(s), {len(tasks)} task(s); wrote {args.out}")
+
+
+def answer_items(path: Path) -> dict:
+    """The held-out answers' per-example scores as one more task, keyed as lm-eval's per-item metrics."""
+    scored = [a for a in read_json(path).get("heldout", []) if "scores" in a]
+    if not scored:
+        return {}
+    return {answers.TASK: {"doc_id": np.array([a["example"] for a in scored]),
+                      **{f"{m},none": np.array([a["scores"][m] for a in scored]) for m in scored[0]["scores"]}}}
 
 
 def task_pairs(items: dict[str, dict], samples: int, seed: int) -> dict:

@@ -5,9 +5,12 @@ model, and a process a model cost more than that (about 4 s of imports each). A 
 reruns the others' generation too, which comes out the same (each prompt and sample is seeded).
 For each model folder, the texts go to <--out>/<model>.json and distinct-n, repetition, length
 and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folder's name. For
-instruction data (the prepared meta's format), each model also answers generate.test_prompts
-held-out test prompts (a sample seeded by `seed`, the same for every model), kept beside their
-reference answers. generate.prompt: auto prompts with the user's own held-out data: the openings
+instruction data (the prepared meta's format), each model also answers generate.answer_examples
+held-out test examples (a sample seeded by `seed`, the same for every model; greedy, each stopped
+at EOS, end of turn or twice its reference's tokens), each kept beside its reference with its
+generate.answer_metrics scores (ftstudy.answers), whose means and 95% intervals over examples go to
+the metrics ("answers"); stage compare pairs them between models. The report shows the first
+generate.test_prompts of them. generate.prompt: auto prompts with the user's own held-out data: the openings
 of a seeded sample of test documents (articles, or evenly spaced points of a running text), or the
 held-out prompts of instruction data; every answer stops at EOS or the chat template's end of turn.
 """
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ftstudy import data, examples, generation, modeling, runtime
+from ftstudy.answers import score
+from ftstudy.stats import mean_metrics
 from ftstudy.config import load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import write_json
@@ -41,22 +46,39 @@ def main() -> None:
     context = modeling.context_length(args.base)
     meta = data.read_meta(args.data)
     test = examples.load(args.data, "test", meta) if data.is_instruct(meta) else None
-    picked = generation.heldout(len(test), p.generate.test_prompts, p.seed) if test is not None else []
-    prompts = panel_prompts(p, args.data, meta, tokenizer, test, picked)
+    g = p.generate
+    scored = generation.heldout(len(test), max(g.answer_examples, g.test_prompts), p.seed) if test is not None else []
+    shown = scored[:g.test_prompts]  # the report's few are the first of the scored ones
+    prompts = panel_prompts(p, args.data, meta, tokenizer, test, shown)
     generation.check_room({t: len(ids) for t, ids in prompts}, p.generate.max_new_tokens, context)
     for folder, tokenizer in tokenizers.items():
         name = Path(folder).name
         model, device = runtime.to_eval_device(modeling.load_for_eval(folder, args.base, p.model.name))
         with torch.no_grad():
             panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device, prompts)
-            answers = generation.answer_heldout(model, tokenizer, test, picked, p.generate.max_new_tokens, context,
-                                                device) if picked else []
+            answers = generation.answer_heldout(model, tokenizer, test, scored, context, device) if scored else []
         quality = generation.text_quality(ids, tokenizer.eos_token_id)
-        write_json(Path(args.out) / f"{name}.json", {"prompts": panel, "heldout": answers})
+        if g.answer_examples and answers:
+            for a in answers:
+                a["scores"] = score(a["answer"], a["reference"], g.answer_metrics)
+            quality["answers"] = answer_metrics(answers, g.answer_metrics, p.evaluate.bootstrap_samples, p.seed)
+        write_json(Path(args.out) / f"{name}.json", {"prompts": panel, "heldout": answers, "shown": len(shown)})
         write_json(Path(args.metrics) / f"{name}.json", {name: quality})  # keyed by the model, as evaluate's
         print(f"generate: {name}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} "
               f"tokens for {len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}")
     print(f"generate: wrote {len(tokenizers)} models' texts to {args.out}/ and metrics to {args.metrics}/")
+
+
+def answer_metrics(answers: list[dict], metrics: tuple[str, ...], samples: int, seed: int) -> dict:
+    """Each answer metric's mean over the scored examples, with its 95% bootstrap interval over
+    examples ("<metric>_lo", "<metric>_hi"), as stage tasks gives a task's."""
+    out: dict = {}
+    for metric in metrics:
+        m = mean_metrics([a["scores"][metric] for a in answers], samples, seed)
+        out[metric] = m["score"]
+        if "lo" in m:
+            out |= {f"{metric}_lo": m["lo"], f"{metric}_hi": m["hi"]}
+    return out | {"items": len(answers)}
 
 
 def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -> list[tuple[str, list[int]]]:

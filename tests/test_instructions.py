@@ -30,7 +30,7 @@ def instruct_params(project, fmt: str, root, **overrides):
         write_tiny_model(family, model)
     return project(**{"model.name": str(model), "data.name": str(source), "data.format": fmt, "train.epochs": 1,
                       "train.eval_every": 0, "evaluate.bootstrap_samples": 200, "generate.test_prompts": 2,
-                      "generate.max_new_tokens": 12, "generate.num_samples": 0} | overrides)
+                      "generate.answer_examples": 30, "generate.max_new_tokens": 12, "generate.num_samples": 0} | overrides)
 
 
 def stage_args(method: str) -> tuple[str, ...]:
@@ -69,7 +69,8 @@ def instruct_run(request, tmp_path_factory):
         run_main(generate, *(a for m in ("pretrained", "full", "lora") for a in ("--model", f"models/{m}")),
                  "--base", "models/pretrained", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
         run_tasks(base="models/pretrained")
-        run_main(compare, "--nll", "nll", "--tasks", "task-items", "--curves", "m/plots", "--out", "m/compare.json")
+        run_main(compare, "--nll", "nll", "--tasks", "task-items", "--generations", "gen", "--curves", "m/plots",
+                 "--out", "m/compare.json")
         run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md", "--figures", "figures",
                  "--cards", "cards", "--headline", "m/headline.json")
         reset_accelerate()
@@ -99,8 +100,17 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     assert f"{meta['splits']['test']['answer_tokens']:,} answer tokens of {meta['splits']['test']['documents']:,} test examples" in text
     assert "### Answers to held-out test prompts" in text and re.search(r"\| Prompt +\| Reference +\|", text)
     held = read_json(root / "gen/lora.json")["heldout"]
-    assert len(held) == 2 and all(h["reference"] and h["prompt"] for h in held)
+    assert len(held) == min(30, meta["splits"]["test"]["documents"]) and all(h["reference"] and h["prompt"] for h in held)
     assert [h["example"] for h in held] == [h["example"] for h in read_json(root / "gen/pretrained.json")["heldout"]]
+    # Every answer scored; the report shows the first two (generate.test_prompts) and pairs the scores.
+    assert all(set(h["scores"]) == {"exact_match", "f1", "rouge_l"} for h in held)
+    answers = read_json(root / "m/generate/lora.json")["lora"]["answers"]
+    assert answers["items"] == len(held) and answers["f1"] == pytest.approx(np.mean([h["scores"]["f1"] for h in held]))
+    assert "f1_lo" in answers and text.count(held[0]["reference"][:40]) >= 1
+    pairs = read_json(root / "m/compare.json")["tasks"]["held-out answers"]
+    assert set(pairs) == {"exact_match", "f1", "rouge_l"} and pairs["f1"]["full_vs_lora"]["items"] == len(held)
+    assert "| held-out answers (f1)" in text and "On held-out answers (rouge_l), against the pretrained model:" in text
+    assert headline["lora_held-out answers_f1"] == answers["f1"]
 
 
 def test_answer_only_perplexity_equals_a_brute_force_per_example_computation(instruct_run):

@@ -220,7 +220,11 @@ def test_a_general_set_whose_label_starts_with_validation_is_kept_for_compare(pr
         (root / f"m/plots/train_{method}").mkdir()
         (root / f"m/plots/train_{method}/val_loss.csv").write_text("step,seconds,tokens,loss\n1,1.0,100,2.0\n")
     run_tasks(folder=".", models=("pretrained", "full", "lora"))
-    run_main(compare, "--nll", "nll", "--tasks", "task-items", "--curves", "m/plots", "--out", "m/compare.json")
+    (root / "gen").mkdir()
+    for model in ("pretrained", "full", "lora"):  # running text: no held-out answers
+        (root / f"gen/{model}.json").write_text('{"prompts": [], "heldout": []}')
+    run_main(compare, "--nll", "nll", "--tasks", "task-items", "--generations", "gen", "--curves", "m/plots", "--out",
+             "m/compare.json")
     forgetting = read_json(root / "m/compare.json")["forgetting"]
     assert "validation-notes.txt-test" in forgetting
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, run_main
-from ftstudy import benchmarks, modeling
+from ftstudy import answers, benchmarks, modeling
 from ftstudy.config import load_params
 from ftstudy.errors import StudyError
 from ftstudy.stats import MIN_CHUNKS, mean_metrics, paired_mean_difference
@@ -37,6 +37,24 @@ def test_a_paired_difference_cancels_what_both_models_share():
     assert d["diff"] == pytest.approx(5 / 40) and d["lo"] > 0  # every resample gains: a clear call
     with pytest.raises(ValueError, match="same items"):
         paired_mean_difference(a, a[:-1], 100, 0)
+
+
+# ---------------------------------------------------------------- answer metrics, by hand
+def test_answer_metrics_equal_hand_computed_values():
+    # SQuAD's normalisation: case, punctuation and the articles a/an/the do not count.
+    assert answers.exact_match("The Vell Valley.", "vell valley") == 1.0
+    assert answers.exact_match("the Vell Valley river", "vell valley") == 0.0
+    # F1: "cat sat on mat" against "cat sat on red mat": 4 words shared, precision 4/4, recall 4/5.
+    assert answers.f1("The cat sat on the mat.", "a cat sat on a red mat") == pytest.approx(8 / 9)
+    # Shared words count with multiplicity: x once and y once; precision 2/3, recall 2/3.
+    assert answers.f1("x x y", "x y y") == pytest.approx(2 / 3)
+    assert answers.f1("", "") == 1.0 and answers.f1("the", "x") == 0.0 and answers.f1("x", "y") == 0.0
+    # ROUGE-L: longest common subsequence of words (articles kept): cat sat on mat, 4 of the answer's
+    # 6 words and the reference's 7: F = 2PR / (P + R) = 8/13.
+    assert answers.rouge_l("The cat sat on the mat.", "a cat sat on a red mat") == pytest.approx(8 / 13)
+    assert answers.rouge_l("x y z", "x y z") == 1.0 and answers.rouge_l("x", "y") == 0.0
+    assert answers.chrf("same words", "same words") == pytest.approx(1.0) and 0 < answers.chrf("same word", "same words") < 1
+    assert answers.score("x y", "x y", ("exact_match", "f1")) == {"exact_match": 1.0, "f1": 1.0}
 
 
 # ---------------------------------------------------------------- the stage on the local tasks
