@@ -1,7 +1,7 @@
 """Hugging Face model cards for the two trained models, from the report's inputs only
 (huggingface_hub.ModelCardData, so `ModelCard.load` reads them): metadata (base_model, its commit,
 datasets, library_name, tags, license where the base has one, model-index with the test
-perplexity) and a body with the study's numbers for the model, its training setup and how to
+perplexity and the task scores, each task's few-shot count with it) and a body with the study's numbers for the model, its training setup and how to
 load it.
 
 The report stage writes them to cards/<model>/README.md: a DVC output cannot lie inside another
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ftstudy.findings import change, with_interval
 from ftstudy.reporting import instruct
+from ftstudy.task_report import metrics_of
 
 LIBRARY = {"full": "transformers", "lora": "peft"}
 
@@ -24,6 +25,25 @@ def _ppl(m: dict, key: str) -> str:
 
 def _pct(pair: dict) -> str:
     return change(pair) + ("" if "lo" in pair else f" (no interval: too few {pair.get('unit', 'units')})")
+
+
+def task_results(r, model: str) -> list:
+    """model-index entries for the model's task scores: each lm-eval task (its Hub dataset and
+    commit, or the task's own name for local data) with its few-shot count, and the held-out answers."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for task, row in r.tasks[model].items():
+        t = r.task_info[model].get("tasks", {}).get(task, {})
+        src = t.get("source", {})
+        hub = src.get("commit") is not None
+        for metric in metrics_of(row):
+            out.append(EvalResult(
+                task_type="text-generation", task_name=task, dataset_type=src["dataset"] if hub else task,
+                dataset_name=task, dataset_config=src.get("config") if hub else None, dataset_split=src.get("split"),
+                dataset_revision=src.get("commit"), metric_type=metric, metric_value=round(row[metric], 4),
+                dataset_args={"num_few_shot": t["num_fewshot"]} if "num_fewshot" in t else None))
+    return out
 
 
 def card(r, model: str) -> str:
@@ -47,7 +67,8 @@ def card(r, model: str) -> str:
                                  dataset_config=r.protocol.get("config"), dataset_split="test", metric_type="perplexity",
                                  metric_value=round(ev["test_ppl"], 4),
                                  metric_name="Test perplexity" + (" (answer tokens)" if instruct(r)
-                                                                  else " (sliding window)"))])
+                                                                  else " (sliding window)")),
+                      *task_results(r, model)])
     yaml = metadata.to_yaml()
     if hub_base:
         yaml += f"\nbase_model_revision: {base['commit']}"

@@ -94,6 +94,7 @@ class Inputs:
     protocol: dict   # the evaluation protocol, the same for every model
     curves: dict     # method -> its validation curve (step, seconds, tokens, loss), from the plots
     tasks: dict      # model -> task -> benchmark scores with intervals (stage tasks), and the held-out answers' (generate)
+    task_info: dict  # model -> stage tasks' facts: settings, versions, each task's few-shot count and data source
 
     @classmethod
     def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
@@ -108,8 +109,9 @@ class Inputs:
                    prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
                    protocol=_check_protocols(ev),
                    curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")},
-                   tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json")
-                          | ({answers.TASK: gq[m]["answers"]} if "answers" in gq[m] else {}) for m in MODELS})
+                   tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json")["tasks"]
+                          | ({answers.TASK: gq[m]["answers"]} if "answers" in gq[m] else {}) for m in MODELS},
+                   task_info={m: read_json(metrics_dir / "tasks" / f"{m}.info.json") for m in MODELS})
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""

@@ -8,6 +8,8 @@ ftstudy.stats.MIN_CHUNKS items, no call at all.
 
 from __future__ import annotations
 
+import re
+
 from ftstudy.findings import NAMES, _cap
 
 MODELS = ("pretrained", "full", "lora")
@@ -100,10 +102,12 @@ def _flip(pair: dict) -> dict:
 
 
 def headline_metrics(tasks: dict) -> dict:
-    """'<model>_<task>_<metric>' (with _lo, _hi) for the headline file `dvc exp show` reads."""
+    """'<model>_<task>_<metric>' (with _lo, _hi; the task's name in letters, digits and _) for the
+    headline file `dvc exp show` reads."""
     out = {}
     for m in MODELS:
         for task, row in tasks[m].items():
+            name = re.sub(r"\W+", "_", task)
             for metric in metrics_of(row):
-                out |= {f"{m}_{task}_{metric}{end}": row[metric + end] for end in ("", "_lo", "_hi") if metric + end in row}
+                out |= {f"{m}_{name}_{metric}{end}": row[metric + end] for end in ("", "_lo", "_hi") if metric + end in row}
     return out

@@ -11,8 +11,11 @@ params.yaml has it (an earlier study, or the committed baseline) is reused, so a
 same study trains nothing, and an experiment of another setup (`-S lora.r=16`) is never counted. Results are read
 through DVC's Python API (dvc.api.exp_show). Each method's rate is chosen on validation perplexity
 (mean over seeds); at the chosen rates the study reports test perplexity (mean ± sd, range), the
-full-vs-LoRA difference with a t interval over seeds, training time, peak memory and the change
-on general text. Writes <dir>/study.md and <dir>/study.json.
+full-vs-LoRA difference with a t interval over seeds, training time, peak memory, the change
+on general text, and each task score (stage tasks; held-out answers for instruction data) with
+its full-vs-LoRA t interval; over every run and model, the rank correlation between test
+perplexity and each task score, with a bootstrap interval over runs. Writes <dir>/study.md and
+<dir>/study.json.
 """
 
 from __future__ import annotations
@@ -162,11 +165,71 @@ def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
                                                                     for r in rows] for g in general}
         out["methods"][m] |= {"general_change": {g: mean_sd(v)[0] for g, v in by_seed.items()},
                               "general_change_by_seed": by_seed}
+        out["methods"][m]["tasks"] = {k: dict(zip(("mean", "sd"), mean_sd([r[f"{m}.{k}"] for r in rows])))
+                                      for k in task_keys(rows[0], m)}
     full, lora = (out["methods"][m]["test_ppl_by_seed"] for m in METHODS)
     out["full_minus_lora_test_ppl"] = t_interval([full[s] - lora[s] for s in map(str, seeds)])  # paired by seed
+    chosen = {m: [runs[_key(s, *lrs(grid, m, out["methods"][m]["chosen_lr"]))] for s in seeds] for m in METHODS}
+    out["full_minus_lora_tasks"] = {
+        k: t_interval([a[f"full.{k}"] - b[f"lora.{k}"] for a, b in zip(chosen["full"], chosen["lora"])])
+        for k in out["methods"]["full"]["tasks"] if k in out["methods"]["lora"]["tasks"]}
+    out["ppl_vs_tasks"] = rank_correlations(list(runs.values()), grid["seeds"][0])
     out["full_minus_lora_general_change"] = {
         g: t_interval([a - b for a, b in zip(*(out["methods"][m]["general_change_by_seed"][g] for m in METHODS))])
         for g in out["methods"]["full"]["general_change"]}
+    return out
+
+
+def lrs(grid: dict, method: str, lr: float) -> tuple[float, float]:
+    """The grid point (full.lr, lora.lr) that runs `method` at `lr`."""
+    i = grid[f"{method}_lr"].index(lr)
+    return grid["full_lr"][i], grid["lora_lr"][i]
+
+
+def task_keys(row: dict, model: str) -> list[str]:
+    """A run's task scores for `model`, as exp show names them without the model: tasks.<task>.<metric>
+    (stage tasks) and answers.<metric> (held-out answers, instruction data)."""
+    return sorted(k.split(".", 1)[1] for k, v in row.items()
+                  if k.startswith((f"{model}.tasks.", f"{model}.answers.")) and isinstance(v, (int, float))
+                  and not k.endswith(("_lo", "_hi", ".items")))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties given their average rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + ends - 1) / 2)[inverse]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = _ranks(np.asarray(x)), _ranks(np.asarray(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def rank_correlations(rows: list[dict], seed: int, samples: int = 2000) -> dict:
+    """Over every run of the study and its three models: Spearman's rank correlation between test
+    perplexity and each task score, with a 95% percentile bootstrap interval that resamples runs
+    (a run's three models share its data and seed). A negative correlation: lower perplexity, higher
+    score. None where a score never varies."""
+    out = {}
+    for key in task_keys(rows[0], "full"):
+        pts = [[(r[f"{m}.test_ppl"], r[f"{m}.{key}"]) for m in ("pretrained", *METHODS) if f"{m}.{key}" in r] for r in rows]
+        flat = np.array([p for run in pts for p in run])
+        rho = spearman(flat[:, 0], flat[:, 1])
+        if math.isnan(rho):
+            out[key] = {"rho": None, "points": len(flat), "runs": len(rows)}
+            continue
+        rng = np.random.default_rng(seed)
+        boot = []
+        for _ in range(samples):
+            pick = np.array([p for i in rng.integers(0, len(pts), len(pts)) for p in pts[i]])
+            boot.append(spearman(pick[:, 0], pick[:, 1]))
+        boot = np.array(boot)
+        boot = boot[~np.isnan(boot)]
+        out[key] = {"rho": rho, "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
+                    "points": len(flat), "runs": len(rows)}
     return out
 
 
@@ -225,7 +288,42 @@ def findings(s: dict) -> list[str]:
             text += (f" (95% t interval over {d['n']} seeds {d['lo']:+.1f} to {d['hi']:+.1f}, which includes 0): "
                      "neither method is shown to keep more.")
         out.append(text)
+    for k, d in s.get("full_minus_lora_tasks", {}).items():
+        text = (f"On {k}, full fine-tuning scores {full['tasks'][k]['mean']:.3f} ± {full['tasks'][k]['sd']:.3f} and LoRA "
+                f"{lora['tasks'][k]['mean']:.3f} ± {lora['tasks'][k]['sd']:.3f} (mean ± sd over seeds); full minus LoRA, "
+                f"paired by seed: {d['mean']:+.3f}")
+        if d["n"] < 2:
+            text += ": with one seed there is no interval over seeds."
+        elif d["lo"] > 0 or d["hi"] < 0:
+            text += (f" (95% t interval over {d['n']} seeds {d['lo']:+.3f} to {d['hi']:+.3f}): "
+                     f"{'full fine-tuning' if d['lo'] > 0 else 'LoRA'} scores higher.")
+        else:
+            text += f" (95% t interval over {d['n']} seeds {d['lo']:+.3f} to {d['hi']:+.3f}, which includes 0)."
+        out.append(text)
+    for k, c in s.get("ppl_vs_tasks", {}).items():
+        if c["rho"] is None:
+            out.append(f"{k} took one value over all runs: no rank correlation with perplexity.")
+            continue
+        said = ("lower perplexity went with a higher score" if c["hi"] < 0 else
+                "lower perplexity went with a lower score" if c["lo"] > 0 else "the interval includes 0: no relation shown")
+        out.append(f"Over all {c['runs']} runs and their models ({c['points']} points), test perplexity and {k} have "
+                   f"Spearman's rho {c['rho']:+.2f} (95% bootstrap interval over runs {c['lo']:+.2f} to {c['hi']:+.2f}): "
+                   f"{said}.")
     return out + grid_edge(s, s["grid"])
+
+
+def task_table(s: dict) -> list[str]:
+    from tabulate import tabulate
+
+    keys = list(s["methods"]["full"].get("tasks", {}))
+    if not keys:
+        return []
+    rows = [[k, *(f"{s['methods'][m]['tasks'][k]['mean']:.3f} ± {s['methods'][m]['tasks'][k]['sd']:.3f}" for m in METHODS),
+             (f"{c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if (c := s["ppl_vs_tasks"].get(k, {})).get("rho") is not None
+              else "–")] for k in keys]
+    return ["## Task scores at the chosen rates", "",
+            tabulate(rows, ["task score", "full (mean ± sd)", "LoRA (mean ± sd)", "rank corr. with test ppl [95% CI]"],
+                     tablefmt="github", disable_numparse=True), ""]
 
 
 def render(s: dict, grid: dict, ran: int, reused: int, label: str) -> str:
@@ -252,7 +350,7 @@ def render(s: dict, grid: dict, ran: int, reused: int, label: str) -> str:
         tabulate(at, ["method", "lr", "test ppl (mean ± sd)", "range over seeds", "train s", "peak mem GiB"],
                  tablefmt="github", disable_numparse=True), "",
         f"Full minus LoRA test perplexity, paired by seed: {d['mean']:+.3f} (sd {d['sd']:.3f}, 95% t interval "
-        f"{d['lo']:+.3f} to {d['hi']:+.3f}, {d['n']} seeds).", "",
+        f"{d['lo']:+.3f} to {d['hi']:+.3f}, {d['n']} seeds).", "", *task_table(s),
         "## Findings", "", *[f"- {f}" for f in findings(s)], "",
     ])
 

@@ -42,7 +42,7 @@ def main() -> None:
     if not p.tasks.names:
         write_arrays(args.items, {})
         write_json(args.info, {"tasks": {}})
-        write_json(args.out, {name: {}})
+        write_json(args.out, {name: {"tasks": {}}})
         print(f"tasks@{name}: tasks.names is empty, nothing to run; wrote {args.out}")
         return
     from ftstudy import benchmarks, hub, modeling, runtime
@@ -72,7 +72,7 @@ def main() -> None:
         info["merge_check"] = check
     write_arrays(args.items, benchmarks.flat_arrays(items))
     write_json(args.info, info)
-    write_json(args.out, {name: scores})
+    write_json(args.out, {name: {"tasks": scores}})  # `dvc exp show` columns read lora.tasks.<task>.<metric>
     print(f"tasks@{name}: " + "; ".join(f"{task} {benchmarks.describe(s)}" for task, s in scores.items())
           + (f"; merged model agrees within {check['tolerance']} nats" if check else "")
           + f" in {eval_s:.1f} s; wrote {args.out}, {args.info}, {args.items}")

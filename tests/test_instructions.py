@@ -110,7 +110,7 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     pairs = read_json(root / "m/compare.json")["tasks"]["held-out answers"]
     assert set(pairs) == {"exact_match", "f1", "rouge_l"} and pairs["f1"]["full_vs_lora"]["items"] == len(held)
     assert "| held-out answers (f1)" in text and "On held-out answers (rouge_l), against the pretrained model:" in text
-    assert headline["lora_held-out answers_f1"] == answers["f1"]
+    assert headline["lora_held_out_answers_f1"] == answers["f1"]
 
 
 def test_answer_only_perplexity_equals_a_brute_force_per_example_computation(instruct_run):

@@ -103,7 +103,38 @@ def test_study_demo_runs_a_small_grid_and_reuses_it(demo_build, tmp_path):
     assert (result["ran"], result["reused"]) == (1, 1)
     assert set(result["methods"]["lora"]["val_ppl_by_lr"]) == {"0.01", "0.005"}
     assert "## At the chosen rates" in (repo / "study.md").read_text()
+    # The task scores over seeds, and their rank correlation with perplexity over both runs' models.
+    assert {"tasks.tiny_cloze.acc", "tasks.tiny_complete.exact_match_strip"} <= set(result["methods"]["full"]["tasks"])
+    assert result["ppl_vs_tasks"]["tasks.tiny_complete.exact_match_strip"]["points"] == 6
+    assert "## Task scores at the chosen rates" in (repo / "study.md").read_text()
     second = subprocess.run(args, cwd=sandbox.ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((repo / "study.json").read_text())["ran"] == 0
     assert "study: 0 experiment(s) ran, 2 reused" in second.stdout
+
+
+def test_task_scores_are_summarized_over_seeds_and_rank_correlated_with_perplexity():
+    """Each run's models score higher the lower their perplexity: full beats LoRA by about 0.2 on every
+    seed, and the rank correlation over every run and model is -1, its interval too."""
+    runs = fake_runs()
+    for row in runs.values():
+        row["pretrained.test_ppl"] = 9.0
+        for m in ("pretrained", "full", "lora"):
+            row[f"{m}.tasks.cloze.acc"] = 1.0 - row[f"{m}.test_ppl"] / 10
+            row[f"{m}.tasks.cloze.acc_lo"] = 0.0  # an interval's bound: not a score of its own
+    s = study.summarize(runs, GRID)
+    assert set(s["methods"]["full"]["tasks"]) == {"tasks.cloze.acc"}
+    d = s["full_minus_lora_tasks"]["tasks.cloze.acc"]
+    assert d["n"] == 3 and d["lo"] > 0 and d["mean"] == pytest.approx(0.2, abs=0.01)
+    c = s["ppl_vs_tasks"]["tasks.cloze.acc"]
+    assert c["rho"] == pytest.approx(-1.0) and c["hi"] == pytest.approx(-1.0) and c["points"] == 3 * len(runs)
+    text = " ".join(study.findings(s))
+    assert "full fine-tuning scores higher" in text and "lower perplexity went with a higher score" in text
+    assert "## Task scores at the chosen rates" in study.render(s, GRID, 0, len(runs), "test")
+
+
+def test_spearman_gives_ties_their_average_rank():
+    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # x ranks 0, 1.5, 1.5, 3 and y ranks 0, 1, 2, 3: Pearson's r of the ranks.
+    assert study.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)

@@ -85,7 +85,7 @@ def test_the_stage_scores_every_item_and_checks_the_adapter_against_its_merged_m
     adapter(task_project / "lora")
     run_main(tasks, "--model", "lora", "--base", str(TINY_MODEL), "--out", "m/lora.json", "--info", "m/lora.info.json",
              "--items", "items/lora.npz")
-    scores = json.loads((task_project / "m/lora.json").read_text())["lora"]
+    scores = json.loads((task_project / "m/lora.json").read_text())["lora"]["tasks"]
     info = json.loads((task_project / "m/lora.info.json").read_text())
     items = benchmarks.read_items(np.load(task_project / "items/lora.npz"))
     assert set(scores) == {"tiny_cloze", "tiny_complete"}
