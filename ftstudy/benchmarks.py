@@ -117,7 +117,9 @@ def resolve_datasets(entries: tuple[str, ...], manager) -> dict[str, dict]:
 
 
 def task_specs(entries: tuple[str, ...], manager, commits: dict[str, dict]) -> list:
-    """lm-eval task specs: a local task's name, or a Hub task's config pinned to its resolved commit."""
+    """lm-eval task specs: a local task's name, or a Hub task built with its dataset pinned to the
+    resolved commit (lm-eval's task factory, its overrides merged into the task's own config: a
+    dict spec would stand for a new task of that name)."""
     specs = []
     for entry in entries:
         name = local_task_name(entry) if is_local(entry) else split_pin(entry)[0]
@@ -125,7 +127,8 @@ def task_specs(entries: tuple[str, ...], manager, commits: dict[str, dict]) -> l
             specs.append(name)
         else:
             kwargs = dict(_registered_config(manager, name).get("dataset_kwargs") or {})
-            specs.append({"task": name, "dataset_kwargs": kwargs | {"revision": commits[name]["commit"]}})
+            specs.append(manager._factory.build(manager._entry(name), registry=manager._index,
+                                                overrides={"dataset_kwargs": kwargs | {"revision": commits[name]["commit"]}}))
     return specs
 
 

@@ -54,7 +54,8 @@ def main() -> None:
     benchmarks.quiet_lm_eval()
     manager = benchmarks.task_manager(p.tasks.names)
     commits = benchmarks.resolve_datasets(p.tasks.names, manager)
-    model, _ = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
+    model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     tokenizer = modeling.load_tokenizer(args.base)
     t0 = time.perf_counter()
     results = benchmarks.evaluate(model, tokenizer, p.tasks, p.seed, manager, commits)
@@ -67,7 +68,9 @@ def main() -> None:
             benchmarks.evaluate(merged, tokenizer, p.tasks, p.seed, manager, commits, samples)),
             p.tasks.merge_check, p.tasks.merge_tolerance)
     scores = benchmarks.scores(items, p.evaluate.bootstrap_samples, p.seed)
-    info = benchmarks.info(results, p.tasks, p.seed, names, commits) | {"eval_time_s": round(eval_s, 3)}
+    info = benchmarks.info(results, p.tasks, p.seed, names, commits) | {
+        "device": runtime.device_name(device), "dtype": dtype,
+        "eval_time_s": round(eval_s, 3)}
     if check is not None:
         info["merge_check"] = check
     write_arrays(args.items, benchmarks.flat_arrays(items))

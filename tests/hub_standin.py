@@ -220,16 +220,19 @@ def _parquet(rows: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def _card(config: str, splits: dict[str, str]) -> bytes:
+def _card(config: str | list[str], splits: dict[str, str]) -> bytes:
+    """A dataset card declaring each config (the same data files for each)."""
     files = "".join(f"  - split: {split}\n    path: {path}\n" for split, path in splits.items())
-    return f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}---\n".encode()
+    configs = [config] if isinstance(config, str) else config
+    return ("---\nconfigs:\n" + "".join(f"- config_name: {c}\n  data_files:\n{files}" for c in configs) + "---\n").encode()
 
 
 def study_repos(work: Path) -> list[HubRepo]:
     """The three repos of the shipped params, small: a tiny random GPT-2 (1,024-token context,
     the bundled tiny tokenizer) as openai-community/gpt2; the tiny WikiText-format corpus as
     Salesforce/wikitext's wikitext-2-raw-v1 parquet files (a line a row, as on the Hub); the tiny
-    general passages as EleutherAI/lambada_openai's `en` test split."""
+    general passages as EleutherAI/lambada_openai's `en` test split, and as its `default` one, which
+    lm-eval's lambada_openai task reads."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -248,7 +251,7 @@ def study_repos(work: Path) -> list[HubRepo]:
         lines = (ASSETS / "tiny-wikitext" / raw).read_text(encoding="utf-8").splitlines(keepends=True)
         wiki[f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"] = _parquet(lines)
     passages = (ASSETS / "tiny-general" / "test.txt").read_text(encoding="utf-8").splitlines()
-    lambada = {"README.md": _card("en", {"test": "en/test-*"}),
+    lambada = {"README.md": _card(["default", "en"], {"test": "en/test-*"}),
                "en/test-00000-of-00001.parquet": _parquet([p for p in passages if p.strip()])}
     return [HubRepo.from_folder("model", MODEL, COMMITS[MODEL], model_dir),
             HubRepo("dataset", WIKITEXT, COMMITS[WIKITEXT], wiki),

@@ -155,13 +155,14 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(demo_buil
     assert "lora.test_ppl" in diff["metrics/evaluate/lora.json"]
     changed = {f for f, keys in diff.items() if keys}
     assert changed <= {"metrics/train_lora.json", "metrics/evaluate/lora.json", "metrics/generate/lora.json",
-                       "metrics/compare.json", "metrics/headline.json"}, changed
+                       "metrics/tasks/lora.json", "metrics/compare.json", "metrics/headline.json"}, changed
     assert {k for k in diff.get("metrics/headline.json", {}) if diff["metrics/headline.json"][k].get("diff")} <= {
         "lora_ppl", "lora_ppl_lo", "lora_ppl_hi", "lora_train_s", "lora_peak_gib",
         "lora_vs_pretrained", "lora_vs_pretrained_lo", "lora_vs_pretrained_hi", "full_vs_lora", "full_vs_lora_lo",
-        "full_vs_lora_hi"}
+        "full_vs_lora_hi"} | {k for k in diff.get("metrics/headline.json", {}) if k.startswith("lora_tiny_")}
     # Only comparisons that involve LoRA (and time to quality, measured against LoRA) may move.
-    assert not [k for k in diff.get("metrics/compare.json", {}) if k.startswith("paired.full_vs_pretrained")]
+    assert not [k for k in diff.get("metrics/compare.json", {})
+                if k.startswith("paired.full_vs_pretrained") or re.match(r"tasks\..*\.full_vs_pretrained\.", k)]
 
 
 def test_readme_exp_show_command_fits_120_columns(r16):

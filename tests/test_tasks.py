@@ -176,3 +176,31 @@ def test_the_pipelines_scores_are_lm_evals_own_to_the_item(demo_build, tmp_path)
         rows = sorted((json.loads(line) for line in samples.open()), key=lambda s: s["doc_id"])
         assert [s["doc_id"] for s in rows] == list(ours[task]["doc_id"])
         assert [float(s[metric]) for s in rows] == list(ours[task][key]), task
+
+
+# ---------------------------------------------------------------- a Hub task, pinned, through the stand-in
+@pytest.mark.slow
+def test_a_hub_named_task_runs_at_its_pinned_revision_then_offline_from_the_cache(task_project, project, tmp_path):
+    """lm-eval's own lambada_openai, its dataset pinned as name@commit and served by the local Hub
+    stand-in (tests/hub_standin.py); then, the stand-in stopped, offline from the cache it filled."""
+    from hub_standin import COMMITS, LAMBADA, HubStandIn, study_repos
+
+    pin = COMMITS[LAMBADA]
+    project(**{"tasks.names": [f"lambada_openai@{pin}"], "tasks.limit": 40})
+    home = tmp_path / "hf-home"
+    args = [sys.executable, "-m", "stages.tasks", "--model", str(TINY_MODEL), "--base", str(TINY_MODEL),
+            "--out", "m/x.json", "--info", "m/x.info.json", "--items", "items/x.npz"]
+    env = {k: v for k, v in _env().items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))} | {"HF_HOME": str(home)}
+    with HubStandIn(study_repos(tmp_path / "repos")) as standin:
+        online = subprocess.run(args, cwd=task_project, capture_output=True, text=True, env=env | {"HF_ENDPOINT": standin.url})
+    assert online.returncode == 0, online.stderr[-3000:]
+    source = json.loads((task_project / "m/x.info.json").read_text())["tasks"]["lambada_openai"]["source"]
+    assert source == {"dataset": LAMBADA, "config": "default", "split": "test", "revision": pin, "commit": pin,
+                      "from": "the Hub"}
+    scores = json.loads((task_project / "m/x.json").read_text())["x"]["tasks"]["lambada_openai"]
+    assert scores["items"] == 40 and 0 <= scores["acc"] <= 1
+    offline = subprocess.run(args, cwd=task_project, capture_output=True, text=True,
+                             env=env | {"HF_ENDPOINT": standin.url, "HF_HUB_OFFLINE": "1"})  # nothing listens there now
+    assert offline.returncode == 0 and "Traceback" not in offline.stderr, offline.stderr[-3000:]
+    again = json.loads((task_project / "m/x.info.json").read_text())["tasks"]["lambada_openai"]["source"]
+    assert again["commit"] == pin and json.loads((task_project / "m/x.json").read_text())["x"]["tasks"]["lambada_openai"] == scores
