@@ -33,6 +33,12 @@ def diff_verdict(pair: dict) -> str:
     return "higher" if pair["lo"] > 0 else "lower" if pair["hi"] < 0 else "tie"
 
 
+def diff_brief(pair: dict) -> str:
+    """'+0.183, 95% paired CI +0.067 to +0.300', for inside parentheses."""
+    return f"{pair['diff'] + 0.0:+.3f}" + (f", 95% paired CI {pair['lo'] + 0.0:+.3f} to {pair['hi'] + 0.0:+.3f}"
+                                           if "lo" in pair else "")
+
+
 def diff_text(pair: dict) -> str:
     d = f"{pair['diff'] + 0.0:+.3f}"
     return d + (f" (95% paired CI {pair['lo'] + 0.0:+.3f} to {pair['hi'] + 0.0:+.3f})" if "lo" in pair else "")
@@ -87,7 +93,7 @@ def task_findings(tasks: dict, compare_tasks: dict, best: str | None) -> list[st
                 verdict = diff_verdict(pair)
                 worse |= verdict == "lower"
                 parts.append({"higher": "scores higher than", "lower": "scores lower than", "tie": "cannot be told from",
-                              "too few": "has too few items to compare with"}[verdict] + f" {NAMES[other]} ({diff_text(pair)})")
+                              "too few": "has too few items to compare with"}[verdict] + f" {NAMES[other]} ({diff_brief(pair)})")
             out.append(f"{_cap(NAMES[best])}, which has the lowest test perplexity, on {what}: " + "; ".join(parts) + "."
                        + (" Here a lower perplexity did not mean a better score." if worse else ""))
     return out

@@ -130,7 +130,10 @@ def pipeline_rows(work: Path, dry: bool) -> list[dict]:
     else:
         write_gpt2_124m(work / "gpt2-random")
     write_corpus(work / "corpus", DRY["sizes"] if dry else FULL_SIZES)
-    write_params(work, local_params(work / "gpt2-random", work / "corpus", **(
+    # The benchmarks stage on the demo's two local tasks: the check downloads nothing.
+    shutil.copytree(ROOT / "tasks", work / "tasks")
+    local_tasks = {"tasks.names": ["tasks/tiny_cloze.yaml", "tasks/tiny_complete.yaml"]}
+    write_params(work, local_params(work / "gpt2-random", work / "corpus", **local_tasks, **(
         {"data.block_size": DRY["block"], "evaluate.stride": DRY["block"] // 2, "evaluate.bootstrap_chunk": DRY["block"],
          "train.epochs": DRY["epochs"], "train.warmup_steps": 2, "train.compile": False,
          "generate.max_new_tokens": 8, "generate.num_samples": 1} if dry else {})))
