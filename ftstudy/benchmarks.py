@@ -28,6 +28,8 @@ import yaml
 from ftstudy.errors import StudyError
 
 TASKS_DIR = "tasks"  # local task YAML files and their data: a dependency of stage tasks (dvc.yaml)
+# datasets' packaged loaders, which read local data_files: no Hub dataset to pin
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
 
 class TaskError(StudyError):
@@ -91,20 +93,24 @@ def resolve_datasets(entries: tuple[str, ...], manager) -> dict[str, dict]:
     config names one dataset (a group of tasks, such as mmlu, is loaded as lm-eval says), like
     prepare's Hub inputs: asked from the Hub when it can be reached, else found complete in the
     local Hub cache, else a TaskError with the way on, before any model is loaded. lm-eval's own
-    task files pin no dataset revision; the run then loads exactly these commits."""
+    task files pin no dataset revision; the run then loads exactly these commits. A local task file
+    that names a Hub dataset is pinned the same way. Groups and tags of tasks are refused: each
+    task must be named, so that its dataset is pinned and its items paired."""
     from ftstudy.hub import HubInput, cached_commit, hub_unreachable, served_commit
 
     reason = hub_unreachable()
     out = {}
     for i, entry in enumerate(entries):
-        if is_local(entry):
-            continue
-        name, pin = split_pin(entry)
+        name, pin = (local_task_name(entry), None) if is_local(entry) else split_pin(entry)
         if name not in manager.all_tasks:
             raise TaskError(f"tasks.names[{i}]: {name!r} is not an lm-eval task (`lm_eval ls tasks` lists them); for "
                             f"a task of your own, give its YAML file under {TASKS_DIR}/")
+        kind = getattr(getattr(manager.task_index[name], "kind", None), "name", "TASK")
+        if kind in ("GROUP", "TAG"):
+            raise TaskError(f"tasks.names[{i}]: {name!r} is a {kind.lower()} of lm-eval tasks; list its tasks by name, "
+                            "so that each one's dataset is pinned and its items paired between models")
         dataset = _registered_config(manager, name).get("dataset_path")
-        if not dataset:
+        if not dataset or dataset in LOCAL_BUILDERS or Path(dataset).exists():
             continue
         item = HubInput(f"tasks.names[{i}]", dataset, "dataset", pin)
         commit, how = (served_commit(item), "the Hub") if reason is None else cached_commit(item)
@@ -178,27 +184,49 @@ def _logliks(resps) -> list[float]:
     return out
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer))
+
+
+def paired_metrics(config: dict) -> set[str] | None:
+    """The metrics of a task that are a mean of per-item scores, higher better: those an interval
+    over items and a paired difference describe (accuracy, exact match, F1). Others, such as
+    LAMBADA's perplexity (an exponent of the mean log-likelihood) or corpus-level BLEU, are left to
+    lm-eval's own output. None where the task lists no metrics (lm-eval's defaults, all means)."""
+    listed = config.get("metric_list")
+    if not listed:
+        return None
+
+    def mean(m) -> bool:
+        agg = m.get("aggregation", "mean")
+        return (agg if isinstance(agg, str) else getattr(agg, "__name__", "")) == "mean"
+    return {m["metric"] for m in listed if mean(m) and m.get("higher_is_better", True) is True}
+
+
 def per_item(results: dict) -> dict[str, dict[str, np.ndarray]]:
     """task -> {"doc_id", "<metric>,<filter>" per-item scores..., "loglik" (every request's
     log-likelihood, in item order), "text" (each item's generated text, if any)} from lm-eval's
     logged samples, sorted by item. A task's filters (lm-eval's answer extractions) share items."""
     out = {}
     for task, samples in results["samples"].items():
+        if not samples:
+            raise TaskError(f"tasks.names: {task} logged no items; check its test split and tasks.limit")
         arrays: dict[str, np.ndarray] = {}
         filters = sorted({s.get("filter", "none") for s in samples})
+        keep = paired_metrics(results["configs"].get(task, {}))
         for f in filters:
             rows = sorted((s for s in samples if s.get("filter", "none") == f), key=lambda s: s["doc_id"])
             arrays.setdefault("doc_id", np.array([s["doc_id"] for s in rows]))
             for metric in rows[0].get("metrics", []):
-                arrays[f"{metric},{f}"] = np.array([float(s[metric]) for s in rows])
+                if (keep is None or metric in keep) and all(_number(s.get(metric)) for s in rows):
+                    arrays[f"{metric},{f}"] = np.array([float(s[metric]) for s in rows])
             if f == filters[0]:
                 lls = [_logliks(s["resps"]) for s in rows]
                 arrays["loglik"] = np.array([x for ll in lls for x in ll])
                 arrays["requests"] = np.array([len(ll) for ll in lls])
-                texts = [s["filtered_resps"][0] for s in rows
-                         if isinstance(s.get("filtered_resps"), list) and s["filtered_resps"]
-                         and isinstance(s["filtered_resps"][0], str)]
-                if texts:
+                texts = [s["filtered_resps"][0] if isinstance(s.get("filtered_resps"), list) and s["filtered_resps"]
+                         and isinstance(s["filtered_resps"][0], str) else None for s in rows]
+                if all(t is not None for t in texts):
                     arrays["text"] = np.array(texts)
         out[task] = arrays
     return out
@@ -232,22 +260,14 @@ def metric_keys(arrays: dict[str, np.ndarray]) -> dict[str, str]:
 def scores(items: dict[str, dict[str, np.ndarray]], samples: int, seed: int) -> dict:
     """task -> {"<metric>": score, "<metric>_lo", "<metric>_hi" (a 95% bootstrap interval over
     items, from MIN_CHUNKS items on), "items"}."""
-    from ftstudy.stats import mean_metrics
+    from ftstudy.stats import score_row
 
-    out = {}
-    for task, arrays in items.items():
-        row: dict = {}
-        for key, metric in metric_keys(arrays).items():
-            m = mean_metrics(arrays[key], samples, seed)
-            row[metric] = m["score"]
-            if "lo" in m:
-                row[f"{metric}_lo"], row[f"{metric}_hi"] = m["lo"], m["hi"]
-            row["items"] = m["items"]
-        out[task] = row
-    return out
+    return {task: score_row({metric: arrays[key] for key, metric in metric_keys(arrays).items()}, samples, seed)
+            for task, arrays in items.items()}
 
 
 def describe(row: dict) -> str:
+    """'acc 0.995 [0.980, 1.000]' for each metric of a task's row, for the stage's summary line."""
     return ", ".join(f"{k} {v:.3f}" + (f" [{row[k + '_lo']:.3f}, {row[k + '_hi']:.3f}]" if k + "_lo" in row else "")
                      for k, v in row.items() if k != "items" and not k.endswith(("_lo", "_hi")))
 
@@ -262,6 +282,9 @@ def merge_check(items: dict, run_merged, n: int, tolerance: float) -> dict:
     for task, arrays in items.items():
         k = len(samples[task])
         lls = arrays["loglik"][: int(arrays["requests"][:k].sum())]
+        if len(lls) != len(merged[task]["loglik"]) or ("text" in arrays) != ("text" in merged[task]):
+            raise TaskError(f"the merge check's second run of {task} gave other requests than the first; rerun "
+                            "(dvc repro tasks@lora), or set tasks.merge_check: 0")
         gap = np.abs(lls - merged[task]["loglik"]) if len(lls) else np.zeros(0)
         if len(gap) and gap.max() > worst:
             worst, worst_at = float(gap.max()), task
@@ -279,13 +302,13 @@ def merge_check(items: dict, run_merged, n: int, tolerance: float) -> dict:
     return out
 
 
-def info(results: dict, p_tasks, seed: int, names: list[str], commits: dict) -> dict:
+def info(results: dict, p_tasks, seed: int, commits: dict) -> dict:
     """What the scores depend on: settings, versions, and each task's data source."""
     from importlib.metadata import version
 
     tasks = {}
-    for task in names:
-        cfg = results["configs"].get(task, {})
+    for task in results["configs"]:
+        cfg = results["configs"][task]
         kwargs = dict(cfg.get("dataset_kwargs") or {})
         source = {"dataset": cfg.get("dataset_path"), "config": cfg.get("dataset_name"),
                   "split": cfg.get("test_split") or cfg.get("validation_split")}

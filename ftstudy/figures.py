@@ -110,10 +110,15 @@ def tasks_vs_ppl(ev: dict, tasks: dict, labels: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(task, metric) for task, row in tasks["pretrained"].items()
-              for metric in row if metric != "items" and not metric.endswith(("_lo", "_hi"))][:6]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=100, squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
+    from ftstudy.task_report import metrics_of
+
+    panels = [(task, metric) for task, row in tasks["pretrained"].items() for metric in metrics_of(row)]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (task, metric) in zip(axes.flat, panels):
         ax.grid(alpha=0.3)
         for m, e in ev.items():
             row, x = tasks[m][task], e["test_ppl"]
@@ -124,5 +129,5 @@ def tasks_vs_ppl(ev: dict, tasks: dict, labels: dict, path: Path) -> None:
         ax.set_xlabel("test perplexity")
         ax.set_ylabel(metric)
         ax.set_title(task, fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     _save(plt, fig, path)

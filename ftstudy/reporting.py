@@ -358,7 +358,9 @@ def heldout(r: Inputs) -> list[str]:
             _table(rows, ["Prompt", "Reference", *(r.label(m) for m in MODELS)]), "",
             f"The first {len(rows)} (generate.test_prompts) of the held-out test examples every model answered (a sample "
             "drawn with the seed, the same for every model); greedy answers, each stopped at EOS or the chat template's "
-            "end of turn, or at twice its reference's tokens. Their scores over all of them: Tasks, held-out answers.", ""]
+            "end of turn, or at twice its reference's tokens."
+            + (" Their scores over all of them: Tasks, held-out answers." if answers.TASK in r.tasks["pretrained"] else ""),
+            ""]
 
 
 def environment(r: Inputs) -> list[str]:

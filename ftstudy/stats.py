@@ -116,3 +116,16 @@ def paired_mean_difference(a: np.ndarray, b: np.ndarray, samples: int, seed: int
     out = {"diff": float(diff.mean()) if len(diff) else float("nan"), "items": len(diff)}
     interval = _mean_bootstrap(diff, samples, seed, level)
     return out | ({} if interval is None else {"lo": interval[0], "hi": interval[1]})
+
+
+def score_row(per_item_scores: dict, samples: int, seed: int) -> dict:
+    """{"<metric>": mean, "<metric>_lo", "<metric>_hi" (its 95% bootstrap interval over items, from
+    MIN_CHUNKS items on), "items"} from each metric's per-item scores: a task's row in the metrics."""
+    row: dict = {}
+    for metric, values in per_item_scores.items():
+        m = mean_metrics(values, samples, seed)
+        row[metric] = m["score"]
+        if "lo" in m:
+            row[f"{metric}_lo"], row[f"{metric}_hi"] = m["lo"], m["hi"]
+        row["items"] = m["items"]
+    return row

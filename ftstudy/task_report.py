@@ -40,8 +40,9 @@ def diff_brief(pair: dict) -> str:
 
 
 def diff_text(pair: dict) -> str:
-    d = f"{pair['diff'] + 0.0:+.3f}"
-    return d + (f" (95% paired CI {pair['lo'] + 0.0:+.3f} to {pair['hi'] + 0.0:+.3f})" if "lo" in pair else "")
+    """'+0.183 (95% paired CI +0.067 to +0.300)'."""
+    value, _, interval = diff_brief(pair).partition(", ")
+    return value + (f" ({interval})" if interval else "")
 
 
 def tasks_section(tasks: dict, compare_tasks: dict, labels: dict, picture: list[str]) -> list[str]:

@@ -13,8 +13,8 @@ through DVC's Python API (dvc.api.exp_show). Each method's rate is chosen on val
 (mean over seeds); at the chosen rates the study reports test perplexity (mean ± sd, range), the
 full-vs-LoRA difference with a t interval over seeds, training time, peak memory, the change
 on general text, and each task score (stage tasks; held-out answers for instruction data) with
-its full-vs-LoRA t interval; over every run and model, the rank correlation between test
-perplexity and each task score, with a bootstrap interval over runs. Writes <dir>/study.md and
+its full-vs-LoRA t interval; over every run's two fine-tuned models, the rank correlation between
+test perplexity and each task score, with a bootstrap interval over runs. Writes <dir>/study.md and
 <dir>/study.json.
 """
 
@@ -143,6 +143,7 @@ def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
     """The study's numbers from the runs of every grid point (pure: no DVC, testable)."""
     seeds = grid["seeds"]
     out: dict = {"seeds": seeds, "grid": grid, "methods": {}}
+    at_chosen: dict = {}  # method -> its runs at the chosen rate, one a seed
     for m in METHODS:
         by_lr = {}
         for i, lr in enumerate(grid[f"{m}_lr"]):
@@ -167,23 +168,17 @@ def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
                               "general_change_by_seed": by_seed}
         out["methods"][m]["tasks"] = {k: dict(zip(("mean", "sd"), mean_sd([r[f"{m}.{k}"] for r in rows])))
                                       for k in task_keys(rows[0], m)}
+        at_chosen[m] = rows
     full, lora = (out["methods"][m]["test_ppl_by_seed"] for m in METHODS)
     out["full_minus_lora_test_ppl"] = t_interval([full[s] - lora[s] for s in map(str, seeds)])  # paired by seed
-    chosen = {m: [runs[_key(s, *lrs(grid, m, out["methods"][m]["chosen_lr"]))] for s in seeds] for m in METHODS}
     out["full_minus_lora_tasks"] = {
-        k: t_interval([a[f"full.{k}"] - b[f"lora.{k}"] for a, b in zip(chosen["full"], chosen["lora"])])
+        k: t_interval([a[f"full.{k}"] - b[f"lora.{k}"] for a, b in zip(at_chosen["full"], at_chosen["lora"])])
         for k in out["methods"]["full"]["tasks"] if k in out["methods"]["lora"]["tasks"]}
-    out["ppl_vs_tasks"] = rank_correlations(list(runs.values()), grid["seeds"][0])
+    out["ppl_vs_tasks"] = rank_correlations([runs[_key(*p)] for p in points(grid)], grid["seeds"][0])
     out["full_minus_lora_general_change"] = {
         g: t_interval([a - b for a, b in zip(*(out["methods"][m]["general_change_by_seed"][g] for m in METHODS))])
         for g in out["methods"]["full"]["general_change"]}
     return out
-
-
-def lrs(grid: dict, method: str, lr: float) -> tuple[float, float]:
-    """The grid point (full.lr, lora.lr) that runs `method` at `lr`."""
-    i = grid[f"{method}_lr"].index(lr)
-    return grid["full_lr"][i], grid["lora_lr"][i]
 
 
 def task_keys(row: dict, model: str) -> list[str]:
@@ -209,13 +204,14 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def rank_correlations(rows: list[dict], seed: int, samples: int = 2000) -> dict:
-    """Over every run of the study and its three models: Spearman's rank correlation between test
-    perplexity and each task score, with a 95% percentile bootstrap interval that resamples runs
-    (a run's three models share its data and seed). A negative correlation: lower perplexity, higher
-    score. None where a score never varies."""
+    """Over the study's runs (every grid point and seed) and their two fine-tuned models: Spearman's
+    rank correlation between test perplexity and each task score, with a 95% percentile bootstrap
+    interval that resamples runs (a run's two models share its data and seed). The pretrained model
+    is left out: it is the same model in every run, and would count once per run. A negative
+    correlation: lower perplexity, higher score. None where a score never varies."""
     out = {}
     for key in task_keys(rows[0], "full"):
-        pts = [[(r[f"{m}.test_ppl"], r[f"{m}.{key}"]) for m in ("pretrained", *METHODS) if f"{m}.{key}" in r] for r in rows]
+        pts = [[(r[f"{m}.test_ppl"], r[f"{m}.{key}"]) for m in METHODS if f"{m}.{key}" in r] for r in rows]
         flat = np.array([p for run in pts for p in run])
         rho = spearman(flat[:, 0], flat[:, 1])
         if math.isnan(rho):
@@ -294,6 +290,8 @@ def findings(s: dict) -> list[str]:
                 f"paired by seed: {d['mean']:+.3f}")
         if d["n"] < 2:
             text += ": with one seed there is no interval over seeds."
+        elif d["sd"] == 0:
+            text += f": the same on every one of {d['n']} seeds, which gives no interval, so no method is said to score higher."
         elif d["lo"] > 0 or d["hi"] < 0:
             text += (f" (95% t interval over {d['n']} seeds {d['lo']:+.3f} to {d['hi']:+.3f}): "
                      f"{'full fine-tuning' if d['lo'] > 0 else 'LoRA'} scores higher.")
@@ -306,7 +304,7 @@ def findings(s: dict) -> list[str]:
             continue
         said = ("lower perplexity went with a higher score" if c["hi"] < 0 else
                 "lower perplexity went with a lower score" if c["lo"] > 0 else "the interval includes 0: no relation shown")
-        out.append(f"Over all {c['runs']} runs and their models ({c['points']} points), test perplexity and {k} have "
+        out.append(f"Over the study's {c['runs']} runs and their fine-tuned models ({c['points']} points), test perplexity and {k} have "
                    f"Spearman's rho {c['rho']:+.2f} (95% bootstrap interval over runs {c['lo']:+.2f} to {c['hi']:+.2f}): "
                    f"{said}.")
     return out + grid_edge(s, s["grid"])

@@ -82,6 +82,9 @@ def task_pairs(items: dict[str, dict], samples: int, seed: int) -> dict:
     out: dict = {}
     for task, arrays in items["pretrained"].items():
         for key, metric in benchmarks.metric_keys(arrays).items():
+            if missing := [m for m in items if key not in items[m].get(task, {})]:
+                raise StudyError(f"tasks: {', '.join(missing)} have no {metric} scores on {task}, which the pretrained "
+                                 "model has; rerun every model's tasks (dvc repro tasks)")
             for a, b in PAIRS:
                 if not np.array_equal(items[a][task]["doc_id"], items[b][task]["doc_id"]):
                     raise StudyError(f"tasks: {a} and {b} were scored on different items of {task}; rerun both "

@@ -24,7 +24,7 @@ import torch
 
 from ftstudy import data, examples, generation, modeling, runtime
 from ftstudy.answers import score
-from ftstudy.stats import mean_metrics
+from ftstudy.stats import score_row
 from ftstudy.config import load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import write_json
@@ -61,24 +61,13 @@ def main() -> None:
         if g.answer_examples and answers:
             for a in answers:
                 a["scores"] = score(a["answer"], a["reference"], g.answer_metrics)
-            quality["answers"] = answer_metrics(answers, g.answer_metrics, p.evaluate.bootstrap_samples, p.seed)
+            quality["answers"] = score_row({m: [a["scores"][m] for a in answers] for m in g.answer_metrics},
+                                           p.evaluate.bootstrap_samples, p.seed)
         write_json(Path(args.out) / f"{name}.json", {"prompts": panel, "heldout": answers, "shown": len(shown)})
         write_json(Path(args.metrics) / f"{name}.json", {name: quality})  # keyed by the model, as evaluate's
         print(f"generate: {name}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} "
               f"tokens for {len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}")
     print(f"generate: wrote {len(tokenizers)} models' texts to {args.out}/ and metrics to {args.metrics}/")
-
-
-def answer_metrics(answers: list[dict], metrics: tuple[str, ...], samples: int, seed: int) -> dict:
-    """Each answer metric's mean over the scored examples, with its 95% bootstrap interval over
-    examples ("<metric>_lo", "<metric>_hi"), as stage tasks gives a task's."""
-    out: dict = {}
-    for metric in metrics:
-        m = mean_metrics([a["scores"][metric] for a in answers], samples, seed)
-        out[metric] = m["score"]
-        if "lo" in m:
-            out |= {f"{metric}_lo": m["lo"], f"{metric}_hi": m["hi"]}
-    return out | {"items": len(answers)}
 
 
 def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -> list[tuple[str, list[int]]]:

@@ -47,7 +47,7 @@ def main() -> None:
         return
     from ftstudy import benchmarks, hub, modeling, runtime
 
-    names = benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before loading
+    benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before any import
     if benchmarks.has_hub_tasks(p.tasks.names) and hub.hub_unreachable() is not None:
         # before the Hub clients are first imported (they read these once): the cache, no retries
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -68,7 +68,7 @@ def main() -> None:
             benchmarks.evaluate(merged, tokenizer, p.tasks, p.seed, manager, commits, samples)),
             p.tasks.merge_check, p.tasks.merge_tolerance)
     scores = benchmarks.scores(items, p.evaluate.bootstrap_samples, p.seed)
-    info = benchmarks.info(results, p.tasks, p.seed, names, commits) | {
+    info = benchmarks.info(results, p.tasks, p.seed, commits) | {
         "device": runtime.device_name(device), "dtype": dtype,
         "eval_time_s": round(eval_s, 3)}
     if check is not None:

@@ -57,6 +57,19 @@ def test_answer_metrics_equal_hand_computed_values():
     assert answers.score("x y", "x y", ("exact_match", "f1")) == {"exact_match": 1.0, "f1": 1.0}
 
 
+def test_only_per_item_means_with_higher_better_are_scored_and_paired():
+    """LAMBADA logs each item's log-likelihood under "perplexity", which lm-eval turns into a
+    perplexity only over the whole set: a mean of those is no perplexity, so it is left out."""
+    config = {"metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                              {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    assert benchmarks.paired_metrics(config) == {"acc"} and benchmarks.paired_metrics({}) is None
+    samples = [{"doc_id": i, "filter": "none", "metrics": ["perplexity", "acc"], "perplexity": -2.5 * i,
+                "acc": float(i % 2), "resps": [[(-2.5 * i, True)]], "filtered_resps": [(-2.5 * i, True)]} for i in (1, 0)]
+    items = benchmarks.per_item({"samples": {"lambada": samples}, "configs": {"lambada": config}})["lambada"]
+    assert set(items) == {"doc_id", "acc,none", "loglik", "requests"}
+    assert list(items["doc_id"]) == [0, 1] and list(items["acc,none"]) == [0.0, 1.0]
+
+
 # ---------------------------------------------------------------- the stage on the local tasks
 @pytest.fixture
 def task_project(project):
@@ -122,6 +135,7 @@ def test_a_corrupted_merged_model_fails_the_check(task_project):
     (["tasks/nowhere.yaml"], "tasks/nowhere.yaml not found"),
     (["elsewhere/task.yaml"], "elsewhere/task.yaml not found"),
     (["no_such_task_anywhere"], "'no_such_task_anywhere' is not an lm-eval task"),
+    (["mmlu"], "'mmlu' is a group of lm-eval tasks; list its tasks by name"),
 ])
 def test_a_task_that_cannot_be_found_is_refused_in_one_line_before_any_model_loads(task_project, project, names,
                                                                                    message):
