@@ -88,17 +88,17 @@ def has_hub_tasks(entries: tuple[str, ...]) -> bool:
     return any(not is_local(e) for e in entries)
 
 
-def resolve_datasets(entries: tuple[str, ...], manager) -> dict[str, dict]:
+def resolve_datasets(entries: tuple[str, ...], manager, reason: str | None) -> dict[str, dict]:
     """task -> {"dataset", "revision" (asked), "commit" (served), "from"} for every Hub task whose
     config names one dataset (a group of tasks, such as mmlu, is loaded as lm-eval says), like
     prepare's Hub inputs: asked from the Hub when it can be reached, else found complete in the
     local Hub cache, else a TaskError with the way on, before any model is loaded. lm-eval's own
     task files pin no dataset revision; the run then loads exactly these commits. A local task file
     that names a Hub dataset is pinned the same way. Groups and tags of tasks are refused: each
-    task must be named, so that its dataset is pinned and its items paired."""
-    from ftstudy.hub import HubInput, cached_commit, hub_unreachable, served_commit
+    task must be named, so that its dataset is pinned and its items paired. `reason`: why the Hub
+    cannot be reached (ftstudy.hub.hub_unreachable), or None."""
+    from ftstudy.hub import HubInput, cached_commit, served_commit
 
-    reason = hub_unreachable()
     out = {}
     for i, entry in enumerate(entries):
         name, pin = (local_task_name(entry), None) if is_local(entry) else split_pin(entry)

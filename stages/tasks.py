@@ -48,12 +48,13 @@ def main() -> None:
     from ftstudy import benchmarks, hub, modeling, runtime
 
     benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before any import
-    if benchmarks.has_hub_tasks(p.tasks.names) and hub.hub_unreachable() is not None:
+    unreachable = hub.hub_unreachable() if benchmarks.has_hub_tasks(p.tasks.names) else None  # one probe
+    if unreachable is not None:
         # before the Hub clients are first imported (they read these once): the cache, no retries
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     benchmarks.quiet_lm_eval()
     manager = benchmarks.task_manager(p.tasks.names)
-    commits = benchmarks.resolve_datasets(p.tasks.names, manager)
+    commits = benchmarks.resolve_datasets(p.tasks.names, manager, unreachable)
     model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     tokenizer = modeling.load_tokenizer(args.base)
