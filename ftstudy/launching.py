@@ -8,7 +8,15 @@ launcher:
 - `accelerate launch` with the values accelerate would otherwise fill in with a seven-line warning
   (one process per GPU, several GPUs as multi-GPU), when there are several GPUs;
 - plain `python` for one process on one GPU or a CPU: Accelerate runs the same loop without the
-  launcher, which would start a second interpreter and import torch twice (seconds per stage).
+  launcher, which would start a second interpreter and import torch twice (seconds per stage);
+- inside a Slurm allocation of several nodes (`sbatch --nodes 2`, docs/several-gpus.md): `srun`,
+  one task a node, each running `python -m ftstudy.launching node`, which starts Accelerate's own
+  multi-node launch with that node's values from Slurm's environment: the number of machines
+  (SLURM_JOB_NUM_NODES), this machine's rank (SLURM_NODEID), the main address (the allocation's
+  first host) and port (MASTER_PORT, else 29500); one process per GPU of the node, one on a
+  CPU-only node. A user's Accelerate config still applies there (FSDP, precision): the launch gives
+  only the machine's own values. Only global rank 0 writes outputs (Accelerate's main process), so
+  the nodes need the repo on a shared file system, as Slurm clusters have.
 
 CPU threads (`cpu_threads`, train.cpu_threads for the training stages): a number given there; else
 the user's OMP_NUM_THREADS when set (as `accelerate launch` sets it from
@@ -29,6 +37,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -187,8 +197,41 @@ def gpu_count() -> int:
         return 0
 
 
+def slurm_nodes() -> int:
+    """The nodes of the Slurm allocation this runs in (1 outside Slurm)."""
+    return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list in its compressed form (`gpu[03-05,9],login1` -> gpu03),
+    as `scontrol show hostnames` would list it first."""
+    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = head.group(1), head.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def node_launch() -> list[str]:
+    """This node's `accelerate launch` in a multi-node Slurm run (the command `srun` starts once a
+    node), from Slurm's environment; a user's Accelerate config supplies everything else."""
+    nodes, env = slurm_nodes(), os.environ
+    missing = [k for k in ("SLURM_NODEID", "SLURM_JOB_NODELIST") if not env.get(k)]
+    if missing:
+        raise SystemExit(f"ftstudy.launching node: {', '.join(missing)} not set; it runs under srun inside a Slurm "
+                         "allocation (docs/several-gpus.md)")
+    per_node = max(1, gpu_count())
+    cmd = ["accelerate", "launch", "--num_machines", str(nodes), "--machine_rank", env["SLURM_NODEID"],
+           "--main_process_ip", first_host(env["SLURM_JOB_NODELIST"]),
+           "--main_process_port", env.get("MASTER_PORT") or "29500", "--num_processes", str(nodes * per_node)]
+    if user_config_file() is None:
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
+    return cmd
+
+
 def launcher() -> list[str]:
     """The command that starts a training stage (followed by `-m stages.train_<method> ...`)."""
+    if slurm_nodes() > 1:
+        return ["srun", "--nodes", str(slurm_nodes()), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+                "python", "-m", "ftstudy.launching", "node"]
     if user_config_file() is not None:
         return ["accelerate", "launch"]
     gpus = gpu_count()
@@ -199,4 +242,7 @@ def launcher() -> list[str]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["node"]:  # srun's task on each node: exec this node's launch, the stage after it
+        command = node_launch() + sys.argv[2:]
+        os.execvp(command[0], command)
     print(" ".join(launcher()))

@@ -1,6 +1,8 @@
 """Several processes through Accelerate: 2 CPU processes (gloo) match 1 process at the same global
 batch, under DDP and under FSDP2 (full and LoRA; tests/fsdp_on_cpu.py switches Accelerate's
-distributed type to FSDP on CPU, which Accelerate itself does only on GPUs). Dropout is switched
+distributed type to FSDP on CPU, which Accelerate itself does only on GPUs), and 2 simulated nodes
+on 127.0.0.1 (machine ranks 0 and 1 through ftstudy.launching's Slurm path) match 1 process too.
+Dropout is switched
 off in the snapshot so the runs differ only by reduction order. When FSDP is asked for and
 Accelerate runs anything else, the stage stops in one line."""
 
@@ -58,10 +60,6 @@ def test_two_fsdp_processes_match_one_at_the_same_global_batch(project, tmp_path
     """FSDP2 shards the weights over 2 processes; the chunked loss runs inside the root module's
     forward, validation and the checks score through it, and the full state dict is gathered to
     save: the same curve and the same saved model as one process."""
-    import torch
-
-    from ftstudy import modeling
-
     prepare_in(project)
     no_dropout(tmp_path / "pre")
     one, curve_one = train(tmp_path, 1, 8, "one", method, port=29518)
@@ -73,13 +71,63 @@ def test_two_fsdp_processes_match_one_at_the_same_global_batch(project, tmp_path
         assert two["reload_max_abs_diff"] <= two["check_tolerance"] and two["merge_max_abs_diff"] <= two["check_tolerance"]
         saved = [json.loads((tmp_path / f"models/{t}/adapter_config.json").read_text())["r"] for t in ("one", "two")]
         assert saved == [8, 8]
-    models = [modeling.load_for_eval(tmp_path / f"models/{t}", tmp_path / "pre", str(ROOT / "assets/tiny-gpt2"))
-              for t in ("one", "two")]
+    saved_models_agree(tmp_path, "one", "two")
+
+
+def saved_models_agree(root, a: str, b: str) -> None:
+    import torch
+
+    from ftstudy import modeling
+
+    models = [modeling.load_for_eval(root / f"models/{t}", root / "pre", str(ROOT / "assets/tiny-gpt2")) for t in (a, b)]
     batch = torch.randint(0, 1000, (2, 32))
     with torch.no_grad():
         logits = [m(input_ids=batch).logits for m in models]
     assert torch.allclose(logits[0], logits[1], atol=5e-3, rtol=1e-3)
-    assert sorted(p.name for p in (tmp_path / "models/two").iterdir()) == sorted(p.name for p in (tmp_path / "models/one").iterdir())
+    assert sorted(p.name for p in (root / f"models/{b}").iterdir()) == sorted(p.name for p in (root / f"models/{a}").iterdir())
+
+
+def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, list[float]]:
+    """Two Accelerate launches as `srun` starts them on two nodes of a Slurm allocation (machine
+    ranks 0 and 1, one CPU process each, gloo on the loopback), both in `root` as on a shared file
+    system; each is stopped by its process group if it outlives the test's wait."""
+    import signal
+
+    (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**{"train.epochs": 1, "train.batch_size": 4,
+                                                                    "lora.dropout": 0.0})))
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
+                        "GLOO_SOCKET_IFNAME": "lo", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+                        "MASTER_PORT": str(port)}
+    cmd = [sys.executable, "-m", "ftstudy.launching", "node", "-m", f"stages.train_{method}", *train_args(tag)]
+    nodes = [subprocess.Popen(cmd, cwd=root, env=env | {"SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    curve = [float(line.split(",")[1]) for line in (root / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]]
+    return read_json(root / f"m/{tag}.json")[method] | read_json(root / f"m/{tag}.info.json"), curve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_nodes_match_one_process_at_the_same_global_batch(project, tmp_path, method):
+    """Multi-node training through ftstudy.launching's Slurm path: `python -m ftstudy.launching node`
+    on each of two simulated nodes starts Accelerate's multi-node launch (num_machines 2, machine
+    rank from SLURM_NODEID, main address from SLURM_JOB_NODELIST): the same curve and saved model as
+    one process, within the DDP test's tolerance."""
+    prepare_in(project)
+    no_dropout(tmp_path / "pre")
+    one, curve_one = train(tmp_path, 1, 8, "one", method, port=29521)
+    two, curve_two = train_on_two_nodes(tmp_path, "two", method, port=29522)
+    assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == 8 and one["steps"] == two["steps"]
+    assert curve_two == pytest.approx(curve_one, rel=2e-3)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
+    saved_models_agree(tmp_path, "one", "two")
 
 
 def test_fsdp_asked_for_but_not_given_stops_in_one_line(project, monkeypatch):

@@ -28,6 +28,30 @@ def test_without_a_config_one_process_runs_plain_python_and_several_gpus_launch(
                                     "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
 
 
+def test_several_slurm_nodes_start_one_accelerate_launch_per_node_from_slurms_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    assert launching.launcher() == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+                                    "python", "-m", "ftstudy.launching", "node"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    monkeypatch.delenv("SLURM_NODEID", raising=False)
+    with pytest.raises(SystemExit, match="SLURM_NODEID not set; it runs under srun inside a Slurm allocation"):
+        launching.node_launch()
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert launching.node_launch() == ["accelerate", "launch", "--num_machines", "2", "--machine_rank", "1",
+                                       "--main_process_ip", "gpu07", "--main_process_port", "29500",
+                                       "--num_processes", "16", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                       "--multi_gpu"]
+    # A user's Accelerate config (FSDP, precision) applies; the launch adds only this machine's values.
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "default_config.yaml").write_text("distributed_type: FSDP\n")
+    monkeypatch.setenv("MASTER_PORT", "31000")
+    assert launching.node_launch()[-4:] == ["--main_process_port", "31000", "--num_processes", "16"]
+    assert [launching.first_host(n) for n in ("gpu[03-05,9],login1", "a1,a2", "127.0.0.1")] == ["gpu03", "a1", "127.0.0.1"]
+
+
 def test_cpu_threads_by_default_ignore_the_load_and_by_load_leaves_busy_cores(monkeypatch):
     """auto: the usable cores, however busy (the thread count changes the trained bytes); by-load, an
     opt-in: the cores others leave idle; a number, or the user's OMP_NUM_THREADS, wins."""
