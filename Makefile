@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test test-fast assets tokenizer bench gpu-check study study-demo docs lock upgrade-check
+.PHONY: demo test test-fast assets tokenizer bench bench-study gpu-check study study-demo docs lock upgrade-check
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
@@ -43,13 +43,24 @@ bench:
 docs:
 	$(PYTHON) -m scripts.docs --dir $(DIR)
 
+# The demo study through the DVC queue and through a 2-worker Dask LocalCluster, side by side: the
+# table in docs/performance.md ("The study over Dask"). About 15 minutes on 2 cores.
+bench-study:
+	$(PYTHON) -m scripts.study_bench
+
 # Run once whenever a GPU is at hand. Writes gpu-check.json and its table into docs/performance.md.
 gpu-check:
 	$(PYTHON) -m scripts.gpu_check
 
 # Each method's learning rate over a grid, times several seeds, through the DVC queue; writes
 # study.md. Reuses experiments that already ran. Change the grid with FULL_LR, LORA_LR and SEEDS.
-STUDY_ARGS = $(if $(FULL_LR),--full-lr $(FULL_LR)) $(if $(LORA_LR),--lora-lr $(LORA_LR)) $(if $(SEEDS),--seeds $(SEEDS))
+# BACKEND=dask runs each experiment as a Dask task in its own clone, gathered through dvc exp
+# push/pull: a LocalCluster of WORKERS (default 2) on this machine, or the cluster at SCHEDULER;
+# GIT_REMOTE (default origin) and DVC_REMOTE (default: the default remote) are what they share
+# (docs/experiments.md, "On a cluster").
+STUDY_ARGS = $(if $(FULL_LR),--full-lr $(FULL_LR)) $(if $(LORA_LR),--lora-lr $(LORA_LR)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	$(if $(BACKEND),--backend $(BACKEND)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(WORKERS),--workers $(WORKERS)) \
+	$(if $(GIT_REMOTE),--git-remote $(GIT_REMOTE)) $(if $(DVC_REMOTE),--dvc-remote $(DVC_REMOTE))
 study:
 	$(PYTHON) -m scripts.study $(STUDY_ARGS)
 

@@ -6,7 +6,8 @@
 Grid point i sets full.lr to the i-th full rate and lora.lr to the i-th LoRA rate, so one
 experiment trains both methods (each method's results depend only on its own rate and the seed);
 every point runs under every seed. Experiments are queued with `dvc exp run --queue` and run with
-`dvc queue start`; an experiment whose seed and rates already ran with every other params key as
+`dvc queue start`, or, with --backend dask, run as Dask tasks in clones and gathered through `dvc
+exp push/pull` (scripts/cluster.py); an experiment whose seed and rates already ran with every other params key as
 params.yaml has it (an earlier study, or the committed baseline) is reused, so a second run of the
 same study trains nothing, and an experiment of another setup (`-S lora.r=16`) is never counted. Results are read
 through DVC's Python API (dvc.api.exp_show). Each method's rate is chosen on validation perplexity
@@ -100,17 +101,31 @@ def finished_runs(repo: Path) -> dict[tuple, dict]:
     return runs
 
 
-def run_missing(repo: Path, wanted: list[tuple]) -> tuple[int, dict[tuple, dict]]:
-    """Queue and run the experiments not run yet; returns how many ran, and every finished run
-    (read once more only when something ran: collecting experiments costs DVC seconds)."""
+def exp_name(seed, full_lr, lora_lr) -> str:
+    """A grid point's experiment name, the same on every run of the study (so a rerun or a retry finds it)."""
+    return re.sub(r"[^A-Za-z0-9-]", "", f"s{seed}-f{full_lr:g}-l{lora_lr:g}".replace(".", "p").replace("+", ""))
+
+
+def run_missing(repo: Path, wanted: list[tuple], dask: dict | None = None) -> tuple[int, dict[tuple, dict]]:
+    """Run the experiments not run yet, through the DVC queue, or on Dask when `dask` holds
+    scripts.cluster.run_trials' options; returns how many ran, and every finished run (read once
+    more only when something ran: collecting experiments costs DVC seconds)."""
     done = finished_runs(repo)
     missing = [p for p in wanted if _key(*p) not in done]
     if not missing:
         return 0, done
-    for seed, full_lr, lora_lr in missing:
-        name = re.sub(r"[^A-Za-z0-9-]", "", f"s{seed}-f{full_lr:g}-l{lora_lr:g}".replace(".", "p").replace("+", ""))
-        dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"seed={seed}", "-S", f"full.lr={full_lr}",
-            "-S", f"lora.lr={lora_lr}")
+    sets = {exp_name(*p): {"seed": p[0], "full.lr": p[1], "lora.lr": p[2]} for p in missing}
+    if dask is not None:
+        from scripts.cluster import run_trials
+
+        print(f"study: {len(missing)} experiment(s) missing; running them on Dask", flush=True)
+        ran, failures = run_trials(repo, sets, **dask)
+        if failures:
+            raise SystemExit(f"study: {len(failures)} trial(s) failed, each reported above; the others are pushed "
+                             "and are reused by the next run")
+        return ran, finished_runs(repo)
+    for name, values in sets.items():
+        dvc(repo, "exp", "run", "--queue", "-n", name, *(a for k, v in values.items() for a in ("-S", f"{k}={v}")))
     print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
     run_queue(repo)
     return len(missing), finished_runs(repo)
@@ -360,7 +375,19 @@ def main() -> None:
     ap.add_argument("--full-lr", help="comma-separated rates for full fine-tuning")
     ap.add_argument("--lora-lr", help="comma-separated rates for LoRA, as many as --full-lr")
     ap.add_argument("--seeds", help="comma-separated seeds")
+    ap.add_argument("--backend", choices=("queue", "dask"), default="queue",
+                    help="queue: DVC's local experiment queue; dask: one Dask task a grid point (scripts/cluster.py)")
+    dk = ap.add_argument_group("dask backend (docs/experiments.md, 'On a cluster')")
+    dk.add_argument("--scheduler", help="an existing Dask scheduler's address (default: a LocalCluster on 127.0.0.1)")
+    dk.add_argument("--workers", type=int, default=2, help="the LocalCluster's workers, one trial each (default 2)")
+    dk.add_argument("--resource", help="the worker resource one trial takes (default: GPU with --scheduler, else slots)")
+    dk.add_argument("--git-remote", default="origin", help="the git remote the workers clone and push to (name or URL)")
+    dk.add_argument("--dvc-remote", help="the DVC remote the trials share outputs through (default: the default remote)")
+    dk.add_argument("--push-models", action="store_true", help="push each trial's model folders too (large)")
     args = ap.parse_args()
+    dask = None if args.backend == "queue" else {
+        "git_remote": args.git_remote, "dvc_remote": args.dvc_remote, "scheduler": args.scheduler, "workers": args.workers,
+        "resource": args.resource or ("GPU" if args.scheduler else "slots"), "push_models": args.push_models}
     grid = dict(DEMO_GRID if args.demo else GRID)
     for key, value in (("full_lr", args.full_lr), ("lora_lr", args.lora_lr), ("seeds", args.seeds)):
         if value:
@@ -372,7 +399,7 @@ def main() -> None:
     wanted = points(grid)
     start = time.perf_counter()
     try:
-        ran, runs = run_missing(repo, wanted)
+        ran, runs = run_missing(repo, wanted, dask)
     except DvcError as e:
         raise SystemExit(f"study: {e}") from None
     if missing := [p for p in wanted if _key(*p) not in runs]:
