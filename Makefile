@@ -56,11 +56,13 @@ gpu-check:
 # study.md. Reuses experiments that already ran. Change the grid with FULL_LR, LORA_LR and SEEDS.
 # BACKEND=dask runs each experiment as a Dask task in its own clone, gathered through dvc exp
 # push/pull: a LocalCluster of WORKERS (default 2) on this machine, or the cluster at SCHEDULER;
-# GIT_REMOTE (default origin) and DVC_REMOTE (default: the default remote) are what they share
+# GIT_REMOTE (default origin) and DVC_REMOTE (default: the default remote) are what they share;
+# RESOURCE is the worker resource a trial takes; PUSH_MODELS=1 pushes the model folders too
 # (docs/experiments.md, "On a cluster").
 STUDY_ARGS = $(if $(FULL_LR),--full-lr $(FULL_LR)) $(if $(LORA_LR),--lora-lr $(LORA_LR)) $(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(BACKEND),--backend $(BACKEND)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(WORKERS),--workers $(WORKERS)) \
-	$(if $(GIT_REMOTE),--git-remote $(GIT_REMOTE)) $(if $(DVC_REMOTE),--dvc-remote $(DVC_REMOTE))
+	$(if $(GIT_REMOTE),--git-remote $(GIT_REMOTE)) $(if $(DVC_REMOTE),--dvc-remote $(DVC_REMOTE)) \
+	$(if $(RESOURCE),--resource $(RESOURCE)) $(if $(PUSH_MODELS),--push-models)
 study:
 	$(PYTHON) -m scripts.study $(STUDY_ARGS)
 

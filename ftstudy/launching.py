@@ -9,7 +9,8 @@ launcher:
   (one process per GPU, several GPUs as multi-GPU), when there are several GPUs;
 - plain `python` for one process on one GPU or a CPU: Accelerate runs the same loop without the
   launcher, which would start a second interpreter and import torch twice (seconds per stage);
-- inside a Slurm allocation of several nodes (`sbatch --nodes 2`, docs/several-gpus.md): `srun`,
+- in the batch script of a Slurm allocation of several nodes (`sbatch --nodes 2`,
+  docs/several-gpus.md; not inside an srun step, such as a Dask worker's): `srun`,
   one task a node, each running `python -m ftstudy.launching node`, which starts Accelerate's own
   multi-node launch with that node's values from Slurm's environment: the number of machines
   (SLURM_JOB_NUM_NODES), this machine's rank (SLURM_NODEID), the main address (the allocation's
@@ -203,11 +204,23 @@ def slurm_nodes() -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list in its compressed form (`gpu[03-05,9],login1` -> gpu03),
-    as `scontrol show hostnames` would list it first."""
-    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
-    prefix, ranges = head.group(1), head.group(2)
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+    """The first host of a Slurm node list in its compressed form (`gpu[03-05,9]-ib,login1` ->
+    gpu03-ib), as `scontrol show hostnames` would list it first."""
+    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\]([^,]*))?", nodelist.strip())
+    prefix, ranges, suffix = head.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix if ranges else prefix
+
+
+def _config_runs_one_process_per_machine(config: Path) -> bool:
+    """Whether the user's Accelerate config leaves the distributed type out or at NO: `accelerate
+    launch` would then start each machine's stage alone, not as one multi-node run."""
+    import json
+
+    import yaml
+
+    text = config.read_text(encoding="utf-8")
+    values = json.loads(text) if config.suffix == ".json" else yaml.safe_load(text)
+    return str((values or {}).get("distributed_type", "NO")).upper() == "NO"
 
 
 def node_launch() -> list[str]:
@@ -222,14 +235,17 @@ def node_launch() -> list[str]:
     cmd = ["accelerate", "launch", "--num_machines", str(nodes), "--machine_rank", env["SLURM_NODEID"],
            "--main_process_ip", first_host(env["SLURM_JOB_NODELIST"]),
            "--main_process_port", env.get("MASTER_PORT") or "29500", "--num_processes", str(nodes * per_node)]
-    if user_config_file() is None:
-        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
+    config = user_config_file()
+    if config is None:
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if config is None or _config_runs_one_process_per_machine(config):
+        cmd.append("--multi_gpu")  # Accelerate's multi-node path (torchrun); on CPUs too, with gloo
     return cmd
 
 
 def launcher() -> list[str]:
     """The command that starts a training stage (followed by `-m stages.train_<method> ...`)."""
-    if slurm_nodes() > 1:
+    if slurm_nodes() > 1 and "SLURM_STEP_ID" not in os.environ:  # the batch script, not inside an srun step already
         return ["srun", "--nodes", str(slurm_nodes()), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
                 "python", "-m", "ftstudy.launching", "node"]
     if user_config_file() is not None:

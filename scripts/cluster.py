@@ -14,7 +14,8 @@ experiment; the coordinator pulls them. Here each grid point is one Dask task th
 
 Every command of a trial runs under a guard in its own process group that dies with its worker
 (the guard kills the group once its parent, the worker, is gone), so a killed worker's `dvc exp
-run` can never push later. The scheduler reruns a dead worker's trial elsewhere (Dask's
+run` can never push later (torchrun's training processes, under a multi-GPU trial, sit in
+sessions of their own, out of the guard's reach: they may run on, with nothing left to push). The scheduler reruns a dead worker's trial elsewhere (Dask's
 allowed-failures, 3 by default); a trial that fails for a reason of its own is reported once with
 its error, not retried. Names are deterministic (`s<seed>-f<full.lr>-l<lora.lr>` under the study's
 commit), and a trial whose ref is already on the remote does nothing, so a rerun or a retry never
@@ -49,8 +50,8 @@ while True:
 MODEL_STAGES = ("train_full", "train_lora")
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+def _git(repo: Path, *args: str, check: bool = True) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check).stdout.strip()
 
 
 def exp_ref(commit: str, name: str) -> str:
@@ -106,10 +107,11 @@ def trial(spec: dict) -> dict:
         step("git", "checkout", "--quiet", commit)
         step("git", "config", "user.name", spec["author"][0])
         step("git", "config", "user.email", spec["author"][1])
-        step(*dvc, "remote", "add", "--local", "--default", "--force", "study", spec["dvc_url"])
+        step(*dvc, "remote", "add", "--local", "--default", "--force", spec["dvc_name"], spec["dvc_url"])
         step(*dvc, "exp", "run", "--pull", "-n", name, *(a for k, v in spec["set"].items() for a in ("-S", f"{k}={v}")))
-        step(*dvc, "push", "--remote", "study", *pushable_outputs(repo, spec["push_models"]))
-        step(*dvc, "exp", "push", "--no-cache", git_url, name)  # last: the ref only once its outputs are there
+        step(*dvc, "push", "--remote", spec["dvc_name"], *pushable_outputs(repo, spec["push_models"]))
+        if not remote_refs(git_url, exp_ref(commit, name)):  # another attempt of this point may have pushed meanwhile
+            step(*dvc, "exp", "push", "--no-cache", git_url, name)  # last: the ref only once its outputs are there
         stages = re.findall(r"^Running stage '([^']+)'", log.read_text(encoding="utf-8", errors="replace"), re.M)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -128,6 +130,8 @@ def study_remotes(repo: Path, git_remote: str, dvc_remote: str | None) -> tuple[
         git_url = _git(repo, "remote", "get-url", git_remote)
     except subprocess.CalledProcessError:
         git_url = git_remote  # a URL or a path given as it is
+    if (repo / git_url).exists():  # a local path, relative to the repo: the workers clone from elsewhere
+        git_url = str((repo / git_url).resolve())
     try:
         tips = remote_refs(git_url, "refs/heads/*")
     except subprocess.CalledProcessError:
@@ -159,13 +163,23 @@ def connect(scheduler: str | None, workers: int, resource: str):
     from distributed import Client, LocalCluster
 
     if scheduler:
-        client = Client(scheduler, timeout="30s")
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as e:
+            raise SystemExit(f"study --backend dask: no Dask scheduler answers at {scheduler} ({e}); start one "
+                             "(dask scheduler) or pass its address") from None
         have = [w for w in client.scheduler_info()["workers"].values() if w.get("resources", {}).get(resource, 0) >= 1]
         if client.scheduler_info()["workers"] and not have:
             client.close()
             raise SystemExit(f"study --backend dask: no worker at {scheduler} has the resource {resource!r}; start "
                              f"workers with --resources {resource}=1 (dask worker), or pass --resource <name>")
         return client, None
+    from ftstudy.launching import gpu_count
+
+    if gpu_count() > 1 and workers > 1:
+        raise SystemExit(f"study --backend dask: a LocalCluster cannot give each of its {workers} workers its own GPUs, "
+                         "so their trials would share all of them; start one `dask worker --resources GPU=1` per GPU "
+                         "with its CUDA_VISIBLE_DEVICES and pass --scheduler, or use --workers 1")
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address="127.0.0.1:0", resources={resource: 1})
     return Client(cluster), cluster
@@ -182,16 +196,21 @@ def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote
     ran, failures = 0, []
     if todo:
         baseline = pushable_outputs(repo, push_models=True)  # prepare's and the baseline's, for every trial's --pull
-        subprocess.run([sys.executable, "-m", "dvc", "push", "--quiet", "--remote", dvc_name, *baseline],
-                       cwd=repo, check=True)
-        author = (_git(repo, "config", "user.name") or "ftstudy study", _git(repo, "config", "user.email") or "study@localhost")
+        push = subprocess.run([sys.executable, "-m", "dvc", "push", "--quiet", "--remote", dvc_name, *baseline], cwd=repo,
+                              capture_output=True, text=True)
+        if push.returncode != 0:
+            last = (push.stderr or push.stdout).strip().splitlines()[-1:]
+            raise SystemExit(f"study --backend dask: pushing the baseline's outputs to DVC remote {dvc_name!r} failed "
+                             f"({' '.join(last)}); check the remote (dvc push -r {dvc_name}) and run again")
+        author = (_git(repo, "config", "user.name", check=False) or "ftstudy study",
+                  _git(repo, "config", "user.email", check=False) or "study@localhost")
         client, cluster = connect(scheduler, workers, resource)
         try:
             import cloudpickle
 
             cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import scripts/
             futures = {client.submit(trial, {"name": n, "commit": commit, "git_url": git_url, "dvc_url": dvc_url,
-                                             "set": s, "push_models": push_models, "author": author},
+                                             "dvc_name": dvc_name, "set": s, "push_models": push_models, "author": author},
                                      key=f"ftstudy-trial-{commit[:8]}-{n}", resources={resource: 1}, pure=False): n
                        for n, s in todo.items()}
             ran, failures = _follow(client, futures)
@@ -205,14 +224,15 @@ def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote
         pull = subprocess.run([sys.executable, "-m", "dvc", "exp", "pull", "--no-cache", git_url, n], cwd=repo,
                               capture_output=True, text=True)
         if pull.returncode != 0:
-            failures.append(f"{n}: dvc exp pull failed: {' '.join((pull.stderr or pull.stdout).strip().splitlines()[-1:])}")
+            failures.append(msg := f"{n}: dvc exp pull failed: {' '.join((pull.stderr or pull.stdout).strip().splitlines()[-1:])}")
+            print(f"study: trial {msg}", file=sys.stderr, flush=True)
     return ran, failures
 
 
 def _follow(client, futures: dict) -> tuple[int, list[str]]:
     """Wait for the trials, showing done, running and failed as they change (one line rewritten on a
     terminal); each failure is reported once, with its error."""
-    tty, last, ran, failures = sys.stderr.isatty(), None, 0, []
+    tty, last, ran, failures, running = sys.stderr.isatty(), None, 0, [], 0
     fresh = "\n" if tty else ""  # below the rewritten line
     pending = dict(futures)
     while pending:
@@ -224,9 +244,13 @@ def _follow(client, futures: dict) -> tuple[int, list[str]]:
                 print(f"{fresh}study: trial {name} " + (f"ran {', '.join(done['stages'])}; pushed" if done["ran"]
                       else "was pushed before"), file=sys.stderr, flush=True)
             else:
-                failures.append(msg := f"{name}: {f.exception()}")
+                failures.append(msg := f"{name}: {f.exception() if f.status == 'error' else f.status}")
                 print(f"{fresh}study: trial {msg}", file=sys.stderr, flush=True)
-        running = sum(len(keys) for keys in client.processing().values())
+        try:  # what the workers execute now (the scheduler's `processing` holds tasks waiting for a slot too)
+            running = sum(n for n in client.run(lambda dask_worker: len(dask_worker.state.executing),
+                                                on_error="return").values() if isinstance(n, int))
+        except Exception:  # a worker dying meanwhile: the count waits for the next second
+            pass
         counts = (len(futures) - len(pending) - len(failures), min(running, len(pending)), len(failures))
         if counts != last:
             line = f"study (dask): {counts[0]} done, {counts[1]} running, {counts[2]} failed, of {len(futures)} trials"

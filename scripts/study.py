@@ -385,6 +385,8 @@ def main() -> None:
     dk.add_argument("--dvc-remote", help="the DVC remote the trials share outputs through (default: the default remote)")
     dk.add_argument("--push-models", action="store_true", help="push each trial's model folders too (large)")
     args = ap.parse_args()
+    if args.backend == "dask" and not args.scheduler and args.workers < 1:
+        ap.error("--workers: a LocalCluster needs at least one worker")
     dask = None if args.backend == "queue" else {
         "git_remote": args.git_remote, "dvc_remote": args.dvc_remote, "scheduler": args.scheduler, "workers": args.workers,
         "resource": args.resource or ("GPU" if args.scheduler else "slots"), "push_models": args.push_models}

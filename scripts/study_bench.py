@@ -36,6 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     work = args.dir.resolve()
     if work.exists():
+        if not (work / "base" / ".sandbox").is_file():
+            raise SystemExit(f"study_bench: {work} exists and is not an earlier bench's folder; choose another --dir")
         shutil.rmtree(work)
     base = make_sandbox(work / "base", {"train.cpu_threads": 1})
     repro_and_commit(base)

@@ -194,7 +194,7 @@ def test_the_dask_backend_refuses_a_dirty_workspace_and_a_commit_the_workers_can
     git(repo, "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "first")
     bare = tmp_path / "remote.git"
     git(tmp_path, "init", "-q", "--bare", str(bare))
-    git(repo, "remote", "add", "origin", str(bare))
+    git(repo, "remote", "add", "origin", "../remote.git")  # relative to the repo, as `git remote add` takes it
     with pytest.raises(SystemExit, match=r"commit [0-9a-f]{8} is not a branch tip on git remote 'origin'.*git push origin HEAD"):
         cluster.study_remotes(repo, "origin", None)
     git(repo, "push", "-q", "origin", "main")

@@ -92,6 +92,7 @@ def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, li
     ranks 0 and 1, one CPU process each, gloo on the loopback), both in `root` as on a shared file
     system; each is stopped by its process group if it outlives the test's wait."""
     import signal
+    import time
 
     (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**{"train.epochs": 1, "train.batch_size": 4,
                                                                     "lora.dropout": 0.0})))
@@ -99,16 +100,19 @@ def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, li
                         "GLOO_SOCKET_IFNAME": "lo", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
                         "MASTER_PORT": str(port)}
     cmd = [sys.executable, "-m", "ftstudy.launching", "node", "-m", f"stages.train_{method}", *train_args(tag)]
-    nodes = [subprocess.Popen(cmd, cwd=root, env=env | {"SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
+    logs = [root / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [subprocess.Popen(cmd, cwd=root, env=env | {"SLURM_NODEID": str(rank)}, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True) for rank, log in zip((0, 1), logs)]
     try:
-        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+        deadline = time.monotonic() + 600
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [node.returncode for node in nodes] == [0, 0], "".join(log.read_text()[-3000:] for log in logs)
     curve = [float(line.split(",")[1]) for line in (root / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]]
     return read_json(root / f"m/{tag}.json")[method] | read_json(root / f"m/{tag}.info.json"), curve
 

@@ -32,8 +32,12 @@ def test_several_slurm_nodes_start_one_accelerate_launch_per_node_from_slurms_en
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     assert launching.launcher() == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
                                     "python", "-m", "ftstudy.launching", "node"]
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # already inside an srun step (a Dask worker's): no srun within it
+    assert launching.launcher()[0] != "srun"
+    monkeypatch.delenv("SLURM_STEP_ID")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
     monkeypatch.delenv("SLURM_NODEID", raising=False)
@@ -49,7 +53,10 @@ def test_several_slurm_nodes_start_one_accelerate_launch_per_node_from_slurms_en
     (tmp_path / "accelerate" / "default_config.yaml").write_text("distributed_type: FSDP\n")
     monkeypatch.setenv("MASTER_PORT", "31000")
     assert launching.node_launch()[-4:] == ["--main_process_port", "31000", "--num_processes", "16"]
-    assert [launching.first_host(n) for n in ("gpu[03-05,9],login1", "a1,a2", "127.0.0.1")] == ["gpu03", "a1", "127.0.0.1"]
+    # A config that leaves the distributed type at NO would start each node's stage alone: multi-node is asked for.
+    (tmp_path / "accelerate" / "default_config.yaml").write_text("mixed_precision: bf16\n")
+    assert launching.node_launch()[-3:] == ["--num_processes", "16", "--multi_gpu"]
+    assert [launching.first_host(n) for n in ("gpu[03-05,9]-ib,login1", "a1,a2", "127.0.0.1")] == ["gpu03-ib", "a1", "127.0.0.1"]
 
 
 def test_cpu_threads_by_default_ignore_the_load_and_by_load_leaves_busy_cores(monkeypatch):
