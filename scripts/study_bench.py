@@ -62,11 +62,11 @@ def main() -> None:
         raise SystemExit("study_bench: the two backends' studies differ beyond timings; see "
                          f"{work}/queue/study.json and {work}/dask/study.json")
     table = "\n".join([
+        stamp("make bench-study", "the same demo build (train.cpu_threads 1) for both; their study.json "
+              "files agree in every figure but timings and memory"), "",
         "| backend | experiments run | wall time |", "|---|---|---|",
         f"| DVC queue (`make study-demo`), one experiment at a time | {q['ran']} | {q_s:.0f} s |",
-        f"| Dask LocalCluster, 2 single-slot workers (`--backend dask --workers 2`) | {d['ran']} | {d_s:.0f} s |",
-        "", stamp("make bench-study", "the same demo build (train.cpu_threads 1) for both; their study.json "
-                  "files agree in every figure but timings and memory")])
+        f"| Dask LocalCluster, 2 single-slot workers (`--backend dask --workers 2`) | {d['ran']} | {d_s:.0f} s |"])
     path = write_block("performance.md", "study-backends", table)
     print(table)
     print(f"study_bench: queue {q_s:.0f} s, dask {d_s:.0f} s for {q['ran']} experiments each; wrote {path}")
