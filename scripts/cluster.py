@@ -25,6 +25,7 @@ git) and the study reads them as it reads the local queue's.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -204,6 +205,7 @@ def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote
                              f"({' '.join(last)}); check the remote (dvc push -r {dvc_name}) and run again")
         author = (_git(repo, "config", "user.name", check=False) or "ftstudy study",
                   _git(repo, "config", "user.email", check=False) or "study@localhost")
+        environ = dict(os.environ)  # a LocalCluster's nannies set OMP_NUM_THREADS=1 and more in this process too
         client, cluster = connect(scheduler, workers, resource)
         try:
             import cloudpickle
@@ -218,6 +220,8 @@ def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote
             client.close()
             if cluster is not None:
                 cluster.close()
+            os.environ.clear()
+            os.environ.update(environ)
     names = {ref.rsplit("/", 1)[1] for ref in remote_refs(git_url, exp_ref(commit, "*"))} & set(sets)
     local = {n for n in names if _git(repo, "for-each-ref", exp_ref(commit, n))}
     for n in sorted(names - local):

@@ -128,11 +128,13 @@ def missing_from_store(repo, name, store) -> list[str]:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_once_and_whole(threads1, queue_study,
-                                                                                                tmp_path):
+                                                                                                tmp_path, request):
     import psutil
     from distributed import Client, LocalCluster
 
     repo, bare = with_remotes(threads1, tmp_path)
+    environ = dict(os.environ)
+    request.addfinalizer(lambda: (os.environ.clear(), os.environ.update(environ)))  # the nannies set OMP_NUM_THREADS=1 here
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                       resources={"slots": 1}) as dask_cluster, Client(dask_cluster) as client:
         proc = subprocess.Popen(study_cmd(repo, "--backend", "dask", "--scheduler", dask_cluster.scheduler_address,
