@@ -55,6 +55,11 @@ def _git(repo: Path, *args: str, check: bool = True) -> str:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check).stdout.strip()
 
 
+def set_args(values: dict) -> list[str]:
+    """`dvc exp run`'s -S arguments for params `values` (key -> value)."""
+    return [a for k, v in values.items() for a in ("-S", f"{k}={v}")]
+
+
 def exp_ref(commit: str, name: str) -> str:
     """Where DVC keeps experiment `name` of baseline `commit`, here and on a git remote."""
     return f"refs/exps/{commit[:2]}/{commit[2:]}/{name}"
@@ -109,7 +114,7 @@ def trial(spec: dict) -> dict:
         step("git", "config", "user.name", spec["author"][0])
         step("git", "config", "user.email", spec["author"][1])
         step(*dvc, "remote", "add", "--local", "--default", "--force", spec["dvc_name"], spec["dvc_url"])
-        step(*dvc, "exp", "run", "--pull", "-n", name, *(a for k, v in spec["set"].items() for a in ("-S", f"{k}={v}")))
+        step(*dvc, "exp", "run", "--pull", "-n", name, *set_args(spec["set"]))
         step(*dvc, "push", "--remote", spec["dvc_name"], *pushable_outputs(repo, spec["push_models"]))
         if not remote_refs(git_url, exp_ref(commit, name)):  # another attempt of this point may have pushed meanwhile
             step(*dvc, "exp", "push", "--no-cache", git_url, name)  # last: the ref only once its outputs are there

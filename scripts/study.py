@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.cluster import set_args
 from scripts.sandbox import MARKER, DvcError, dvc, make_sandbox, repro_and_commit, run_queue
 
 # LoRA's best rate is about 10x full fine-tuning's ("LoRA Without Regret", Thinking Machines 2025;
@@ -125,7 +126,7 @@ def run_missing(repo: Path, wanted: list[tuple], dask: dict | None = None) -> tu
                              "and are reused by the next run")
         return ran, finished_runs(repo)
     for name, values in sets.items():
-        dvc(repo, "exp", "run", "--queue", "-n", name, *(a for k, v in values.items() for a in ("-S", f"{k}={v}")))
+        dvc(repo, "exp", "run", "--queue", "-n", name, *set_args(values))
     print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
     run_queue(repo)
     return len(missing), finished_runs(repo)
