@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test test-fast assets tokenizer bench bench-study gpu-check study study-demo docs lock upgrade-check
+.PHONY: demo test test-fast assets tokenizer bench bench-study bench-startup gpu-check study study-demo docs lock upgrade-check
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
@@ -47,6 +47,12 @@ docs:
 # table in docs/performance.md ("The study over Dask"). About 15 minutes on 2 cores.
 bench-study:
 	$(PYTHON) -m scripts.study_bench
+
+# Each stage's import time and whole time in the demo, this checkout beside an older commit (BEFORE),
+# and whether the two demos' results are identical: the table in docs/performance.md ("Stage start-up").
+BEFORE ?= HEAD
+bench-startup:
+	$(PYTHON) -m scripts.startup --before $(BEFORE)
 
 # Run once whenever a GPU is at hand. Writes gpu-check.json and its table into docs/performance.md.
 gpu-check:

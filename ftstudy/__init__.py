@@ -1,13 +1,16 @@
-"""The library behind the DVC stages in stages/, split by concern:
+"""The library behind the DVC stages in stages/, grouped the way the data flows:
 
-config (typed params); hub (Hub inputs, offline), sources (reading files and datasets), splits
-(carving and tokenizing), examples (instruction data), data (token files, the prepared meta),
-batches; modeling (loading, snapshot), lora (PEFT variants and integrity checks), memory (the
-plan); loss (the chunked loss, the checked scoring path), scoring (perplexity protocols), stats
-(paired intervals); generation (prompt panel, text quality); training (the one loop), checkpoints
-(resume), tracking (live curves), curves, launching (threads, distribution), runtime (device,
-precision, FLOPs); outputs (atomic writes), errors; reporting, findings, figures and cards (the
-report); synthetic (tiny models and tokenizers for tests and assets).
+- the ground, used by every room: config (typed params), errors, outputs (atomic writes), hub (Hub
+  inputs, offline), modeling (loading, snapshot), loss (the chunked loss, the checked scoring path),
+  runtime (device, precision, FLOPs), cores (CPU threads), curves, synthetic (tiny models and
+  tokenizers for tests and assets);
+- data/: reading sources, carving splits, instruction examples, token files, batches;
+- train/: the one loop (session, loop, finish, training), checkpoints, lora, memory, tracking,
+  launching;
+- measure/: scoring, stats (paired intervals), generation, answers, benchmarks;
+- report/: reporting, findings, task_report, figures, cards.
+
+Rooms import the ground and the rooms before them only: data <- train, measure <- report.
 """
 
 import logging as _logging

@@ -29,7 +29,7 @@ class ConfigError(StudyError):
 
 # PEFT's init_lora_weights values that need no data pass (besides true, false and pissa_niter_<n>).
 LORA_INITS = ("gaussian", "orthogonal", "pissa", "olora")
-# Answer metrics (ftstudy.answers.METRICS), without importing it.
+# Answer metrics (ftstudy.measure.answers.METRICS), without importing it.
 ANSWER_METRICS = ("exact_match", "f1", "rouge_l", "chrf")
 # Accelerate's tracker names (accelerate.utils.LoggerType), without importing it.
 TRACKERS = {"aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb"}
@@ -356,3 +356,8 @@ def override_file(path: str | Path, overrides: dict) -> None:
     set_keys(doc, overrides)
     with open(path, "w", encoding="utf-8") as f:
         rt.dump(doc, f)
+
+
+def is_local(name: str) -> bool:
+    """Whether a model or data name is a local path rather than a Hub id."""
+    return Path(name).exists() or name.startswith((".", "/", "~"))

@@ -36,7 +36,7 @@ def _check_local_model(path: Path) -> None:
 def load_tokenizer(name: str | Path, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    from ftstudy.data import is_local
+    from ftstudy.config import is_local
 
     if is_local(str(name)):
         folder = Path(name)
@@ -63,7 +63,7 @@ def load_causal_lm(name: str | Path, revision: str | None = None, dtype: str = "
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from ftstudy.data import is_local
+    from ftstudy.config import is_local
 
     if is_local(str(name)):
         check_weights(Path(name))
@@ -122,7 +122,7 @@ def context_length(name: str | Path, revision: str | None = None) -> int | None:
     """The model's context in tokens, from its config alone (None when the config states none)."""
     from transformers import AutoConfig
 
-    from ftstudy.data import is_local
+    from ftstudy.config import is_local
 
     if is_local(str(name)):
         _check_local_model(Path(name))
@@ -149,7 +149,7 @@ def config_on_this_machine(name: str, revision: str | None, pretrained: Path, pr
     """The folder holding the model's config.json, where this machine has it without downloading:
     model.name itself (a local folder), the Hub cache at model.revision, or the pretrained snapshot
     an earlier prepare made of this very model.name and revision; None elsewhere."""
-    from ftstudy.data import is_local
+    from ftstudy.config import is_local
 
     if is_local(name):
         return Path(name) if (Path(name) / "config.json").is_file() else None

@@ -8,7 +8,7 @@ import resource
 
 import torch
 
-from ftstudy.launching import cpu_threads
+from ftstudy.cores import cpu_threads
 
 
 def resolve_precision(requested: str) -> str:
@@ -142,7 +142,7 @@ def library_versions() -> dict:
 
 
 def use_cpu_threads(device: torch.device, policy: str | int = "auto") -> None:
-    """On a CPU, run torch's parallel work on ftstudy.launching.cpu_threads(policy) threads:
+    """On a CPU, run torch's parallel work on ftstudy.cores.cpu_threads(policy) threads:
     train.cpu_threads for training, by default the cores this process may use, whatever their load."""
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(policy))

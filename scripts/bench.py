@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftstudy.data import token_dtype
+from ftstudy.data.token_files import token_dtype
 from ftstudy.synthetic import ASSETS, ROOT, local_params, no_dropout, write_gpt2_124m, write_params
 
 WARMUP_STEPS = 10  # the log interval whose time is reported as warm-up
@@ -84,7 +84,7 @@ def ours(work: Path, method: str, tag: str, label: str | None = None, check: boo
     cmd = [sys.executable, "-m", f"stages.train_{method}",
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
            "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--live", f"live-{tag}", "--checkpoints", "ckpt"]
-    # As dvc.yaml runs it for one process (ftstudy.launching). The HF Trainer path gets torch's
+    # As dvc.yaml runs it for one process (ftstudy.train.launching). The HF Trainer path gets torch's
     # default threads (every core), so ours gets the same rather than choosing by the load.
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     proc = subprocess.run(cmd, cwd=work, env=env, stderr=None if check else subprocess.PIPE, text=True)
@@ -171,7 +171,8 @@ def corpus(path: Path, mb: int, fmt: str) -> None:
 def _prepare_child(which: str, path: Path, work: Path, out: Path) -> None:
     import resource
 
-    from ftstudy import modeling, sources, splits
+    from ftstudy import modeling
+    from ftstudy.data import sources, splits
 
     tok = modeling.load_tokenizer(ASSETS / "gpt2-tokenizer")  # GPT-2's real BPE
     column = "content" if path.suffix == ".jsonl" else "text"
@@ -322,13 +323,13 @@ LIVE_MARKS = (100, 1_000, 4_000)  # steps at which the live bench reads the time
 def bench_live(work: Path) -> list[dict]:
     """Milliseconds per logged step up to each LIVE_MARKS step, as a training stage logs (each
     step's loss, lr and tokens/s every train.log_every steps, the run's config as params):
-    Accelerate's DVCLive tracker as it comes, then ftstudy.tracking.LiveTracker, in turn in this
+    Accelerate's DVCLive tracker as it comes, then ftstudy.train.tracking.LiveTracker, in turn in this
     process."""
     from accelerate.tracking import DVCLiveTracker
 
     from ftstudy.config import load_params
-    from ftstudy.tracking import LiveTracker
-    from ftstudy.training import tracker_config
+    from ftstudy.train.tracking import LiveTracker
+    from ftstudy.train.training import tracker_config
 
     p = load_params(ROOT / "params.yaml")
     config, every = tracker_config(p, "full"), p.train.log_every

@@ -180,7 +180,7 @@ def connect(scheduler: str | None, workers: int, resource: str):
             raise SystemExit(f"study --backend dask: no worker at {scheduler} has the resource {resource!r}; start "
                              f"workers with --resources {resource}=1 (dask worker), or pass --resource <name>")
         return client, None
-    from ftstudy.launching import gpu_count
+    from ftstudy.train.launching import gpu_count
 
     if gpu_count() > 1 and workers > 1:
         raise SystemExit(f"study --backend dask: a LocalCluster cannot give each of its {workers} workers its own GPUs, "

@@ -5,7 +5,7 @@
 Each round builds the demo sandbox twice (quiet, then with a busy-looping Python process running
 the whole time) and reports both wall times and their ratio (the target: at most 2x). Then, in the
 quiet round's sandbox, the demo's train_full stage alone, quiet and beside the busy process, with
-every core, with one thread and with the threads the stage picks by itself (ftstudy.launching):
+every core, with one thread and with the threads the stage picks by itself (ftstudy.train.launching):
 the measurements behind the CPU thread rule.
 """
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ftstudy.launching import usable_cores
+from ftstudy.cores import usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FULL = ["-m", "stages.train_full", "--data", "data/prepared", "--base", "models/pretrained", "--out", "tf/model",

@@ -2,7 +2,7 @@
 
     python -m scripts.docs [--memory] [--demo-report] [--dir .demo]
 
---memory writes docs/models.md's memory table from ftstudy.memory (the plan each training stage
+--memory writes docs/models.md's memory table from ftstudy.train.memory (the plan each training stage
 prints), for well-known model sizes built offline as weightless skeletons from their config
 classes. --demo-report runs `make demo`'s sandbox at --dir (or reuses a built one) and copies its
 report, pictures and the two model cards to docs/demo-report.md and docs/demo-report/. Both by
@@ -46,8 +46,8 @@ def memory_table(batch: int = 8, block: int = 1024) -> str:
     import transformers
     from tabulate import tabulate
 
-    from ftstudy import lora, memory
     from ftstudy.config import load_params
+    from ftstudy.train import lora, memory
 
     params = load_params(ROOT / "params.yaml")
     rows = []
@@ -70,7 +70,7 @@ def write_memory() -> None:
     from ftstudy.config import load_params
 
     params = load_params(ROOT / "params.yaml")
-    text = (f"Computed by `python -m scripts.docs --memory` ({time.strftime('%Y-%m-%d')}) from `ftstudy.memory`, the plan "
+    text = (f"Computed by `python -m scripts.docs --memory` ({time.strftime('%Y-%m-%d')}) from `ftstudy.train.memory`, the plan "
             "each training stage prints: GiB on one GPU in bf16 mixed precision, `train.batch_size` 8 x 1,024 tokens, "
             f"the chunked loss, LoRA at the shipped `lora.r` {params.lora.r} on the shipped `lora.target_modules` "
             f"({params.lora.target_modules}); the integrity check's copies, which "

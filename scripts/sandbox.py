@@ -12,6 +12,7 @@ DIR is rebuilt from scratch if it is an earlier sandbox; any other existing fold
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ftstudy.config import override_file
+from ftstudy.config import flatten, override_file
 from ftstudy.synthetic import demo_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ COPY = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "ftstud
 MARKER = ".sandbox"
 # Belt and braces for the sandbox's own commands: its params point at local folders only, so
 # nothing reaches for the Hub anyway. CPU threads are chosen by the stages themselves
-# (ftstudy.launching), so a command typed in the sandbox behaves as make demo does.
+# (ftstudy.train.launching), so a command typed in the sandbox behaves as make demo does.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
 
 
@@ -94,6 +95,36 @@ def repro_and_commit(dest: Path) -> None:
     run(["dvc", "repro", "--quiet"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "demo baseline: dvc repro on the tiny assets"], dest)
+
+
+# Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too), and so does
+# a run's history (the processes a resumed run took: segments).
+TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_flops", "peak_mem_gib", "peak_mem_reserved_gib",
+          "eval_s", "eval_time_s", "seconds", "segments", "full_train_s", "lora_train_s", "full_peak_gib",
+          "lora_peak_gib"}  # the last four: metrics/headline.json's
+
+
+def outcome(dest) -> dict:
+    """Everything a run produced that must be reproducible: model and data hashes, and the
+    non-timing metrics and facts, flattened."""
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    # Loss curves carry training seconds (the live ones timestamps): their losses are compared
+    # below, not their hash. The report's pictures (loss against seconds) and the model cards
+    # (training time) carry seconds too, rendered from the metrics compared here.
+    timed = ("metrics/plots", "metrics/live", "metrics/report-figures", "cards")
+    hashes = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith(timed)}
+    metrics = {}
+    for f in sorted((dest / "metrics").rglob("*.json")):
+        for k, v in flatten(json.loads(f.read_text())).items():
+            # The memory plan's process part is measured (the process's RSS before loading weights).
+            if k.split(".")[-1] not in TIMING and k != "versions.python" and not k.startswith("memory_plan_gib"):
+                metrics[f"{f.relative_to(dest)}:{k}"] = v
+    for f in sorted((dest / "metrics/plots").rglob("*.csv")):
+        for line in f.read_text().splitlines()[1:]:
+            step, *_, loss = line.split(",")
+            metrics[f"{f.relative_to(dest)}:{step}"] = float(loss)
+    return {"hashes": hashes, "metrics": metrics}
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from ftstudy.errors import run_stage
 
 def model_problems(p, folder: Path) -> list[str]:
     """What in the params does not fit the model whose config.json is in `folder`."""
-    from ftstudy import examples, modeling
+    from ftstudy import modeling
+    from ftstudy.data import examples
 
     config = json.loads((folder / "config.json").read_text())
     context = config.get("max_position_embeddings") or config.get("n_positions")
@@ -32,7 +33,7 @@ def model_problems(p, folder: Path) -> list[str]:
     if p.data.format == "messages" and not examples.has_chat_template(folder):
         problems.append(examples.no_chat_template(p.model.name))
     if isinstance(p.lora.target_modules, tuple):  # auto and all-linear resolve on any model
-        from ftstudy import lora
+        from ftstudy.train import lora
 
         try:
             lora.resolve_targets(modeling.skeleton(folder), p.lora.target_modules)

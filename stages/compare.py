@@ -4,13 +4,13 @@ For each pair (full vs pretrained, lora vs pretrained, full vs lora): the ratio 
 perplexities with a 95% paired bootstrap interval over the split's independent units (examples,
 documents, WikiText articles; chunks of a running text without them), named in each pair as
 `unit`. The models are scored on the very same tokens, so the same resampled units are drawn for
-both (ftstudy.stats.paired_ppl_ratio): a tighter and more honest test than whether two separate
+both (ftstudy.measure.stats.paired_ppl_ratio): a tighter and more honest test than whether two separate
 intervals overlap. The report's findings call a winner only when the paired interval excludes 1,
-and no winner at all from fewer than ftstudy.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
+and no winner at all from fewer than ftstudy.measure.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
 other's final validation loss (none when it never did). Benchmarks (stage tasks): for each task
 metric and pair, the difference of their mean scores with a 95% paired bootstrap interval over the
-task's items, both models' scores on each item drawn together (ftstudy.stats.paired_mean_difference);
+task's items, both models' scores on each item drawn together (ftstudy.measure.stats.paired_mean_difference);
 the same for the held-out answers' scores of instruction data (stage generate), over examples.
 """
 
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ftstudy import answers, benchmarks, curves
+from ftstudy import curves
 from ftstudy.config import load_params
 from ftstudy.errors import StudyError, run_stage
+from ftstudy.measure import answers, benchmarks
+from ftstudy.measure.stats import MIN_CHUNKS, paired_mean_difference, paired_ppl_ratio
 from ftstudy.outputs import read_json, write_json
-from ftstudy.stats import MIN_CHUNKS, paired_mean_difference, paired_ppl_ratio
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 

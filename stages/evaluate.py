@@ -3,7 +3,7 @@
 For validation and test, both protocols over whole splits, weighted by tokens: val_ppl/test_ppl
 slide a block_size window by evaluate.stride (HF perplexity guide); *_ppl_blocks score
 non-overlapping blocks (run_clm). Each sliding-window perplexity carries a seeded 95% bootstrap
-interval (from ftstudy.stats.MIN_CHUNKS units on, resampling the split's independent units:
+interval (from ftstudy.measure.stats.MIN_CHUNKS units on, resampling the split's independent units:
 documents, WikiText articles, or chunks of a running text without them) and bits per byte; every data.general set that
 prepare tokenized (its general-* splits, read from the prepared meta, so that evaluate reads no
 data.general key) is scored the same way, to measure forgetting. Before scoring, the fast path
@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import data, modeling, runtime, scoring, stats
+from ftstudy import modeling, runtime
 from ftstudy.config import load_params
+from ftstudy.data import token_files
 from ftstudy.errors import run_stage
+from ftstudy.measure import scoring, stats
 from ftstudy.outputs import write_arrays, write_json
 
 
@@ -46,12 +48,12 @@ def main() -> None:
     modeling.check_context(args.base, p.data.block_size)
     model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    meta = data.read_meta(args.data)
+    meta = token_files.read_meta(args.data)
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         metrics, arrays, path = scoring.score_all(model, args.data, meta, p.data.block_size, p.evaluate, p.seed,
                                                   device, f"evaluate@{name}")
-    instruct = data.is_instruct(meta)
+    instruct = token_files.is_instruct(meta)
     val_unit = "examples" if instruct else meta["splits"]["validation"].get("units", "chunks")
     info = {
         "eval_time_s": round(time.perf_counter() - t0, 3),

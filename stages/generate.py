@@ -8,7 +8,7 @@ and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folde
 instruction data (the prepared meta's format), each model also answers generate.answer_examples
 held-out test examples (a sample seeded by `seed`, the same for every model; greedy, each stopped
 at EOS, end of turn or twice its reference's tokens), each kept beside its reference with its
-generate.answer_metrics scores (ftstudy.answers), whose means and 95% intervals over examples go to
+generate.answer_metrics scores (ftstudy.measure.answers), whose means and 95% intervals over examples go to
 the metrics ("answers"); stage compare pairs them between models. The report shows the first
 generate.test_prompts of them. generate.prompt: auto prompts with the user's own held-out data: the openings
 of a seeded sample of test documents (articles, or evenly spaced points of a running text), or the
@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import data, examples, generation, modeling, runtime
-from ftstudy.answers import score
-from ftstudy.stats import score_row
+from ftstudy import modeling, runtime
 from ftstudy.config import load_params
+from ftstudy.data import examples, token_files
 from ftstudy.errors import run_stage
+from ftstudy.measure import generation
+from ftstudy.measure.answers import score
+from ftstudy.measure.stats import score_row
 from ftstudy.outputs import write_json
 
 
@@ -44,8 +46,8 @@ def main() -> None:
     tokenizers = {m: modeling.load_tokenizer(m) for m in args.model}
     tokenizer = next(iter(tokenizers.values()))  # the snapshot's, saved with every model
     context = modeling.context_length(args.base)
-    meta = data.read_meta(args.data)
-    test = examples.load(args.data, "test", meta) if data.is_instruct(meta) else None
+    meta = token_files.read_meta(args.data)
+    test = examples.load(args.data, "test", meta) if token_files.is_instruct(meta) else None
     g = p.generate
     scored = generation.heldout(len(test), max(g.answer_examples, g.test_prompts), p.seed) if test is not None else []
     shown = scored[:g.test_prompts]  # the report's few are the first of the scored ones
@@ -80,8 +82,8 @@ def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -
     elif test is not None:
         own = generation.heldout_prompts(tokenizer, test, picked)
     else:
-        own = generation.openings(tokenizer, data.load_tokens(data_dir, "test", meta),
-                                  data.unit_starts(data_dir, "test", meta), max(1, g.test_prompts), p.seed)
+        own = generation.openings(tokenizer, token_files.load_tokens(data_dir, "test", meta),
+                                  token_files.unit_starts(data_dir, "test", meta), max(1, g.test_prompts), p.seed)
     return own + [(t, tokenizer(t)["input_ids"]) for t in g.extra_prompts]
 
 

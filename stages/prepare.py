@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ftstudy import data, hub, modeling, splits
-from ftstudy.config import Params, load_params
+from ftstudy import hub, modeling
+from ftstudy.config import Params, is_local, load_params
+from ftstudy.data import splits, token_files
 from ftstudy.errors import run_stage
 from ftstudy.outputs import atomic_dir, write_json
 
@@ -38,21 +39,21 @@ def provenance(p: Params) -> dict:
     items = inputs(p)
     configs = {"data.name": p.data.config} | {f"data.general[{i}].name": g.config for i, g in enumerate(p.data.general)}
     for item in items:
-        if data.is_local(item.name):
+        if is_local(item.name):
             ignored = [f"{item.revision_key} {item.revision!r}"] if item.revision is not None else []
             if configs.get(item.key) is not None:
                 ignored.append(f"{item.key.removesuffix('.name')}.config {configs[item.key]!r}")
             if ignored:
                 print(f"prepare: {' and '.join(ignored)} ignored: {item.name} is a local "
                       f"{'file' if Path(item.name).is_file() else 'folder'}")
-    resolved = hub.resolve([item for item in items if not data.is_local(item.name)])
+    resolved = hub.resolve([item for item in items if not is_local(item.name)])
     for item in items:
         if item.key in resolved and not (commit := resolved[item.key]["commit"]).startswith(item.asked):
             offline = "" if resolved[item.key]["from"] == "the Hub" else f" (offline: {resolved[item.key]['from']})"
             print(f"prepare: {item.revision_key} {item.asked!r} resolved to commit {commit}{offline}; pin it with "
                   f"-S '{item.revision_key}={commit}'")
     return {item.key: {k: v for k, v in resolved[item.key].items() if k != "from"} if item.key in resolved
-            else {"name": item.name, "revision": None, "commit": None, "content_sha256": data.content_hash(item.name)}
+            else {"name": item.name, "revision": None, "commit": None, "content_sha256": token_files.content_hash(item.name)}
             for item in items}
 
 
@@ -73,7 +74,7 @@ def main() -> None:
         # The meta pins what was read; the license (the card's, None where it declares none) is for the info alone.
         pinned = {key: {k: v for k, v in item.items() if k != "license"} for key, item in inputs.items()}
         meta = splits.tokenize_sources(p, tmp, tokenizer, commits) | {"inputs": pinned}
-        write_json(tmp / data.META_FILE, meta)
+        write_json(tmp / token_files.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
     counted = ("tokens", "bytes", "documents", "duplicates_removed", "answer_tokens", "truncated", "dropped_no_answer")

@@ -1,9 +1,9 @@
 """Stage report: metrics, their facts, the validation curves and the generations only ->
-metrics/report.md, its pictures (ftstudy.figures), the trained models' Hugging Face cards
-(ftstudy.cards) and metrics/headline.json, the few figures a decision reads, flat and named so that
+metrics/report.md, its pictures (ftstudy.report.figures), the trained models' Hugging Face cards
+(ftstudy.report.cards) and metrics/headline.json, the few figures a decision reads, flat and named so that
 one `dvc exp show --keep` pattern shows them (README).
 
-Nothing is recomputed: every number comes from a file another stage wrote (ftstudy.reporting).
+Nothing is recomputed: every number comes from a file another stage wrote (ftstudy.report.reporting).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from ftstudy.errors import run_stage
-from ftstudy import cards
 from ftstudy.outputs import write_json, write_text
-from ftstudy.reporting import Inputs, headline_metrics, render
+from ftstudy.report import cards
+from ftstudy.report.reporting import Inputs, headline_metrics, render
 
 
 def main() -> None:

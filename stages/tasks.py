@@ -4,7 +4,7 @@ Each model has its own entry, so that changing the tasks reruns no training and 
 scoring, and a retrained model reruns only its own tasks. The model is loaded as `evaluate` loads
 it (a full folder, or the pretrained snapshot with the LoRA adapter applied, unmerged) and handed to
 lm-eval's evaluator. Per task and metric, --out gets the score with a 95% bootstrap interval over
-items (from ftstudy.stats.MIN_CHUNKS items on); --items gets every item's score (.npz), which stage
+items (from ftstudy.measure.stats.MIN_CHUNKS items on); --items gets every item's score (.npz), which stage
 compare pairs between models; --info gets what changes scores (few-shot count, batch size, seed,
 chat template, lm-eval's and each task's version, each Hub task's dataset and commit) and, for an
 adapter, the merged-versus-unmerged check: its first tasks.merge_check items of each task scored
@@ -45,7 +45,8 @@ def main() -> None:
         write_json(args.out, {name: {"tasks": {}}})
         print(f"tasks@{name}: tasks.names is empty, nothing to run; wrote {args.out}")
         return
-    from ftstudy import benchmarks, hub, modeling, runtime
+    from ftstudy import hub, modeling, runtime
+    from ftstudy.measure import benchmarks
 
     benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before any import
     unreachable = hub.hub_unreachable() if benchmarks.has_hub_tasks(p.tasks.names) else None  # one probe

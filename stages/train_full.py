@@ -2,15 +2,16 @@
 
 Every weight trains, in model.dtype (auto: fp32 master weights); the model is saved with
 save_pretrained (safetensors, config, tokenizer).
-Started by ftstudy.launching: plain python for one process, `accelerate launch` for several GPUs or
+Started by ftstudy.train.launching: plain python for one process, `accelerate launch` for several GPUs or
 a user's `accelerate config`.
 """
 
 from __future__ import annotations
 
-from ftstudy import modeling, runtime, training
+from ftstudy import modeling, runtime
 from ftstudy.config import load_params
 from ftstudy.errors import run_stage
+from ftstudy.train import training
 
 
 def build(p, base_dir, dtype: str):

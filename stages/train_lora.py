@@ -3,14 +3,14 @@
 Only the adapter trains and only the adapter (plus tokenizer) is saved; its config names
 model.name as the base. The layers it wraps (lora.target_modules, `auto` resolved to the family's
 default) are checked on the weightless skeleton before anything loads, and recorded in the info.
-Before the folder is committed, the adapter's integrity is checked and recorded (ftstudy.lora):
+Before the folder is committed, the adapter's integrity is checked and recorded (ftstudy.train.lora):
 the trainable count equals r x (in + out) over the wrapped layers (plus DoRA's magnitudes), the
 saved adapter loaded on a fresh base scores a batch as the trained model did, and its merge scores
 it the same again. The variant (lora.use_dora, lora.use_rslora, lora.init_lora_weights; a 4-bit
 base with lora.quantize) is PEFT's; PiSSA and OLoRA adapters are saved converted to plain LoRA on the
 original base. The base loads in model.dtype (auto: bf16 on a GPU that has it). With lora.merge
 the merged model is also saved, loadable with plain transformers, at <out>/merged (its size apart,
-as merged_mb: artifact_mb counts the adapter folder alone). Started by ftstudy.launching, as
+as merged_mb: artifact_mb counts the adapter folder alone). Started by ftstudy.train.launching, as
 train_full is.
 """
 
@@ -19,9 +19,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ftstudy import data, lora, modeling, runtime, training
+from ftstudy import modeling, runtime
 from ftstudy.config import load_params
+from ftstudy.data import token_files
 from ftstudy.errors import run_stage
+from ftstudy.train import lora, training
 
 
 def build(p, base_dir, planned, base_revision, dtype: str, initial: Path):
@@ -47,7 +49,7 @@ def main() -> None:
     paths = training.TrainPaths.from_cli("lora")
     p = load_params()
     planned = lora.plan(paths.base, p.lora)  # a lora.target_modules that matches nothing fails here, in seconds
-    commit = data.read_meta(paths.data)["inputs"]["model.name"]["commit"]  # what prepare loaded
+    commit = token_files.read_meta(paths.data)["inputs"]["model.name"]["commit"]  # what prepare loaded
     dtype = runtime.base_dtype(p.model.dtype, "lora")
     with tempfile.TemporaryDirectory() as initial, lora.quantized_path_errors(p.lora):
         training.run("lora", p, paths, build=lambda: build(p, paths.base, planned, commit, dtype, Path(initial)),

@@ -5,6 +5,7 @@
 # so a developer's Hub cache or Accelerate config (which would change how stages launch) plays no
 # part; tests that need the Hub (its stand-in) or another HF_HOME set them in their subprocesses.
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -15,6 +16,15 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFL
                   HF_HOME=_HF_HOME)
 for _name in ("STUDY_TRACEBACK", "HF_ENDPOINT", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"):
     os.environ.pop(_name, None)
+# Under pytest-xdist each worker takes its own share of the usable cores (its CPU affinity, which
+# the stages' processes inherit): two workers on two cores each get one, instead of two OpenMP
+# thread pools spinning against each other on both (docs/performance.md, "Busy machines"). The
+# stages' default thread count (train.cpu_threads: auto) follows the affinity, so every run of a
+# test session uses the same count. A test marked serial gets every core back while it runs alone.
+ALL_CORES = sorted(os.sched_getaffinity(0))
+if _worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    _index, _count = int(_worker.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.sched_setaffinity(0, ALL_CORES[_index::_count] or [ALL_CORES[_index % len(ALL_CORES)]])
 # OMP_NUM_THREADS is the caller's to leave out: the stages' default (train.cpu_threads: auto) takes
 # every usable core whatever else the machine runs, and the tests compare runs bit for bit with it.
 os.environ.pop("OMP_NUM_THREADS", None)
@@ -22,16 +32,17 @@ os.environ.pop("OMP_NUM_THREADS", None)
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
 import yaml
 
-from ftstudy.config import flatten, set_keys
+from ftstudy.config import set_keys
 from ftstudy.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
 from scripts import sandbox
-from scripts.sandbox import dvc  # noqa: F401  (the tests' dvc command runner)
+from scripts.sandbox import TIMING, dvc, outcome  # noqa: F401  (the tests' dvc runner, reproducible outcome)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -141,45 +152,52 @@ def fresh_accelerate_state():
 
 # The pipeline tier: one demo sandbox built for the whole test run (tests copy it before changing it).
 SETTINGS = {"train.epochs": 1, "generate.num_samples": 1, "generate.max_new_tokens": 12}
-# Timings, throughput and memory differ from run to run (time_to_quality.*.seconds too), and so does
-# a run's history (the processes a resumed run took: segments).
-TIMING = {"train_s", "warmup_s", "tokens_per_s", "mfu", "peak_flops", "peak_mem_gib", "peak_mem_reserved_gib",
-          "eval_s", "eval_time_s", "seconds", "segments", "full_train_s", "lora_train_s", "full_peak_gib",
-          "lora_peak_gib"}  # the last four: metrics/headline.json's
-
-
-def outcome(dest) -> dict:
-    """Everything a run produced that must be reproducible: model and data hashes, and the
-    non-timing metrics and facts, flattened."""
-    lock = yaml.safe_load((dest / "dvc.lock").read_text())
-    # Loss curves carry training seconds (the live ones timestamps): their losses are compared
-    # below, not their hash. The report's pictures (loss against seconds) and the model cards
-    # (training time) carry seconds too, rendered from the metrics compared here.
-    timed = ("metrics/plots", "metrics/live", "metrics/report-figures", "cards")
-    hashes = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-              if not o["path"].endswith((".json", ".md")) and not o["path"].startswith(timed)}
-    metrics = {}
-    for f in sorted((dest / "metrics").rglob("*.json")):
-        for k, v in flatten(json.loads(f.read_text())).items():
-            # The memory plan's process part is measured (the process's RSS before loading weights).
-            if k.split(".")[-1] not in TIMING and k != "versions.python" and not k.startswith("memory_plan_gib"):
-                metrics[f"{f.relative_to(dest)}:{k}"] = v
-    for f in sorted((dest / "metrics/plots").rglob("*.csv")):
-        for line in f.read_text().splitlines()[1:]:
-            step, *_, loss = line.split(",")
-            metrics[f"{f.relative_to(dest)}:{step}"] = float(loss)
-    return {"hashes": hashes, "metrics": metrics}
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a test marked `serial` (it measures the machine's load) runs alone: every
+    test holds a shared lock on the run's machine.lock from its setup (module fixtures built for it
+    included) to its teardown, a serial test an exclusive one, and once a serial test waits, no
+    other test starts until it has run."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    shared = item.config._tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's
+    waiting = shared / f"serial-waiting-{os.environ['PYTEST_XDIST_WORKER']}"
+    serial = item.get_closest_marker("serial") is not None
+    with open(shared / "machine.lock", "a") as lock:
+        if not serial:
+            while any(shared.glob("serial-waiting-*")):
+                time.sleep(0.2)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            yield  # the lock goes when the file closes
+            return
+        waiting.touch()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting.unlink()
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, ALL_CORES)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, mine)
 
 
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory):
-    """One demo sandbox, built once for the test run: (folder, first repro's output, outcome)."""
-    dest = tmp_path_factory.mktemp("pipeline") / "sandbox"
-    sandbox.make_sandbox(dest, SETTINGS)
-    first = dvc(dest, "repro")
-    # As a user would (and make demo does): commit the baseline that experiments compare against.
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
-    return dest, first, outcome(dest)
-
-
+    """One demo sandbox, built once for the test run, whatever the number of pytest-xdist workers
+    (the first to need it builds it under a lock, in the run's shared temp folder; the others wait
+    and read it): (folder, first repro's output, outcome). Tests copy it before changing it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    dest, record = shared / "pipeline" / "sandbox", shared / "pipeline" / "first-repro.json"
+    with open(shared / "pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not record.is_file():
+            sandbox.make_sandbox(dest, SETTINGS)
+            first = dvc(dest, "repro")
+            # As a user would (and make demo does): commit the baseline that experiments compare against.
+            subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+            subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
+            record.write_text(json.dumps({"stdout": first.stdout, "stderr": first.stderr}))
+    first = json.loads(record.read_text())
+    return dest, subprocess.CompletedProcess(["dvc", "repro"], 0, first["stdout"], first["stderr"]), outcome(dest)

@@ -4,7 +4,7 @@ by torchrun.
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_on_cpu.py stages.train_full ARGS...
 
 Accelerate switches to FSDP only from the multi-GPU types (accelerate/state.py), so on CPU it would
-run DDP, and the stage refuses that when FSDP was asked for (ftstudy.launching). This script changes
+run DDP, and the stage refuses that when FSDP was asked for (ftstudy.train.launching). This script changes
 one thing: once Accelerate's state is initialised with an FSDP plugin (ACCELERATE_USE_FSDP=true,
 FSDP_VERSION=2), its distributed type becomes FSDP, as it would on GPUs. Everything after that is
 Accelerate's and PyTorch's own FSDP2 path (fully_shard, get_state_dict, clip_grad_norm_), and the

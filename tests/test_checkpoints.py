@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from conftest import demo_params, prepare_in
-from ftstudy import checkpoints
 from ftstudy.config import load_params, parse_params
+from ftstudy.train import checkpoints
 
 
 @pytest.fixture
@@ -76,10 +76,10 @@ def test_the_training_code_is_what_the_loop_imports():
 
     from conftest import ROOT
 
-    code = ("import sys; from stages import train_lora; from ftstudy import checkpoints; "
+    code = ("import sys; from stages import train_lora; from ftstudy.train import checkpoints; "
             "print('\\n'.join(p.name for p in checkpoints.training_code('lora')))")
     names = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    assert {"training.py", "loss.py", "lora.py", "data.py", "train_lora.py"} <= set(names)
+    assert {"training.py", "session.py", "loop.py", "finish.py", "loss.py", "lora.py", "token_files.py", "train_lora.py"} <= set(names)
     assert not {"reporting.py", "findings.py", "generation.py", "hub.py"} & set(names)  # their edits keep checkpoints
 
 

@@ -20,6 +20,9 @@ from conftest import ROOT, TIMING
 from ftstudy.config import override_file
 from scripts import cluster
 
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("cluster")
+
 GRID = ["--full-lr", "2e-3,2e-3", "--lora-lr", "5e-3,2e-2", "--seeds", "42"]
 NAMES = ["s42-f0p002-l0p005", "s42-f0p002-l0p02"]
 RUN_FACTS = {"wall_s", "ran", "reused"}  # what a study run did, not what it found

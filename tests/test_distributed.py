@@ -1,7 +1,7 @@
 """Several processes through Accelerate: 2 CPU processes (gloo) match 1 process at the same global
 batch, under DDP and under FSDP2 (full and LoRA; tests/fsdp_on_cpu.py switches Accelerate's
 distributed type to FSDP on CPU, which Accelerate itself does only on GPUs), and 2 simulated nodes
-on 127.0.0.1 (machine ranks 0 and 1 through ftstudy.launching's Slurm path) match 1 process too.
+on 127.0.0.1 (machine ranks 0 and 1 through ftstudy.train.launching's Slurm path) match 1 process too.
 Dropout is switched
 off in the snapshot so the runs differ only by reduction order. When FSDP is asked for and
 Accelerate runs anything else, the stage stops in one line."""
@@ -16,6 +16,9 @@ import yaml
 
 from conftest import ROOT, demo_params, no_dropout, prepare_in, train_args
 from ftstudy.outputs import read_json
+
+# One pytest-xdist worker runs this file: its launches use fixed ports on 127.0.0.1.
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
@@ -99,7 +102,7 @@ def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, li
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
                         "GLOO_SOCKET_IFNAME": "lo", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
                         "MASTER_PORT": str(port)}
-    cmd = [sys.executable, "-m", "ftstudy.launching", "node", "-m", f"stages.train_{method}", *train_args(tag)]
+    cmd = [sys.executable, "-m", "ftstudy.train.launching", "node", "-m", f"stages.train_{method}", *train_args(tag)]
     logs = [root / f"node{rank}.log" for rank in (0, 1)]
     nodes = [subprocess.Popen(cmd, cwd=root, env=env | {"SLURM_NODEID": str(rank)}, stdout=log.open("w"),
                               stderr=subprocess.STDOUT, start_new_session=True) for rank, log in zip((0, 1), logs)]
@@ -120,7 +123,7 @@ def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, li
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_nodes_match_one_process_at_the_same_global_batch(project, tmp_path, method):
-    """Multi-node training through ftstudy.launching's Slurm path: `python -m ftstudy.launching node`
+    """Multi-node training through ftstudy.train.launching's Slurm path: `python -m ftstudy.train.launching node`
     on each of two simulated nodes starts Accelerate's multi-node launch (num_machines 2, machine
     rank from SLURM_NODEID, main address from SLURM_JOB_NODELIST): the same curve and saved model as
     one process, within the DDP test's tolerance."""

@@ -88,11 +88,11 @@ def test_no_dep_is_a_file_the_stage_does_not_import(name, modules, deps):
 
 def test_the_check_finds_a_removed_dep():
     name, modules, deps = next(e for e in stage_entries() if e[0] == "generate")
-    assert "ftstudy/data.py" in deps  # imported through ftstudy/modeling.py
-    assert missing_deps(modules, deps - {"ftstudy/data.py"}) == ["ftstudy/data.py"]
+    assert "ftstudy/data/token_files.py" in deps  # imported through ftstudy/modeling.py
+    assert missing_deps(modules, deps - {"ftstudy/data/token_files.py"}) == ["ftstudy/data/token_files.py"]
     _, modules, deps = next(e for e in stage_entries() if e[0] == "train_lora")
-    assert modules == ["ftstudy.launching", "stages.train_lora"]  # the $(python -m ...) in its command counts
-    assert missing_deps(modules, deps - {"ftstudy/launching.py"}) == ["ftstudy/launching.py"]
+    assert modules == ["ftstudy.train.launching", "stages.train_lora"]  # the $(python -m ...) in its command counts
+    assert missing_deps(modules, deps - {"ftstudy/train/launching.py"}) == ["ftstudy/train/launching.py"]
 
 
 def test_stages_folder_holds_exactly_the_dvc_stages():
@@ -103,7 +103,7 @@ def test_stages_folder_holds_exactly_the_dvc_stages():
 
 def test_training_code_does_not_import_the_report():
     for module in ("stages.train_full", "stages.train_lora"):
-        assert not {"ftstudy/reporting.py", "ftstudy/findings.py"} & stage_files([module])
+        assert not {"ftstudy/report/reporting.py", "ftstudy/report/findings.py"} & stage_files([module])
 
 
 REVISION_KEYS = ("model.revision", "data.revision", "data.general")  # each general set has its revision
@@ -124,7 +124,7 @@ def test_revision_keys_are_params_of_exactly_the_stages_that_read_them():
     for key in REVISION_KEYS:
         stages = {name for name, stage in spec["stages"].items() if covers(stage.get("params", []), key)}
         assert stages == {"check_params", "prepare"}, (key, stages)  # check_params validates the whole file
-    # data.split_seed carves the splits of a source that has none (ftstudy.splits); the training seed
+    # data.split_seed carves the splits of a source that has none (ftstudy.data.splits); the training seed
     # does not, so a study's seeds share prepare's outputs and its test split.
     assert covers(spec["stages"]["prepare"]["params"], "data.split_seed")
     assert not covers(spec["stages"]["prepare"]["params"], "seed")

@@ -10,24 +10,36 @@ import pytest
 import torch
 
 from conftest import PREPARE_ARGS, reset_accelerate, run_main, train_args
-from ftstudy import data, modeling, scoring, stats
+from ftstudy import modeling
+from ftstudy.data import token_files
+from ftstudy.measure import scoring, stats
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import FAMILIES, local_params, write_corpus, write_params, write_tiny_model
 from stages import evaluate, generate, prepare, train_full, train_lora
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("families")
 
 # PEFT's defaults per family, which lora.target_modules: auto resolves to.
 AUTO_TARGETS = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"],
                 "qwen2": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"]}
 
 
+_RUNS: dict[str, tuple] = {}
+
+
 @pytest.fixture(params=list(FAMILIES), scope="module")
 def family_run(request, tmp_path_factory):
-    """One family's whole run, shared by the tests of this module (read-only)."""
-    family, tmp_path = request.param, tmp_path_factory.mktemp(request.param)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.chdir(tmp_path)
-        _run_every_stage(family, tmp_path)
-    return family, tmp_path
+    """One family's whole run, shared by the tests of this module (read-only); built once per
+    family and test process, however the tests are ordered."""
+    family = request.param
+    if family not in _RUNS:
+        tmp_path = tmp_path_factory.mktemp(family)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.chdir(tmp_path)
+            _run_every_stage(family, tmp_path)
+        _RUNS[family] = family, tmp_path
+    return _RUNS[family]
 
 
 def _run_every_stage(family, tmp_path):
@@ -74,7 +86,7 @@ def test_every_stage_runs_on_every_family(family_run):
 
 def test_training_lowers_the_loss_and_scoring_equals_the_models_own_logits(family_run):
     family, root = family_run
-    val = data.load_tokens(root / "prep", "validation")
+    val = token_files.load_tokens(root / "prep", "validation")
     pretrained = modeling.load_causal_lm(root / "pre").eval()
     with torch.no_grad():
         before = float(scoring.block_nll(pretrained, val, 32, torch.device("cpu")).mean())
@@ -84,7 +96,7 @@ def test_training_lowers_the_loss_and_scoring_equals_the_models_own_logits(famil
     for method in ("full", "lora"):
         model = modeling.load_for_eval(root / f"models/{method}", root / "pre", str(root / "model"))
         with torch.no_grad():
-            own = scoring.sliding_window_nll(model, data.load_tokens(root / "prep", "test"), 32, 16,
+            own = scoring.sliding_window_nll(model, token_files.load_tokens(root / "prep", "test"), 32, 16,
                                              torch.device("cpu"), own_forward=True)
         ev = read_json(root / f"m/evaluate/{method}.json")[method]
         assert ev["test_ppl"] == pytest.approx(stats.perplexity(own), rel=1e-5), (family, method)

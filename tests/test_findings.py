@@ -2,7 +2,7 @@
 
 import re
 
-from ftstudy import findings
+from ftstudy.report import findings
 
 PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 BOOTSTRAP = {"chunk": 1024, "min_chunks": 20}

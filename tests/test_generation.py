@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, demo_params
-from ftstudy import generation, modeling
+from ftstudy import modeling
 from ftstudy.config import ConfigError, parse_params
+from ftstudy.measure import generation
 
 # Prompts of one's own (the demo prompts with generate.prompt auto: held-out openings).
 PANEL = {"generate.prompt": "The town of", "generate.extra_prompts": ["The river", "In 1840 , the ship"]}
@@ -80,7 +81,7 @@ def test_auto_prompts_are_openings_of_held_out_test_documents(project, tmp_path)
                            "generate.num_samples": 0})
     run_main(generate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
     prompts = [p["prompt"] for p in read_json("gen/pre.json")["prompts"]]
-    test = modeling.load_tokenizer(TINY_MODEL).decode(__import__("ftstudy.data", fromlist=["x"]).load_tokens("prep", "test"))
+    test = modeling.load_tokenizer(TINY_MODEL).decode(__import__("ftstudy.data.token_files", fromlist=["x"]).load_tokens("prep", "test"))
     assert len(prompts) == 2 and all(p.startswith("Module number ") and p in " ".join(test.split()) for p in prompts)
 
 

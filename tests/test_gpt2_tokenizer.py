@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS, TINY_WIKI
-from ftstudy import data, modeling
+from ftstudy import modeling
+from ftstudy.data import token_files
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("gpt2_tokenizer")
 
 TOKENIZER = ASSETS / "gpt2-tokenizer"
 
@@ -18,7 +22,7 @@ def test_ids_are_gpt2s(tok):
     assert tok("GPT-2 is a language model")["input_ids"] == [38, 11571, 12, 17, 318, 257, 3303, 2746]
     assert tok(" = Valkyria Chronicles III = \n")["input_ids"] == [796, 569, 18354, 7496, 17740, 6711, 796, 220, 198]
     assert len(tok) == 50257 and tok.eos_token_id == 50256 and tok.eos_token == "<|endoftext|>"
-    assert data.token_dtype(len(tok)) == np.dtype("<u2")
+    assert token_files.token_dtype(len(tok)) == np.dtype("<u2")
 
 
 def test_round_trip_on_wikitext_style_text(tok):

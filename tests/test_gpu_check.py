@@ -47,4 +47,4 @@ def test_the_pipeline_half_gets_every_stage_as_dvc_resolves_it():
     assert list(stages)[-2:] == ["compare", "report"]
     assert not any("${" in cmd for cmd in stages.values())  # vars and matrix items expanded by DVC
     assert "--model models/lora --base models/pretrained" in stages["evaluate@lora"]
-    assert stages["train_full"].startswith("$(python -m ftstudy.launching) -m stages.train_full")
+    assert stages["train_full"].startswith("$(python -m ftstudy.train.launching) -m stages.train_full")

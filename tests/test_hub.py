@@ -19,6 +19,9 @@ from conftest import PREPARE_ARGS, ROOT
 from ftstudy.config import set_keys
 from hub_standin import COMMITS, LAMBADA, MODEL, WIKITEXT, HubStandIn, study_repos
 
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("hub")
+
 DATA = WIKITEXT
 
 

@@ -12,11 +12,16 @@ import pytest
 import torch
 
 from conftest import PREPARE_ARGS, reset_accelerate, run_main, run_tasks, train_args
-from ftstudy import batches, data, examples, loss, modeling, scoring, stats
+from ftstudy import loss, modeling
 from ftstudy.config import ConfigError
+from ftstudy.data import batches, examples, token_files
+from ftstudy.measure import scoring, stats
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import ASSETS, write_tiny_model
 from stages import compare, evaluate, generate, prepare, report, train_full, train_lora
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("instructions")
 
 INSTRUCT = ASSETS / "tiny-instruct"
 FORMATS = {"prompt_completion": ("gpt2", INSTRUCT / "prompt_completion.jsonl"),
@@ -40,15 +45,22 @@ def stage_args(method: str) -> tuple[str, ...]:
             f"m/plots/train_{method}", "--live", f"m/live/train_{method}")
 
 
+_RUNS: dict[str, tuple] = {}
+
+
 @pytest.fixture(scope="module", params=list(FORMATS))
 def instruct_run(request, tmp_path_factory):
     """Every stage on one format, laid out as dvc.yaml lays it out, shared by this module's tests
-    (read-only)."""
+    (read-only); built once per format and test process, however the tests are ordered."""
+    if request.param not in _RUNS:
+        _RUNS[request.param] = run_every_stage(request.param, tmp_path_factory.mktemp(request.param))
+    return _RUNS[request.param]
+
+
+def run_every_stage(fmt: str, root):
     import yaml
 
     from conftest import demo_params
-
-    fmt, root = request.param, tmp_path_factory.mktemp(request.param)
 
     def project(**overrides):
         (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
@@ -81,7 +93,7 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     fmt, root = instruct_run
     meta = read_json(root / "prep/meta.json")
     assert meta["format"] == fmt and meta["split"]["carved"] == ["validation", "test"]
-    for split in data.SPLITS:
+    for split in token_files.SPLITS:
         s = meta["splits"][split]
         assert s["answer_tokens"] > 0 and s["documents"] > 0
     full = read_json(root / "m/train_full.info.json")
@@ -206,7 +218,7 @@ def test_a_long_example_is_cut_to_the_block_and_counted(project, tmp_path):
 
 
 def test_a_block_that_leaves_no_answer_is_refused_saying_what_to_raise(project, tmp_path):
-    _refused(project, tmp_path, data.DataError, r"split 'train' came out empty \(0 examples; [\d,]+ dropped with "
+    _refused(project, tmp_path, token_files.DataError, r"split 'train' came out empty \(0 examples; [\d,]+ dropped with "
              r"no answer token within data.block_size=16\); .*, or raise data.block_size$",
              **{"data.block_size": 16, "evaluate.stride": 16})
 
@@ -229,20 +241,20 @@ GOOD = [{"prompt": f"Request: {i}\nAnswer:", "completion": " The town of Marven 
 
 def test_a_missing_field_names_its_key_and_line(project, tmp_path):
     records = GOOD[:20] + [{"prompt": "x", "answer": "y"}] + GOOD[20:]
-    _refused(project, tmp_path, data.DataError, r"bad.jsonl, line 21: no field 'completion' \(data.completion_column\); "
+    _refused(project, tmp_path, token_files.DataError, r"bad.jsonl, line 21: no field 'completion' \(data.completion_column\); "
              r"its fields are prompt, answer; set data.completion_column", source=_jsonl(tmp_path / "bad.jsonl", records))
 
 
 def test_an_empty_completion_names_its_row(project, tmp_path):
     records = GOOD[:7] + [{"prompt": "x", "completion": "  "}] + GOOD[7:]
-    _refused(project, tmp_path, data.DataError, r"empty.jsonl, row 8: the completion \(data.completion_column\) is empty",
+    _refused(project, tmp_path, token_files.DataError, r"empty.jsonl, row 8: the completion \(data.completion_column\) is empty",
              source=_jsonl(tmp_path / "empty.jsonl", records))
 
 
 def test_an_unknown_role_names_its_row(project, tmp_path):
     chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 30
     chat = chat[:4] + [{"messages": [{"role": "narrator", "content": "q"}, {"role": "assistant", "content": "a"}]}] + chat
-    _refused(project, tmp_path, data.DataError, r"roles.jsonl, row 5: data.messages_column: unknown role 'narrator'; "
+    _refused(project, tmp_path, token_files.DataError, r"roles.jsonl, row 5: data.messages_column: unknown role 'narrator'; "
              r"roles are system, user, assistant", fmt="messages", source=_jsonl(tmp_path / "roles.jsonl", chat))
 
 
@@ -254,7 +266,7 @@ def test_messages_for_a_tokenizer_without_a_chat_template_are_refused_naming_the
 
 def test_a_text_file_cannot_hold_instruction_fields(project, tmp_path):
     (tmp_path / "notes.txt").write_text("just text\n" * 50)
-    _refused(project, tmp_path, data.DataError, r"notes.txt: a text file holds no fields", source=tmp_path / "notes.txt")
+    _refused(project, tmp_path, token_files.DataError, r"notes.txt: a text file holds no fields", source=tmp_path / "notes.txt")
 
 
 def test_the_interval_resamples_whole_examples():
@@ -275,13 +287,13 @@ def test_examples_longer_than_the_context_are_cut_without_a_third_party_warning(
     assert "longer than the specified maximum" not in out + err
     splits = read_json("prep/meta.json")["splits"]
     # The long one, cut to data.block_size, its answer cut off with it: dropped, and counted.
-    assert sum(splits[s]["dropped_no_answer"] for s in data.SPLITS) == 1
+    assert sum(splits[s]["dropped_no_answer"] for s in token_files.SPLITS) == 1
 
 
 def test_the_bundled_chat_model_takes_chat_data(project, tmp_path):
     """assets/tiny-chat: the tiny GPT-2 with a chat template (built by assets/build_assets.py), so chat
     data runs on a bundled model; each assistant turn ends at <|endoftext|>, where answers stop."""
-    from ftstudy import generation
+    from ftstudy.measure import generation
     from stages import check_params
 
     chat = ASSETS / "tiny-chat"

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from ftstudy import launching
+from ftstudy import cores
+from ftstudy.train import launching
 
 
 def test_a_users_accelerate_config_applies_unchanged(tmp_path, monkeypatch):
@@ -34,7 +35,7 @@ def test_several_slurm_nodes_start_one_accelerate_launch_per_node_from_slurms_en
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     assert launching.launcher() == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-                                    "python", "-m", "ftstudy.launching", "node"]
+                                    "python", "-m", "ftstudy.train.launching", "node"]
     monkeypatch.setenv("SLURM_STEP_ID", "0")  # already inside an srun step (a Dask worker's): no srun within it
     assert launching.launcher()[0] != "srun"
     monkeypatch.delenv("SLURM_STEP_ID")
@@ -63,28 +64,28 @@ def test_cpu_threads_by_default_ignore_the_load_and_by_load_leaves_busy_cores(mo
     """auto: the usable cores, however busy (the thread count changes the trained bytes); by-load, an
     opt-in: the cores others leave idle; a number, or the user's OMP_NUM_THREADS, wins."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launching, "affinity_cores", lambda: [0, 1])
-    monkeypatch.setattr(launching, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(cores, "affinity_cores", lambda: [0, 1])
+    monkeypatch.setattr(cores, "cgroup_cpu_limit", lambda: None)
     for busy, threads in ((0.0, 2), (0.7, 2), (0.8, 1), (1.0, 1), (1.6, 1), (5.0, 1)):
-        monkeypatch.setattr(launching, "busy_cores", lambda busy=busy: busy)
-        assert launching.cpu_threads("by-load") == threads, busy
-        assert launching.cpu_threads() == launching.cpu_threads("auto") == 2, busy
-    assert launching.cpu_threads(3) == 3
+        monkeypatch.setattr(cores, "busy_cores", lambda busy=busy: busy)
+        assert cores.cpu_threads("by-load") == threads, busy
+        assert cores.cpu_threads() == cores.cpu_threads("auto") == 2, busy
+    assert cores.cpu_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert launching.cpu_threads() == launching.cpu_threads("by-load") == 3
-    assert launching.cpu_threads(1) == 1
+    assert cores.cpu_threads() == cores.cpu_threads("by-load") == 3
+    assert cores.cpu_threads(1) == 1
 
 
 def test_a_cgroup_quota_caps_the_threads_and_the_load_counts_only_our_cores(monkeypatch):
     # A container on a 64-core host, allowed 2.5 cores: 30 busy host cores take none of its quota.
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launching, "affinity_cores", lambda: list(range(64)))
-    monkeypatch.setattr(launching, "cgroup_cpu_limit", lambda: 2.5)
-    monkeypatch.setattr(launching, "busy_cores", lambda: 30.0)
-    assert launching.cpu_threads() == 2 and launching.usable_cores() == 2
-    assert launching.cpu_threads("by-load") == 2
-    monkeypatch.setattr(launching, "busy_cores", lambda: 63.0)
-    assert launching.cpu_threads("by-load") == 1 and launching.cpu_threads() == 2
+    monkeypatch.setattr(cores, "affinity_cores", lambda: list(range(64)))
+    monkeypatch.setattr(cores, "cgroup_cpu_limit", lambda: 2.5)
+    monkeypatch.setattr(cores, "busy_cores", lambda: 30.0)
+    assert cores.cpu_threads() == 2 and cores.usable_cores() == 2
+    assert cores.cpu_threads("by-load") == 2
+    monkeypatch.setattr(cores, "busy_cores", lambda: 63.0)
+    assert cores.cpu_threads("by-load") == 1 and cores.cpu_threads() == 2
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -100,24 +101,25 @@ def test_the_cgroup_quota_is_read_from_either_hierarchy(tmp_path, version):
         folder.mkdir(parents=True)
         (folder / "cpu.cfs_quota_us").write_text("150000\n")
         (folder / "cpu.cfs_period_us").write_text("100000\n")
-    assert launching.cgroup_cpu_limit(tmp_path, membership) == (2.5 if version == "v2" else 1.5)
+    assert cores.cgroup_cpu_limit(tmp_path, membership) == (2.5 if version == "v2" else 1.5)
     if version == "v2":  # no quota: "max"
         (tmp_path / "docker/abc/cpu.max").write_text("max 100000\n")
-        assert launching.cgroup_cpu_limit(tmp_path, membership) is None
-    assert launching.cgroup_cpu_limit(tmp_path, tmp_path / "missing") is None
+        assert cores.cgroup_cpu_limit(tmp_path, membership) is None
+    assert cores.cgroup_cpu_limit(tmp_path, tmp_path / "missing") is None
 
 
+@pytest.mark.serial  # measures the machine's load: another test beside it would count
 def test_a_busy_neighbour_is_measured_and_the_stages_own_work_is_not():
     import time
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # let it start spinning
-        since = launching.load_sample()
+        since = cores.load_sample()
         deadline = time.perf_counter() + 0.4
         while time.perf_counter() < deadline:  # this process busy too, as a stage is while it imports
             pass
-        busy = launching.busy_cores(since)
+        busy = cores.busy_cores(since)
         # At least the neighbour's core (more if others run), and not this process's own.
         assert 0.7 <= busy <= (os.cpu_count() or 1) - 0.5, busy
     finally:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, demo_params
-from ftstudy import lora, modeling
+from ftstudy import modeling
 from ftstudy.config import ConfigError, parse_params
+from ftstudy.train import lora
 
 
 def test_lora_target_that_matches_nothing_lists_valid_names():
@@ -220,7 +221,7 @@ def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_p
     from conftest import ROOT
 
     code = ("import sys; from pathlib import Path; from conftest import TINY_MODEL, demo_params; "
-            "from ftstudy import lora, modeling; from ftstudy.config import parse_params; "
+            "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
             "p = parse_params(demo_params()).lora; "
             "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, 'x'); lora.save(m, Path(sys.argv[1]), p, None)")
     configs = []

@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from conftest import ScaledBeforeHead, demo_params
-from ftstudy import loss, lora, modeling
+from ftstudy import loss, modeling
 from ftstudy.config import parse_params
 from ftstudy.synthetic import FAMILIES, write_tiny_model
+from ftstudy.train import lora
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("loss")
 
 
 @pytest.fixture(scope="module")

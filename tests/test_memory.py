@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from conftest import prepare_in, run_main, train_args
-from ftstudy import memory
 from ftstudy.config import ConfigError
+from ftstudy.train import memory
 from stages import train_full, train_lora
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("memory")
 
 GiB = 2**30
 

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import SETTINGS, dvc, outcome
 from ftstudy.config import override_file
-from ftstudy.launching import usable_cores
+from ftstudy.cores import usable_cores
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import write_tiny_model
 from scripts import sandbox
@@ -145,6 +145,7 @@ def test_second_repro_runs_nothing(repo):
     assert "up to date" in again.stdout
 
 
+@pytest.mark.xdist_group("r16")  # one worker builds the r16 experiment for these three
 def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(demo_build, r16):
     dest, exp = r16
     before = read_json(demo_build[0] / "metrics/train_lora.json")["lora"]["trainable_params"]
@@ -165,6 +166,7 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(demo_buil
                 if k.startswith("paired.full_vs_pretrained") or re.match(r"tasks\..*\.full_vs_pretrained\.", k)]
 
 
+@pytest.mark.xdist_group("r16")  # one worker builds the r16 experiment for these three
 def test_readme_exp_show_command_fits_120_columns(r16):
     dest, _ = r16
     readme = (sandbox.ROOT / "README.md").read_text()
@@ -303,6 +305,7 @@ def test_evaluate_killed_partway_leaves_no_partial_file_and_the_run_cache_brings
     assert {p: p.read_bytes() for p in (dest / "metrics/evaluate").iterdir()} == old
 
 
+@pytest.mark.xdist_group("r16")  # one worker builds the r16 experiment for these three
 def test_an_experiment_run_before_is_restored_from_the_run_cache(demo_build, r16, tmp_path):
     """r=16, then r=8 again (the baseline's value): DVC restores r=8's outputs instead of training."""
     dest = tmp_path / "sandbox"

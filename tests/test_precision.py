@@ -16,8 +16,13 @@ import torch
 import yaml
 
 from conftest import demo_params, no_dropout, prepare_in, reset_accelerate, run_main, train_args
-from ftstudy import data, lora, modeling
+from ftstudy import modeling
+from ftstudy.data import token_files
+from ftstudy.train import lora
 from stages import train_full, train_lora
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("precision")
 
 STAGES = {"full": train_full, "lora": train_lora}
 # Measured over these 53 steps (dropout off): bf16 vs fp32 eager, mean relative gap of the loss
@@ -85,7 +90,7 @@ def check_variant(workdir, fp32_curves, method, variant, monkeypatch):
     gap = np.abs(curve / fp32_curves[method] - 1)
     assert gap.mean() < LOSS_MEAN_RTOL and gap.max() < LOSS_MAX_RTOL, (gap.mean(), gap.max())
 
-    batch = torch.from_numpy(data.blocks(data.load_tokens(workdir / "prep", "test"), 128)[:2].astype(np.int64))
+    batch = torch.from_numpy(token_files.blocks(token_files.load_tokens(workdir / "prep", "test"), 128)[:2].astype(np.int64))
     saved = modeling.load_for_eval(workdir / f"models/{method}-{variant}", workdir / "pre", _model_name())
     model.eval()
     with torch.no_grad():

@@ -13,11 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PREPARE_ARGS, TINY_MODEL, TINY_WIKI, run_main
-from ftstudy import data, modeling, sources, splits
+from ftstudy import modeling
 from ftstudy.config import ConfigError, load_params
+from ftstudy.data import sources, splits, token_files
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import ASSETS
 from stages import prepare
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("prepare")
 
 ARTICLES = ASSETS / "tiny-jsonl" / "articles.jsonl"
 
@@ -39,7 +43,7 @@ def run_prepare(project, **overrides) -> dict:
 
 
 def decoded(tokenizer, split: str) -> str:
-    return tokenizer.decode(data.load_tokens("prep", split).tolist())
+    return tokenizer.decode(token_files.load_tokens("prep", split).tolist())
 
 
 def test_token_counts_equal_direct_tokenization(project, tokenizer):
@@ -47,7 +51,7 @@ def test_token_counts_equal_direct_tokenization(project, tokenizer):
     for split, raw in (("train", "wiki.train.raw"), ("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
         lines = (TINY_WIKI / raw).read_text(encoding="utf-8").splitlines(keepends=True)
         direct = [i for row in tokenizer(lines, add_special_tokens=False)["input_ids"] for i in row]
-        tokens = data.load_tokens("prep", split)
+        tokens = token_files.load_tokens("prep", split)
         assert tokens.dtype == np.dtype("<u2")
         assert tokens.tolist() == direct
         assert meta["splits"][split]["tokens"] == len(direct)
@@ -63,7 +67,7 @@ def test_token_counts_equal_direct_tokenization(project, tokenizer):
 
 @pytest.mark.parametrize("vocab,dtype", [(1024, "<u2"), (50257, "<u2"), (65536, "<u2"), (65537, "<u4"), (151_936, "<u4")])
 def test_dtype_rule(vocab, dtype):
-    assert data.token_dtype(vocab) == np.dtype(dtype)
+    assert token_files.token_dtype(vocab) == np.dtype(dtype)
 
 
 def _write_source(kind: str, root, docs: list[str]):
@@ -107,7 +111,7 @@ def test_one_source_is_split_for_you_by_document(project, tmp_path, tokenizer, k
     docs = articles()
     name, column = _write_source(kind, tmp_path, docs)
     meta = run_prepare(project, **{"data.name": str(name), "data.text_column": column})
-    splits = {s: meta["splits"][s] for s in data.SPLITS}
+    splits = {s: meta["splits"][s] for s in token_files.SPLITS}
     assert meta["split"] == {"carved": ["validation", "test"], "split_seed": 42, "validation_fraction": 0.05,
                              "test_fraction": 0.05}
     assert sum(s["documents"] for s in splits.values()) == len(docs)
@@ -117,7 +121,7 @@ def test_one_source_is_split_for_you_by_document(project, tmp_path, tokenizer, k
     kept = [d.replace("\n", " ") + "\n" for d in docs] if kind == "one .txt" else [d + "\n\n" for d in docs]
     per_doc = [len(ids) for ids in tokenizer(kept, add_special_tokens=False)["input_ids"]]
     assert sum(s["tokens"] for s in splits.values()) == sum(per_doc)
-    text = {s: decoded(tokenizer, s) for s in data.SPLITS}
+    text = {s: decoded(tokenizer, s) for s in token_files.SPLITS}
     for doc in kept[:20]:
         assert sum(t.count(doc) for t in text.values()) >= 1
         assert sum(doc in t for t in text.values()) == 1, doc[:40]
@@ -130,10 +134,10 @@ def test_the_same_params_give_the_same_split_whatever_the_training_seed(project,
     again = run_prepare(project, **{"data.name": name, "data.text_column": "content"})
     seed = run_prepare(project, **{"data.name": name, "data.text_column": "content", "seed": 7})
     other = run_prepare(project, **{"data.name": name, "data.text_column": "content", "data.split_seed": 7})
-    digests = lambda meta: {s: meta["splits"][s]["documents_sha256"] for s in data.SPLITS}  # noqa: E731
+    digests = lambda meta: {s: meta["splits"][s]["documents_sha256"] for s in token_files.SPLITS}  # noqa: E731
     assert digests(again) == digests(first) == digests(seed)
     assert digests(other)["test"] != digests(first)["test"]
-    assert read_json("m/prepare.info.json")["inputs"]["data.name"]["content_sha256"] == data.content_hash(ARTICLES)
+    assert read_json("m/prepare.info.json")["inputs"]["data.name"]["content_sha256"] == token_files.content_hash(ARTICLES)
 
 
 @pytest.mark.parametrize("ending", ["", "\n"], ids=["rows-as-they-are", "rows-ending-in-a-newline"])
@@ -155,7 +159,7 @@ def test_planted_duplicates_never_cross_splits(project, tmp_path, tokenizer, end
     # One file with a document 30 times over: carved by content, all its copies share one split.
     (tmp_path / "one.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs + [docs[7]] * 30))
     meta = run_prepare(project, **{"data.name": str(tmp_path / "one.jsonl"), "data.text_column": "content"})
-    holding = [s for s in data.SPLITS if docs[7] in decoded(tokenizer, s)]
+    holding = [s for s in token_files.SPLITS if docs[7] in decoded(tokenizer, s)]
     assert len(holding) == 1 and decoded(tokenizer, holding[0]).count(docs[7]) == 31
 
 
@@ -171,8 +175,8 @@ def test_a_folder_of_txt_documents_ending_in_a_newline_keeps_them_apart(project,
     write_tiny_model("llama", tmp_path / "llama")
     meta = run_prepare(project, **{"model.name": str(tmp_path / "llama"), "data.name": str(tmp_path / "docs")})
     bos = meta["bos"]["id"]
-    for split in data.SPLITS:
-        tokens = data.load_tokens("prep", split)
+    for split in token_files.SPLITS:
+        tokens = token_files.load_tokens("prep", split)
         assert meta["splits"][split]["separator"] == "\n\n"
         assert int((tokens == bos).sum()) == meta["splits"][split]["documents"] >= 3
 
@@ -184,8 +188,8 @@ def test_a_bos_tokenizer_gets_bos_before_each_document(project, tmp_path):
     meta = run_prepare(project, **{"model.name": str(tmp_path / "llama"), "data.name": str(ARTICLES),
                                    "data.text_column": "content"})
     bos = meta["bos"]["id"]
-    for split in data.SPLITS:
-        tokens = data.load_tokens("prep", split)
+    for split in token_files.SPLITS:
+        tokens = token_files.load_tokens("prep", split)
         assert tokens[0] == bos and int((tokens == bos).sum()) == meta["splits"][split]["documents"]
 
 
@@ -220,7 +224,7 @@ def test_a_malformed_json_line_is_named_by_its_number(project, tmp_path):
     lines = [json.dumps({"content": d}) for d in articles()]
     lines[57] = '{"content": "cut off'
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
-    _refused(project, tmp_path, data.DataError, r"bad.jsonl: line 58 is not valid JSON \(Unterminated string .*; fix "
+    _refused(project, tmp_path, token_files.DataError, r"bad.jsonl: line 58 is not valid JSON \(Unterminated string .*; fix "
              r"or remove that line$", **{"data.name": str(tmp_path / "bad.jsonl"), "data.text_column": "content"})
 
 
@@ -228,23 +232,23 @@ def test_a_missing_field_or_column_lists_the_ones_there(project, tmp_path):
     import pyarrow.csv as pacsv
 
     pacsv.write_csv(pa.table({"id": [1, 2], "body": ["a", "b"]}), tmp_path / "rows.csv")
-    _refused(project, tmp_path, data.DataError, r"rows.csv: no column 'text' \(data.text_column\); its columns are id, body$",
+    _refused(project, tmp_path, token_files.DataError, r"rows.csv: no column 'text' \(data.text_column\); its columns are id, body$",
              **{"data.name": str(tmp_path / "rows.csv")})
     (tmp_path / "rows.jsonl").write_text('{"id": 1, "body": "a"}\n')
-    _refused(project, tmp_path, data.DataError, r"rows.jsonl, line 1: no field 'content' \(data.text_column\); its "
+    _refused(project, tmp_path, token_files.DataError, r"rows.jsonl, line 1: no field 'content' \(data.text_column\); its "
              r"fields are id, body; set data.text_column", **{"data.name": str(tmp_path / "rows.jsonl"),
                                                               "data.text_column": "content"})
 
 
 def test_an_empty_file_is_refused(project, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    _refused(project, tmp_path, data.DataError, r"empty.jsonl: the file is empty; give it text$",
+    _refused(project, tmp_path, token_files.DataError, r"empty.jsonl: the file is empty; give it text$",
              **{"data.name": str(tmp_path / "empty.jsonl")})
 
 
 def test_a_split_that_comes_out_too_small_says_what_it_has_and_needs(project, tmp_path):
     (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in articles()[:12]))
-    _refused(project, tmp_path, data.DataError,
+    _refused(project, tmp_path, token_files.DataError,
              r"few.jsonl: split '(validation|test)' (came out empty \(0 documents\)|has [\d,]+ tokens in \d+ document\(s\), "
              r"fewer than one block \(data.block_size=128\)); raise data.(validation|test)_fraction \(now 0.05\) or give "
              r"the source more text", **{"data.name": str(tmp_path / "few.jsonl")})
@@ -266,19 +270,19 @@ def test_fractions_outside_their_range_are_refused_naming_the_key(project, overr
 def test_a_folder_without_training_data_says_what_it_expected(project, tmp_path):
     (tmp_path / "only").mkdir()
     (tmp_path / "only/test.jsonl").write_text('{"text": "x"}\n')
-    _refused(project, tmp_path, data.DataError, r"only: split files for test but none for train",
+    _refused(project, tmp_path, token_files.DataError, r"only: split files for test but none for train",
              **{"data.name": str(tmp_path / "only")})
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing/notes.md").write_text("x")
-    _refused(project, tmp_path, data.DataError, r"nothing: no split files and no .txt documents; expected train.jsonl",
+    _refused(project, tmp_path, token_files.DataError, r"nothing: no split files and no .txt documents; expected train.jsonl",
              **{"data.name": str(tmp_path / "nothing")})
 
 
 def test_non_utf8_text_names_the_file_and_line(project, tmp_path):
     (tmp_path / "src").mkdir()
-    for split in data.SPLITS:
+    for split in token_files.SPLITS:
         (tmp_path / f"src/{split}.txt").write_bytes(b"fine line\n" * 300 + (b"\xff\xfe broken\n" if split == "train" else b""))
-    _refused(project, tmp_path, data.DataError, r"train.txt: line 301 is not UTF-8", **{"data.name": str(tmp_path / "src")})
+    _refused(project, tmp_path, token_files.DataError, r"train.txt: line 301 is not UTF-8", **{"data.name": str(tmp_path / "src")})
 
 
 def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
@@ -289,7 +293,7 @@ def test_too_short_split_is_refused_and_old_outputs_survive(project, tmp_path):
     for split in ("train", "validation", "test"):
         (short / f"{split}.txt").write_text("The town of Marven . \n" * (1 if split == "test" else 50))
     project(**{"data.name": str(short)})
-    with pytest.raises(data.DataError, match=r"test.txt: split 'test' has \d+ tokens in 1 document\(s\), fewer than one "
+    with pytest.raises(token_files.DataError, match=r"test.txt: split 'test' has \d+ tokens in 1 document\(s\), fewer than one "
                                              r"block \(data.block_size=128\); give it more text, or lower data.block_size"):
         run_main(prepare, *PREPARE_ARGS)
     assert (tmp_path / "prep" / "train.bin").read_bytes() == before
@@ -300,8 +304,8 @@ def test_truncated_token_file_is_detected(project, tmp_path):
     run_main(prepare, *PREPARE_ARGS)
     path = tmp_path / "prep" / "test.bin"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(data.DataError, match="the file is truncated"):
-        data.load_tokens(tmp_path / "prep", "test")
+    with pytest.raises(token_files.DataError, match="the file is truncated"):
+        token_files.load_tokens(tmp_path / "prep", "test")
 
 
 def test_block_size_beyond_the_context_is_refused_before_tokenizing(project, tmp_path):
@@ -315,7 +319,7 @@ def test_empty_split_file_is_refused(project, tmp_path):
     (tmp_path / "empty").mkdir()
     for split in ("train", "validation", "test"):
         (tmp_path / f"empty/{split}.txt").write_text("" if split == "validation" else "word " * 400)
-    _refused(project, tmp_path, data.DataError, r"validation.txt: split 'validation' came out empty \(0 documents\); "
+    _refused(project, tmp_path, token_files.DataError, r"validation.txt: split 'validation' came out empty \(0 documents\); "
              r"give it more text", **{"data.name": str(tmp_path / "empty")})
 
 
@@ -348,10 +352,10 @@ def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_column(proj
         writer.writerow(["content", "title"])
         writer.writerows([d, f"t{i}"] for i, d in enumerate(docs))
     meta = run_prepare(project, **{"data.name": str(tmp_path / "rows.csv"), "data.text_column": "content"})
-    assert sum(meta["splits"][s]["documents"] for s in data.SPLITS) == len(docs)
+    assert sum(meta["splits"][s]["documents"] for s in token_files.SPLITS) == len(docs)
     (tmp_path / "rows.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"content": d}) + "\n" for d in docs).encode())
     meta = run_prepare(project, **{"data.name": str(tmp_path / "rows.jsonl"), "data.text_column": "content"})
-    assert sum(meta["splits"][s]["documents"] for s in data.SPLITS) == len(docs)
+    assert sum(meta["splits"][s]["documents"] for s in token_files.SPLITS) == len(docs)
     (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbf" + (TINY_WIKI / "wiki.train.raw").read_bytes())
     run_prepare(project, **{"data.name": str(tmp_path / "notes.txt")})
     assert "\ufeff" not in decoded(tokenizer, "train") + decoded(tokenizer, "test")

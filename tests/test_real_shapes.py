@@ -16,11 +16,14 @@ import pytest
 import torch
 
 from conftest import PREPARE_ARGS, ROOT, train_args
-from ftstudy import data, memory, runtime
+from ftstudy import runtime
+from ftstudy.data import token_files
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import local_params, write_corpus, write_gpt2_124m, write_params
+from ftstudy.train import memory
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_shapes")]
 
 
 def stage(root, module: str, *args: str) -> None:
@@ -50,10 +53,10 @@ def run(tmp_path_factory):
 
 
 def test_tokens_are_uint16_for_gpt2s_vocabulary(run):
-    meta = data.read_meta(run / "prep")
+    meta = token_files.read_meta(run / "prep")
     assert meta["vocab_size"] == 50257 and meta["dtype"] == "<u2"
-    assert data.load_tokens(run / "prep", "train").dtype == np.dtype("<u2")
-    assert data.blocks(data.load_tokens(run / "prep", "train"), 1024).shape[0] == 1
+    assert token_files.load_tokens(run / "prep", "train").dtype == np.dtype("<u2")
+    assert token_files.blocks(token_files.load_tokens(run / "prep", "train"), 1024).shape[0] == 1
 
 
 def test_training_runs_at_124m_with_the_expected_lora_count(run):

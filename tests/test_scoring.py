@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, TINY_WIKI, ScaledBeforeHead, prepare_in, run_main, run_tasks, train_args
-from ftstudy import data, modeling, scoring, stats
+from ftstudy import modeling
 from ftstudy.config import ConfigError, load_params
+from ftstudy.data import token_files
+from ftstudy.measure import scoring, stats
 from ftstudy.outputs import read_json
+
+# One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("scoring")
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +125,8 @@ def test_bits_per_byte_equals_total_nll_over_bytes_computed_independently(projec
     prepare_in(project, **{"evaluate.stride": 32})
     p = load_params()
     model = modeling.load_causal_lm(TINY_MODEL).eval()
-    n_bytes = data.read_meta("prep")["splits"]["test"]["bytes"]
-    got, _ = scoring.sliding_metrics(model, data.load_tokens("prep", "test"), n_bytes, 128, p.evaluate, p.seed,
+    n_bytes = token_files.read_meta("prep")["splits"]["test"]["bytes"]
+    got, _ = scoring.sliding_metrics(model, token_files.load_tokens("prep", "test"), n_bytes, 128, p.evaluate, p.seed,
                                   torch.device("cpu"))
 
     # Independently: tokenize the raw file, let the HF model's own loss score each window's new
@@ -184,7 +189,7 @@ def test_evaluate_scores_through_the_models_own_forward_when_body_and_head_diffe
     # The perplexity is the scaled model's own: every test token scored through its forward.
     model = ScaledBeforeHead(original("pre", "pre", "x"))
     p = load_params()
-    own = scoring.sliding_window_nll(model, data.load_tokens("prep", "test"), 128, p.evaluate.stride,
+    own = scoring.sliding_window_nll(model, token_files.load_tokens("prep", "test"), 128, p.evaluate.stride,
                                      torch.device("cpu"), own_forward=True)
     assert read_json(root / "m/pretrained.json")["pretrained"]["test_ppl"] == pytest.approx(stats.perplexity(own), rel=1e-6)
     assert set(np.load(root / "nll/pretrained.npz").files) == {"test", "test_sizes", "test_unit", "tiny-general-test",

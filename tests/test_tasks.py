@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, run_main
-from ftstudy import answers, benchmarks, modeling
+from ftstudy import modeling
 from ftstudy.config import load_params
 from ftstudy.errors import StudyError
-from ftstudy.stats import MIN_CHUNKS, mean_metrics, paired_mean_difference
+from ftstudy.measure import answers, benchmarks
+from ftstudy.measure.stats import MIN_CHUNKS, mean_metrics, paired_mean_difference
 
 TASKS = ("tasks/tiny_cloze.yaml", "tasks/tiny_complete.yaml")
 

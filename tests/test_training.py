@@ -10,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import prepare_in, run_main, train_args
-from ftstudy import data, modeling, runtime, scoring, training
+from ftstudy import modeling, runtime
 from ftstudy.config import ConfigError, load_params
+from ftstudy.data import token_files
+from ftstudy.measure import scoring
 from ftstudy.outputs import read_json
+from ftstudy.train import loop, session
 from stages import train_full, train_lora
 
 
@@ -24,7 +27,7 @@ def prepared(project):
 def pretrained_val_loss(root) -> float:
     model = modeling.load_causal_lm(root / "pre").eval()
     with torch.no_grad():
-        return float(scoring.block_nll(model, data.load_tokens(root / "prep", "validation"), 128, torch.device("cpu")).mean())
+        return float(scoring.block_nll(model, token_files.load_tokens(root / "prep", "validation"), 128, torch.device("cpu")).mean())
 
 
 def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared, capfd):
@@ -66,7 +69,7 @@ def test_live_steps_reread_no_curve_when_studio_is_not_configured(tmp_path, monk
     # not, so a long run's steps got slower and slower; LiveTracker skips it without Studio.
     import dvclive.live
 
-    from ftstudy.tracking import LiveTracker
+    from ftstudy.train.tracking import LiveTracker
 
     monkeypatch.setattr(dvclive.live, "get_dvc_studio_config", lambda live: {})  # whatever `dvc studio login` did
 
@@ -86,7 +89,7 @@ def test_the_schedule_is_transformers_warmup_linear():
 
     for warmup, total in ((0, 7), (3, 10), (10, 11)):
         ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
-        ours = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: training.warmup_linear(warmup, total, step))
+        ours = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: session.warmup_linear(warmup, total, step))
         theirs = get_linear_schedule_with_warmup(theirs, warmup, total)
         for _ in range(total + 2):
             assert ours.get_last_lr() == theirs.get_last_lr()
@@ -127,9 +130,9 @@ def test_lora_trains_only_the_adapter(prepared, monkeypatch):
 
 
 def test_epoch_order_is_a_seeded_permutation():
-    a, b = training.epoch_order(100, 42, 0), training.epoch_order(100, 42, 1)
+    a, b = loop.epoch_order(100, 42, 0), loop.epoch_order(100, 42, 1)
     assert sorted(a.tolist()) == list(range(100))
-    assert np.array_equal(a, training.epoch_order(100, 42, 0)) and not np.array_equal(a, b)
+    assert np.array_equal(a, loop.epoch_order(100, 42, 0)) and not np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("micro_batch,grad_accum,world", [(4, 1, 1), (2, 3, 1), (4, 1, 2), (2, 2, 3)])
@@ -137,12 +140,12 @@ def test_micro_batch_slices_cover_each_step_once(micro_batch, grad_accum, world)
     global_batch = micro_batch * grad_accum * world
     for step in range(3):
         read = [i for micro in range(grad_accum) for rank in range(world)
-                for i in range(*training.micro_batch_slice(step, micro, micro_batch, grad_accum, world, rank)
+                for i in range(*loop.micro_batch_slice(step, micro, micro_batch, grad_accum, world, rank)
                                .indices(10**6))]
         assert sorted(read) == list(range(step * global_batch, (step + 1) * global_batch))
     # Two processes at half the micro-batch read, together, what one process reads alone.
-    one = training.micro_batch_slice(1, 0, 8, 1, 1, 0)
-    halves = [training.micro_batch_slice(1, 0, 4, 1, 2, r) for r in (0, 1)]
+    one = loop.micro_batch_slice(1, 0, 8, 1, 1, 0)
+    halves = [loop.micro_batch_slice(1, 0, 4, 1, 2, r) for r in (0, 1)]
     assert (halves[0].start, halves[1].stop) == (one.start, one.stop) and halves[0].stop == halves[1].start
 
 
@@ -150,7 +153,7 @@ def test_step_losses_flush_in_order_and_name_the_first_non_finite_step():
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    losses = training.StepLosses(3, torch.device("cpu"))
+    losses = loop.StepLosses(3, torch.device("cpu"))
     for v in (1.0, 2.0, 3.0):
         losses.add(torch.tensor(v))
     assert losses.full() and losses.flush(13, acc) == [(11, 1.0), (12, 2.0), (13, 3.0)]
@@ -165,14 +168,14 @@ def test_schedule_errors_name_the_keys(project):
     project(**{"train.warmup_steps": 1000})
     train = load_params().train
     with pytest.raises(ConfigError, match="train.warmup_steps: 1000 is not shorter than training"):
-        training.check_schedule(train, 128, 100, 1)
+        session.check_schedule(train, 128, 100, 1)
     with pytest.raises(ConfigError, match="only 5 blocks of data.block_size=128"):
-        training.check_schedule(train, 128, 5, 1)
+        session.check_schedule(train, 128, 5, 1)
 
 
 def test_oom_advice_keeps_the_global_batch(project):
     project(**{"train.batch_size": 8, "train.grad_accum": 2})
-    msg = training.oom_advice(load_params().train)
+    msg = loop.oom_advice(load_params().train)
     assert "train.batch_size=8, train.grad_accum=2" in msg and "train.batch_size=4, train.grad_accum=4" in msg
 
 
@@ -254,7 +257,7 @@ def test_lora_merge_exports_a_plain_transformers_model(project):
     run_main(train_lora, *train_args("lora"))
     merged = AutoModelForCausalLM.from_pretrained(root / "models/lora/merged").eval()
     adapted = modeling.load_for_eval(root / "models/lora", root / "pre", load_params().model.name)
-    batch = torch.from_numpy(data.blocks(data.load_tokens(root / "prep", "test"), 128)[:2].astype(np.int64))
+    batch = torch.from_numpy(token_files.blocks(token_files.load_tokens(root / "prep", "test"), 128)[:2].astype(np.int64))
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=batch).logits, adapted(input_ids=batch).logits, atol=1e-4)
     m = read_json(root / "m/lora.json")["lora"]
@@ -341,12 +344,12 @@ def test_validation_in_proportion_scores_one_seeded_sample_sized_by_the_budget()
     """Validation during training costs at most about train.eval_budget of the training between two
     passes: a sample of as many units as fit (at least 20), the same every pass; all where they fit."""
     # 10 steps x 8 blocks x 128 tokens between passes; a quarter of that, at a third the cost a token.
-    picked = training.validation_units(84, 128, 10 * 8 * 128, 0.25, seed=42)
+    picked = session.validation_units(84, 128, 10 * 8 * 128, 0.25, seed=42)
     assert len(picked) == 60 and list(picked) == sorted(set(picked))
-    assert list(training.validation_units(84, 128, 10 * 8 * 128, 0.25, seed=42)) == list(picked)
-    assert len(training.validation_units(84, 128, 10 * 8 * 128, 0.0, seed=42)) == 84  # 0: the whole split
-    assert len(training.validation_units(84, 128, 100 * 8 * 128, 0.25, seed=42)) == 84  # it all fits
-    assert len(training.validation_units(5000, 1024, 8 * 1024, 0.25, seed=42)) == 20  # at least 20
+    assert list(session.validation_units(84, 128, 10 * 8 * 128, 0.25, seed=42)) == list(picked)
+    assert len(session.validation_units(84, 128, 10 * 8 * 128, 0.0, seed=42)) == 84  # 0: the whole split
+    assert len(session.validation_units(84, 128, 100 * 8 * 128, 0.25, seed=42)) == 84  # it all fits
+    assert len(session.validation_units(5000, 1024, 8 * 1024, 0.25, seed=42)) == 20  # at least 20
 
 
 def test_a_run_records_how_many_validation_units_each_pass_scored(project):

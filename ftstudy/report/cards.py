@@ -11,9 +11,9 @@ uploads its folder and its card (docs/experiments.md, "Use the trained models").
 
 from __future__ import annotations
 
-from ftstudy.findings import change, with_interval
-from ftstudy.reporting import instruct
-from ftstudy.task_report import metrics_of
+from ftstudy.report.findings import change, with_interval
+from ftstudy.report.reporting import instruct
+from ftstudy.report.task_report import metrics_of
 
 LIBRARY = {"full": "transformers", "lora": "peft"}
 
@@ -47,7 +47,7 @@ def task_results(r, model: str) -> list:
 
 
 def card(r, model: str) -> str:
-    """The card of `model` ("full" or "lora"), as README.md text; `r`: ftstudy.reporting.Inputs."""
+    """The card of `model` ("full" or "lora"), as README.md text; `r`: ftstudy.report.reporting.Inputs."""
     from huggingface_hub import EvalResult, ModelCardData
 
     inputs = r.prepared["inputs"]

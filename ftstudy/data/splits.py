@@ -1,6 +1,6 @@
-"""Rows -> token files: prepare's splitting, deduplicating and tokenizing (ftstudy.sources reads).
+"""Rows -> token files: prepare's splitting, deduplicating and tokenizing (ftstudy.data.sources reads).
 
-Rows become a split's text by what the source is (ftstudy.sources.SplitRows.documents), never by
+Rows become a split's text by what the source is (ftstudy.data.sources.SplitRows.documents), never by
 what a row ends in: a text file's lines (WikiText's, any .txt file's) are a running text, joined as
 written, with one BOS at the start of the split where the tokenizer adds one; a folder's .txt
 files and the records of structured data (JSONL, JSON, CSV, parquet) are documents, each followed
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ftstudy import examples
-from ftstudy.data import SPLITS, DataError, general_split, token_dtype
-from ftstudy.sources import general_rows, source_splits, text_field
+from ftstudy.data import examples
+from ftstudy.data.sources import general_rows, source_splits, text_field
+from ftstudy.data.token_files import SPLITS, DataError, general_split, token_dtype
 
 PASSAGE_SEPARATOR = "\n\n"
 # A WikiText article's title line (" = Title = "); its sections' (" = = History = = ") do not match.
@@ -84,7 +84,7 @@ class SplitWriter:
     the documents in order, and where each independent unit starts (<split>.units.npy): each
     document, or, in a running text, each WikiText article (at its title line; the first takes in
     what comes before it). A running text without article titles has none: its intervals resample
-    chunks of tokens (ftstudy.stats)."""
+    chunks of tokens (ftstudy.measure.stats)."""
 
     def __init__(self, path: Path, dtype: np.dtype, bos: int | None):
         self.path, self.dtype, self.bos = path, dtype, bos
@@ -172,7 +172,7 @@ def _sized(batches: Iterator[list[str]]) -> Iterator[list[str]]:
 
 def tokenize_stream(source, tokenizer, route: Callable[[str, bytes, bool], SplitWriter | None],
                     writers: list[SplitWriter]) -> str:
-    """Tokenize the rows of one source split (ftstudy.sources.SplitRows) into the writers
+    """Tokenize the rows of one source split (ftstudy.data.sources.SplitRows) into the writers
     `route(text, digest, documents)` picks for each row (None: dropped as a duplicate, counted by
     route); returns the separator rule used ("" for a running text).
 
@@ -212,7 +212,7 @@ def tokenize_stream(source, tokenizer, route: Callable[[str, bytes, bool], Split
 
 
 def examples_stream(batches: Iterator[list], d, tokenizer, bos: int | None, route, where: str) -> None:
-    """Render each record of an instruction source (ftstudy.examples.render) into the writer `route`
+    """Render each record of an instruction source (ftstudy.data.examples.render) into the writer `route`
     picks for it (None: dropped as a duplicate)."""
     index = 0
     for batch in batches:

@@ -8,7 +8,7 @@
   its last block-1 tokens from the tokens before them in the block.
 
 Both return an array of per-token NLL (nats) for the scored target positions, in order, so the
-caller can sum, count or bootstrap them (ftstudy.stats). Scoring goes through the model's body and
+caller can sum, count or bootstrap them (ftstudy.measure.stats). Scoring goes through the model's body and
 output projection (ftstudy.loss.position_nll: the projection and log-softmax in fp32), or through
 the model's own forward where ftstudy.loss.check_fast_path found the two would differ.
 """
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ftstudy.loss import check_fast_path, position_nll
-from ftstudy.stats import bits_per_byte, perplexity, ppl_metrics
+from ftstudy.measure.stats import bits_per_byte, perplexity, ppl_metrics
 
 
 def window_plan(n_tokens: int, block: int, stride: int) -> list[tuple[int, int, int]]:
@@ -83,8 +83,8 @@ def answer_nll(model, ex, device, batch_size: int = 8, desc: str | None = None, 
     """(the NLL of every answer token of the examples `indices` (all by default), example by
     example in order; each example's answer-token count). Each example is scored alone, from its
     own tokens only: a batch pads its examples on the right, and an attention mask keeps padding
-    out, as training does (ftstudy.batches)."""
-    from ftstudy.batches import ExampleBatches
+    out, as training does (ftstudy.data.batches)."""
+    from ftstudy.data.batches import ExampleBatches
 
     units = ExampleBatches(ex, train_on_prompt=False)
     indices = np.arange(len(ex)) if indices is None else np.asarray(indices)
@@ -109,7 +109,7 @@ def answer_metrics(model, ex, n_bytes: int, ev, seed: int, device, desc: str | N
 
 
 def unit_sizes(starts: np.ndarray | None, n_tokens: int) -> np.ndarray | None:
-    """How many of a running text's scored positions (every token but the first, ftstudy.scoring's
+    """How many of a running text's scored positions (every token but the first, ftstudy.measure.scoring's
     sliding window) fall in each unit starting at `starts`; units with none are left out. None
     where the text has no units (its intervals then resample chunks)."""
     if starts is None:
@@ -139,18 +139,18 @@ def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
     articles, or chunks of a running text without them; the arrays kept hold, for the test split
     and each general set, the per-token NLL, the units' sizes (`<name>_sizes`) and the unit's name
     (`<name>_unit`). The fast path is checked first on one window (choose_path)."""
-    from ftstudy import data, examples
+    from ftstudy.data import examples, token_files
 
-    instruct = data.is_instruct(meta)
+    instruct = token_files.is_instruct(meta)
     splits = [s for s in meta["splits"] if s != "train"]
-    tokens = {s: data.load_tokens(data_dir, s, meta) for s in splits}
+    tokens = {s: token_files.load_tokens(data_dir, s, meta) for s in splits}
     first = examples.load(data_dir, "test", meta).example(0)[0] if instruct else tokens["test"]
     path = choose_path(model, first, block, device)
     if path["own_forward"]:
         print(f"{label}: scoring through the model's own forward (whole logits), not body + head: {path['reason']}")
 
     def text_units(split: str) -> tuple[np.ndarray | None, str]:
-        sizes = unit_sizes(data.unit_starts(data_dir, split, meta), len(tokens[split]))
+        sizes = unit_sizes(token_files.unit_starts(data_dir, split, meta), len(tokens[split]))
         return sizes, meta["splits"][split].get("units", "chunks")
 
     metrics, keep = {}, {}
@@ -171,7 +171,7 @@ def score_all(model, data_dir, meta: dict, block: int, ev, seed: int, device,
             keep |= _kept("test", nll, sizes, unit)
         metrics |= {f"{short}_{k}": v for k, v in m.items()}
     metrics["general"] = {}
-    for split, name in data.general_splits(meta):
+    for split, name in token_files.general_splits(meta):
         sizes, unit = text_units(split)
         metrics["general"][name], nll = sliding_metrics(
             model, tokens[split], meta["splits"][split]["bytes"], block, ev, seed, device, f"{name} sliding",

@@ -34,15 +34,22 @@ def _set_line(names) -> str:
     return f"-S 'lora.target_modules=[{','.join(names)}]'"
 
 
+def _peft_defaults() -> dict:
+    """PEFT's default LoRA layers per model type. Imported only when asked: importing PEFT costs
+    seconds (bitsandbytes with it, where installed), and check_params checks an explicit list without it."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+
 def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
     """lora.target_modules as the short layer names to wrap: `auto` is PEFT's own default for the
     model's family (GPT-2 c_attn; Llama, Qwen2 q_proj and v_proj; GPT-NeoX query_key_value),
     `all-linear` every Linear layer but the output projection, as PEFT reads it; a list must match."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
     valid = module_names(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if target_modules == "auto":
+        DEFAULTS = _peft_defaults()
         if model_type not in DEFAULTS:
             raise ModelError(f"lora.target_modules: auto knows no default for model type {model_type!r}; list the "
                              f"layers to wrap, e.g. {_set_line(valid[:2])} (valid names: {', '.join(valid)}), "
@@ -57,7 +64,7 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
         verb = "matches" if len(missing) == 1 else "match"
         raise ModelError(f"lora.target_modules: {', '.join(map(repr, missing))} {verb} no layer of this model; "
                          f"valid names: {', '.join(valid)}. Set them with "
-                         f"{_set_line(DEFAULTS.get(model_type, valid[:2]))}, or use auto")
+                         f"{_set_line(_peft_defaults().get(model_type, valid[:2]))}, or use auto")
     return list(target_modules)
 
 
@@ -228,7 +235,7 @@ def save(model, folder: Path, lora: LoraParams, initial: Path | None, state_dict
             model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial), state_dict=state_dict)
         else:
             model.save_pretrained(folder, state_dict=state_dict)
-    # PEFT writes its empty card template: the study's card comes from the report (ftstudy.cards).
+    # PEFT writes its empty card template: the study's card comes from the report (ftstudy.report.cards).
     (Path(folder) / "README.md").unlink(missing_ok=True)
     sort_targets(Path(folder) / modeling.ADAPTER_CONFIG)
 
@@ -259,7 +266,7 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 2e-3}
 
 
 def nll(model, batch: dict) -> torch.Tensor:
-    """Each target's NLL on `batch` (ftstudy.batches) through the model's own forward."""
+    """Each target's NLL on `batch` (ftstudy.data.batches) through the model's own forward."""
     from ftstudy.loss import position_nll
 
     mask = batch.get("target_mask")

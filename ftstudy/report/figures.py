@@ -110,7 +110,7 @@ def tasks_vs_ppl(ev: dict, tasks: dict, labels: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ftstudy.task_report import metrics_of
+    from ftstudy.report.task_report import metrics_of
 
     panels = [(task, metric) for task, row in tasks["pretrained"].items() for metric in metrics_of(row)]
     cols = min(4, len(panels))

@@ -1,4 +1,4 @@
-"""Corpus sources -> their splits' rows: prepare's reading (ftstudy.splits tokenizes them).
+"""Corpus sources -> their splits' rows: prepare's reading (ftstudy.data.splits tokenizes them).
 
 A source (data.name, each data.general name) is a Hub dataset id (through `datasets`), a local
 folder, or one local file:
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftstudy import hub
-from ftstudy.data import SPLITS, DataError, is_local
+from ftstudy.config import is_local
+from ftstudy.data.token_files import SPLITS, DataError
 
 ROWS_PER_BATCH = 20000
 FORMATS = (".txt", ".raw", ".jsonl", ".json", ".csv", ".parquet")
@@ -218,7 +219,7 @@ class SplitRows:
     """One split of a source as it is: where it is read from, a way to read its rows, and whether
     its rows are documents (each file of a folder of .txt files, each record of structured data)
     or a running text's lines (a text file's); None for a Hub dataset, whose rows' shape decides
-    (ftstudy.splits.join_rows)."""
+    (ftstudy.data.splits.join_rows)."""
     where: str
     rows: Callable[[], Iterator[list[str]]]
     documents: bool | None = None

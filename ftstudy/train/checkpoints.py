@@ -69,7 +69,7 @@ NOT_IN_IDENTITY = ("log_every", "checkpoint_every", "trackers")
 def training_code(method: str) -> list[Path]:
     """The project files the training loop runs: every module of this package imported so far (the
     loop and what it imports, not the report's), and the method's stage."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # ftstudy/, above this train/
     loaded = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
               if name.split(".")[0] == package.name and getattr(m, "__file__", None)}
     return sorted(loaded) + [package.parent / "stages" / f"train_{method}.py"]

@@ -3,14 +3,14 @@ differences (numbers only: nothing is recomputed).
 
 A task score is a mean over items (accuracy, exact match, ...). Between two models, the
 difference is called only when its paired 95% interval over items excludes 0; from fewer than
-ftstudy.stats.MIN_CHUNKS items, no call at all.
+ftstudy.measure.stats.MIN_CHUNKS items, no call at all.
 """
 
 from __future__ import annotations
 
 import re
 
-from ftstudy.findings import NAMES, _cap
+from ftstudy.report.findings import NAMES, _cap
 
 MODELS = ("pretrained", "full", "lora")
 

@@ -1,7 +1,7 @@
 """The report: metrics, their descriptive facts and the generations -> GitHub markdown (tabulate).
 
 Nothing is recomputed here: every number is read from a metrics file the other stages wrote, and
-the findings are written from those numbers by fixed rules (ftstudy/findings.py). Perplexities
+the findings are written from those numbers by fixed rules (ftstudy/report/findings.py). Perplexities
 measured under different protocols are never put in one column: the report refuses them.
 """
 
@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftstudy import answers, curves, data, figures, task_report
+from ftstudy import curves
+from ftstudy.data import token_files
 from ftstudy.errors import StudyError
-from ftstudy.findings import NAMES, as_change, by_ratio, conditions_differ, findings, lowest, named, paired_verdict
+from ftstudy.measure import answers
 from ftstudy.outputs import read_json
+from ftstudy.report import figures, task_report
+from ftstudy.report.findings import (NAMES, as_change, by_ratio, conditions_differ, duration, findings, lowest, named,
+                                     paired_verdict)
 
 MODELS = ("pretrained", "full", "lora")
 LABELS = {"pretrained": "Pretrained {}", "full": "Fully fine-tuned {}", "lora": "{variant} fine-tuned {}"}
@@ -38,17 +42,6 @@ def _metrics(metrics_file: Path) -> dict:
 
 def _with_info(metrics_file: Path) -> dict:
     return _metrics(metrics_file) | read_json(info_path(metrics_file))
-
-
-def duration(seconds: float) -> str:
-    """3.4 s under a minute, else 1:03 min (or 1:02:03 h)."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(round(seconds), 60)
-    if m < 60:
-        return f"{m}:{s:02d} min"
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d} h"
 
 
 def _one_line(text: str) -> str:
@@ -151,7 +144,7 @@ def headline_metrics(r: Inputs) -> dict:
 
 
 def instruct(r: Inputs) -> bool:
-    return data.is_instruct(r.protocol)
+    return token_files.is_instruct(r.protocol)
 
 
 ANSWERS = {"prompt_completion": "the completion and the EOS after it",

@@ -31,7 +31,7 @@ def _fmt(m: dict, key: str) -> str:
 
 def paired_verdict(pair: dict) -> str:
     """'lower', 'higher' or 'tie': where the paired 95% interval of ppl(a)/ppl(b) lies against 1;
-    'too few' when there were too few chunks for an interval (ftstudy.stats.MIN_CHUNKS)."""
+    'too few' when there were too few chunks for an interval (ftstudy.measure.stats.MIN_CHUNKS)."""
     if "lo" not in pair:
         return "too few"
     return "lower" if pair["hi"] < 1 else "higher" if pair["lo"] > 1 else "tie"
@@ -242,3 +242,14 @@ def findings(ev: dict, tr: dict, gq: dict, compare: dict) -> list[str]:
            + text_finding(ev, gq, compare["paired"])
            + training_finding(tr, compare["time_to_quality"]) + efficiency_finding(tr))
     return [named(f, tr) for f in out]
+
+
+def duration(seconds: float) -> str:
+    """3.4 s under a minute, else 1:03 min (or 1:02:03 h)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(round(seconds), 60)
+    if m < 60:
+        return f"{m}:{s:02d} min"
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d} h"

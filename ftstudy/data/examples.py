@@ -16,7 +16,7 @@ byte per token: 1 for an answer token) and <split>.offsets.npy (where each examp
 the end). Training batches pad the examples of a micro-batch to the longest of them (attention
 mask, no loss on padding) rather than packing them into blocks: with padding no example can
 attend to another in any model family or attention kernel, and the cost is the padding itself,
-reported as the share of padded positions (ftstudy.batches).
+reported as the share of padded positions (ftstudy.data.batches).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ftstudy.config import ConfigError
-from ftstudy.data import DataError
+from ftstudy.data.token_files import DataError
 
 ROLES = ("system", "user", "assistant")
 
@@ -201,7 +201,7 @@ class Examples:
 
 
 def load(data_dir: str | Path, split: str, meta: dict) -> Examples:
-    from ftstudy.data import load_tokens
+    from ftstudy.data.token_files import load_tokens
 
     tokens = load_tokens(data_dir, split, meta)
     mask = np.memmap(Path(data_dir) / f"{split}.mask.bin", dtype=np.uint8, mode="r")

@@ -260,7 +260,7 @@ def metric_keys(arrays: dict[str, np.ndarray]) -> dict[str, str]:
 def scores(items: dict[str, dict[str, np.ndarray]], samples: int, seed: int) -> dict:
     """task -> {"<metric>": score, "<metric>_lo", "<metric>_hi" (a 95% bootstrap interval over
     items, from MIN_CHUNKS items on), "items"}."""
-    from ftstudy.stats import score_row
+    from ftstudy.measure.stats import score_row
 
     return {task: score_row({metric: arrays[key] for key, metric in metric_keys(arrays).items()}, samples, seed)
             for task, arrays in items.items()}

@@ -1,5 +1,5 @@
 """Token files -> blocks, and what every stage knows of the prepared data: its splits, its meta,
-where a source is local. (Reading sources is ftstudy.sources and tokenizing them ftstudy.splits,
+where a source is local. (Reading sources is ftstudy.data.sources and tokenizing them ftstudy.data.splits,
 prepare's alone.)
 
 Token files are flat little-endian arrays: uint16 when the vocabulary fits, else uint32.
@@ -35,10 +35,6 @@ def general_splits(meta: dict) -> list[tuple[str, str]]:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-
-
-def is_local(name: str) -> bool:
-    return Path(name).exists() or name.startswith((".", "/", "~"))
 
 
 def content_hash(name: str | Path) -> str:
@@ -81,7 +77,7 @@ def load_tokens(data_dir: str | Path, split: str, meta: dict | None = None) -> n
 
 def unit_starts(data_dir: str | Path, split: str, meta: dict) -> np.ndarray | None:
     """Where each independent unit (document, WikiText article) of a running-text split starts, in
-    tokens; None where the split has none (ftstudy.splits.SplitWriter)."""
+    tokens; None where the split has none (ftstudy.data.splits.SplitWriter)."""
     if meta["splits"][split].get("units", "chunks") == "chunks":
         return None
     starts = np.load(Path(data_dir) / f"{split}.units.npy")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ftstudy import data, examples
+from ftstudy.data import examples, token_files
 
 
 class TextBlocks:
     def __init__(self, tokens: np.ndarray, block_size: int):
-        self.blocks = data.blocks(tokens, block_size)
+        self.blocks = token_files.blocks(tokens, block_size)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -84,6 +84,6 @@ def mean_tokens(units) -> float:
 
 def for_split(data_dir, split: str, meta: dict, block_size: int, train_on_prompt: bool):
     """The split's units for the loop: blocks of running text, or instruction examples."""
-    if not data.is_instruct(meta):
-        return TextBlocks(data.load_tokens(data_dir, split, meta), block_size)
+    if not token_files.is_instruct(meta):
+        return TextBlocks(token_files.load_tokens(data_dir, split, meta), block_size)
     return ExampleBatches(examples.load(data_dir, split, meta), train_on_prompt)

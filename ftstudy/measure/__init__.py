@@ -1,0 +1,2 @@
+"""Measuring the models: perplexity protocols (scoring), paired intervals (stats), generation, answers
+and benchmarks."""
