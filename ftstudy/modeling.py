@@ -8,6 +8,7 @@ exact weights.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,6 +192,22 @@ def peft_attribute_note_silenced():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+def leave_out_bitsandbytes(base_dir: str | Path, needed: bool = False) -> None:
+    """In a stage's own process (`python -m stages...`), keep bitsandbytes from being imported unless
+    `needed` (lora.quantize: nf4) or the base checkpoint is itself quantized: PEFT and transformers
+    import it whenever it is installed, 1.4 s of a stage's start on a 2-core CPU, though nothing
+    else uses it. Both ask importlib.util.find_spec whether it is installed, which answers no for a
+    module set to None in sys.modules. Call it before anything imports PEFT; in any other process
+    (a test's, a notebook's) it does nothing, so a later nf4 run there still finds bitsandbytes."""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if needed or "bitsandbytes" in sys.modules or not getattr(main, "name", "").startswith("stages."):
+        return
+    config = Path(base_dir) / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return
+    sys.modules["bitsandbytes"] = None
 
 
 def is_adapter(model_dir: str | Path) -> bool:

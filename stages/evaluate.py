@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--nll", required=True, help="per-token NLL of the test split and each general set (.npz) to write")
     args = ap.parse_args()
     p = load_params()
+    modeling.leave_out_bitsandbytes(args.base)
     name = Path(args.out).stem
     torch.manual_seed(p.seed)
     modeling.check_context(args.base, p.data.block_size)

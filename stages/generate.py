@@ -43,6 +43,7 @@ def main() -> None:
                     help="folder for each model's generation-quality metrics (<model>.json)")
     args = ap.parse_args()
     p = load_params()
+    modeling.leave_out_bitsandbytes(args.base)
     tokenizers = {m: modeling.load_tokenizer(m) for m in args.model}
     tokenizer = next(iter(tokenizers.values()))  # the snapshot's, saved with every model
     context = modeling.context_length(args.base)

@@ -46,6 +46,8 @@ def main() -> None:
         print(f"tasks@{name}: tasks.names is empty, nothing to run; wrote {args.out}")
         return
     from ftstudy import hub, modeling, runtime
+
+    modeling.leave_out_bitsandbytes(args.base)
     from ftstudy.measure import benchmarks
 
     benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before any import

@@ -48,6 +48,7 @@ def check(p, base_dir: Path, out: Path, batch, reference, dtype: str, sixteen_bi
 def main() -> None:
     paths = training.TrainPaths.from_cli("lora")
     p = load_params()
+    modeling.leave_out_bitsandbytes(paths.base, needed=p.lora.quantize == "nf4")
     planned = lora.plan(paths.base, p.lora)  # a lora.target_modules that matches nothing fails here, in seconds
     commit = token_files.read_meta(paths.data)["inputs"]["model.name"]["commit"]  # what prepare loaded
     dtype = runtime.base_dtype(p.model.dtype, "lora")

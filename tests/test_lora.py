@@ -141,6 +141,35 @@ def test_every_variant_trains_through_the_stage_with_a_sound_adapter(project, tm
     assert math.isfinite(read_json("m/evaluate/lora.json")["lora"]["test_ppl"])
 
 
+def test_a_stage_process_without_nf4_leaves_bitsandbytes_out(project):
+    """PEFT imports bitsandbytes whenever it is installed (seconds of every adapter stage's start);
+    a stage's own process that needs no 4-bit keeps it out, and the adapter still loads and scores.
+    In any other process (this test's) the call changes nothing, so an nf4 run there still works."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, prepare_in, reset_accelerate, run_main, train_args
+    from ftstudy.outputs import read_json
+    from stages import train_lora
+
+    prepare_in(project, **{"train.epochs": 1})
+    run_main(train_lora, *train_args("lora"))
+    reset_accelerate()
+    before = sys.modules.get("bitsandbytes", "absent")
+    modeling.leave_out_bitsandbytes("pre")
+    assert sys.modules.get("bitsandbytes", "absent") is before
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "stages.evaluate", "--model", "models/lora",
+                           "--base", "pre", "--data", "prep", "--out", "m/evaluate/lora.json", "--info",
+                           "m/evaluate/lora.info.json", "--nll", "nll/lora.npz"],
+                          capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    # "bitsandbytes" itself is listed (its None entry, looked up in no time), none of its modules
+    assert "peft" in imported and not {m for m in imported if m.startswith("bitsandbytes.")}
+    assert math.isfinite(read_json("m/evaluate/lora.json")["lora"]["test_ppl"])
+
+
 @pytest.fixture
 def avx512_bf16(monkeypatch):
     """bitsandbytes' Linear4bit as it is built on a CPU with AVX512-BF16: it then repacks its weights
