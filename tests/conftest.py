@@ -95,6 +95,17 @@ class ScaledBeforeHead(torch.nn.Module):
         return CausalLMOutput(logits=self.inner.get_output_embeddings()(hidden * 0.5))
 
 
+_BUILT: dict = {}
+
+
+def once(key, build):
+    """`build()` once per test process, kept for the process: an expensive module-scoped fixture's
+    result, which pytest-xdist may otherwise tear down and build again between tests of one group."""
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
+
+
 def run_main(module, *argv: str) -> None:
     """Run a stage's main() in-process with the given command-line arguments."""
     old = sys.argv

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import PREPARE_ARGS, reset_accelerate, run_main, train_args
+from conftest import PREPARE_ARGS, once, reset_accelerate, run_main, train_args
 from ftstudy import modeling
 from ftstudy.data import token_files
 from ftstudy.measure import scoring, stats
@@ -25,21 +25,20 @@ AUTO_TARGETS = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "llama": ["
                 "qwen2": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"]}
 
 
-_RUNS: dict[str, tuple] = {}
-
-
 @pytest.fixture(params=list(FAMILIES), scope="module")
 def family_run(request, tmp_path_factory):
     """One family's whole run, shared by the tests of this module (read-only); built once per
-    family and test process, however the tests are ordered."""
+    family and test process (conftest.once)."""
     family = request.param
-    if family not in _RUNS:
+
+    def build():
         tmp_path = tmp_path_factory.mktemp(family)
         with pytest.MonkeyPatch.context() as monkeypatch:
             monkeypatch.chdir(tmp_path)
             _run_every_stage(family, tmp_path)
-        _RUNS[family] = family, tmp_path
-    return _RUNS[family]
+        return family, tmp_path
+
+    return once(("families", family), build)
 
 
 def _run_every_stage(family, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PREPARE_ARGS, reset_accelerate, run_main, run_tasks, train_args
+from conftest import PREPARE_ARGS, once, reset_accelerate, run_main, run_tasks, train_args
 from ftstudy import loss, modeling
 from ftstudy.config import ConfigError
 from ftstudy.data import batches, examples, token_files
@@ -45,16 +45,12 @@ def stage_args(method: str) -> tuple[str, ...]:
             f"m/plots/train_{method}", "--live", f"m/live/train_{method}")
 
 
-_RUNS: dict[str, tuple] = {}
-
-
 @pytest.fixture(scope="module", params=list(FORMATS))
 def instruct_run(request, tmp_path_factory):
     """Every stage on one format, laid out as dvc.yaml lays it out, shared by this module's tests
-    (read-only); built once per format and test process, however the tests are ordered."""
-    if request.param not in _RUNS:
-        _RUNS[request.param] = run_every_stage(request.param, tmp_path_factory.mktemp(request.param))
-    return _RUNS[request.param]
+    (read-only); built once per format and test process (conftest.once)."""
+    fmt = request.param
+    return once(("instructions", fmt), lambda: run_every_stage(fmt, tmp_path_factory.mktemp(fmt)))
 
 
 def run_every_stage(fmt: str, root):

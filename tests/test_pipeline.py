@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import SETTINGS, dvc, outcome
+from conftest import SETTINGS, dvc, once, outcome
 from ftstudy.config import override_file
 from ftstudy.cores import usable_cores
 from ftstudy.outputs import read_json
@@ -73,8 +73,11 @@ def repo(demo_build, tmp_path):
 def r16(demo_build, tmp_path_factory):
     """A copy of the demo build after `dvc exp run -n r16 -S lora.r=16`: (folder, the run's output).
     Read-only for the tests that share it."""
-    dest, *_ = copy_build(demo_build, tmp_path_factory.mktemp("r16") / "sandbox")
-    return dest, dvc(dest, "exp", "run", "-n", "r16", "-S", "lora.r=16")
+    def build():
+        dest, *_ = copy_build(demo_build, tmp_path_factory.mktemp("r16") / "sandbox")
+        return dest, dvc(dest, "exp", "run", "-n", "r16", "-S", "lora.r=16")
+
+    return once("r16", build)
 
 
 def test_repro_runs_every_stage_and_writes_every_output(demo_build):

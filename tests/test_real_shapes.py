@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PREPARE_ARGS, ROOT, train_args
+from conftest import PREPARE_ARGS, ROOT, once, train_args
 from ftstudy import runtime
 from ftstudy.data import token_files
 from ftstudy.outputs import read_json
@@ -35,7 +35,10 @@ def stage(root, module: str, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real-shapes")
+    return once("real-shapes", lambda: run_real_shapes(tmp_path_factory.mktemp("real-shapes")))
+
+
+def run_real_shapes(root):
     write_gpt2_124m(root / "gpt2-random")
     # One block of 1,024 tokens (and a little) for each split.
     write_corpus(root / "corpus", {"train": 4_200, "validation": 4_200, "test": 4_200})

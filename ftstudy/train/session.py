@@ -4,7 +4,6 @@ examples, the model, AdamW and its schedule, the validation sample) and the chec
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
