@@ -1,7 +1,7 @@
 DIR ?= .demo
 PYTHON ?= python
 
-.PHONY: demo test test-fast assets tokenizer bench bench-study bench-startup gpu-check study study-demo docs lock upgrade-check
+.PHONY: demo test test-fast assets tokenizer bench bench-study bench-startup bench-suite gpu-check study study-demo docs lock upgrade-check
 
 # The whole pipeline, offline on CPU, on the bundled tiny assets, in a sandbox at $(DIR); the result
 # is committed there as the baseline that `dvc exp run` and `dvc metrics diff` compare against.
@@ -53,6 +53,12 @@ bench-study:
 BEFORE ?= HEAD
 bench-startup:
 	$(PYTHON) -m scripts.startup --before $(BEFORE)
+
+# The quick tier's time (TIER=whole: the whole suite's) here and at BEFORE, one after the other:
+# the table in docs/performance.md ("The suite").
+TIER ?= quick
+bench-suite:
+	$(PYTHON) -m scripts.suite_bench --before $(BEFORE) --tier $(TIER)
 
 # Run once whenever a GPU is at hand. Writes gpu-check.json and its table into docs/performance.md.
 gpu-check:
