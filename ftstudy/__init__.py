@@ -3,7 +3,8 @@
 - the ground, used by every room: config (typed params), errors, outputs (atomic writes), hub (Hub
   inputs, offline), modeling (loading, snapshot), loss (the chunked loss, the checked scoring path),
   runtime (device, precision, FLOPs), cores (CPU threads), curves, synthetic (tiny models and
-  tokenizers for tests and assets);
+  tokenizers for tests and assets), warm (the stages' processes forked from one that has imported
+  torch already);
 - data/: reading sources, carving splits, instruction examples, token files, batches;
 - train/: the one loop (session, loop, finish, training), checkpoints, lora, memory, tracking,
   launching;

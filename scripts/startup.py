@@ -9,7 +9,10 @@ stage's command as `dvc repro` would (taken from `dvc repro --dry -f`), each san
 by stage, N times, under PYTHONPROFILEIMPORTTIME: a stage's imports are the summed cumulative time
 of its processes' top-level imports (the launcher's too), its time the command's wall time. The
 median of the N runs goes into docs/performance.md (block `startup`), stamped with the machine and
-date, with whether the two demos' results are identical (model hashes, metrics; timings aside). Outputs are rewritten in place in the sandboxes, as a forced repro would.
+date, with whether the two demos' results are identical (model hashes, metrics; timings aside).
+This checkout's stages run a third way too: started warm, from a server (ftstudy/warm.py) that has
+imported torch and transformers already, as `make demo` starts them. Outputs are rewritten in place
+in the sandboxes, as a forced repro would.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ftstudy import warm
 from scripts.docs_tables import ROOT, stamp, write_block
 from scripts.sandbox import ENV, outcome
 
@@ -51,11 +55,14 @@ def import_seconds(stderr: str) -> float:
                if (m := IMPORT_LINE.match(line)) and not m.group(2).startswith(" ")) / 1e6
 
 
-def run_stage(sandbox: Path, command: str) -> tuple[float, float]:
-    """(wall seconds, import seconds) of one stage command, run in its sandbox."""
+def run_stage(sandbox: Path, command: str, started_warm: bool = False) -> tuple[float, float]:
+    """(wall seconds, import seconds) of one stage command, run in its sandbox: cold, its imports
+    profiled, or `started_warm` (the imports then are the server's, and not counted)."""
+    env = os.environ | ENV
+    if not started_warm:
+        env = {k: v for k, v in env.items() if k != warm.ADDRESS_VAR} | {"PYTHONPROFILEIMPORTTIME": "1"}
     started = time.perf_counter()
-    proc = subprocess.run(["bash", "-c", command], cwd=sandbox, capture_output=True, text=True,
-                          env=os.environ | ENV | {"PYTHONPROFILEIMPORTTIME": "1"})
+    proc = subprocess.run(["bash", "-c", command], cwd=sandbox, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))[-2000:]
@@ -75,25 +82,27 @@ def same_results(before: Path, after: Path) -> str:
     return f"The demos' results differ in {len(differ)} places: {', '.join(differ[:8])}" + (" ..." if len(differ) > 8 else ".")
 
 
-def table(stages: list[str], before: dict, after: dict, builds: dict, ref: str) -> str:
+def table(stages: list[str], runs: dict, builds: dict, ref: str) -> str:
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    rows = ["| stage | before: imports | before: whole | after: imports | after: whole |", "|---|---:|---:|---:|---:|"]
-    totals = {k: [0.0, 0.0] for k in ("before", "after")}
+    rows = ["| stage | before: imports | before: whole | after, cold: imports | after, cold: whole | after, warm: whole |",
+            "|---|---:|---:|---:|---:|---:|"]
+    columns = [("before", 1), ("before", 0), ("after", 1), ("after", 0), ("warm", 0)]
+    totals = [0.0] * len(columns)
     for stage in stages:
         cells = []
-        for name, runs in (("before", before), ("after", after)):
-            if stage in runs:
-                imp, wall = med([r[1] for r in runs[stage]]), med([r[0] for r in runs[stage]])
-                totals[name][0] += imp
-                totals[name][1] += wall
-                cells += [f"{imp:.1f} s", f"{wall:.1f} s"]
+        for i, (name, part) in enumerate(columns):
+            if stage in runs[name]:
+                value = med([r[part] for r in runs[name][stage]])
+                totals[i] += value
+                cells.append(f"{value:.1f} s")
             else:
-                cells += ["—", "—"]
+                cells.append("—")
         rows.append(f"| {stage} | " + " | ".join(cells) + " |")
-    rows.append("| **all stages** | " + " | ".join(f"**{v:.1f} s**" for k in ("before", "after") for v in totals[k]) + " |")
-    return ("\n".join(rows) + f"\n\nBefore: commit {ref}; after: this checkout. The demo (`python -m scripts.sandbox DIR "
-            f"--repro`: the sandbox, then `dvc repro` of every stage) took {builds['before']:.0f} s before and "
-            f"{builds['after']:.0f} s after, built one after the other in this sitting.")
+    rows.append("| **all stages** | " + " | ".join(f"**{v:.1f} s**" for v in totals) + " |")
+    return ("\n".join(rows) + f"\n\nBefore: commit {ref}; after: this checkout, each stage started cold (as `dvc repro` "
+            "alone starts it) and warm (as `make demo` does). The demo (`python -m scripts.sandbox DIR --repro`: the "
+            f"sandbox, then `dvc repro` of every stage) took {builds['before']:.0f} s before and {builds['after']:.0f} s "
+            "after, built one after the other in this sitting.")
 
 
 def main() -> None:
@@ -120,18 +129,20 @@ def main() -> None:
             print(f"startup: {results}", file=sys.stderr)
             commands = {name: stage_commands(box) for name, box in sandboxes.items()}
             stages = list(commands["after"])
-            runs: dict[str, dict[str, list]] = {"before": {}, "after": {}}
-            for i in range(args.repeats):
-                for stage in stages:
-                    for name in ("before", "after"):
-                        if stage in commands[name]:
-                            wall, imports = run_stage(sandboxes[name], commands[name][stage])
-                            runs[name].setdefault(stage, []).append((wall, imports))
-                            print(f"startup: {i + 1}/{args.repeats} {stage} {name}: {imports:.1f} s of imports, "
-                                  f"{wall:.1f} s in all", file=sys.stderr)
+            runs: dict[str, dict[str, list]] = {"before": {}, "after": {}, "warm": {}}
+            with warm.server(os.environ | ENV):
+                for i in range(args.repeats):
+                    for stage in stages:
+                        for name, code in (("before", "before"), ("after", "after"), ("warm", "after")):
+                            if stage in commands[code]:
+                                wall, imports = run_stage(sandboxes[code], commands[code][stage],
+                                                          started_warm=name == "warm")
+                                runs[name].setdefault(stage, []).append((wall, imports))
+                                print(f"startup: {i + 1}/{args.repeats} {stage} {name}: {imports:.1f} s of imports, "
+                                      f"{wall:.1f} s in all", file=sys.stderr)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False)
-    text = table(stages, runs["before"], runs["after"], builds, ref) + " " + results
+    text = table(stages, runs, builds, ref) + " " + results
     print(text)
     if not args.no_write:
         command = f"python -m scripts.startup --before {args.before} --repeats {args.repeats}"

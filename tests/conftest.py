@@ -39,6 +39,7 @@ import pytest
 import torch
 import yaml
 
+from ftstudy import warm
 from ftstudy.config import set_keys
 from ftstudy.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
 from scripts import sandbox
@@ -96,6 +97,16 @@ class ScaledBeforeHead(torch.nn.Module):
 
 
 _BUILT: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_stages():
+    """The stages' processes that the tests start (dvc repro in a sandbox, python -m stages...) start
+    warm, from one server per test process (ftstudy/warm.py) with this process's environment and
+    CPU affinity: those started with other settings (a test's own variables, a serial test's cores)
+    start cold, and tests/test_warm.py checks that both give the same bytes."""
+    with warm.server(dict(os.environ)) as address:
+        yield address
 
 
 def once(key, build):

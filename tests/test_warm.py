@@ -1,0 +1,85 @@
+"""The warm start (ftstudy/warm.py): a stage forked from the server writes what it writes cold, exits
+as it would, takes signals as it would, and a process that differs from the server starts cold."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, prepare_in, train_args
+from ftstudy import warm
+
+EVALUATE = ("-m", "stages.evaluate", "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/e.json", "--info",
+            "m/e.info.json", "--nll", "nll.npz")
+
+
+def _log(address: str) -> str:
+    return (Path(address).parent / "log").read_text()
+
+
+def _worker(address: str, stage: str, nth: int = 1, deadline_s: float = 60.0) -> int:
+    """The pid of the `nth` worker the server started for `stage`."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        lines = [line for line in _log(address).splitlines() if f"warm: stages.{stage} in" in line]
+        if len(lines) >= nth:
+            return int(lines[nth - 1].rsplit(" ", 1)[-1])
+        time.sleep(0.05)
+    raise AssertionError(f"no warm worker for {stage}:\n{_log(address)}")
+
+
+def _gone(pid: int, within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_warm_stage_writes_a_cold_ones_bytes_and_fails_as_it_would_and_a_differing_one_starts_cold(project):
+    root = prepare_in(project)
+    with warm.server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
+        assert address and os.environ["FTSTUDY_WARM"] == address
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        # One variable more than the server has: declined, started cold, named in the log.
+        cold = subprocess.run([sys.executable, *EVALUATE], cwd=root, env=env | {"STUDY_EXTRA": "1"},
+                              capture_output=True, text=True)
+        assert cold.returncode == 0, cold.stderr[-2000:]
+        assert "declined stages.evaluate: its env (STUDY_EXTRA) differ" in _log(address)
+        written = {p: (root / p).read_bytes() for p in ("m/e.json", "nll.npz")}
+        for p in written:
+            (root / p).unlink()
+        hot = subprocess.run([sys.executable, *EVALUATE], cwd=root, env=env, capture_output=True, text=True)
+        assert hot.returncode == 0, hot.stderr[-2000:]
+        _worker(address, "evaluate")
+        assert {p: (root / p).read_bytes() for p in written} == written
+        untimed = [re.sub(r" in [\d.]+ s;", ";", proc.stdout) for proc in (cold, hot)]
+        assert untimed[0] == untimed[1] and untimed[0].startswith("evaluate@e: test_ppl")
+        # A usage error: its status and message through the asker's own streams.
+        bad = subprocess.run([sys.executable, "-m", "stages.evaluate", "--model", "pre"], cwd=root, env=env,
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "evaluate.py: error: the following arguments are required" in bad.stderr
+        assert _log(address).count("warm: stages.evaluate in") == 2
+    assert "FTSTUDY_WARM" not in os.environ or os.environ["FTSTUDY_WARM"] != address
+    assert not Path(address).exists()
+
+
+def test_a_signal_reaches_the_worker_and_an_asker_killed_outright_takes_its_worker_along(project):
+    root = prepare_in(project)
+    with warm.server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        for nth, (sent, expected) in enumerate(((signal.SIGTERM, -signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)), 1):
+            asker = subprocess.Popen([sys.executable, "-m", "stages.train_full", *train_args("full")], cwd=root,
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            worker = _worker(address, "train_full", nth)
+            time.sleep(1.0)
+            assert asker.poll() is None, "the training ended before the signal"
+            asker.send_signal(sent)
+            assert asker.wait(30) == expected
+            assert _gone(worker), f"worker {worker} outlived its asker ({sent.name})"
