@@ -18,6 +18,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from ftstudy import warm
 from ftstudy.errors import StudyError
 
 # Files a model snapshot cannot do without; a dataset's files vary, so only its revision is checked.
@@ -150,6 +151,7 @@ def resolve(items: list[HubInput]) -> dict[str, dict]:
         return {}
     reason = hub_unreachable()
     if reason is not None:  # before huggingface_hub is first imported: it reads these once, at import
+        warm.start_cold("offline mode, which the Hub clients read at import", imported="huggingface_hub")
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     resolved = {}
     for item in items:

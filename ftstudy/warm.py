@@ -1,22 +1,20 @@
 """A warm start for the stages: one process that has imported torch, transformers and Accelerate
 forks a copy of itself for each `python -m stages.<name>` that asks, so a stage starts in a tenth of
-a second instead of the 5-9 s those imports take on a small CPU, while DVC still runs one process
-per stage, with its caching, locks and run-cache as they are.
+a second instead of the 5-9 s those imports take on a small CPU; DVC still runs one process per
+stage, with its caching, locks and run-cache as they are (docs/performance.md, "Stage start-up").
 
     python -m ftstudy.warm serve --socket PATH     (started and stopped by `make demo` and the tests)
     FTSTUDY_WARM=PATH dvc repro                    (a stage's process asks PATH first)
 
-A stage's process sees FTSTUDY_WARM in stages/__init__.py, before it imports anything heavy, and
-sends its command, working folder, environment, CPU affinity and standard streams (the file
-descriptors themselves) over the Unix socket. The server forks a worker that takes all of them on,
-drops every module of this project (the stage imports its own copy from its own folder, as it
-would cold), and runs the module as `python -m` does; the asking process relays signals to it and
-exits with its status, or dies by its signal. Nothing is started warm unless it would start the same
-cold: the server declines, and the stage starts cold, when the environment (DVC's own DVC_*
-variables aside), interpreter, its flags, sys.path or the CPU affinity differ from the server's, or
-when no server answers. A worker whose asking process is gone (SIGKILLed with its process group)
-kills itself. The server preloads only libraries every model stage imports anyway, and not PEFT,
-bitsandbytes or lm-eval, so a worker's modules and memory at start are a cold stage's.
+The asker (stages/__init__.py, before any heavy import) sends its command, folder, environment,
+CPU affinity and standard streams (the descriptors themselves); the server forks a worker that
+takes them on, drops this project's modules (the stage imports its own copy, as cold) and runs the
+module as `python -m` does, in a process group of its own, to which the asker relays signals; the
+asker exits with the worker's status, or dies by its signal. The server declines, and the stage
+starts cold, when the environment (variables no library reads at import aside), interpreter,
+flags, sys.path or CPU affinity differ. A stage about to set a variable that a preloaded library
+read at import calls `start_cold`. A worker whose asker is gone kills its group. Nothing is
+preloaded that a model stage does not import anyway (not PEFT, bitsandbytes or lm-eval).
 """
 
 from __future__ import annotations
@@ -29,16 +27,17 @@ import signal
 import socket
 import struct
 import sys
-from contextlib import contextmanager
 
 ADDRESS_VAR = "FTSTUDY_WARM"
+WORKER_VAR = "FTSTUDY_WARM_WORKER"  # "<pid>:<fd>" in a worker: its connection to its asker
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "accelerate")
-# Variables no library reads at import: DVC's own (its tools read them at run time), the shell's and
-# pyenv's bookkeeping (its shims add to PYENV_HOOK_PATH at each level), and the address itself.
-VOLATILE = ("DVC_", "PYENV_", "_PYENV_", ADDRESS_VAR)
+# Variables no library reads at import: DVC's and its queue's (Celery, billiard), pytest's current
+# test, the shell's and pyenv's bookkeeping (its shims add to PYENV_HOOK_PATH at each level), ours.
+VOLATILE = ("DVC_", "CELERY_", "_MP_FORK_", "PYTEST_CURRENT_TEST", "PYENV_", "_PYENV_", ADDRESS_VAR)
 SHELL_VARS = {"_", "PWD", "OLDPWD", "SHLVL"}
 OWN = ("ftstudy", "stages")
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+ANSWER_S = 60.0  # how long an asker waits for the server's answer, and the server for a request
 _HEADER = struct.Struct("!I")
 
 
@@ -48,9 +47,12 @@ def _facts() -> dict:
             "xoptions": sys._xoptions, "warnoptions": sys.warnoptions, "affinity": sorted(os.sched_getaffinity(0))}
 
 
-def _identity(facts: dict) -> dict:
-    """The facts that must be equal: the environment without the variables no library reads."""
-    env = {k: v for k, v in facts.get("environ", {}).items() if not k.startswith(VOLATILE) and k not in SHELL_VARS}
+def _identity(facts: dict, imported_env: dict) -> dict:
+    """The facts that must be equal: the environment without the variables no library reads at
+    import, nor those the preloaded imports set themselves to the same value (torch's
+    TORCHINDUCTOR_CACHE_DIR, in a process that imported torch before it started a stage)."""
+    env = {k: v for k, v in facts.get("environ", {}).items()
+           if not k.startswith(VOLATILE) and k not in SHELL_VARS and imported_env.get(k) != v}
     return {k: facts.get(k) for k in ("path", "executable", "flags", "xoptions", "warnoptions", "affinity")} | {"env": env}
 
 
@@ -79,10 +81,12 @@ def _receive(sock: socket.socket) -> dict | None:
 
 def forward(address: str) -> None:
     """Run this `python -m stages.<name>` process's stage in a warm worker and exit with its status;
-    returns (and the stage starts cold) when no server answers or it declines."""
-    module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
+    returns (and the stage starts cold) when no server answers, it declines, or the stage asked to
+    start cold (start_cold)."""
     try:
+        module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
         sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(ANSWER_S)
         sock.connect(address)
         request = {"module": module, "args": sys.argv[1:], "orig_argv": sys.orig_argv, "cwd": os.getcwd(),
                    "umask": os.umask(0o022), **_facts()}
@@ -90,39 +94,83 @@ def forward(address: str) -> None:
         socket.send_fds(sock, [b"w"], [0, 1, 2])
         _send(sock, request)
         answer = _receive(sock)
-    except OSError:
-        return
+    except (OSError, ValueError):
+        return  # a timeout included: closing the socket ends a worker started meanwhile
     if answer is None or "pid" not in answer:
         return
-    pid = answer["pid"]
-    for signum in RELAYED:
-        signal.signal(signum, lambda signum, _frame: os.kill(pid, signum))
-    end = _receive(sock)
+    group = answer["pid"]
+
+    def relay(signum, _frame) -> None:
+        try:
+            os.killpg(group, signum)
+        except ProcessLookupError:  # not yet a group of its own, or ended
+            try:
+                os.kill(group, signum)
+            except ProcessLookupError:
+                pass
+
+    before = {signum: signal.signal(signum, relay) for signum in RELAYED}
+    sock.settimeout(None)
+    try:
+        end = _receive(sock)
+        if end is not None and "cold" in end:
+            _receive(sock)  # the worker's end, which the server reports
+    except OSError:
+        end = None
     if end is None:
-        print(f"{module}: its warm worker ({pid}) ended without a status", file=sys.stderr)
+        print(f"{module}: its warm worker ({group}) ended without a status", file=sys.stderr)
         os._exit(1)
+    if "cold" in end:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        sock.close()
+        print(f"{module}: started cold, for {end['cold']}", file=sys.stderr)
+        return
     if "signal" in end:
-        signal.signal(end["signal"], signal.SIG_DFL)
+        if end["signal"] not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(end["signal"], signal.SIG_DFL)
         os.kill(os.getpid(), end["signal"])
     os._exit(end["exit"])
+
+
+def start_cold(reason: str, imported: str) -> None:
+    """In a warm worker where `imported` was imported already (by the server, with its settings):
+    end the worker, and its asker runs the stage from the top in its own process, where a setting
+    made before that import counts. Anywhere else, nothing. Call it before any output is written."""
+    pid, _, fd = os.environ.get(WORKER_VAR, "").partition(":")
+    if pid != str(os.getpid()) or imported not in sys.modules:
+        return
+    try:
+        conn = socket.socket(fileno=int(fd))
+        _send(conn, {"cold": reason})
+    except (OSError, ValueError):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 # The serving side.
 
 def _reopen_std() -> None:
-    """Standard streams over the asking process's descriptors, buffered as Python's own start makes
-    them: stdout line-buffered on a terminal, stderr always; written through under PYTHONUNBUFFERED.
-    The encodings are the server's, which has the same environment."""
+    """Standard streams over the asking process's descriptors, made as Python's own start makes
+    them: names, newline, stdout line-buffered on a terminal, stderr always, written through under
+    PYTHONUNBUFFERED; the encodings are the server's, which has the same environment."""
     raw = bool(os.environ.get("PYTHONUNBUFFERED"))
 
-    def stream(fd: int, mode: str, like, line: bool) -> io.TextIOWrapper:
-        binary = io.open(fd, mode + "b", buffering=0 if raw and mode == "w" else -1, closefd=False)
-        return io.TextIOWrapper(binary, encoding=like.encoding, errors=like.errors, line_buffering=line,
-                                write_through=raw and mode == "w")
+    def stream(fd: int, name: str, like) -> io.TextIOWrapper:
+        write = fd > 0
+        binary = io.FileIO(fd, "wb" if write else "rb", closefd=False)
+        binary.name = f"<{name}>"
+        if not (raw and write):
+            binary = (io.BufferedWriter if write else io.BufferedReader)(binary)
+        return io.TextIOWrapper(binary, encoding=like.encoding, errors=like.errors, newline="\n",
+                                line_buffering=fd == 2 or (fd == 1 and os.isatty(1)), write_through=raw and write)
 
-    sys.stdin = stream(0, "r", sys.__stdin__, False)
-    sys.stdout = stream(1, "w", sys.__stdout__, os.isatty(1))
-    sys.stderr = stream(2, "w", sys.__stderr__, True)
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        made = stream(fd, name, getattr(sys, f"__{name}__"))
+        setattr(sys, name, made)
+        setattr(sys, f"__{name}__", made)
 
 
 def _exit_status(code) -> int:
@@ -145,19 +193,22 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
     for signum in (*RELAYED, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+    os.setpgid(0, 0)  # a group of its own, which the asker's relayed signals reach whole
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     os.environ.clear()
-    os.environ.update(request["environ"])
+    os.environ.update(request["environ"] | {WORKER_VAR: f"{os.getpid()}:{conn.fileno()}"})
     _reopen_std()
-    def orphaned() -> None:  # the asking process gone (killed with its process group) takes its worker along
+
+    def orphaned() -> None:  # the asker gone (killed with its process group) takes the worker's along
         try:
             conn.recv(1)
         finally:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=orphaned, daemon=True).start()
     for name in [m for m in sys.modules if m.split(".")[0] in OWN]:
@@ -176,33 +227,57 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
     except BaseException as error:
         sys.excepthook(*sys.exc_info())
         status, killed_by = 1, signal.SIGINT if isinstance(error, KeyboardInterrupt) else None
-    try:
+    try:  # what Python does on its way out: wait for threads, run atexit functions, flush
         threading._shutdown()
-    except Exception:
-        pass
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        except OSError:
-            pass
+    except BaseException:
+        pass
     if killed_by:  # as Python does after an uncaught KeyboardInterrupt
         signal.signal(killed_by, signal.SIG_DFL)
         os.kill(os.getpid(), killed_by)
     os._exit(status)
 
 
+def _request(conn: socket.socket) -> tuple[list[int], dict | None]:
+    """The asker's descriptors and request; closes the descriptors and raises if it fails."""
+    fds: list[int] = []
+    try:
+        _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+        return fds, _receive(conn)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _dismiss(conn: socket.socket, fds: list[int], answer: dict) -> None:
+    """Answer an asker that starts cold, and let go of its connection and descriptors."""
+    try:
+        _send(conn, answer)
+    except OSError:
+        pass
+    conn.close()
+    for fd in fds:
+        os.close(fd)
+
+
 def serve(address: str) -> None:
     """Preload, listen on `address`, fork a worker per request; ends on SIGTERM or SIGINT."""
     import importlib
 
-    own = json.loads(json.dumps(_identity(_facts())))
+    server = os.getpid()
     before = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
-    # What the imports themselves set (torch sets TORCHINDUCTOR_CACHE_DIR), as they would cold.
+    # What the imports themselves set (torch: TORCHINDUCTOR_CACHE_DIR), as they would cold.
     imported_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    own = json.loads(json.dumps(_identity(_facts() | {"environ": before}, {})))
     waiting: dict[int, socket.socket] = {}
+
+    def log(line: str) -> None:
+        print(f"warm: {line}", file=sys.stderr, flush=True)
 
     def reap(_signum, _frame) -> None:
         while True:
@@ -229,95 +304,58 @@ def serve(address: str) -> None:
     listener.bind(address + ".binding")
     listener.listen(16)
     os.rename(address + ".binding", address)  # there only once it listens
-    print(f"warm: serving {address} (pid {os.getpid()}; preloaded {', '.join(PRELOAD)})", file=sys.stderr, flush=True)
+    log(f"serving {address} (pid {server}; preloaded {', '.join(PRELOAD)})")
     try:
         while True:
             conn, _ = listener.accept()
+            conn.settimeout(ANSWER_S)
             try:
-                _, fds, _, _ = socket.recv_fds(conn, 1, 3)
-                request = _receive(conn)
-            except OSError:
+                fds, request = _request(conn)
+            except Exception as error:  # a broken, silent or malformed request: that asker starts cold
+                log(f"dropped a request: {error!r}")
                 conn.close()
                 continue
-            theirs = _identity(request or {})
+            theirs = _identity(request or {}, imported_env)
             if theirs != own or len(fds) != 3:
                 differs = sorted(k for k in own if theirs.get(k) != own[k]) or ["descriptors"]
                 if "env" in differs:
-                    differs[differs.index("env")] = "env (" + ", ".join(sorted(
-                        k for k in theirs["env"].keys() | own["env"].keys() if theirs["env"].get(k) != own["env"].get(k))) + ")"
-                print(f"warm: declined {request and request.get('module')}: its {', '.join(differs)} differ",
-                      file=sys.stderr, flush=True)
-                try:
-                    _send(conn, {"declined": differs})
-                except OSError:
-                    pass
-                conn.close()
-                for fd in fds:
-                    os.close(fd)
+                    keys = sorted(k for k in theirs["env"].keys() | own["env"].keys()
+                                  if theirs["env"].get(k) != own["env"].get(k))
+                    differs[differs.index("env")] = f"env ({', '.join(keys)})"
+                log(f"declined {(request or {}).get('module')}: its {', '.join(differs)} differ")
+                _dismiss(conn, fds, {"declined": differs})
                 continue
-            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # the worker in `waiting` before it can end
-            pid = os.fork()
-            if pid == 0:
+            conn.settimeout(None)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # in `waiting` before it can end
+            try:
+                pid = os.fork()
+            except OSError as error:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-                listener.close()
-                for other in waiting.values():
-                    other.close()
-                _work(conn, fds, request | {"environ": request["environ"] | imported_env})
+                log(f"could not fork for {request['module']}: {error}")
+                _dismiss(conn, fds, {"declined": ["fork"]})
+                continue
+            if pid == 0:
+                try:
+                    listener.close()
+                    for other in waiting.values():
+                        other.close()
+                    _work(conn, fds, request | {"environ": request["environ"] | imported_env})
+                finally:
+                    os._exit(1)  # never back into the server's loop
             waiting[pid] = conn
             for fd in fds:
                 os.close(fd)
-            print(f"warm: {request['module']} in {request['cwd']}: worker {pid}", file=sys.stderr, flush=True)
+            log(f"{request['module']} in {request['cwd']}: worker {pid}")
             try:
                 _send(conn, {"pid": pid})
             except OSError:
-                pass  # the asking process is gone: its worker sees so and ends
+                pass  # the asker is gone: its worker sees so and ends
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
     finally:
-        listener.close()
-        if os.path.exists(address):
-            os.unlink(address)
-
-
-@contextmanager
-def server(env: dict, ready_s: float = 120.0):
-    """A server started with `env` on a fresh socket, for the duration: FTSTUDY_WARM names it in
-    this process's environment, so the stages' processes started meanwhile with os.environ ask it.
-    Yields the address, or None (and stages start cold) when it is not up within `ready_s`; stopped
-    by its handle. Its log (a line a request) is `log` beside the socket."""
-    import shutil
-    import subprocess
-    import tempfile
-    import time
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp(prefix="ftstudy-warm-"))
-    address = str(folder / "socket")
-    with open(folder / "log", "w") as log:
-        # `python` as dvc.yaml's commands name it, through the same PATH (and any shim's settings).
-        proc = subprocess.Popen(["python", "-m", "ftstudy.warm", "serve", "--socket", address],
-                                cwd=Path(__file__).resolve().parents[1], env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
-    earlier = os.environ.get(ADDRESS_VAR)
-    try:
-        deadline = time.monotonic() + ready_s
-        while not os.path.exists(address) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        up = os.path.exists(address)
-        if up:
-            os.environ[ADDRESS_VAR] = address
-        yield address if up else None
-    finally:
-        if earlier is None:
-            os.environ.pop(ADDRESS_VAR, None)
-        else:
-            os.environ[ADDRESS_VAR] = earlier
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+        if os.getpid() == server:
+            listener.close()
+            if os.path.exists(address):
+                os.unlink(address)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +63,42 @@ def run_queue(repo: Path, poll_s: float = 2.0) -> str:
     if "Failed" in status:
         raise DvcError(f"some experiments failed (dvc queue logs <name> says why):\n{status}")
     return status
+
+
+@contextlib.contextmanager
+def warm_server(env: dict, ready_s: float = 120.0):
+    """A warm server (ftstudy/warm.py) started with `env` on a fresh socket, for the duration:
+    FTSTUDY_WARM names it in this process's environment, so the stages' processes started
+    meanwhile with os.environ ask it. Yields the address, or None (and stages start cold) when it
+    is not up within `ready_s`; stopped by its handle. Its log (a line a request) is `log` beside
+    the socket."""
+    folder = Path(tempfile.mkdtemp(prefix="ftstudy-warm-"))
+    address = str(folder / "socket")
+    with open(folder / "log", "w") as log:
+        # `python` as dvc.yaml's commands name it, through the same PATH (and any shim's settings).
+        proc = subprocess.Popen(["python", "-m", "ftstudy.warm", "serve", "--socket", address], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    earlier = os.environ.get(warm.ADDRESS_VAR)
+    try:
+        deadline = time.monotonic() + ready_s
+        while not os.path.exists(address) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        up = os.path.exists(address)
+        if up:
+            os.environ[warm.ADDRESS_VAR] = address
+        yield address if up else None
+    finally:
+        if earlier is None:
+            os.environ.pop(warm.ADDRESS_VAR, None)
+        else:
+            os.environ[warm.ADDRESS_VAR] = earlier
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
@@ -147,7 +184,7 @@ def main() -> None:
         return
     # The server imports torch and transformers while the sandbox is built; the stages then start
     # from it in a fraction of a second each, with the same results as cold.
-    with warm.server(os.environ | ENV) if not args.cold else contextlib.nullcontext():
+    with warm_server(os.environ | ENV) if not args.cold else contextlib.nullcontext():
         dest = make_sandbox(args.dir, overrides)
         print(f"sandbox: {dest}", file=sys.stderr)
         repro_and_commit(dest)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ftstudy import warm
 from scripts.docs_tables import ROOT, stamp, write_block
-from scripts.sandbox import ENV, outcome
+from scripts.sandbox import ENV, outcome, warm_server
 
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+(\d+) \| (\S.*)$")
 
@@ -130,7 +130,7 @@ def main() -> None:
             commands = {name: stage_commands(box) for name, box in sandboxes.items()}
             stages = list(commands["after"])
             runs: dict[str, dict[str, list]] = {"before": {}, "after": {}, "warm": {}}
-            with warm.server(os.environ | ENV):
+            with warm_server(os.environ | ENV):
                 for i in range(args.repeats):
                     for stage in stages:
                         for name, code in (("before", "before"), ("after", "after"), ("warm", "after")):

@@ -14,19 +14,15 @@ the stage fails naming the largest gap.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import time
+from pathlib import Path
 
-if not sys.stderr.isatty():  # before tqdm is first imported: it reads this once
-    os.environ.setdefault("TQDM_DISABLE", "1")
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from ftstudy.config import load_params  # noqa: E402
-from ftstudy.errors import run_stage  # noqa: E402
-from ftstudy.outputs import write_arrays, write_json  # noqa: E402
+from ftstudy import warm
+from ftstudy.config import load_params
+from ftstudy.errors import run_stage
+from ftstudy.outputs import write_arrays, write_json
 
 
 def main() -> None:
@@ -54,6 +50,7 @@ def main() -> None:
     unreachable = hub.hub_unreachable() if benchmarks.has_hub_tasks(p.tasks.names) else None  # one probe
     if unreachable is not None:
         # before the Hub clients are first imported (they read these once): the cache, no retries
+        warm.start_cold("offline mode, which the Hub clients read at import", imported="huggingface_hub")
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     benchmarks.quiet_lm_eval()
     manager = benchmarks.task_manager(p.tasks.names)

@@ -39,7 +39,6 @@ import pytest
 import torch
 import yaml
 
-from ftstudy import warm
 from ftstudy.config import set_keys
 from ftstudy.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
 from scripts import sandbox
@@ -105,7 +104,7 @@ def warm_stages():
     warm, from one server per test process (ftstudy/warm.py) with this process's environment and
     CPU affinity: those started with other settings (a test's own variables, a serial test's cores)
     start cold, and tests/test_warm.py checks that both give the same bytes."""
-    with warm.server(dict(os.environ)) as address:
+    with sandbox.warm_server(dict(os.environ)) as address:
         yield address
 
 

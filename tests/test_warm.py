@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, prepare_in, train_args
-from ftstudy import warm
+import yaml
+
+from conftest import PREPARE_ARGS, ROOT, prepare_in, train_args
+from scripts.sandbox import warm_server
 
 EVALUATE = ("-m", "stages.evaluate", "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/e.json", "--info",
             "m/e.info.json", "--nll", "nll.npz")
@@ -44,7 +46,7 @@ def _gone(pid: int, within_s: float = 15.0) -> bool:
 
 def test_a_warm_stage_writes_a_cold_ones_bytes_and_fails_as_it_would_and_a_differing_one_starts_cold(project):
     root = prepare_in(project)
-    with warm.server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
+    with warm_server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
         assert address and os.environ["FTSTUDY_WARM"] == address
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         # One variable more than the server has: declined, started cold, named in the log.
@@ -72,7 +74,7 @@ def test_a_warm_stage_writes_a_cold_ones_bytes_and_fails_as_it_would_and_a_diffe
 
 def test_a_signal_reaches_the_worker_and_an_asker_killed_outright_takes_its_worker_along(project):
     root = prepare_in(project)
-    with warm.server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
+    with warm_server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         for nth, (sent, expected) in enumerate(((signal.SIGTERM, -signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)), 1):
             asker = subprocess.Popen([sys.executable, "-m", "stages.train_full", *train_args("full")], cwd=root,
@@ -83,3 +85,28 @@ def test_a_signal_reaches_the_worker_and_an_asker_killed_outright_takes_its_work
             asker.send_signal(sent)
             assert asker.wait(30) == expected
             assert _gone(worker), f"worker {worker} outlived its asker ({sent.name})"
+
+
+def test_a_stage_that_needs_a_fresh_interpreter_runs_once_cold_and_a_killed_worker_kills_its_asker(project):
+    """A stage that sets what a preloaded library read at its import (prepare, offline mode, when
+    the Hub cannot be reached) calls start_cold: its worker hands it back and the asker runs it
+    itself, once. A worker killed outright (as the OOM killer does) takes its asker down by the same
+    signal."""
+    root = prepare_in(project)
+    # A Hub model id, and the Hub stand-in's address where nothing listens: unreachable, so the
+    # stage switches the Hub clients offline and then fails on the empty cache, in one line.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"] |= {"name": "openai-community/gpt2", "revision": "main"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with warm_server(os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}) as address:
+        env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+        proc = subprocess.run([sys.executable, "-m", "stages.prepare", *PREPARE_ARGS], cwd=root, env=env,
+                              capture_output=True, text=True)
+        assert _gone(_worker(address, "prepare"))
+        assert "stages.prepare: started cold, for offline mode" in proc.stderr, proc.stderr[-2000:]
+        assert proc.returncode == 1 and proc.stderr.count("prepare: error:") == 1, proc.stderr[-2000:]
+        project()
+        asker = subprocess.Popen([sys.executable, "-m", "stages.train_full", *train_args("full")], cwd=root, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.kill(_worker(address, "train_full"), signal.SIGKILL)
+        assert asker.wait(30) == -signal.SIGKILL

@@ -71,9 +71,17 @@ def task_names(entries: tuple[str, ...]) -> list[str]:
 def quiet_lm_eval() -> None:
     """lm-eval's logs stay out of a stage's output but for its errors: its info and warnings are
     about its own machinery (a model passed as an object, few-shot defaults overridden), and what
-    they would tell is recorded in the stage's info instead."""
+    they would tell is recorded in the stage's info instead. Off a terminal, the Hub's and datasets'
+    progress bars are off too (through their own switches, which count whenever they are imported;
+    lm-eval's own bars: evaluate)."""
     os.environ["LMEVAL_LOG_LEVEL"] = "ERROR"  # lm-eval sets its logger's level from this at import
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # no progress bars in a log: a Hub task's downloads and dataset builds
+        import datasets
+        from huggingface_hub.utils import disable_progress_bars
+
+        datasets.disable_progress_bars()
+        disable_progress_bars()
 
 
 def task_manager(entries: tuple[str, ...]):

@@ -68,10 +68,11 @@ NOT_IN_IDENTITY = ("log_every", "checkpoint_every", "trackers")
 
 def training_code(method: str) -> list[Path]:
     """The project files the training loop runs: every module of this package imported so far (the
-    loop and what it imports, not the report's), and the method's stage."""
+    loop and what it imports, not the report's, nor the warm start's), and the method's stage."""
     package = Path(__file__).resolve().parents[1]  # ftstudy/, above this train/
+    # ftstudy/warm.py starts the process, warm or cold, and is loaded in some runs only.
     loaded = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
-              if name.split(".")[0] == package.name and getattr(m, "__file__", None)}
+              if name.split(".")[0] == package.name and name != "ftstudy.warm" and getattr(m, "__file__", None)}
     return sorted(loaded) + [package.parent / "stages" / f"train_{method}.py"]
 
 
