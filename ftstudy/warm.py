@@ -32,18 +32,23 @@ ADDRESS_VAR = "FTSTUDY_WARM"
 WORKER_VAR = "FTSTUDY_WARM_WORKER"  # "<pid>:<fd>" in a worker: its connection to its asker
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "accelerate")
 # Variables no library reads at import: DVC's and its queue's (Celery, billiard), pytest's current
-# test, the shell's and pyenv's bookkeeping (its shims add to PYENV_HOOK_PATH at each level), ours.
+# test, the shell's and pyenv's bookkeeping (its shims add to PYENV_HOOK_PATH at each level), ours;
+# and the two that scikit-learn's import sets for Intel's OpenMP, which reads them when it starts
+# its runtime (in the worker, with the asker's environment), not when it is loaded.
 VOLATILE = ("DVC_", "CELERY_", "_MP_FORK_", "PYTEST_CURRENT_TEST", "PYENV_", "_PYENV_", ADDRESS_VAR)
-SHELL_VARS = {"_", "PWD", "OLDPWD", "SHLVL"}
+IGNORED_VARS = {"_", "PWD", "OLDPWD", "SHLVL", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
 OWN = ("ftstudy", "stages")
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-ANSWER_S = 60.0  # how long an asker waits for the server's answer, and the server for a request
+ANSWER_S = 60.0  # how long an asker waits for the server's answer
+REQUEST_S = 5.0  # how long the server waits for a request, well within the asker's wait
 _HEADER = struct.Struct("!I")
 
 
 def _facts() -> dict:
     """What a warm worker must share with the process it stands in for, raw (the server compares)."""
+    argv = sys.orig_argv
     return {"environ": dict(os.environ), "path": sys.path[1:], "executable": sys.executable, "flags": list(sys.flags),
+            "options": argv[1:argv.index("-m")] if "-m" in argv else argv[1:],  # -u, -X ...: as python was started
             "xoptions": sys._xoptions, "warnoptions": sys.warnoptions, "affinity": sorted(os.sched_getaffinity(0))}
 
 
@@ -52,8 +57,9 @@ def _identity(facts: dict, imported_env: dict) -> dict:
     import, nor those the preloaded imports set themselves to the same value (torch's
     TORCHINDUCTOR_CACHE_DIR, in a process that imported torch before it started a stage)."""
     env = {k: v for k, v in facts.get("environ", {}).items()
-           if not k.startswith(VOLATILE) and k not in SHELL_VARS and imported_env.get(k) != v}
-    return {k: facts.get(k) for k in ("path", "executable", "flags", "xoptions", "warnoptions", "affinity")} | {"env": env}
+           if not k.startswith(VOLATILE) and k not in IGNORED_VARS and imported_env.get(k) != v}
+    keys = ("path", "executable", "flags", "options", "xoptions", "warnoptions", "affinity")
+    return {k: facts.get(k) for k in keys} | {"env": env}
 
 
 def _send(sock: socket.socket, message: dict) -> None:
@@ -83,9 +89,9 @@ def forward(address: str) -> None:
     """Run this `python -m stages.<name>` process's stage in a warm worker and exit with its status;
     returns (and the stage starts cold) when no server answers, it declines, or the stage asked to
     start cold (start_cold)."""
+    sock = socket.socket(socket.AF_UNIX)
     try:
         module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
-        sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(ANSWER_S)
         sock.connect(address)
         request = {"module": module, "args": sys.argv[1:], "orig_argv": sys.orig_argv, "cwd": os.getcwd(),
@@ -95,26 +101,22 @@ def forward(address: str) -> None:
         _send(sock, request)
         answer = _receive(sock)
     except (OSError, ValueError):
-        return  # a timeout included: closing the socket ends a worker started meanwhile
+        answer = None  # a timeout included: closing the socket ends a worker started meanwhile
     if answer is None or "pid" not in answer:
+        sock.close()
         return
-    group = answer["pid"]
+    group = answer["pid"]  # the worker leads a process group of its own from its first instruction
 
     def relay(signum, _frame) -> None:
         try:
             os.killpg(group, signum)
-        except ProcessLookupError:  # not yet a group of its own, or ended
-            try:
-                os.kill(group, signum)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass
 
     before = {signum: signal.signal(signum, relay) for signum in RELAYED}
     sock.settimeout(None)
-    try:
+    try:  # the worker's own end, or the server's report of its death
         end = _receive(sock)
-        if end is not None and "cold" in end:
-            _receive(sock)  # the worker's end, which the server reports
     except OSError:
         end = None
     if end is None:
@@ -141,8 +143,7 @@ def start_cold(reason: str, imported: str) -> None:
     if pid != str(os.getpid()) or imported not in sys.modules:
         return
     try:
-        conn = socket.socket(fileno=int(fd))
-        _send(conn, {"cold": reason})
+        _send(socket.socket(fileno=os.dup(int(fd))), {"cold": reason})
     except (OSError, ValueError):
         return
     for stream in (sys.stdout, sys.stderr):
@@ -193,8 +194,7 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
     for signum in (*RELAYED, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-    os.setpgid(0, 0)  # a group of its own, which the asker's relayed signals reach whole
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*RELAYED, signal.SIGCHLD])  # held since before the fork
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -227,12 +227,15 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
     except BaseException as error:
         sys.excepthook(*sys.exc_info())
         status, killed_by = 1, signal.SIGINT if isinstance(error, KeyboardInterrupt) else None
-    try:  # what Python does on its way out: wait for threads, run atexit functions, flush
-        threading._shutdown()
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    except BaseException:
+    # What Python does on its way out: wait for threads, run atexit functions, flush.
+    for step in (threading._shutdown, atexit._run_exitfuncs, sys.stdout.flush, sys.stderr.flush):
+        try:
+            step()
+        except BaseException:
+            pass
+    try:  # the end, told by the worker itself: the server may be gone by now
+        _send(conn, {"signal": killed_by} if killed_by else {"exit": status})
+    except OSError:
         pass
     if killed_by:  # as Python does after an uncaught KeyboardInterrupt
         signal.signal(killed_by, signal.SIG_DFL)
@@ -308,7 +311,7 @@ def serve(address: str) -> None:
     try:
         while True:
             conn, _ = listener.accept()
-            conn.settimeout(ANSWER_S)
+            conn.settimeout(REQUEST_S)
             try:
                 fds, request = _request(conn)
             except Exception as error:  # a broken, silent or malformed request: that asker starts cold
@@ -326,16 +329,21 @@ def serve(address: str) -> None:
                 _dismiss(conn, fds, {"declined": differs})
                 continue
             conn.settimeout(None)
-            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # in `waiting` before it can end
+            # Held until the worker is in `waiting`, and in the worker until its handlers are its own.
+            held = [*RELAYED, signal.SIGCHLD]
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+            sys.stdout.flush()
+            sys.stderr.flush()
             try:
                 pid = os.fork()
             except OSError as error:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 log(f"could not fork for {request['module']}: {error}")
                 _dismiss(conn, fds, {"declined": ["fork"]})
                 continue
             if pid == 0:
                 try:
+                    os.setpgid(0, 0)  # a group of its own, which the asker's relayed signals reach whole
                     listener.close()
                     for other in waiting.values():
                         other.close()
@@ -343,6 +351,10 @@ def serve(address: str) -> None:
                 finally:
                     os._exit(1)  # never back into the server's loop
             waiting[pid] = conn
+            try:
+                os.setpgid(pid, pid)  # as the worker does: either comes first, before the asker learns the pid
+            except OSError:
+                pass
             for fd in fds:
                 os.close(fd)
             log(f"{request['module']} in {request['cwd']}: worker {pid}")
@@ -350,7 +362,7 @@ def serve(address: str) -> None:
                 _send(conn, {"pid": pid})
             except OSError:
                 pass  # the asker is gone: its worker sees so and ends
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     finally:
         if os.getpid() == server:
             listener.close()
