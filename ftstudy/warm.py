@@ -47,7 +47,9 @@ _HEADER = struct.Struct("!I")
 def _facts() -> dict:
     """What a warm worker must share with the process it stands in for, raw (the server compares)."""
     argv = sys.orig_argv
-    return {"environ": dict(os.environ), "path": sys.path[1:], "executable": sys.executable, "flags": list(sys.flags),
+    return {"environ": dict(os.environ), "path": sys.path[1:], "executable": sys.executable,
+            # the interpreter itself: python and python3.11 (or a shim's choice) are one
+            "interpreter": [os.path.realpath(sys.executable), sys.prefix, sys.exec_prefix], "flags": list(sys.flags),
             "options": argv[1:argv.index("-m")] if "-m" in argv else argv[1:],  # -u, -X ...: as python was started
             "xoptions": sys._xoptions, "warnoptions": sys.warnoptions, "affinity": sorted(os.sched_getaffinity(0))}
 
@@ -58,7 +60,7 @@ def _identity(facts: dict, imported_env: dict) -> dict:
     TORCHINDUCTOR_CACHE_DIR, in a process that imported torch before it started a stage)."""
     env = {k: v for k, v in facts.get("environ", {}).items()
            if not k.startswith(VOLATILE) and k not in IGNORED_VARS and imported_env.get(k) != v}
-    keys = ("path", "executable", "flags", "options", "xoptions", "warnoptions", "affinity")
+    keys = ("path", "interpreter", "flags", "options", "xoptions", "warnoptions", "affinity")
     return {k: facts.get(k) for k in keys} | {"env": env}
 
 
@@ -214,7 +216,7 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
     for name in [m for m in sys.modules if m.split(".")[0] in OWN]:
         del sys.modules[name]
     sys.path[0] = request["cwd"]
-    sys.orig_argv = request["orig_argv"]
+    sys.orig_argv, sys.executable = request["orig_argv"], request["executable"]
     # Not "-m" while the module is found, so stages/__init__.py does not forward it again.
     sys.argv = ["warm", *request["args"]]
     sys.modules["__main__"] = types.ModuleType("__main__")
