@@ -1,12 +1,14 @@
 """Make a self-contained copy of the project, its own git and DVC repo, pointed at the tiny assets.
 
-    python -m scripts.sandbox DIR [--repro] [-S key=value ...]
+    python -m scripts.sandbox DIR [--repro [--cold]] [-S key=value ...]
 
 Copies the pipeline (dvc.yaml, params.yaml, stages/, ftstudy/, assets/, tasks/) to DIR, applies
 assets/demo-params.yaml and any -S overrides to DIR/params.yaml (comments kept), then runs
 git init, dvc init and a first commit, so `dvc repro`, `dvc exp run -S ...`, `dvc metrics diff`
 and `dvc exp show` work there. The project's own params, lock file and outputs are never touched.
 DIR is rebuilt from scratch if it is an earlier sandbox; any other existing folder is refused.
+With --repro, the stages start warm, from a server that imports torch and transformers while the
+sandbox is built (ftstudy/warm.py); --cold starts each of them as `dvc repro` alone does.
 """
 
 from __future__ import annotations
