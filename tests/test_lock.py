@@ -64,3 +64,23 @@ def test_the_installed_packages_are_the_locked_ones():
         if installed not in req.specifier:
             wrong.append(f"{req.name} {installed} (locked {req.specifier})")
     assert wrong == [], "install the lock: pip install -r requirements.txt"
+
+
+def test_the_locked_pytest_xdist_pair_keeps_a_group_on_one_worker(tmp_path):
+    """The suite's cost rests on `--dist loadgroup`: each file marked xdist_group runs on one worker,
+    so its module fixtures (the real-shape build, the instruction runs, the cluster study) are built
+    once. pytest 9.2 keeps a test's id where pytest-xdist 3.8 no longer writes its group, and every
+    group was silently spread over both workers, built twice. A pair that breaks it fails here."""
+    import subprocess
+    import sys
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_grouped.py").write_text(
+        "import pytest\npytestmark = pytest.mark.xdist_group('one')\n"
+        "@pytest.mark.parametrize('i', range(8))\n"
+        "def test_unit(i):\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                           "-v"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    workers = set(re.findall(r"^\[(gw\d+)\] .*PASSED", proc.stdout, re.M))
+    assert len(workers) == 1, f"an xdist_group ran on {sorted(workers)}: pin pytest and pytest-xdist to a pair that groups"
