@@ -253,11 +253,16 @@ def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_p
             "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
             "p = parse_params(demo_params()).lora; "
             "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, 'x'); lora.save(m, Path(sys.argv[1]), p, None)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    seeds = ("1", "2")  # two seeds under which these names' set comes out in different orders:
+    orders = {subprocess.run([sys.executable, "-c", "print(list({'c_attn', 'c_fc', 'c_proj'}))"], check=True,
+                             capture_output=True, text=True, env=env | {"PYTHONHASHSEED": s}).stdout for s in seeds}
+    assert len(orders) == 2
     configs = []
-    for seed in ("1", "2", "3"):
+    for seed in seeds:
         out = tmp_path / seed
         subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT / "tests", check=True, capture_output=True,
-                       env={**__import__("os").environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)})
+                       env=env | {"PYTHONHASHSEED": seed})
         configs.append((out / "adapter_config.json").read_bytes())
-    assert configs[0] == configs[1] == configs[2]
+    assert configs[0] == configs[1]
     assert json.loads(configs[0])["target_modules"] == ["c_attn", "c_fc", "c_proj"]
