@@ -129,11 +129,8 @@ def test_two_nodes_match_one_process_at_the_same_global_batch(project, tmp_path,
     one process, within the DDP test's tolerance."""
     prepare_in(project)
     no_dropout(tmp_path / "pre")
-    # Ports of each method's own, so that the two never meet: under pytest 9.2 pytest-xdist's groups were
-    # ignored, the two ran side by side, and the LoRA launch once found the full one's port in use.
-    base = 29521 if method == "full" else 29531
-    one, curve_one = train(tmp_path, 1, 8, "one", method, port=base)
-    two, curve_two = train_on_two_nodes(tmp_path, "two", method, port=base + 1)
+    one, curve_one = train(tmp_path, 1, 8, "one", method, port=29521)
+    two, curve_two = train_on_two_nodes(tmp_path, "two", method, port=29522)
     assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == 8 and one["steps"] == two["steps"]
     assert curve_two == pytest.approx(curve_one, rel=2e-3)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)

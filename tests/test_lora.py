@@ -244,6 +244,7 @@ def test_bitsandbytes_note_about_the_kernels_hub_is_not_shown(caplog):
 def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
     """PEFT saves target_modules in a set's order, which Python's string hashing changes from run to
     run (PYTHONHASHSEED): two identical trainings once saved different adapter folders."""
+    import os
     import subprocess
     import sys
 
@@ -253,8 +254,8 @@ def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_p
             "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
             "p = parse_params(demo_params()).lora; "
             "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, 'x'); lora.save(m, Path(sys.argv[1]), p, None)")
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    seeds = ("1", "2")  # two seeds under which these names' set comes out in different orders:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    seeds = ("1", "2")  # two seeds under which these names' set comes out in different orders
     orders = {subprocess.run([sys.executable, "-c", "print(list({'c_attn', 'c_fc', 'c_proj'}))"], check=True,
                              capture_output=True, text=True, env=env | {"PYTHONHASHSEED": s}).stdout for s in seeds}
     assert len(orders) == 2
