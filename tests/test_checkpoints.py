@@ -15,7 +15,7 @@ def prepared(project):
     return prepare_in(project, **{"train.epochs": 1})
 
 
-def test_checkpoint_key_and_partial_checkpoints(prepared):
+def test_checkpoint_key_and_partial_checkpoints(prepared, capsys):
     from accelerate import Accelerator
 
     p = load_params()
@@ -42,10 +42,19 @@ def test_checkpoint_key_and_partial_checkpoints(prepared):
 
     ckpt = checkpoints.Checkpointer(prepared / "ckpt", "full", identity, Accelerator(cpu=True))
     assert ckpt.latest() is None
+    # Killed after writing its progress, before the rename: partial, removed with a line that says so.
+    (ckpt.dir / "step-10.tmp").mkdir(parents=True)
+    (ckpt.dir / "step-10.tmp" / checkpoints.PROGRESS).write_text("{}")
+    assert checkpoints.complete(ckpt.dir) == []
+    capsys.readouterr()
+    assert ckpt.latest() is None
+    assert capsys.readouterr().out.strip() == (f"train_full: removed the partial checkpoint {ckpt.dir / 'step-10.tmp'} "
+                                               "(its run stopped while writing it)")
     (ckpt.dir / "step-30.tmp").mkdir(parents=True)   # killed while saving
     (ckpt.dir / "step-20").mkdir()                   # renamed but never completed
     (ckpt.dir / "step-10").mkdir()
     (ckpt.dir / "step-10" / checkpoints.PROGRESS).write_text("{}")
+    assert checkpoints.complete(ckpt.dir) == [ckpt.dir / "step-10"]
     assert ckpt.latest() == ckpt.dir / "step-10"
     assert not (ckpt.dir / "step-30.tmp").exists()
     ckpt.clear()

@@ -21,6 +21,7 @@ from conftest import SETTINGS, dvc, once, outcome
 from ftstudy.config import override_file
 from ftstudy.cores import usable_cores
 from ftstudy.outputs import read_json
+from ftstudy.train import checkpoints
 from ftstudy.synthetic import write_tiny_model
 from scripts import sandbox
 
@@ -264,8 +265,10 @@ def test_training_killed_mid_epoch_resumes_to_identical_results(demo_build, tmp_
     ckpts = dest / ".checkpoints"
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a neighbour keeping one core busy
     try:
-        # Killed once a checkpoint of train_full (every 10 of its 53 steps) is complete, mid-epoch.
-        _repro_killed_when(dest, lambda out: "train_full" in out and any(ckpts.glob("full-*/step-*/progress.json")))
+        # Killed once a checkpoint of train_full (every 10 of its 53 steps) is complete, mid-epoch:
+        # renamed from its temp folder (one killed before the rename is partial, and not resumed).
+        _repro_killed_when(dest, lambda out: "train_full" in out
+                           and any(checkpoints.complete(run) for run in ckpts.glob("full-*")))
         assert not (dest / "models/full").exists()
         rerun = dvc(dest, "repro")
     finally:

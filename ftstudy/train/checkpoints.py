@@ -3,13 +3,13 @@
 A run's checkpoints live in <root>/<method>-<key>/step-<n>/, where the key hashes everything that
 determines the trained weights and curves (run_identity: the params the loop reads for them, the
 prepared data, the base, the training code the loop imports, the process count, precision and
-library versions), so a changed run never resumes an old checkpoint, and says which of these
-differ. What changes neither (train.log_every, train.checkpoint_every, train.trackers, an edit of
-the report's code) keeps the checkpoints; so does the CPU thread count, which a busy machine may
-lower between a run and its resume: that changes the last bits of the weights, as any run on
-another thread count would, and the info records each segment's threads. Each checkpoint is written to a temp folder
-and renamed when complete; partial ones are deleted, never used. After success the method's
-checkpoints are removed.
+library versions), so a changed run never resumes an old checkpoint, and says which of these differ.
+What changes neither (train.log_every, train.checkpoint_every, train.trackers, an edit of the
+report's code) keeps the checkpoints; so does the CPU thread count, which a busy machine may lower
+between a run and its resume: that changes the last bits of the weights, as any run on another
+thread count would, and the info records each segment's threads. Each checkpoint is written to a
+temp folder and renamed when complete; partial ones are deleted with a line that says so, never
+used. After success the method's checkpoints are removed.
 """
 
 from __future__ import annotations
@@ -100,6 +100,11 @@ def run_key(identity: dict) -> str:
 IDENTITY = "identity.json"
 
 
+def complete(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints: renamed from their temp folder, their progress written."""
+    return [d for d in Path(run_dir).glob("step-*") if not d.name.endswith(".tmp") and (d / PROGRESS).is_file()]
+
+
 class Checkpointer:
     def __init__(self, root: str | Path, method: str, identity: dict, accelerator):
         self.root, self.method, self.acc, self.identity = Path(root), method, accelerator, identity
@@ -125,11 +130,11 @@ class Checkpointer:
             return None
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            for partial in self.dir.glob("*.tmp"):
+            for partial in sorted(self.dir.glob("*.tmp")):
                 shutil.rmtree(partial, ignore_errors=True)
+                print(f"train_{self.method}: removed the partial checkpoint {partial} (its run stopped while writing it)")
         self.acc.wait_for_everyone()
-        done = [d for d in self.dir.glob("step-*") if (d / PROGRESS).is_file()]
-        return max(done, key=lambda d: int(d.name.split("-")[1]), default=None)
+        return max(complete(self.dir), key=lambda d: int(d.name.split("-")[1]), default=None)
 
     def save(self, step: int, progress: dict, folders: dict[str, Path] | None = None) -> None:
         """Checkpoint the training state and `progress`, with a copy of each of `folders` (name ->
