@@ -21,8 +21,8 @@ from conftest import SETTINGS, dvc, once, outcome
 from ftstudy.config import override_file
 from ftstudy.cores import usable_cores
 from ftstudy.outputs import read_json
-from ftstudy.train import checkpoints
 from ftstudy.synthetic import write_tiny_model
+from ftstudy.train import checkpoints
 from scripts import sandbox
 
 pytestmark = pytest.mark.slow
