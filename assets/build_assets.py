@@ -314,8 +314,9 @@ dataset_kwargs:
     test: tasks/tiny_cloze.jsonl
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{context}}"
-doc_to_choice: "{{choices}}"
+# doc_to_*: column names, read as they are (lm-eval renders a Jinja template afresh for every item).
+doc_to_text: context
+doc_to_choice: choices
 doc_to_target: answer
 metric_list:
   - metric: acc
@@ -334,8 +335,9 @@ dataset_kwargs:
     test: tasks/tiny_complete.jsonl
 test_split: test
 output_type: generate_until
-doc_to_text: "{{prompt}}"
-doc_to_target: "{{reference}}"
+# doc_to_*: column names, read as they are (lm-eval renders a Jinja template afresh for every item).
+doc_to_text: prompt
+doc_to_target: reference
 generation_kwargs:
   until: [" .", " ,", "\\n"]
   do_sample: false
