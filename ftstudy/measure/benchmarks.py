@@ -157,6 +157,24 @@ def _registered_config(manager, name: str) -> dict:
     return load_yaml(path, resolve_func=False) or {}
 
 
+@contextlib.contextmanager
+def _no_machine_survey():
+    """simple_evaluate ends by surveying the machine into its results (torch.utils.collect_env: pip
+    list, compilers, drivers; 22 subprocesses, 0.8 s a call on a 2-core CPU), which nothing here
+    keeps: the stage's info records the versions that matter. Left out for the call."""
+    import lm_eval.evaluator
+
+    survey = getattr(lm_eval.evaluator, "add_env_info", None)
+    if survey is None:  # a later lm-eval without it
+        yield
+        return
+    lm_eval.evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = survey
+
+
 def evaluate(model, tokenizer, p_tasks, seed: int, manager, commits: dict, samples: dict | None = None) -> dict:
     """lm-eval's results for `model` on params tasks, Hub datasets at `commits` (resolve_datasets);
     `samples`: only these items of each task."""
@@ -167,7 +185,7 @@ def evaluate(model, tokenizer, p_tasks, seed: int, manager, commits: dict, sampl
     # lm-eval's progress bars go to a terminal only (its own tqdm calls ignore TQDM_DISABLE).
     bars = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
     try:
-        with bars:
+        with bars, _no_machine_survey():
             return simple_evaluate(
                 model=lm, tasks=task_specs(p_tasks.names, manager, commits), num_fewshot=p_tasks.num_fewshot,
                 limit=None if samples is not None else p_tasks.limit, samples=samples,
