@@ -269,16 +269,13 @@ def _dismiss(conn: socket.socket, fds: list[int], answer: dict) -> None:
 
 
 def serve(address: str) -> None:
-    """Preload, listen on `address`, fork a worker per request; ends on SIGTERM or SIGINT."""
+    """Listen on `address`, preload, then fork a worker per request; ends on SIGTERM or SIGINT.
+    Askers that come while it preloads wait for it (up to ANSWER_S): the socket is there at once,
+    so whoever started the server goes on with other work (make demo: the sandbox, dvc's start)."""
     import importlib
 
     server = os.getpid()
     before = dict(os.environ)
-    for name in PRELOAD:
-        importlib.import_module(name)
-    # What the imports themselves set (torch: TORCHINDUCTOR_CACHE_DIR), as they would cold.
-    imported_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
-    own = json.loads(json.dumps(_identity(_facts() | {"environ": before}, {})))
     waiting: dict[int, socket.socket] = {}
 
     def log(line: str) -> None:
@@ -303,14 +300,19 @@ def serve(address: str) -> None:
     def stop(_signum, _frame) -> None:
         raise SystemExit(0)
 
-    signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGTERM, stop)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(address + ".binding")
     listener.listen(16)
     os.rename(address + ".binding", address)  # there only once it listens
-    log(f"serving {address} (pid {server}; preloaded {', '.join(PRELOAD)})")
     try:
+        for name in PRELOAD:
+            importlib.import_module(name)
+        # What the imports themselves set (torch: TORCHINDUCTOR_CACHE_DIR), as they would cold.
+        imported_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
+        own = json.loads(json.dumps(_identity(_facts() | {"environ": before}, {})))
+        signal.signal(signal.SIGCHLD, reap)  # after the imports: any child of theirs is theirs to wait for
+        log(f"serving {address} (pid {server}; preloaded {', '.join(PRELOAD)})")
         while True:
             conn, _ = listener.accept()
             conn.settimeout(REQUEST_S)

@@ -48,6 +48,8 @@ def test_a_warm_stage_writes_a_cold_ones_bytes_and_fails_as_it_would_and_a_diffe
     root = prepare_in(project)
     with warm_server(os.environ | {"PYTHONPATH": str(ROOT)}) as address:
         assert address and os.environ["FTSTUDY_WARM"] == address
+        # It listens before it imports torch (a second or more): the first asker comes meanwhile and waits.
+        assert "serving" not in _log(address)
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         # One variable more than the server has: declined, started cold, named in the log.
         cold = subprocess.run([sys.executable, *EVALUATE], cwd=root, env=env | {"STUDY_EXTRA": "1"},
