@@ -160,8 +160,8 @@ def _registered_config(manager, name: str) -> dict:
 @contextlib.contextmanager
 def _no_machine_survey():
     """simple_evaluate ends by surveying the machine into its results (torch.utils.collect_env: pip
-    list, compilers, drivers; 22 subprocesses, 0.8 s a call on a 2-core CPU), which nothing here
-    keeps: the stage's info records the versions that matter. Left out for the call."""
+    list, compilers, drivers; 22 subprocesses, 0.8-1.0 s a call on a 2-core AMD EPYC), which nothing
+    here keeps: the stage's info records the versions that matter. Left out for the call."""
     import lm_eval.evaluator
 
     survey = getattr(lm_eval.evaluator, "add_env_info", None)
