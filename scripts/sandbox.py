@@ -68,12 +68,12 @@ def run_queue(repo: Path, poll_s: float = 2.0) -> str:
 
 
 @contextlib.contextmanager
-def warm_server(env: dict, ready_s: float = 120.0):
+def warm_server(env: dict, ready_s: float = 120.0, export: bool = True):
     """A warm server (ftstudy/warm.py) started with `env` on a fresh socket, for the duration:
-    FTSTUDY_WARM names it in this process's environment, so the stages' processes started
-    meanwhile with os.environ ask it. Yields the address, or None (and stages start cold) when it
-    is not up within `ready_s`; stopped by its handle. Its log (a line a request) is `log` beside
-    the socket."""
+    with `export`, FTSTUDY_WARM names it in this process's environment, so the stages' processes
+    started meanwhile with os.environ ask it (without, whoever starts them names it). Yields the
+    address, or None (and stages start cold) when it is not up within `ready_s`; stopped by its
+    handle. Its log (a line a request) is `log` beside the socket."""
     folder = Path(tempfile.mkdtemp(prefix="ftstudy-warm-"))
     address = str(folder / "socket")
     with open(folder / "log", "w") as log:
@@ -86,7 +86,7 @@ def warm_server(env: dict, ready_s: float = 120.0):
         while not os.path.exists(address) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         up = os.path.exists(address)
-        if up:
+        if up and export:
             os.environ[warm.ADDRESS_VAR] = address
         yield address if up else None
     finally:

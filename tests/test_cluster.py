@@ -3,7 +3,8 @@ single-slot workers on 127.0.0.1, a bare git repo as the git remote and a local 
 remote. Each grid point runs in its own clone, pushes its experiment, and the coordinator pulls it:
 the study equals the local queue's, a rerun runs nothing, a worker killed mid-training has its
 trial rerun elsewhere with nothing pushed twice or half, and a trial's own failure is reported
-once. Every cluster is stopped by its handle, every process by its id."""
+once. Every cluster is stopped by its handle, every process by its id. The trials' stages start
+warm, from a server with the environment a Dask worker has (ftstudy/warm.py)."""
 
 import json
 import os
@@ -13,12 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, TIMING
+from ftstudy import warm
 from ftstudy.config import override_file
-from scripts import cluster
+from scripts import cluster, sandbox
 
 # One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -49,6 +52,30 @@ def threads1(demo_build, tmp_path_factory):
     override_file(dest / "params.yaml", {"train.cpu_threads": 1})
     git(dest, "commit", "-qam", "train.cpu_threads 1")
     return dest
+
+
+def worker_environ() -> dict:
+    """The environment a LocalCluster's nanny gives its worker here, read from a real one-worker
+    cluster: distributed's pre-spawn-environ (OMP_NUM_THREADS=1 and more) and PYTHONHASHSEED."""
+    from distributed import Client, LocalCluster
+
+    environ = dict(os.environ)
+    try:
+        with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as c, \
+                Client(c) as client:
+            return next(iter(client.run(lambda: dict(os.environ)).values()))
+    finally:  # the nanny sets those in this process too
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+@pytest.fixture(scope="module")
+def worker_warm():
+    """A warm server with a Dask worker's environment, for the trials' stages; the one conftest
+    starts has this process's, which the nannies change, and the local queue's stages use it."""
+    with sandbox.warm_server(worker_environ(), export=False) as address:
+        assert address, "the warm server did not start"
+        yield address
 
 
 def with_remotes(base, where, bare=None):
@@ -83,10 +110,15 @@ def queue_study(threads1, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_dask_study_equals_the_queue_study_and_a_rerun_pulls_instead_of_running(threads1, queue_study, tmp_path):
+def test_the_dask_study_equals_the_queue_study_and_a_rerun_pulls_instead_of_running(threads1, queue_study, worker_warm,
+                                                                                    tmp_path):
     repo, bare = with_remotes(threads1, tmp_path)
-    proc = subprocess.run(study_cmd(repo, "--backend", "dask", "--workers", "2"), cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(study_cmd(repo, "--backend", "dask", "--workers", "2"), cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | {warm.ADDRESS_VAR: worker_warm})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # Every stage of both trials started warm: the server has the workers' environment.
+    served = (Path(worker_warm).parent / "log").read_text()
+    assert "declined" not in served and served.count("warm: stages.train_lora in") == 2, served
     result = json.loads((repo / "study.json").read_text())
     assert result["ran"] == queue_study["ran"] == 2
     assert without_timings(result) == without_timings(queue_study)
@@ -131,13 +163,15 @@ def missing_from_store(repo, name, store) -> list[str]:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_once_and_whole(threads1, queue_study,
-                                                                                                tmp_path, request):
+                                                                                                worker_warm, tmp_path,
+                                                                                                request):
     import psutil
     from distributed import Client, LocalCluster
 
     repo, bare = with_remotes(threads1, tmp_path)
     environ = dict(os.environ)
     request.addfinalizer(lambda: (os.environ.clear(), os.environ.update(environ)))  # the nannies set OMP_NUM_THREADS=1 here
+    os.environ[warm.ADDRESS_VAR] = worker_warm  # for the workers' stages
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                       resources={"slots": 1}) as dask_cluster, Client(dask_cluster) as client:
         proc = subprocess.Popen(study_cmd(repo, "--backend", "dask", "--scheduler", dask_cluster.scheduler_address,

@@ -182,10 +182,14 @@ def test_an_online_prepare_then_offline_repro_f_runs_every_stage(tmp_path, repos
         return proc
 
     with HubStandIn(repos) as standin:
-        online = repro("prepare", HF_ENDPOINT=standin.url)
+        offline_env = {"HF_ENDPOINT": standin.url, "HF_HUB_OFFLINE": "1"}  # nothing listens there once it stops
+        # The offline stages start warm, from a server with their environment, preloading meanwhile.
+        with sandbox.warm_server(clean_env(home, **offline_env), export=False) as address:
+            online = repro("prepare", HF_ENDPOINT=standin.url)
+            tokens = json.loads((dest / "metrics/prepare.json").read_text())
+            standin.stop()
+            offline = repro("-f", **offline_env, FTSTUDY_WARM=address or "")
     assert stages_run(online) == {"prepare"}
-    tokens = json.loads((dest / "metrics/prepare.json").read_text())
-    offline = repro("-f", HF_ENDPOINT=standin.url, HF_HUB_OFFLINE="1")  # nothing listens there now
     assert stages_run(offline) == ALL_STAGES and "Traceback" not in offline.stdout + offline.stderr
     assert json.loads((dest / "metrics/prepare.json").read_text()) == tokens
     inputs = json.loads((dest / "metrics/prepare.info.json").read_text())["inputs"]
