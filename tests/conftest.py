@@ -147,6 +147,14 @@ def train_args(tag: str) -> tuple[str, ...]:
             "--live", f"m/live/{tag}")
 
 
+def process_group(pid: int) -> int | None:
+    """The process group of `pid`, or None once it is gone: for stopping a test's processes by group."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def prepare_in(project, **overrides) -> Path:
     """Write demo params with `overrides` and run the prepare stage into prep/ and pre/."""
     from stages import prepare

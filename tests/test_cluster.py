@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TIMING
+from conftest import ROOT, TIMING, process_group
 from ftstudy import warm
 from ftstudy.config import override_file
 from scripts import cluster, sandbox
@@ -193,7 +193,7 @@ def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_
             os.kill(victim, signal.SIGKILL)
             # The killed worker's trial, in its own process group, dies with it.
             for _ in range(40):
-                left = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == group]
+                left = [p.pid for p in psutil.process_iter() if process_group(p.pid) == group]
                 if not left:
                     break
                 time.sleep(0.25)
@@ -215,13 +215,6 @@ def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_
                                            push_models=False)
         assert ran == 0 and len(failures) == 1 and "lora.r" in failures[0]
         assert pushed(bare) == NAMES
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
 
 
 def test_the_dask_backend_refuses_a_dirty_workspace_and_a_commit_the_workers_cannot_clone(tmp_path):

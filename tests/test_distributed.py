@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, demo_params, no_dropout, prepare_in, train_args
+from conftest import ROOT, demo_params, no_dropout, prepare_in, process_group, train_args
 from ftstudy.outputs import read_json
 
 # One pytest-xdist worker runs this file: its launches use fixed ports on 127.0.0.1.
@@ -23,6 +23,43 @@ pytestmark = pytest.mark.xdist_group("distributed")
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+
+
+def launch_within(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple[int, str, str]:
+    """Run a launch in a session of its own: its exit code, stdout and stderr. If it outlives
+    `timeout`, every process of its tree prints its threads' Python stacks (faulthandler, on
+    SIGABRT), the session is killed, and the test fails with those stacks: where a hang was."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env | {"PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        # The launcher's tree and whatever else is left in its session, as psutil handles (which
+        # check that a pid is still the same process before they signal it).
+        tree = [other for other in psutil.process_iter() if process_group(other.pid) == proc.pid]
+        try:
+            tree += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            for other in tree:
+                try:
+                    other.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            if sig == signal.SIGABRT:
+                try:
+                    out, err = proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    out, err = "", "(no stacks: its streams stayed open 30 s after SIGABRT)"
+        proc.wait()
+        pytest.fail(f"{' '.join(cmd[2:5])} ... outlived {timeout:.0f} s; its processes' stacks:\n{err[-12000:]}"
+                    f"\nstdout:\n{out[-2000:]}")
 
 
 def train(root, processes: int, batch_size: int, tag: str, method: str = "full", fsdp: bool = False,
@@ -37,8 +74,8 @@ def train(root, processes: int, batch_size: int, tag: str, method: str = "full",
         script = [str(ROOT / "tests" / "fsdp_on_cpu.py"), f"stages.train_{method}"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(port), *script,
            *train_args(tag)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = launch_within(cmd, root, env)
+    assert code == 0, err[-3000:]
     curve = [float(line.split(",")[1]) for line in (root / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]]
     return read_json(root / f"m/{tag}.json")[method] | read_json(root / f"m/{tag}.info.json"), curve
 
