@@ -35,11 +35,12 @@ PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "accelerate")
 # parent's pid (for distributed's process titles), pytest's current test, the shell's and pyenv's
 # bookkeeping (its shims add to PYENV_HOOK_PATH at each level), ours; the two that scikit-learn's
 # import sets for Intel's OpenMP, which reads them when it starts its runtime (in the worker, with
-# the asker's environment), not when it is loaded; and the address that torch's inductor sets in a
-# process that loads compiled code, just before it loads it (its children inherit a stale one).
+# the asker's environment), not when it is loaded; the address that torch's inductor sets in a
+# process that loads compiled code, just before it loads it (its children inherit a stale one); and
+# a terminal's size, which shells and tools set and progress bars read when they draw.
 VOLATILE = ("DVC_", "CELERY_", "_MP_FORK_", "__DASK_PARENT_PID", "PYTEST_CURRENT_TEST", "PYENV_", "_PYENV_", ADDRESS_VAR)
 IGNORED_VARS = {"_", "PWD", "OLDPWD", "SHLVL", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
-                "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+                "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "COLUMNS", "LINES"}
 OWN = ("ftstudy", "stages")
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 ANSWER_S = 60.0  # how long an asker waits for the server's answer

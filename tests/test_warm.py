@@ -61,7 +61,8 @@ def test_a_warm_stage_writes_a_cold_ones_bytes_and_fails_as_it_would_and_a_diffe
             (root / p).unlink()
         # Variables a parent process leaves, which no library reads at import: served all the same.
         left = {"_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR": "94000000000000",  # a process that ran compiled code
-                "__DASK_PARENT_PID": "1"}  # a Dask worker's
+                "__DASK_PARENT_PID": "1",  # a Dask worker's
+                "COLUMNS": "237", "LINES": "61"}  # a terminal's size, as a shell or a tool sets it
         hot = subprocess.run([sys.executable, *EVALUATE], cwd=root, env=env | left, capture_output=True, text=True)
         assert hot.returncode == 0, hot.stderr[-2000:]
         _worker(address, "evaluate")
