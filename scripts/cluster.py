@@ -25,6 +25,7 @@ git) and the study reads them as it reads the local queue's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -163,6 +164,19 @@ def study_remotes(repo: Path, git_remote: str, dvc_remote: str | None) -> tuple[
     return commit, git_url, name, remotes[name]
 
 
+@contextlib.contextmanager
+def kept_environ(**changes: str):
+    """This process's environment as it was, back on leaving, with `changes` set meanwhile: a
+    LocalCluster's nannies set OMP_NUM_THREADS=1 and more in the process that starts them."""
+    before = dict(os.environ)
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 def connect(scheduler: str | None, workers: int, resource: str):
     """(client, cluster to close or None): the scheduler at `scheduler`, else a LocalCluster of
     `workers` single-slot workers on 127.0.0.1 (one thread and one `resource` each)."""
@@ -210,23 +224,22 @@ def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote
                              f"({' '.join(last)}); check the remote (dvc push -r {dvc_name}) and run again")
         author = (_git(repo, "config", "user.name", check=False) or "ftstudy study",
                   _git(repo, "config", "user.email", check=False) or "study@localhost")
-        environ = dict(os.environ)  # a LocalCluster's nannies set OMP_NUM_THREADS=1 and more in this process too
-        client, cluster = connect(scheduler, workers, resource)
-        try:
-            import cloudpickle
+        with kept_environ():
+            client, cluster = connect(scheduler, workers, resource)
+            try:
+                import cloudpickle
 
-            cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import scripts/
-            futures = {client.submit(trial, {"name": n, "commit": commit, "git_url": git_url, "dvc_url": dvc_url,
-                                             "dvc_name": dvc_name, "set": s, "push_models": push_models, "author": author},
-                                     key=f"ftstudy-trial-{commit[:8]}-{n}", resources={resource: 1}, pure=False): n
-                       for n, s in todo.items()}
-            ran, failures = _follow(client, futures)
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-            os.environ.clear()
-            os.environ.update(environ)
+                cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import scripts/
+                futures = {client.submit(trial, {"name": n, "commit": commit, "git_url": git_url, "dvc_url": dvc_url,
+                                                 "dvc_name": dvc_name, "set": s, "push_models": push_models,
+                                                 "author": author},
+                                         key=f"ftstudy-trial-{commit[:8]}-{n}", resources={resource: 1}, pure=False): n
+                           for n, s in todo.items()}
+                ran, failures = _follow(client, futures)
+            finally:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
     names = {ref.rsplit("/", 1)[1] for ref in remote_refs(git_url, exp_ref(commit, "*"))} & set(sets)
     local = {n for n in names if _git(repo, "for-each-ref", exp_ref(commit, n))}
     for n in sorted(names - local):

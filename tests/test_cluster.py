@@ -59,14 +59,9 @@ def worker_environ() -> dict:
     cluster: distributed's pre-spawn-environ (OMP_NUM_THREADS=1 and more) and PYTHONHASHSEED."""
     from distributed import Client, LocalCluster
 
-    environ = dict(os.environ)
-    try:
-        with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as c, \
-                Client(c) as client:
-            return next(iter(client.run(lambda: dict(os.environ)).values()))
-    finally:  # the nanny sets those in this process too
-        os.environ.clear()
-        os.environ.update(environ)
+    with cluster.kept_environ(), LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                                              dashboard_address="127.0.0.1:0") as c, Client(c) as client:
+        return next(iter(client.run(lambda: dict(os.environ)).values()))
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +158,15 @@ def missing_from_store(repo, name, store) -> list[str]:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_once_and_whole(threads1, queue_study,
-                                                                                                worker_warm, tmp_path,
-                                                                                                request):
+                                                                                                worker_warm, tmp_path):
     import psutil
     from distributed import Client, LocalCluster
 
     repo, bare = with_remotes(threads1, tmp_path)
-    environ = dict(os.environ)
-    request.addfinalizer(lambda: (os.environ.clear(), os.environ.update(environ)))  # the nannies set OMP_NUM_THREADS=1 here
-    os.environ[warm.ADDRESS_VAR] = worker_warm  # for the workers' stages
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                      resources={"slots": 1}) as dask_cluster, Client(dask_cluster) as client:
+    # The workers' stages ask the warm server with their environment.
+    with cluster.kept_environ(**{warm.ADDRESS_VAR: worker_warm}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                         resources={"slots": 1}) as dask_cluster, Client(dask_cluster) as client:
         proc = subprocess.Popen(study_cmd(repo, "--backend", "dask", "--scheduler", dask_cluster.scheduler_address,
                                           "--resource", "slots"), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
