@@ -86,5 +86,23 @@ def run(method: str, p: Params, paths: TrainPaths, build: Callable[[], torch.nn.
         print(f"train_{method}: {info['steps']} steps, {info['tokens']:,} tokens in {metrics['train_s']:.1f} s "
               f"({metrics['tokens_per_s']:,.0f} tok/s), val_loss {metrics['val_loss']:.4f}; "
               f"wrote {paths.out}, {paths.metrics}, {paths.info}, {paths.plots}")
-    s.accelerator.end_training()  # closes the trackers too
+    end(s.accelerator)
     return metrics
+
+
+# The last barrier's work, held until the process exits (see `end`).
+_LAST_WORK: list = []
+
+
+def end(acc) -> None:
+    """Close the trackers and the process group, after every process got here. Under gloo, a
+    finished collective's work is released by gloo's own thread, which takes the GIL to free its
+    tensor; the process group is freed with the DDP model, when `run` returns, by a thread that
+    holds the GIL and waits for gloo's threads: a deadlock when the last barrier's work is still
+    being released then (a 2-process run on one core hung after writing its outputs, about 1 in 8).
+    Holding that work here leaves gloo's thread nothing to free."""
+    if acc.num_processes > 1 and torch.distributed.is_initialized():
+        work = torch.distributed.barrier(async_op=True)
+        work.wait()
+        _LAST_WORK.append(work)
+    acc.end_training()  # closes the trackers too
