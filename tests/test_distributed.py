@@ -25,10 +25,10 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
             "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
 
 
-def launch_within(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple[int, str, str]:
-    """Run a launch in a session of its own: its exit code, stdout and stderr. If it outlives
-    `timeout`, every process of its tree prints its threads' Python stacks (faulthandler, on
-    SIGABRT), the session is killed, and the test fails with those stacks: where a hang was."""
+def launch_within(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple[int, str]:
+    """Run a launch in a session of its own: its exit code and stderr. If it outlives `timeout`,
+    every process of its tree prints its threads' Python stacks (faulthandler, on SIGABRT), the
+    tree is killed, and the test fails with those stacks: where a hang was."""
     import signal
 
     import psutil
@@ -36,30 +36,34 @@ def launch_within(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple
     proc = subprocess.Popen(cmd, cwd=cwd, env=env | {"PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err
     except subprocess.TimeoutExpired:
-        # The launcher's tree and whatever else is left in its session, as psutil handles (which
-        # check that a pid is still the same process before they signal it).
-        tree = [other for other in psutil.process_iter() if process_group(other.pid) == proc.pid]
-        try:
-            tree += psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-        for sig in (signal.SIGABRT, signal.SIGKILL):
-            for other in tree:
-                try:
-                    other.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
-            if sig == signal.SIGABRT:
-                try:
-                    out, err = proc.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    out, err = "", "(no stacks: its streams stayed open 30 s after SIGABRT)"
-        proc.wait()
-        pytest.fail(f"{' '.join(cmd[2:5])} ... outlived {timeout:.0f} s; its processes' stacks:\n{err[-12000:]}"
-                    f"\nstdout:\n{out[-2000:]}")
+        pass
+    # The launcher's tree and whatever else is left in its session, as psutil handles (which check
+    # that a pid is still the same process before they signal it).
+    tree = [other for other in psutil.process_iter() if process_group(other.pid) == proc.pid]
+    try:
+        tree += psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+
+    def signal_all(sig) -> None:
+        for other in tree:
+            try:
+                other.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    signal_all(signal.SIGABRT)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        out, err = "", "(no stacks: its streams stayed open 30 s after SIGABRT)"
+    signal_all(signal.SIGKILL)
+    proc.wait()
+    pytest.fail(f"{' '.join(cmd[2:5])} ... outlived {timeout:.0f} s; its processes' stacks:\n{err[-12000:]}"
+                f"\nstdout:\n{out[-2000:]}")
 
 
 def train(root, processes: int, batch_size: int, tag: str, method: str = "full", fsdp: bool = False,
@@ -74,7 +78,7 @@ def train(root, processes: int, batch_size: int, tag: str, method: str = "full",
         script = [str(ROOT / "tests" / "fsdp_on_cpu.py"), f"stages.train_{method}"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(port), *script,
            *train_args(tag)]
-    code, _, err = launch_within(cmd, root, env)
+    code, err = launch_within(cmd, root, env)
     assert code == 0, err[-3000:]
     curve = [float(line.split(",")[1]) for line in (root / f"m/plots/{tag}/train_loss.csv").read_text().splitlines()[1:]]
     return read_json(root / f"m/{tag}.json")[method] | read_json(root / f"m/{tag}.info.json"), curve
