@@ -177,9 +177,11 @@ def kept_environ(**changes: str):
         os.environ.update(before)
 
 
-def connect(scheduler: str | None, workers: int, resource: str):
-    """(client, cluster to close or None): the scheduler at `scheduler`, else a LocalCluster of
-    `workers` single-slot workers on 127.0.0.1 (one thread and one `resource` each)."""
+@contextlib.contextmanager
+def connected(scheduler: str | None, workers: int, resource: str):
+    """A client of the scheduler at `scheduler`, else of a LocalCluster of `workers` single-slot
+    workers on 127.0.0.1 (one thread and one `resource` each), closed on leaving, with this
+    process's environment kept from the LocalCluster's nannies."""
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -188,21 +190,24 @@ def connect(scheduler: str | None, workers: int, resource: str):
         except OSError as e:
             raise SystemExit(f"study --backend dask: no Dask scheduler answers at {scheduler} ({e}); start one "
                              "(dask scheduler) or pass its address") from None
-        have = [w for w in client.scheduler_info()["workers"].values() if w.get("resources", {}).get(resource, 0) >= 1]
-        if client.scheduler_info()["workers"] and not have:
-            client.close()
-            raise SystemExit(f"study --backend dask: no worker at {scheduler} has the resource {resource!r}; start "
-                             f"workers with --resources {resource}=1 (dask worker), or pass --resource <name>")
-        return client, None
+        with client:
+            have = [w for w in client.scheduler_info()["workers"].values()
+                    if w.get("resources", {}).get(resource, 0) >= 1]
+            if client.scheduler_info()["workers"] and not have:
+                raise SystemExit(f"study --backend dask: no worker at {scheduler} has the resource {resource!r}; "
+                                 f"start workers with --resources {resource}=1 (dask worker), or pass --resource <name>")
+            yield client
+        return
     from ftstudy.train.launching import gpu_count
 
     if gpu_count() > 1 and workers > 1:
         raise SystemExit(f"study --backend dask: a LocalCluster cannot give each of its {workers} workers its own GPUs, "
                          "so their trials would share all of them; start one `dask worker --resources GPU=1` per GPU "
                          "with its CUDA_VISIBLE_DEVICES and pass --scheduler, or use --workers 1")
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0", resources={resource: 1})
-    return Client(cluster), cluster
+    with kept_environ(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                      dashboard_address="127.0.0.1:0", resources={resource: 1}) as cluster, \
+            Client(cluster) as client:
+        yield client
 
 
 def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote: str | None, scheduler: str | None,
@@ -224,22 +229,15 @@ def run_trials(repo: Path, sets: dict[str, dict], *, git_remote: str, dvc_remote
                              f"({' '.join(last)}); check the remote (dvc push -r {dvc_name}) and run again")
         author = (_git(repo, "config", "user.name", check=False) or "ftstudy study",
                   _git(repo, "config", "user.email", check=False) or "study@localhost")
-        with kept_environ():
-            client, cluster = connect(scheduler, workers, resource)
-            try:
-                import cloudpickle
+        with connected(scheduler, workers, resource) as client:
+            import cloudpickle
 
-                cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import scripts/
-                futures = {client.submit(trial, {"name": n, "commit": commit, "git_url": git_url, "dvc_url": dvc_url,
-                                                 "dvc_name": dvc_name, "set": s, "push_models": push_models,
-                                                 "author": author},
-                                         key=f"ftstudy-trial-{commit[:8]}-{n}", resources={resource: 1}, pure=False): n
-                           for n, s in todo.items()}
-                ran, failures = _follow(client, futures)
-            finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+            cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import scripts/
+            futures = {client.submit(trial, {"name": n, "commit": commit, "git_url": git_url, "dvc_url": dvc_url,
+                                             "dvc_name": dvc_name, "set": s, "push_models": push_models, "author": author},
+                                     key=f"ftstudy-trial-{commit[:8]}-{n}", resources={resource: 1}, pure=False): n
+                       for n, s in todo.items()}
+            ran, failures = _follow(client, futures)
     names = {ref.rsplit("/", 1)[1] for ref in remote_refs(git_url, exp_ref(commit, "*"))} & set(sets)
     local = {n for n in names if _git(repo, "for-each-ref", exp_ref(commit, n))}
     for n in sorted(names - local):
