@@ -50,13 +50,31 @@ TINY_MODEL = ASSETS / "tiny-gpt2"
 TINY_WIKI = ASSETS / "tiny-wikitext"
 
 
+def _short_wiki(articles: int = 25) -> Path:
+    """tiny-wikitext with only its first `articles` training articles of 100 (validation and test
+    whole), in a temp folder of this process's own: what a stage test checks does not depend on how
+    long training runs, and a quarter of the steps is a quarter of the time. The pipeline tests
+    (sandboxes) and the real-shape test train on the whole demo."""
+    folder = Path(tempfile.mkdtemp(prefix="ftstudy-tests-wiki-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for raw in ("wiki.valid.raw", "wiki.test.raw"):
+        shutil.copyfile(TINY_WIKI / raw, folder / raw)
+    lines = (TINY_WIKI / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith(" = ") and not line.startswith(" = = ")]
+    (folder / "wiki.train.raw").write_text("".join(lines[:starts[articles] - 1]), encoding="utf-8")
+    return folder
+
+
+SHORT_WIKI = _short_wiki()
+
+
 def demo_params(**overrides) -> dict:
-    """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict. The
-    stage tests run in a temp folder without the project's tasks/, so they run no benchmarks
-    (tasks.names: [], the stage then writes empty results in a moment) unless they ask: the pipeline
-    tests (sandboxes) and tests/test_tasks.py run the demo's."""
+    """params.yaml with assets/demo-params.yaml and dotted `overrides` applied, as a dict, training
+    on SHORT_WIKI. The stage tests run in a temp folder without the project's tasks/, so they run no
+    benchmarks (tasks.names: [], the stage then writes empty results in a moment) unless they ask:
+    the pipeline tests (sandboxes) and tests/test_tasks.py run the demo's."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    set_keys(params, demo_overrides() | {"tasks.names": []} | overrides)
+    set_keys(params, demo_overrides() | {"data.name": str(SHORT_WIKI), "tasks.names": []} | overrides)
     for section in (params["model"], params["data"], *params["data"]["general"]):  # absolute: any cwd works
         section["name"] = str(ROOT / section["name"])
     return params

@@ -33,9 +33,10 @@ def instruct_params(project, fmt: str, root, **overrides):
     model = root / f"tiny-{family}"
     if not model.exists():
         write_tiny_model(family, model)
+    # Held-out answers: the fewest that still get an interval (stats.MIN_CHUNKS); each is a generation.
     return project(**{"model.name": str(model), "data.name": str(source), "data.format": fmt, "train.epochs": 1,
                       "train.eval_every": 0, "evaluate.bootstrap_samples": 200, "generate.test_prompts": 2,
-                      "generate.answer_examples": 30, "generate.max_new_tokens": 12, "generate.num_samples": 0} | overrides)
+                      "generate.answer_examples": stats.MIN_CHUNKS, "generate.max_new_tokens": 12, "generate.num_samples": 0} | overrides)
 
 
 def stage_args(method: str) -> tuple[str, ...]:
@@ -108,7 +109,7 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     assert f"{meta['splits']['test']['answer_tokens']:,} answer tokens of {meta['splits']['test']['documents']:,} test examples" in text
     assert "### Answers to held-out test prompts" in text and re.search(r"\| Prompt +\| Reference +\|", text)
     held = read_json(root / "gen/lora.json")["heldout"]
-    assert len(held) == min(30, meta["splits"]["test"]["documents"]) and all(h["reference"] and h["prompt"] for h in held)
+    assert len(held) == min(stats.MIN_CHUNKS, meta["splits"]["test"]["documents"]) and all(h["reference"] and h["prompt"] for h in held)
     assert [h["example"] for h in held] == [h["example"] for h in read_json(root / "gen/pretrained.json")["heldout"]]
     # Every answer scored; the report shows the first two (generate.test_prompts) and pairs the scores.
     assert all(set(h["scores"]) == {"exact_match", "f1", "rouge_l"} for h in held)

@@ -47,7 +47,7 @@ def decoded(tokenizer, split: str) -> str:
 
 
 def test_token_counts_equal_direct_tokenization(project, tokenizer):
-    meta = run_prepare(project)
+    meta = run_prepare(project, **{"data.name": str(TINY_WIKI)})  # the whole demo source
     for split, raw in (("train", "wiki.train.raw"), ("validation", "wiki.valid.raw"), ("test", "wiki.test.raw")):
         lines = (TINY_WIKI / raw).read_text(encoding="utf-8").splitlines(keepends=True)
         direct = [i for row in tokenizer(lines, add_special_tokens=False)["input_ids"] for i in row]

@@ -19,6 +19,11 @@ from ftstudy.train import loop, session
 from stages import train_full, train_lora
 
 
+# The stage tests' training split (conftest.SHORT_WIKI): 13,677 tokens, 106 blocks of 128, 13 steps of 8
+# blocks an epoch.
+STEPS = 13
+
+
 @pytest.fixture
 def prepared(project):
     return prepare_in(project, **{"train.epochs": 2})
@@ -36,11 +41,10 @@ def test_full_fine_tuning_lowers_the_loss_and_writes_its_outputs(prepared, capfd
     out, err = capfd.readouterr()
     # Not a terminal (a log, CI): no progress bars, a line per epoch and the summary line.
     assert "step/s" not in out + err and "%|" not in out + err
-    assert out.splitlines()[-1].startswith("train_full: 106 steps, 108,544 tokens in ")
+    assert out.splitlines()[-1].startswith(f"train_full: {2 * STEPS} steps, 26,624 tokens in ")
     m, info = read_json("m/full.json")["full"], read_json("m/full.info.json")
     curve = (prepared / "m/plots/full/train_loss.csv").read_text().splitlines()
-    # 55,281 training tokens: 431 blocks of 128, 53 steps of 8 blocks per epoch.
-    assert curve[0] == "step,loss" and len(curve) - 1 == info["steps"] == 2 * 53
+    assert curve[0] == "step,loss" and len(curve) - 1 == info["steps"] == 2 * STEPS
     assert float(curve[-1].split(",")[1]) < float(curve[1].split(",")[1])
     assert m["val_loss"] < pretrained_val_loss(prepared)
     assert m["trainable_params"] == info["total_params"] == 173_824
@@ -302,7 +306,7 @@ def test_grad_accum_equals_the_larger_batch(no_dropout_prepared, project, method
     stage = train_full if method == "full" else train_lora
     one, m_one = _train(project, stage, method, f"{method}-b8", **{"train.batch_size": 8, "train.grad_accum": 1})
     two, m_two = _train(project, stage, method, f"{method}-b4x2", **{"train.batch_size": 4, "train.grad_accum": 2})
-    assert read_json(f"m/{method}-b4x2.info.json")["global_batch"] == 8 and len(one) == len(two) == 53
+    assert read_json(f"m/{method}-b4x2.info.json")["global_batch"] == 8 and len(one) == len(two) == STEPS
     assert two == pytest.approx(one, rel=1e-5)
     assert m_two["val_loss"] == pytest.approx(m_one["val_loss"], rel=1e-5)
 
@@ -334,8 +338,8 @@ def test_gradient_checkpointing_recomputes_and_trains_to_the_same_loss(no_dropou
     calls["n"] = 0
     ckpt, m_ckpt = _train(project, stage, method, f"{method}-ckpt", **{"train.gradient_checkpointing": True})
     # Each training micro-batch runs the block a second time in the backward pass; validation does not.
-    validation = forwards - 53
-    assert calls["n"] - validation == 2 * 53, (forwards, calls["n"])
+    validation = forwards - STEPS
+    assert calls["n"] - validation == 2 * STEPS, (forwards, calls["n"])
     assert ckpt == pytest.approx(plain, rel=1e-5)
     assert m_ckpt["val_loss"] == pytest.approx(m_plain["val_loss"], rel=1e-5)
 

@@ -16,6 +16,7 @@ commit as `name@commit`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -85,11 +86,17 @@ def quiet_lm_eval() -> None:
 
 
 def task_manager(entries: tuple[str, ...]):
+    folders = tuple(sorted({str(Path(e).parent.resolve()) for e in entries if is_local(e)}))
+    return _task_manager(folders, has_hub_tasks(entries))
+
+
+@functools.cache
+def _task_manager(folders: tuple[str, ...], defaults: bool):
+    """lm-eval's index of the task files in `folders` and, with `defaults`, of its own thousands of
+    them (12 s on a 2-core CPU: only when a task is theirs), built once per process."""
     from lm_eval.tasks import TaskManager
 
-    folders = sorted({str(Path(e).parent.resolve()) for e in entries if is_local(e)})
-    # lm-eval's own thousands of task files take 12 s to index on a 2-core CPU: only when a task is theirs
-    return TaskManager(include_path=folders or None, include_defaults=has_hub_tasks(entries))
+    return TaskManager(include_path=list(folders) or None, include_defaults=defaults)
 
 
 def has_hub_tasks(entries: tuple[str, ...]) -> bool:
