@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TIMING, process_group
+from conftest import ROOT, TIMING, dvc, process_group
 from ftstudy import warm
 from ftstudy.config import override_file
 from scripts import cluster, sandbox
@@ -45,12 +45,15 @@ def git(repo, *args) -> str:
 
 @pytest.fixture(scope="module")
 def threads1(demo_build, tmp_path_factory):
-    """The demo build with train.cpu_threads 1, committed: a Dask worker runs with OMP_NUM_THREADS=1,
-    which `auto` would follow, so both backends are given the same number."""
+    """The demo build with train.cpu_threads 1, reproduced and committed: a Dask worker runs with
+    OMP_NUM_THREADS=1, which `auto` would follow, so both backends are given the same number. The
+    grid keeps the baseline's full.lr, so each trial retrains LoRA only, as a study of lora.lr does."""
     dest = tmp_path_factory.mktemp("cluster") / "base"
     shutil.copytree(demo_build[0], dest, symlinks=True)
     override_file(dest / "params.yaml", {"train.cpu_threads": 1})
-    git(dest, "commit", "-qam", "train.cpu_threads 1")
+    dvc(dest, "repro")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "train.cpu_threads 1")
     return dest
 
 
@@ -119,11 +122,11 @@ def test_the_dask_study_equals_the_queue_study_and_a_rerun_pulls_instead_of_runn
     assert without_timings(result) == without_timings(queue_study)
     assert pushed(bare) == NAMES
     assert "study (dask): 2 done, 0 running, 0 failed, of 2 trials" in proc.stderr
-    # Each clone pulled what its point leaves unchanged (prepare, the pretrained model's scores)
-    # instead of running it.
+    # Each clone pulled what its point leaves unchanged (prepare, the pretrained model's scores, the
+    # full fine-tuning at the baseline's full.lr) instead of running it.
     for name in NAMES:
         ran = re.search(rf"^study: trial {name} ran (.*); pushed$", proc.stderr, re.M).group(1).split(", ")
-        assert "train_lora" in ran and not {"prepare", "evaluate@pretrained", "tasks@pretrained"} & set(ran)
+        assert "train_lora" in ran and not {"prepare", "evaluate@pretrained", "tasks@pretrained", "train_full"} & set(ran)
     # Only metrics and small outputs were pushed by the trials: no fine-tuned model but the baseline's.
     for name in NAMES:
         assert missing_from_store(repo, name, tmp_path / "store") == []
