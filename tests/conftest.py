@@ -54,7 +54,7 @@ def _short_wiki(articles: int = 25) -> Path:
     """tiny-wikitext with only its first `articles` training articles of 100 (validation and test
     whole), in a temp folder of this process's own: what a stage test checks does not depend on how
     long training runs, and a quarter of the steps is a quarter of the time. The pipeline tests
-    (sandboxes) and the real-shape test train on the whole demo."""
+    (sandboxes) train on the whole demo."""
     folder = Path(tempfile.mkdtemp(prefix="ftstudy-tests-wiki-"))
     atexit.register(shutil.rmtree, folder, True)
     for raw in ("wiki.valid.raw", "wiki.test.raw"):
