@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from ftstudy.config import set_keys
+from ftstudy.data import splits
 from ftstudy.synthetic import demo_overrides, no_dropout  # noqa: F401  (no_dropout: for the tests)
 from scripts import sandbox
 from scripts.sandbox import TIMING, dvc, outcome  # noqa: F401  (the tests' dvc runner, reproducible outcome)
@@ -60,7 +61,7 @@ def _short_wiki(articles: int = 25) -> Path:
     for raw in ("wiki.valid.raw", "wiki.test.raw"):
         shutil.copyfile(TINY_WIKI / raw, folder / raw)
     lines = (TINY_WIKI / "wiki.train.raw").read_text(encoding="utf-8").splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.startswith(" = ") and not line.startswith(" = = ")]
+    starts = [i for i, line in enumerate(lines) if splits.ARTICLE_TITLE.fullmatch(line)]
     (folder / "wiki.train.raw").write_text("".join(lines[:starts[articles] - 1]), encoding="utf-8")
     return folder
 
