@@ -3,8 +3,9 @@ single-slot workers on 127.0.0.1, a bare git repo as the git remote and a local 
 remote. Each grid point runs in its own clone, pushes its experiment, and the coordinator pulls it:
 the study equals the local queue's, a rerun runs nothing, a worker killed mid-training has its
 trial rerun elsewhere with nothing pushed twice or half, and a trial's own failure is reported
-once. Every cluster is stopped by its handle, every process by its id. The trials' stages start
-warm, from a server with the environment a Dask worker has (ftstudy/warm.py)."""
+once. One Dask study, with the kill in it, serves the tests; the local queue's is their reference.
+Every cluster is stopped by its handle, every process by its id. The trials' stages start warm,
+from a server with the environment a Dask worker has (ftstudy/warm.py)."""
 
 import json
 import os
@@ -15,12 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TIMING, dvc, process_group
+from conftest import ROOT, TIMING, process_group
 from ftstudy import warm
-from ftstudy.config import override_file
 from scripts import cluster, sandbox
 
 # One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
@@ -43,18 +44,19 @@ def git(repo, *args) -> str:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
 
+def one_core():
+    """Pin the calling (child) process to one of its usable cores: under train.cpu_threads auto its
+    stages then train with one thread, as a Dask worker's do (its nanny sets OMP_NUM_THREADS=1), so
+    both backends train alike. A pytest-xdist worker on 2 cores already has one; under -n 0 the
+    queue's stages start cold, their affinity not the warm server's."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+
+
 @pytest.fixture(scope="module")
-def threads1(demo_build, tmp_path_factory):
-    """The demo build with train.cpu_threads 1, reproduced and committed: a Dask worker runs with
-    OMP_NUM_THREADS=1, which `auto` would follow, so both backends are given the same number. The
-    grid keeps the baseline's full.lr, so each trial retrains LoRA only, as a study of lora.lr does."""
-    dest = tmp_path_factory.mktemp("cluster") / "base"
-    shutil.copytree(demo_build[0], dest, symlinks=True)
-    override_file(dest / "params.yaml", {"train.cpu_threads": 1})
-    dvc(dest, "repro")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-qm", "train.cpu_threads 1")
-    return dest
+def base(demo_build):
+    """The committed demo build. Each grid point keeps its full.lr, so a trial retrains LoRA only
+    (and what follows it), as a study of lora.lr does, and pulls the rest."""
+    return demo_build[0]
 
 
 def worker_environ() -> dict:
@@ -99,46 +101,12 @@ def pushed(bare) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def queue_study(threads1, tmp_path_factory):
+def queue_study(base, tmp_path_factory):
     repo = tmp_path_factory.mktemp("queue") / "repo"
-    shutil.copytree(threads1, repo, symlinks=True)
-    proc = subprocess.run(study_cmd(repo), cwd=ROOT, capture_output=True, text=True)
+    shutil.copytree(base, repo, symlinks=True)
+    proc = subprocess.run(study_cmd(repo), cwd=ROOT, capture_output=True, text=True, preexec_fn=one_core)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((repo / "study.json").read_text())
-
-
-@pytest.mark.slow
-def test_the_dask_study_equals_the_queue_study_and_a_rerun_pulls_instead_of_running(threads1, queue_study, worker_warm,
-                                                                                    tmp_path):
-    repo, bare = with_remotes(threads1, tmp_path)
-    proc = subprocess.run(study_cmd(repo, "--backend", "dask", "--workers", "2"), cwd=ROOT, capture_output=True, text=True,
-                          env=os.environ | {warm.ADDRESS_VAR: worker_warm})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    # Every stage of both trials started warm: the server has the workers' environment.
-    served = (Path(worker_warm).parent / "log").read_text()
-    assert "declined" not in served and served.count("warm: stages.train_lora in") == 2, served
-    result = json.loads((repo / "study.json").read_text())
-    assert result["ran"] == queue_study["ran"] == 2
-    assert without_timings(result) == without_timings(queue_study)
-    assert pushed(bare) == NAMES
-    assert "study (dask): 2 done, 0 running, 0 failed, of 2 trials" in proc.stderr
-    # Each clone pulled what its point leaves unchanged (prepare, the pretrained model's scores, the
-    # full fine-tuning at the baseline's full.lr) instead of running it.
-    for name in NAMES:
-        ran = re.search(rf"^study: trial {name} ran (.*); pushed$", proc.stderr, re.M).group(1).split(", ")
-        assert "train_lora" in ran and not {"prepare", "evaluate@pretrained", "tasks@pretrained", "train_full"} & set(ran)
-    # Only metrics and small outputs were pushed by the trials: no fine-tuned model but the baseline's.
-    for name in NAMES:
-        assert missing_from_store(repo, name, tmp_path / "store") == []
-        lora_model = next(o for o in exp_lock(repo, name)["stages"]["train_lora"]["outs"] if o["path"] == "models/lora")
-        assert not in_store(tmp_path / "store", lora_model)
-    # Another coordinator of the same commit and remotes: every point is pulled, none runs again.
-    other, _ = with_remotes(threads1, tmp_path / "other", bare=bare)
-    again = subprocess.run(study_cmd(other, "--backend", "dask"), cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "study: 0 experiment(s) ran, 2 reused" in again.stdout
-    assert without_timings(json.loads((other / "study.json").read_text())) == without_timings(queue_study)
-    assert pushed(bare) == NAMES
 
 
 def exp_lock(repo, name) -> dict:
@@ -159,14 +127,20 @@ def missing_from_store(repo, name, store) -> list[str]:
             if o["path"] in small and not in_store(store, o)]
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_once_and_whole(threads1, queue_study,
-                                                                                                worker_warm, tmp_path):
+
+@pytest.fixture(scope="module")
+def dask_study(base, worker_warm, tmp_path_factory):
+    """The study on a LocalCluster of 2 single-slot workers, given by --scheduler, whose stages ask
+    the warm server with the workers' environment; once a trial's LoRA training has been served,
+    its worker is killed by its process id, and Dask reruns the trial on the other. Returns what
+    the tests check: the repo, its DVC remote's folder, the bare git remote, the study's output,
+    the warm server's log, and what was left of the killed trial's process group."""
     import psutil
     from distributed import Client, LocalCluster
 
-    repo, bare = with_remotes(threads1, tmp_path)
-    # The workers' stages ask the warm server with their environment.
+    where = tmp_path_factory.mktemp("dask")
+    repo, bare = with_remotes(base, where)
+    log = Path(worker_warm).parent / "log"
     with cluster.kept_environ(**{warm.ADDRESS_VAR: worker_warm}), \
             LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                          resources={"slots": 1}) as dask_cluster, Client(dask_cluster) as client:
@@ -179,8 +153,9 @@ def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_
             while victim is None and time.time() < deadline and proc.poll() is None:
                 for pid in client.run(os.getpid).values():
                     for child in psutil.Process(pid).children(recursive=True):
-                        try:
-                            if any(a.startswith("stages.train_") for a in child.cmdline()):
+                        try:  # a trial's train_lora, once the warm server has served it (mid-training)
+                            if any(a == "stages.train_lora" for a in child.cmdline()) \
+                                    and f"stages.train_lora in {child.cwd()}:" in log.read_text():
                                 victim, group = pid, os.getpgid(child.pid)
                         except (psutil.NoSuchProcess, ProcessLookupError):
                             pass
@@ -193,24 +168,63 @@ def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_
                 if not left:
                     break
                 time.sleep(0.25)
-            assert left == []
             out, err = proc.communicate(timeout=900)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
         assert proc.returncode == 0, out[-2000:] + err[-3000:]
-        result = json.loads((repo / "study.json").read_text())
-        assert without_timings(result) == without_timings(queue_study)
-        assert pushed(bare) == NAMES
-        for name in NAMES:
-            assert missing_from_store(repo, name, tmp_path / "store") == []
-        # A trial that fails for a reason of its own is reported once, with its error, and not retried.
-        ran, failures = cluster.run_trials(repo, {"bad-rank": {"lora.r": 0}}, git_remote="origin", dvc_remote=None,
-                                           scheduler=dask_cluster.scheduler_address, workers=0, resource="slots",
-                                           push_models=False)
-        assert ran == 0 and len(failures) == 1 and "lora.r" in failures[0]
-        assert pushed(bare) == NAMES
+        yield SimpleNamespace(repo=repo, bare=bare, store=where / "store", stdout=out, stderr=err,
+                              served=log.read_text(), left=left)
+
+
+@pytest.mark.slow
+def test_the_dask_study_equals_the_queue_study_and_a_rerun_pulls_instead_of_running(base, queue_study, dask_study,
+                                                                                    tmp_path):
+    repo, bare, err = dask_study.repo, dask_study.bare, dask_study.stderr
+    # Every stage of every trial started warm (the server has the workers' environment): both
+    # trials' LoRA training, and the killed trial's first try.
+    assert "declined" not in dask_study.served and dask_study.served.count("warm: stages.train_lora in") == 3, \
+        dask_study.served
+    result = json.loads((repo / "study.json").read_text())
+    assert result["ran"] == queue_study["ran"] == 2
+    assert without_timings(result) == without_timings(queue_study)
+    assert pushed(bare) == NAMES
+    assert "study (dask): 2 done, 0 running, 0 failed, of 2 trials" in err
+    # Each clone pulled what its point leaves unchanged (prepare, the pretrained model's scores, the
+    # full fine-tuning at the baseline's full.lr) instead of running it.
+    for name in NAMES:
+        ran = re.search(rf"^study: trial {name} ran (.*); pushed$", err, re.M).group(1).split(", ")
+        assert "train_lora" in ran and not {"prepare", "evaluate@pretrained", "tasks@pretrained", "train_full"} & set(ran)
+    # Only metrics and small outputs were pushed by the trials: no fine-tuned model but the baseline's.
+    for name in NAMES:
+        assert missing_from_store(repo, name, dask_study.store) == []
+        lora_model = next(o for o in exp_lock(repo, name)["stages"]["train_lora"]["outs"] if o["path"] == "models/lora")
+        assert not in_store(dask_study.store, lora_model)
+    # Another coordinator of the same commit and remotes: every point is pulled, none runs again.
+    other, _ = with_remotes(base, tmp_path / "other", bare=bare)
+    again = subprocess.run(study_cmd(other, "--backend", "dask"), cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "study: 0 experiment(s) ran, 2 reused" in again.stdout
+    assert without_timings(json.loads((other / "study.json").read_text())) == without_timings(queue_study)
+    assert pushed(bare) == NAMES
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_training_has_its_trial_rerun_and_each_point_pushed_once_and_whole(queue_study, dask_study):
+    repo, bare = dask_study.repo, dask_study.bare
+    assert dask_study.left == []  # the killed trial's process group, gone with its worker
+    result = json.loads((repo / "study.json").read_text())
+    assert without_timings(result) == without_timings(queue_study)
+    assert pushed(bare) == NAMES
+    for name in NAMES:
+        assert missing_from_store(repo, name, dask_study.store) == []
+    # A trial that fails for a reason of its own is reported once, with its error, and not retried;
+    # here on a LocalCluster of the study's own (no --scheduler), started and stopped by it.
+    ran, failures = cluster.run_trials(repo, {"bad-rank": {"lora.r": 0}}, git_remote="origin", dvc_remote=None,
+                                       scheduler=None, workers=1, resource="slots", push_models=False)
+    assert ran == 0 and len(failures) == 1 and "lora.r" in failures[0]
+    assert pushed(bare) == NAMES
 
 
 def test_the_dask_backend_refuses_a_dirty_workspace_and_a_commit_the_workers_cannot_clone(tmp_path):
