@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, demo_params, no_dropout, prepare_in, process_group, train_args
+from conftest import ROOT, demo_params, no_dropout, once, prepare_in, process_group, train_args
 from ftstudy.outputs import read_json
 
 # One pytest-xdist worker runs this file: its launches use fixed ports on 127.0.0.1.
@@ -84,13 +84,45 @@ def train(root, processes: int, batch_size: int, tag: str, method: str = "full",
     return read_json(root / f"m/{tag}.json")[method] | read_json(root / f"m/{tag}.info.json"), curve
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_at_the_same_global_batch(project, tmp_path):
-    prepare_in(project)
-    no_dropout(tmp_path / "pre")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The demo data prepared once (dropout off in the snapshot), and one process's training of each
+    method at global batch 8: the reference every multi-process run below is checked against.
+    Returns (its folder, method -> (metrics, loss curve)); its models are models/one-<method>."""
+    return once("distributed-single", lambda: train_single(tmp_path_factory.mktemp("single")))
 
-    one, curve_one = train(tmp_path, 1, 8, "one")
-    two, curve_two = train(tmp_path, 2, 4, "two")
+
+def train_single(root):
+    def write(**overrides):
+        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
+        return root
+
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        prepare_in(write)
+    finally:
+        os.chdir(old)
+    no_dropout(root / "pre")
+    return root, {m: train(root, 1, 8, f"one-{m}", m) for m in ("full", "lora")}
+
+
+def beside(single, tmp_path):
+    """A folder of the test's own holding the reference's data and models (linked, not copied)."""
+    root, refs = single
+    for name in ("prep", "pre"):
+        (tmp_path / name).symlink_to(root / name)
+    (tmp_path / "models").mkdir()
+    for m in refs:
+        (tmp_path / "models" / f"one-{m}").symlink_to(root / "models" / f"one-{m}")
+    return tmp_path, refs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_at_the_same_global_batch(single, tmp_path):
+    root, refs = beside(single, tmp_path)
+    one, curve_one = refs["full"]
+    two, curve_two = train(root, 2, 4, "two")
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["global_batch"] == two["global_batch"] == 8 and one["steps"] == two["steps"]
     assert curve_two == pytest.approx(curve_one, rel=2e-3)
@@ -100,22 +132,21 @@ def test_two_processes_match_one_at_the_same_global_batch(project, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_fsdp_processes_match_one_at_the_same_global_batch(project, tmp_path, method):
+def test_two_fsdp_processes_match_one_at_the_same_global_batch(single, tmp_path, method):
     """FSDP2 shards the weights over 2 processes; the chunked loss runs inside the root module's
     forward, validation and the checks score through it, and the full state dict is gathered to
     save: the same curve and the same saved model as one process."""
-    prepare_in(project)
-    no_dropout(tmp_path / "pre")
-    one, curve_one = train(tmp_path, 1, 8, "one", method, port=29518)
-    two, curve_two = train(tmp_path, 2, 4, "two", method, fsdp=True, port=29519)
+    root, refs = beside(single, tmp_path)
+    one, curve_one = refs[method]
+    two, curve_two = train(root, 2, 4, "two", method, fsdp=True, port=29519)
     assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == 8
     assert curve_two == pytest.approx(curve_one, rel=2e-3)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
     if method == "lora":
         assert two["reload_max_abs_diff"] <= two["check_tolerance"] and two["merge_max_abs_diff"] <= two["check_tolerance"]
-        saved = [json.loads((tmp_path / f"models/{t}/adapter_config.json").read_text())["r"] for t in ("one", "two")]
+        saved = [json.loads((root / f"models/{t}/adapter_config.json").read_text())["r"] for t in (f"one-{method}", "two")]
         assert saved == [8, 8]
-    saved_models_agree(tmp_path, "one", "two")
+    saved_models_agree(root, f"one-{method}", "two")
 
 
 def saved_models_agree(root, a: str, b: str) -> None:
@@ -163,19 +194,18 @@ def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, li
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_nodes_match_one_process_at_the_same_global_batch(project, tmp_path, method):
+def test_two_nodes_match_one_process_at_the_same_global_batch(single, tmp_path, method):
     """Multi-node training through ftstudy.train.launching's Slurm path: `python -m ftstudy.train.launching node`
     on each of two simulated nodes starts Accelerate's multi-node launch (num_machines 2, machine
     rank from SLURM_NODEID, main address from SLURM_JOB_NODELIST): the same curve and saved model as
     one process, within the DDP test's tolerance."""
-    prepare_in(project)
-    no_dropout(tmp_path / "pre")
-    one, curve_one = train(tmp_path, 1, 8, "one", method, port=29521)
-    two, curve_two = train_on_two_nodes(tmp_path, "two", method, port=29522)
+    root, refs = beside(single, tmp_path)
+    one, curve_one = refs[method]
+    two, curve_two = train_on_two_nodes(root, "two", method, port=29522)
     assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == 8 and one["steps"] == two["steps"]
     assert curve_two == pytest.approx(curve_one, rel=2e-3)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
-    saved_models_agree(tmp_path, "one", "two")
+    saved_models_agree(root, f"one-{method}", "two")
 
 
 def test_fsdp_asked_for_but_not_given_stops_in_one_line(project, monkeypatch):
