@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TIMING, process_group
+from conftest import ROOT, TIMING, once, process_group
 from ftstudy import warm
 from scripts import cluster, sandbox
 
@@ -127,18 +127,20 @@ def missing_from_store(repo, name, store) -> list[str]:
             if o["path"] in small and not in_store(store, o)]
 
 
-
 @pytest.fixture(scope="module")
 def dask_study(base, worker_warm, tmp_path_factory):
     """The study on a LocalCluster of 2 single-slot workers, given by --scheduler, whose stages ask
     the warm server with the workers' environment; once a trial's LoRA training has been served,
     its worker is killed by its process id, and Dask reruns the trial on the other. Returns what
-    the tests check: the repo, its DVC remote's folder, the bare git remote, the study's output,
+    the tests check: the repo, its DVC remote's folder, the bare git remote, the study's stderr,
     the warm server's log, and what was left of the killed trial's process group."""
+    return once("dask-study", lambda: run_dask_study(base, worker_warm, tmp_path_factory.mktemp("dask")))
+
+
+def run_dask_study(base, worker_warm, where) -> SimpleNamespace:
     import psutil
     from distributed import Client, LocalCluster
 
-    where = tmp_path_factory.mktemp("dask")
     repo, bare = with_remotes(base, where)
     log = Path(worker_warm).parent / "log"
     with cluster.kept_environ(**{warm.ADDRESS_VAR: worker_warm}), \
@@ -173,9 +175,8 @@ def dask_study(base, worker_warm, tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        assert proc.returncode == 0, out[-2000:] + err[-3000:]
-        yield SimpleNamespace(repo=repo, bare=bare, store=where / "store", stdout=out, stderr=err,
-                              served=log.read_text(), left=left)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    return SimpleNamespace(repo=repo, bare=bare, store=where / "store", stderr=err, served=log.read_text(), left=left)
 
 
 @pytest.mark.slow
