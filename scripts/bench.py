@@ -85,8 +85,10 @@ def ours(work: Path, method: str, tag: str, label: str | None = None, check: boo
            "--data", "prep", "--base", "pre", "--out", f"out-{tag}", "--metrics", f"{tag}.json",
            "--info", f"{tag}.info.json", "--plots", f"plots-{tag}", "--live", f"live-{tag}", "--checkpoints", "ckpt"]
     # As dvc.yaml runs it for one process (ftstudy.train.launching). The HF Trainer path gets torch's
-    # default threads (every core), so ours gets the same rather than choosing by the load.
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    # default threads (one per core this process may run on), so ours gets the same rather than
+    # choosing by the load; not os.cpu_count(), which would put two threads on each core of a pinned run.
+    threads = os.environ.get("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
     proc = subprocess.run(cmd, cwd=work, env=env, stderr=None if check else subprocess.PIPE, text=True)
     if proc.returncode != 0:
         if not check and "out of GPU memory" in proc.stderr:
