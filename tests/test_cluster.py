@@ -7,6 +7,7 @@ once. One Dask study, with the kill in it, serves the tests; the local queue's i
 Every cluster is stopped by its handle, every process by its id. The trials' stages start warm,
 from a server with the environment a Dask worker has (ftstudy/warm.py)."""
 
+import contextlib
 import json
 import os
 import re
@@ -44,12 +45,19 @@ def git(repo, *args) -> str:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
 
+@contextlib.contextmanager
 def one_core():
-    """Pin the calling (child) process to one of its usable cores: under train.cpu_threads auto its
-    stages then train with one thread, as a Dask worker's do (its nanny sets OMP_NUM_THREADS=1), so
-    both backends train alike. A pytest-xdist worker on 2 cores already has one; under -n 0 the
-    queue's stages start cold, their affinity not the warm server's."""
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+    """This process pinned to one of its usable cores meanwhile, and the processes it starts with
+    it: under train.cpu_threads auto their stages train with one thread, as a Dask worker's do (its
+    nanny sets OMP_NUM_THREADS=1), so both backends train alike. A pytest-xdist worker on 2 cores
+    already has one; under -n 0 the queue's stages start cold, their affinity not the warm server's.
+    (Not a preexec_fn, which can deadlock a child forked from a process with threads.)"""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(mine)[:1])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,8 @@ def pushed(bare) -> list[str]:
 def queue_study(base, tmp_path_factory):
     repo = tmp_path_factory.mktemp("queue") / "repo"
     shutil.copytree(base, repo, symlinks=True)
-    proc = subprocess.run(study_cmd(repo), cwd=ROOT, capture_output=True, text=True, preexec_fn=one_core)
+    with one_core():
+        proc = subprocess.run(study_cmd(repo), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((repo / "study.json").read_text())
 
