@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ftstudy import cores
 from ftstudy.data.token_files import token_dtype
 from ftstudy.synthetic import ASSETS, ROOT, local_params, no_dropout, write_gpt2_124m, write_params
 
@@ -87,7 +88,7 @@ def ours(work: Path, method: str, tag: str, label: str | None = None, check: boo
     # As dvc.yaml runs it for one process (ftstudy.train.launching). The HF Trainer path gets torch's
     # default threads (one per core this process may run on), so ours gets the same rather than
     # choosing by the load; not os.cpu_count(), which would put two threads on each core of a pinned run.
-    threads = os.environ.get("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    threads = os.environ.get("OMP_NUM_THREADS", str(len(cores.affinity_cores())))
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
     proc = subprocess.run(cmd, cwd=work, env=env, stderr=None if check else subprocess.PIPE, text=True)
     if proc.returncode != 0:

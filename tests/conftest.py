@@ -29,6 +29,7 @@ if _worker := os.environ.get("PYTEST_XDIST_WORKER"):
 # every usable core whatever else the machine runs, and the tests compare runs bit for bit with it.
 os.environ.pop("OMP_NUM_THREADS", None)
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -183,6 +184,29 @@ def prepare_in(project, **overrides) -> Path:
     return root
 
 
+def prepare_at(root: Path, **overrides) -> Path:
+    """prepare_in for a folder that no `project` fixture owns (a module-scoped fixture's): demo
+    params with `overrides` written into `root`, and the prepare stage run there."""
+    def write(**more) -> Path:
+        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**more)))
+        return root
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        return prepare_in(write, **overrides)
+
+
+@contextlib.contextmanager
+def pinned(cores):
+    """This process on `cores` meanwhile (its CPU affinity), and every process it starts then."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps its state per process; each in-process stage run starts from none, as a
     launched stage does."""
@@ -222,12 +246,8 @@ def pytest_runtest_protocol(item, nextitem):
         waiting.touch()
         fcntl.flock(lock, fcntl.LOCK_EX)
         waiting.unlink()
-        mine = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, ALL_CORES)
-        try:
+        with pinned(ALL_CORES):
             yield
-        finally:
-            os.sched_setaffinity(0, mine)
 
 
 @pytest.fixture(scope="session")

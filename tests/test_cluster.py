@@ -7,7 +7,6 @@ once. One Dask study, with the kill in it, serves the tests; the local queue's i
 Every cluster is stopped by its handle, every process by its id. The trials' stages start warm,
 from a server with the environment a Dask worker has (ftstudy/warm.py)."""
 
-import contextlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TIMING, once, process_group
+from conftest import ROOT, TIMING, once, pinned, process_group
 from ftstudy import warm
 from scripts import cluster, sandbox
 
@@ -43,21 +42,6 @@ def without_timings(value):
 
 def git(repo, *args) -> str:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-
-
-@contextlib.contextmanager
-def one_core():
-    """This process pinned to one of its usable cores meanwhile, and the processes it starts with
-    it: under train.cpu_threads auto their stages train with one thread, as a Dask worker's do (its
-    nanny sets OMP_NUM_THREADS=1), so both backends train alike. A pytest-xdist worker on 2 cores
-    already has one; under -n 0 the queue's stages start cold, their affinity not the warm server's.
-    (Not a preexec_fn, which can deadlock a child forked from a process with threads.)"""
-    mine = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, sorted(mine)[:1])
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, mine)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +96,10 @@ def pushed(bare) -> list[str]:
 def queue_study(base, tmp_path_factory):
     repo = tmp_path_factory.mktemp("queue") / "repo"
     shutil.copytree(base, repo, symlinks=True)
-    with one_core():
+    # On one core (a pytest-xdist worker on 2 cores already has one), its stages train with one
+    # thread under train.cpu_threads auto, as a Dask worker's do (its nanny sets OMP_NUM_THREADS=1),
+    # so both backends train alike; under -n 0 they start cold, their affinity not the warm server's.
+    with pinned(sorted(os.sched_getaffinity(0))[:1]):
         proc = subprocess.run(study_cmd(repo), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((repo / "study.json").read_text())
@@ -162,11 +149,12 @@ def run_dask_study(base, worker_warm, where) -> SimpleNamespace:
             victim = group = None
             deadline = time.time() + 600
             while victim is None and time.time() < deadline and proc.poll() is None:
+                served = log.read_text()
                 for pid in client.run(os.getpid).values():
                     for child in psutil.Process(pid).children(recursive=True):
                         try:  # a trial's train_lora, once the warm server has served it (mid-training)
                             if any(a == "stages.train_lora" for a in child.cmdline()) \
-                                    and f"stages.train_lora in {child.cwd()}:" in log.read_text():
+                                    and f"stages.train_lora in {child.cwd()}:" in served:
                                 victim, group = pid, os.getpgid(child.pid)
                         except (psutil.NoSuchProcess, ProcessLookupError):
                             pass

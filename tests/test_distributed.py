@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, demo_params, no_dropout, once, prepare_in, process_group, train_args
+from conftest import ROOT, demo_params, no_dropout, once, prepare_at, prepare_in, process_group, train_args
 from ftstudy.outputs import read_json
 
 # One pytest-xdist worker runs this file: its launches use fixed ports on 127.0.0.1.
@@ -93,16 +93,7 @@ def single(tmp_path_factory):
 
 
 def train_single(root):
-    def write(**overrides):
-        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
-        return root
-
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        prepare_in(write)
-    finally:
-        os.chdir(old)
+    prepare_at(root)
     no_dropout(root / "pre")
     return root, {m: train(root, 1, 8, f"one-{m}", m) for m in ("full", "lora")}
 

@@ -8,14 +8,12 @@ tolerance. fp16 cannot run on a CPU (test_training.py checks that it is refused 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import demo_params, no_dropout, prepare_in, reset_accelerate, run_main, train_args
+from conftest import demo_params, no_dropout, prepare_at, reset_accelerate, run_main, train_args
 from ftstudy import modeling
 from ftstudy.data import token_files
 from ftstudy.train import lora
@@ -38,21 +36,18 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        prepare_in(lambda **o: _write(root, **o))
-    finally:
-        os.chdir(old)
+    root = prepare_at(tmp_path_factory.mktemp("precision"), **SETTINGS)
     # No dropout: compiled code draws its dropout masks from another RNG stream than eager code,
     # so with dropout the curves would differ by the masks, not by the numerics under test.
     no_dropout(root / "pre")
     return root
 
 
+SETTINGS = {"train.epochs": 1, "train.checkpoint_every": 0, "lora.dropout": 0.0}
+
+
 def _write(root, **overrides):
-    settings = {"train.epochs": 1, "train.checkpoint_every": 0, "lora.dropout": 0.0} | overrides
+    settings = SETTINGS | overrides
     (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**settings)))
     return root
 
