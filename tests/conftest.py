@@ -118,14 +118,24 @@ class ScaledBeforeHead(torch.nn.Module):
 _BUILT: dict = {}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def warm_stages():
-    """The stages' processes that the tests start (dvc repro in a sandbox, python -m stages...) start
-    warm, from one server per test process (ftstudy/warm.py) with this process's environment and
-    CPU affinity: those started with other settings (a test's own variables, a serial test's cores)
-    start cold, and tests/test_warm.py checks that both give the same bytes."""
+    """The stages' processes that the slow tests start (dvc repro in a sandbox, python -m stages...)
+    start warm, from one server per test process (ftstudy/warm.py) with this process's environment
+    and CPU affinity: those started with other settings (a test's own variables, a serial test's
+    cores) start cold, and tests/test_warm.py checks that both give the same bytes."""
     with sandbox.warm_server(dict(os.environ)) as address:
         yield address
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each slow test uses warm_stages, set up before its other fixtures (the demo build's repro
+    starts warm). The quick tier starts no server: its stage processes set variables of their own
+    (the server declines them), and the preload cost it more than it saved (user CPU 2:50 without
+    against 2:58 with, on the 2-core AMD EPYC, 2026-12-05)."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and "warm_stages" not in item.fixturenames:
+            item.fixturenames.insert(0, "warm_stages")
 
 
 def once(key, build):

@@ -71,6 +71,7 @@ def test_the_locked_pytest_xdist_pair_keeps_a_group_on_one_worker(tmp_path):
     so its module fixtures (the real-shape build, the instruction runs, the cluster study) are built
     once. pytest 9.2 keeps a test's id where pytest-xdist 3.8 no longer writes its group, and every
     group was silently spread over both workers, built twice. A pair that breaks it fails here."""
+    import os
     import subprocess
     import sys
 
@@ -79,8 +80,11 @@ def test_the_locked_pytest_xdist_pair_keeps_a_group_on_one_worker(tmp_path):
         "import pytest\npytestmark = pytest.mark.xdist_group('one')\n"
         "@pytest.mark.parametrize('i', range(8))\n"
         "def test_unit(i):\n    pass\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
-                           "-v"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # The pair alone: no other plugin that happens to be installed is loaded (each of three processes
+    # would import it; hypothesis alone takes half a second).
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "xdist", "-n", "2", "--dist", "loadgroup", "-p",
+                           "no:cacheprovider", "-v"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     workers = set(re.findall(r"^\[(gw\d+)\] .*PASSED", proc.stdout, re.M))
     assert len(workers) == 1, f"an xdist_group ran on {sorted(workers)}: pin pytest and pytest-xdist to a pair that groups"

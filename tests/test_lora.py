@@ -250,7 +250,9 @@ def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_p
 
     from conftest import ROOT
 
-    code = ("import sys; from pathlib import Path; from conftest import TINY_MODEL, demo_params; "
+    # bitsandbytes kept out, as a stage's own process keeps it (modeling.leave_out_bitsandbytes): 0.7 s each.
+    code = ("import sys; sys.modules['bitsandbytes'] = None; from pathlib import Path; "
+            "from conftest import TINY_MODEL, demo_params; "
             "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
             "p = parse_params(demo_params()).lora; "
             "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, 'x'); lora.save(m, Path(sys.argv[1]), p, None)")
