@@ -82,15 +82,20 @@ def demo_params(**overrides) -> dict:
     return params
 
 
+def params_writer(root: Path):
+    """A writer of demo params with dotted overrides into root/params.yaml; it returns `root`."""
+    def write(**overrides) -> Path:
+        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
+        return root
+
+    return write
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A temp working folder holding a demo params.yaml; returns a writer for more overrides."""
     monkeypatch.chdir(tmp_path)
-
-    def write(**overrides) -> Path:
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
-        return tmp_path
-
+    write = params_writer(tmp_path)
     write()
     return write
 
@@ -197,13 +202,9 @@ def prepare_in(project, **overrides) -> Path:
 def prepare_at(root: Path, **overrides) -> Path:
     """prepare_in for a folder that no `project` fixture owns (a module-scoped fixture's): demo
     params with `overrides` written into `root`, and the prepare stage run there."""
-    def write(**more) -> Path:
-        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**more)))
-        return root
-
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        return prepare_in(write, **overrides)
+        return prepare_in(params_writer(root), **overrides)
 
 
 @contextlib.contextmanager

@@ -12,9 +12,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from conftest import ROOT, demo_params, no_dropout, once, prepare_at, prepare_in, process_group, train_args
+from conftest import ROOT, no_dropout, once, params_writer, prepare_at, prepare_in, process_group, train_args
 from ftstudy.outputs import read_json
 
 # One pytest-xdist worker runs this file: its launches use fixed ports on 127.0.0.1.
@@ -68,8 +67,7 @@ def launch_within(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple
 
 def train(root, processes: int, batch_size: int, tag: str, method: str = "full", fsdp: bool = False,
           port: int = 29517) -> tuple[dict, list[float]]:
-    (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**{"train.epochs": 1, "train.batch_size": batch_size,
-                                                                    "lora.dropout": 0.0})))
+    params_writer(root)(**{"train.epochs": 1, "train.batch_size": batch_size, "lora.dropout": 0.0})
     launch = ["--num_processes", "1"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes)]
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     script = ["-m", f"stages.train_{method}"]
@@ -160,8 +158,7 @@ def train_on_two_nodes(root, tag: str, method: str, port: int) -> tuple[dict, li
     import signal
     import time
 
-    (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**{"train.epochs": 1, "train.batch_size": 4,
-                                                                    "lora.dropout": 0.0})))
+    params_writer(root)(**{"train.epochs": 1, "train.batch_size": 4, "lora.dropout": 0.0})
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
                         "GLOO_SOCKET_IFNAME": "lo", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
                         "MASTER_PORT": str(port)}

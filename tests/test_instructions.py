@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PREPARE_ARGS, once, reset_accelerate, run_main, run_tasks, train_args
+from conftest import PREPARE_ARGS, once, params_writer, reset_accelerate, run_main, run_tasks, train_args
 from ftstudy import loss, modeling
 from ftstudy.config import ConfigError
 from ftstudy.data import batches, examples, token_files
@@ -55,17 +55,9 @@ def instruct_run(request, tmp_path_factory):
 
 
 def run_every_stage(fmt: str, root):
-    import yaml
-
-    from conftest import demo_params
-
-    def project(**overrides):
-        (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**overrides)))
-        return root
-
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        instruct_params(project, fmt, root)
+        instruct_params(params_writer(root), fmt, root)
         run_main(prepare, "--out", "prep", "--pretrained", "models/pretrained", "--metrics", "m/prepare.json",
                  "--info", "m/prepare.info.json")
         for stage, method in ((train_full, "full"), (train_lora, "lora")):

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import demo_params, no_dropout, prepare_at, reset_accelerate, run_main, train_args
+from conftest import no_dropout, params_writer, prepare_at, reset_accelerate, run_main, train_args
 from ftstudy import modeling
 from ftstudy.data import token_files
 from ftstudy.train import lora
@@ -34,6 +33,9 @@ VARIANTS = {
 }
 
 
+SETTINGS = {"train.epochs": 1, "train.checkpoint_every": 0, "lora.dropout": 0.0}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = prepare_at(tmp_path_factory.mktemp("precision"), **SETTINGS)
@@ -43,13 +45,8 @@ def workdir(tmp_path_factory):
     return root
 
 
-SETTINGS = {"train.epochs": 1, "train.checkpoint_every": 0, "lora.dropout": 0.0}
-
-
 def _write(root, **overrides):
-    settings = SETTINGS | overrides
-    (root / "params.yaml").write_text(yaml.safe_dump(demo_params(**settings)))
-    return root
+    return params_writer(root)(**SETTINGS | overrides)
 
 
 def train(root, method: str, tag: str, monkeypatch, **overrides):
