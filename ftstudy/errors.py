@@ -3,6 +3,7 @@ and the fix, no traceback (set STUDY_TRACEBACK=1 to see one)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -13,7 +14,10 @@ class StudyError(ValueError):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a StudyError ends it with one line on stderr and exit status 1."""
+    """Run a stage's main(); a StudyError ends it with one line on stderr and exit status 1. Then
+    the process ends without the collector's last sweeps over every object the libraries made
+    (gc.freeze): with PEFT loaded they took 1.5 s of a stage's exit on a 2-core CPU, and by then
+    the stage has written and closed its outputs. Exit functions and flushes still run."""
     try:
         main()
     except StudyError as e:
@@ -22,6 +26,8 @@ def run_stage(main: Callable[[], None]) -> None:
         stage = os.environ.get("DVC_STAGE") or os.path.basename(sys.argv[0]).removesuffix(".py")
         print(f"{stage}: error: {e}\n(set STUDY_TRACEBACK=1 for the traceback){back(stage)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        gc.freeze()
 
 
 def back(stage: str) -> str:
