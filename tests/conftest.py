@@ -6,6 +6,7 @@
 # part; tests that need the Hub (its stand-in) or another HF_HOME set them in their subprocesses.
 import atexit
 import fcntl
+import gc
 import os
 import shutil
 import tempfile
@@ -37,7 +38,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest
-import torch
 import yaml
 
 from ftstudy.config import set_keys
@@ -100,26 +100,6 @@ def project(tmp_path, monkeypatch):
     return write
 
 
-class ScaledBeforeHead(torch.nn.Module):
-    """A causal LM whose forward halves the last hidden state before the head: body + head alone
-    would score it wrongly, and nothing in its config says so."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.config, self.base_model_prefix = model.config, model.base_model_prefix
-        setattr(self, model.base_model_prefix, getattr(model, model.base_model_prefix))
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, input_ids, **kwargs):
-        from transformers.modeling_outputs import CausalLMOutput
-
-        hidden = getattr(self.inner, self.base_model_prefix)(input_ids=input_ids).last_hidden_state
-        return CausalLMOutput(logits=self.inner.get_output_embeddings()(hidden * 0.5))
-
-
 _BUILT: dict = {}
 
 
@@ -141,6 +121,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is not None and "warm_stages" not in item.fixturenames:
             item.fixturenames.insert(0, "warm_stages")
+    # pytest-xdist (--dist loadgroup) hands out groups, largest first, then single tests in this
+    # order: the `early` ones first, so that the run does not end on one worker running the longest
+    # while the other waits (up to 17 s of the quick tier's 100 s, 2-core AMD EPYC, 2026-12-05).
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)
+
+
+def pytest_unconfigure(config):
+    """The test process ends without the collector's last sweeps over everything the libraries made
+    (gc.freeze, as a stage's process ends: ftstudy.errors.run_stage): 1.5-2 s of each pytest-xdist
+    worker's exit that the run waited for."""
+    gc.freeze()
 
 
 def once(key, build):

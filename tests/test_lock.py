@@ -66,6 +66,7 @@ def test_the_installed_packages_are_the_locked_ones():
     assert wrong == [], "install the lock: pip install -r requirements.txt"
 
 
+@pytest.mark.early
 def test_the_locked_pytest_xdist_pair_keeps_a_group_on_one_worker(tmp_path):
     """The suite's cost rests on `--dist loadgroup`: each file marked xdist_group runs on one worker,
     so its module fixtures (the real-shape build, the instruction runs, the cluster study) are built

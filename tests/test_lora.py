@@ -4,6 +4,7 @@ sound and corrupted adapters."""
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +142,7 @@ def test_every_variant_trains_through_the_stage_with_a_sound_adapter(project, tm
     assert math.isfinite(read_json("m/evaluate/lora.json")["lora"]["test_ppl"])
 
 
+@pytest.mark.early
 def test_a_stage_process_without_nf4_leaves_bitsandbytes_out(project):
     """PEFT imports bitsandbytes whenever it is installed (seconds of every adapter stage's start);
     a stage's own process that needs no 4-bit keeps it out, and the adapter still loads and scores.
@@ -241,31 +243,37 @@ def test_bitsandbytes_note_about_the_kernels_hub_is_not_shown(caplog):
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
 
 
+@pytest.mark.early
 def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
     """PEFT saves target_modules in a set's order, which Python's string hashing changes from run to
-    run (PYTHONHASHSEED): two identical trainings once saved different adapter folders."""
+    run (PYTHONHASHSEED): two identical trainings once saved different adapter folders. This
+    process saves one, a fresh interpreter under a seed that orders the names otherwise the other."""
     import os
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    # bitsandbytes kept out, as a stage's own process keeps it (modeling.leave_out_bitsandbytes): 0.7 s each.
+    def save(out: Path) -> None:
+        p = parse_params(demo_params()).lora
+        lora.save(lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)), out, p, None)
+
+    names = "{'c_attn', 'c_fc', 'c_proj'}"  # a set of the names, as PEFT keeps them
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    # Seeds 1 and 2 order these names' set differently from each other, so one differs from this process.
+    orders = {s: subprocess.run([sys.executable, "-c", f"print(list({names}))"], check=True, capture_output=True,
+                                text=True, env=env | {"PYTHONHASHSEED": s}).stdout.strip() for s in ("1", "2")}
+    assert len(set(orders.values())) == 2
+    seed = next(s for s, order in orders.items() if order != str(list({'c_attn', 'c_fc', 'c_proj'})))
+    save(tmp_path / "here")
+    # bitsandbytes kept out, as a stage's own process keeps it (modeling.leave_out_bitsandbytes): 0.7 s.
     code = ("import sys; sys.modules['bitsandbytes'] = None; from pathlib import Path; "
             "from conftest import TINY_MODEL, demo_params; "
             "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
             "p = parse_params(demo_params()).lora; "
-            "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, 'x'); lora.save(m, Path(sys.argv[1]), p, None)")
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    seeds = ("1", "2")  # two seeds under which these names' set comes out in different orders
-    orders = {subprocess.run([sys.executable, "-c", "print(list({'c_attn', 'c_fc', 'c_proj'}))"], check=True,
-                             capture_output=True, text=True, env=env | {"PYTHONHASHSEED": s}).stdout for s in seeds}
-    assert len(orders) == 2
-    configs = []
-    for seed in seeds:
-        out = tmp_path / seed
-        subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT / "tests", check=True, capture_output=True,
-                       env=env | {"PYTHONHASHSEED": seed})
-        configs.append((out / "adapter_config.json").read_bytes())
+            "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)); lora.save(m, Path(sys.argv[1]), p, None)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], cwd=ROOT / "tests", check=True,
+                   capture_output=True, env=env | {"PYTHONHASHSEED": seed})
+    configs = [(tmp_path / where / "adapter_config.json").read_bytes() for where in ("here", "there")]
     assert configs[0] == configs[1]
     assert json.loads(configs[0])["target_modules"] == ["c_attn", "c_fc", "c_proj"]

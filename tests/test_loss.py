@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import ScaledBeforeHead, demo_params
+from conftest import demo_params
 from ftstudy import loss, modeling
 from ftstudy.config import parse_params
 from ftstudy.synthetic import FAMILIES, write_tiny_model
@@ -13,6 +13,26 @@ from ftstudy.train import lora
 
 # One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
 pytestmark = pytest.mark.xdist_group("loss")
+
+
+class ScaledBeforeHead(torch.nn.Module):
+    """A causal LM whose forward halves the last hidden state before the head: body + head alone
+    would score it wrongly, and nothing in its config says so."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config, self.base_model_prefix = model.config, model.base_model_prefix
+        setattr(self, model.base_model_prefix, getattr(model, model.base_model_prefix))
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = getattr(self.inner, self.base_model_prefix)(input_ids=input_ids).last_hidden_state
+        return CausalLMOutput(logits=self.inner.get_output_embeddings()(hidden * 0.5))
 
 
 @pytest.fixture(scope="module")

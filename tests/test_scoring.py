@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_WIKI, ScaledBeforeHead, prepare_in, run_main, run_tasks, train_args
+from conftest import TINY_MODEL, TINY_WIKI, prepare_in, run_main, run_tasks, train_args
 from ftstudy import modeling
 from ftstudy.config import ConfigError, load_params
 from ftstudy.data import token_files
 from ftstudy.measure import scoring, stats
+from test_loss import ScaledBeforeHead
 from ftstudy.outputs import read_json
 
 # One pytest-xdist worker runs this file: its module-scoped fixtures are built once.

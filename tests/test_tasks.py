@@ -135,6 +135,8 @@ def test_a_corrupted_merged_model_fails_the_check(task_project):
             benchmarks.evaluate(merged, tok, p.tasks, p.seed, manager, {}, samples)), 30, p.tasks.merge_tolerance)
 
 
+# lm-eval's index of its own tasks (6 s) is built once per process: one worker runs these.
+@pytest.mark.xdist_group("lm_eval_index")
 @pytest.mark.parametrize("names,message", [
     (["tasks/nowhere.yaml"], "tasks/nowhere.yaml not found"),
     (["elsewhere/task.yaml"], "elsewhere/task.yaml not found"),
@@ -158,6 +160,7 @@ def test_a_local_task_file_outside_the_tasks_folder_is_refused(task_project):
         benchmarks.local_task_name(task_project / "elsewhere/tiny_cloze.yaml")
 
 
+@pytest.mark.early
 def test_a_hub_task_with_a_cold_cache_stops_with_one_line_of_advice(task_project, project):
     """Offline (as every test is) and with the run's own empty HF_HOME: no retries, no traceback."""
     project(**{"tasks.names": ["tasks/tiny_cloze.yaml", "lambada_openai"]})

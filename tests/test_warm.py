@@ -9,10 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import PREPARE_ARGS, ROOT, prepare_in, train_args
 from scripts.sandbox import warm_server
+
+# Each test starts a server and stages of its own: seconds (pytest.ini, early).
+pytestmark = pytest.mark.early
 
 EVALUATE = ("-m", "stages.evaluate", "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/e.json", "--info",
             "m/e.info.json", "--nll", "nll.npz")
