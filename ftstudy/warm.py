@@ -20,6 +20,7 @@ preloaded that a model stage does not import anyway (not PEFT, bitsandbytes or l
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -376,6 +377,7 @@ def serve(address: str) -> None:
             listener.close()
             if os.path.exists(address):
                 os.unlink(address)
+            gc.freeze()  # it ends as a stage's process does (ftstudy.errors.run_stage): no last sweeps
 
 
 def main() -> None:
