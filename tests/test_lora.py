@@ -271,7 +271,8 @@ def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_p
             "from conftest import TINY_MODEL, demo_params; "
             "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
             "p = parse_params(demo_params()).lora; "
-            "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)); lora.save(m, Path(sys.argv[1]), p, None)")
+            "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)); lora.save(m, Path(sys.argv[1]), p, None); "
+            "import gc; gc.freeze()")  # it ends as a stage's process does (ftstudy.errors.run_stage)
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], cwd=ROOT / "tests", check=True,
                    capture_output=True, env=env | {"PYTHONHASHSEED": seed})
     configs = [(tmp_path / where / "adapter_config.json").read_bytes() for where in ("here", "there")]
