@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -234,6 +235,18 @@ def test_misspelled_section_added_by_hand_fails_in_seconds(repo):
     assert {p: p.read_bytes() for p in (dest / "metrics").rglob("*") if p.is_file()} == outputs
 
 
+def _running(cwd: Path, module: str) -> bool:
+    """Whether a process runs `python -m module` in `cwd` (a stage that DVC started there)."""
+    cwd = cwd.resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"-m\0{module}\0".encode() in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == cwd:
+                return True
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return False
+
+
 def _repro_killed_when(dest, seen, after: float = 0.0) -> str:
     """Start `dvc repro`, SIGKILL its whole process group `after` seconds after seen(output so far)
     is true."""
@@ -298,9 +311,10 @@ def test_evaluate_killed_partway_leaves_no_partial_file_and_the_run_cache_brings
     assert "up to date" in dvc(dest, "status").stdout
     old = {p: p.read_bytes() for p in (dest / "metrics/evaluate").iterdir()}
     override_file(dest / "params.yaml", {"evaluate.stride": 32})
-    # Killed 4 s into the first evaluate stage (its imports take about 3): mid-scoring, with no
-    # progress bar to watch in a log.
-    _repro_killed_when(dest, lambda out: "Running stage 'evaluate@" in out, after=4.0)
+    # Killed 0.5 s after the first evaluate stage's process started (a warm one takes about 1 s, a
+    # cold one 4 or more): mid-stage, never while DVC writes dvc.lock between two stages (a fixed
+    # delay after DVC's "Running stage" line once landed there, and left the lock half written).
+    _repro_killed_when(dest, lambda out: _running(dest, "stages.evaluate"), after=0.5)
     assert not [f for f in dest.rglob("*.tmp") if ".dvc" not in f.parts]
     # The change undone: what DVC removed before the killed run comes back from its run-cache, and
     # nothing trains or scores again.
