@@ -243,6 +243,15 @@ def test_bitsandbytes_note_about_the_kernels_hub_is_not_shown(caplog):
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
 
 
+TARGETS = ("c_attn", "c_fc", "c_proj")  # GPT-2's, which PEFT keeps as a set
+
+
+def save_adapter(out: Path) -> None:
+    """The demo's LoRA adapter on the tiny GPT-2, untrained, saved to `out` by lora.save."""
+    p = parse_params(demo_params()).lora
+    lora.save(lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)), out, p, None)
+
+
 @pytest.mark.early
 def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
     """PEFT saves target_modules in a set's order, which Python's string hashing changes from run to
@@ -254,25 +263,18 @@ def test_the_saved_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_p
 
     from conftest import ROOT
 
-    def save(out: Path) -> None:
-        p = parse_params(demo_params()).lora
-        lora.save(lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)), out, p, None)
-
-    names = "{'c_attn', 'c_fc', 'c_proj'}"  # a set of the names, as PEFT keeps them
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     # Seeds 1 and 2 order these names' set differently from each other, so one differs from this process.
-    orders = {s: subprocess.run([sys.executable, "-c", f"print(list({names}))"], check=True, capture_output=True,
-                                text=True, env=env | {"PYTHONHASHSEED": s}).stdout.strip() for s in ("1", "2")}
+    orders = {s: subprocess.run([sys.executable, "-c", f"print(list(set({TARGETS!r})))"], check=True,
+                                capture_output=True, text=True, env=env | {"PYTHONHASHSEED": s}).stdout.strip()
+              for s in ("1", "2")}
     assert len(set(orders.values())) == 2
-    seed = next(s for s, order in orders.items() if order != str(list({'c_attn', 'c_fc', 'c_proj'})))
-    save(tmp_path / "here")
-    # bitsandbytes kept out, as a stage's own process keeps it (modeling.leave_out_bitsandbytes): 0.7 s.
+    seed = next(s for s, order in orders.items() if order != str(list(set(TARGETS))))
+    save_adapter(tmp_path / "here")
+    # bitsandbytes kept out, as a stage's own process keeps it (modeling.leave_out_bitsandbytes), and
+    # the end a stage's process has (gc.freeze: ftstudy.errors.run_stage).
     code = ("import sys; sys.modules['bitsandbytes'] = None; from pathlib import Path; "
-            "from conftest import TINY_MODEL, demo_params; "
-            "from ftstudy import modeling; from ftstudy.train import lora; from ftstudy.config import parse_params; "
-            "p = parse_params(demo_params()).lora; "
-            "m = lora.wrap(modeling.load_causal_lm(TINY_MODEL), p, str(TINY_MODEL)); lora.save(m, Path(sys.argv[1]), p, None); "
-            "import gc; gc.freeze()")  # it ends as a stage's process does (ftstudy.errors.run_stage)
+            "from test_lora import save_adapter; save_adapter(Path(sys.argv[1])); import gc; gc.freeze()")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], cwd=ROOT / "tests", check=True,
                    capture_output=True, env=env | {"PYTHONHASHSEED": seed})
     configs = [(tmp_path / where / "adapter_config.json").read_bytes() for where in ("here", "there")]
