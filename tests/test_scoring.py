@@ -13,8 +13,8 @@ from ftstudy import modeling
 from ftstudy.config import ConfigError, load_params
 from ftstudy.data import token_files
 from ftstudy.measure import scoring, stats
-from test_loss import ScaledBeforeHead
 from ftstudy.outputs import read_json
+from test_loss import ScaledBeforeHead
 
 # One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
 pytestmark = pytest.mark.xdist_group("scoring")
