@@ -82,17 +82,39 @@ def task_pairs(items: dict[str, dict], samples: int, seed: int) -> dict:
     """task -> metric -> "<a>_vs_<b>" -> the paired difference of mean scores over the task's items."""
     out: dict = {}
     for task, arrays in items["pretrained"].items():
+        same_items(items, task)
         for key, metric in benchmarks.metric_keys(arrays).items():
             if missing := [m for m in items if key not in items[m].get(task, {})]:
                 raise StudyError(f"tasks: {', '.join(missing)} have no {metric} scores on {task}, which the pretrained "
                                  "model has; rerun every model's tasks (dvc repro tasks)")
             for a, b in PAIRS:
-                if not np.array_equal(items[a][task]["doc_id"], items[b][task]["doc_id"]):
-                    raise StudyError(f"tasks: {a} and {b} were scored on different items of {task}; rerun both "
-                                     "(dvc repro tasks)")
                 out.setdefault(task, {}).setdefault(metric, {})[f"{a}_vs_{b}"] = paired_mean_difference(
                     items[a][task][key], items[b][task][key], samples, seed)
     return out
+
+
+def same_items(items: dict[str, dict], task: str) -> None:
+    """Stop unless every model scored the very same documents of `task`: the same ids, the same
+    lm-eval document hashes and the same dataset commit. An unpinned Hub task resolves its dataset
+    when each tasks@<model> runs, so a model retrained after the dataset moved would otherwise be
+    paired item by item with another revision's items. The odd one out is named to rerun."""
+    def signature(m: str) -> tuple:
+        arrays = items[m].get(task, {})
+        return tuple(np.asarray(arrays.get(k, [])).tobytes() for k in ("doc_id", "doc_hash", "dataset_commit"))
+
+    groups: dict[tuple, list[str]] = {}
+    for m in items:
+        groups.setdefault(signature(m), []).append(m)
+    if len(groups) == 1:
+        return
+    sizes = sorted((len(g) for g in groups.values()), reverse=True)
+    majority = max(groups.values(), key=len) if sizes[0] > sizes[1] else []  # with no majority, rerun them all
+    odd = [m for m in items if m not in majority]
+    commits = sorted({str(items[m][task].get("dataset_commit", "")) or "local" for m in items if task in items[m]})
+    what = f"dataset commits {', '.join(commits)}" if len(commits) > 1 else "documents that differ"
+    raise StudyError(f"tasks: the models were scored on different items of {task} ({what}), which cannot be paired; "
+                     f"rerun {' and '.join(f'`dvc repro -s -f tasks@{m}`' for m in odd)} so that every model reads the "
+                     f"same data (pin a Hub task as {task}@<commit> in tasks.names to keep it fixed)")
 
 
 def _ratio(v: dict) -> str:

@@ -59,16 +59,19 @@ def main() -> None:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     tokenizer = modeling.load_tokenizer(args.base)
     t0 = time.perf_counter()
-    results = benchmarks.evaluate(model, tokenizer, p.tasks, p.seed, manager, commits)
+    results = benchmarks.evaluate(model, tokenizer, p.tasks, p.seed, p.data.split_seed, manager, commits)
     items = benchmarks.per_item(results)
     eval_s = time.perf_counter() - t0
     check = None
     if modeling.is_adapter(args.model) and p.tasks.merge_check:
         merged = model.merge_and_unload()
         check = benchmarks.merge_check(items, lambda samples: benchmarks.per_item(
-            benchmarks.evaluate(merged, tokenizer, p.tasks, p.seed, manager, commits, samples)),
+            benchmarks.evaluate(merged, tokenizer, p.tasks, p.seed, p.data.split_seed, manager, commits, samples)),
             p.tasks.merge_check, p.tasks.merge_tolerance)
+    benchmarks.stamp_commits(items, commits)
     scores = benchmarks.scores(items, p.evaluate.bootstrap_samples, p.seed)
+    for task, aggregated in benchmarks.aggregated_scores(results).items():
+        scores.setdefault(task, {}).update(aggregated)
     info = benchmarks.info(results, p.tasks, p.seed, commits) | {
         "device": runtime.device_name(device), "dtype": dtype,
         "eval_time_s": round(eval_s, 3)}

@@ -25,17 +25,18 @@ def test_a_score_and_its_interval_resample_items():
     scores = np.array([1.0] * 30 + [0.0] * 10)
     m = mean_metrics(scores, 1000, 0)
     assert m["score"] == 0.75 and m["items"] == 40 and m["lo"] < 0.75 < m["hi"]
-    assert set(mean_metrics(scores[: MIN_CHUNKS - 1], 1000, 0)) == {"score", "items"}  # too few: no interval
+    f1 = np.linspace(0, 1, MIN_CHUNKS - 1)  # not a proportion: bootstrapped, so too few for an interval
+    assert set(mean_metrics(f1, 1000, 0)) == {"score", "items"}
 
 
 def test_a_paired_difference_cancels_what_both_models_share():
     a = np.array([1.0, 0.0] * 20)
     same = paired_mean_difference(a, a, 1000, 0)
-    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0
+    assert same["diff"] == 0 and "lo" not in same and same["a_only"] == same["b_only"] == 0  # nothing to test
     better = a.copy()
-    better[1:11:2] = 1.0  # five items more right, none less
+    better[1:17:2] = 1.0  # eight items more right, none less: McNemar's exact p = 2 / 2**8 (five would give 0.06)
     d = paired_mean_difference(better, a, 1000, 0)
-    assert d["diff"] == pytest.approx(5 / 40) and d["lo"] > 0  # every resample gains: a clear call
+    assert d["diff"] == pytest.approx(8 / 40) and d["lo"] > 0 and d["p"] == pytest.approx(2 / 2**8)
     with pytest.raises(ValueError, match="same items"):
         paired_mean_difference(a, a[:-1], 100, 0)
 
@@ -58,16 +59,17 @@ def test_answer_metrics_equal_hand_computed_values():
     assert answers.score("x y", "x y", ("exact_match", "f1")) == {"exact_match": 1.0, "f1": 1.0}
 
 
-def test_only_per_item_means_with_higher_better_are_scored_and_paired():
+def test_only_per_item_means_are_scored_and_paired():
     """LAMBADA logs each item's log-likelihood under "perplexity", which lm-eval turns into a
     perplexity only over the whole set: a mean of those is no perplexity, so it is left out."""
     config = {"metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
                               {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
-    assert benchmarks.paired_metrics(config) == {"acc"} and benchmarks.paired_metrics({}) is None
     samples = [{"doc_id": i, "filter": "none", "metrics": ["perplexity", "acc"], "perplexity": -2.5 * i,
                 "acc": float(i % 2), "resps": [[(-2.5 * i, True)]], "filtered_resps": [(-2.5 * i, True)]} for i in (1, 0)]
-    items = benchmarks.per_item({"samples": {"lambada": samples}, "configs": {"lambada": config}})["lambada"]
-    assert set(items) == {"doc_id", "acc,none", "loglik", "requests"}
+    results = {"samples": {"lambada": samples}, "configs": {"lambada": config},
+               "higher_is_better": {"lambada": {"perplexity": False, "acc": True}}}
+    items = benchmarks.per_item(results)["lambada"]
+    assert set(items) == {"doc_id", "doc_hash", "acc,none", "loglik", "requests"}
     assert list(items["doc_id"]) == [0, 1] and list(items["acc,none"]) == [0.0, 1.0]
 
 
@@ -123,7 +125,7 @@ def test_a_corrupted_merged_model_fails_the_check(task_project):
     model = modeling.load_for_eval(adapter(task_project / "lora"), TINY_MODEL, str(TINY_MODEL))
     tok = modeling.load_tokenizer(TINY_MODEL)
     manager = benchmarks.task_manager(p.tasks.names)
-    results = benchmarks.evaluate(model, tok, p.tasks, p.seed, manager, {})
+    results = benchmarks.evaluate(model, tok, p.tasks, p.seed, p.data.split_seed, manager, {})
     # lm-eval's survey of the machine (pip list, compilers: seconds of subprocesses) is skipped: nothing keeps it
     assert "pretty_env_info" not in results and results["samples"]
     items = benchmarks.per_item(results)
@@ -132,7 +134,7 @@ def test_a_corrupted_merged_model_fails_the_check(task_project):
         merged.transformer.h[0].attn.c_attn.weight[0] += 0.05
     with pytest.raises(StudyError, match=r"adapter and its merged model disagree: log-likelihoods up to .* nats apart"):
         benchmarks.merge_check(items, lambda samples: benchmarks.per_item(
-            benchmarks.evaluate(merged, tok, p.tasks, p.seed, manager, {}, samples)), 30, p.tasks.merge_tolerance)
+            benchmarks.evaluate(merged, tok, p.tasks, p.seed, p.data.split_seed, manager, {}, samples)), 30, p.tasks.merge_tolerance)
 
 
 # lm-eval's index of its own tasks (6 s) is built once per process: one worker runs these.
@@ -225,3 +227,50 @@ def test_a_hub_named_task_runs_at_its_pinned_revision_then_offline_from_the_cach
     assert offline.returncode == 0 and "Traceback" not in offline.stderr, offline.stderr[-3000:]
     again = json.loads((task_project / "m/x.info.json").read_text())["tasks"]["lambada_openai"]["source"]
     assert again["commit"] == pin and json.loads((task_project / "m/x.json").read_text())["x"]["tasks"]["lambada_openai"] == scores
+
+
+def test_a_loglikelihood_task_reports_lm_evals_perplexity_the_right_way_round(project, tmp_path):
+    """A local output_type: loglikelihood task without metric_list: lm-eval scores acc (a mean) and
+    perplexity (lower is better, exp of minus the mean log-likelihood over the set). A model whose
+    log-likelihood is higher on every item (the tiny GPT-2 with its logits doubled, on targets that
+    are its own greedy next tokens) is reported with the lower perplexity, lm-eval's own value."""
+    from stages import tasks
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    model = modeling.load_causal_lm(TINY_MODEL).eval()
+    contexts = [json.loads(line)["context"] for line in (ROOT / "tasks/tiny_cloze.jsonl").open()][:40]
+    with torch.no_grad():
+        nexts = [tok.decode(model(**tok(c, return_tensors="pt")).logits[0, -1].argmax()) for c in contexts]
+    rows = [{"context": c, "target": t} for c, t in zip(contexts, nexts) if t.startswith(" ") and t[1:].isalpha()]
+    (project() / "tasks").mkdir()
+    (tmp_path / "tasks/ll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks/ll.yaml").write_text("task: ll\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                            "    test: tasks/ll.jsonl\ntest_split: test\noutput_type: loglikelihood\n"
+                                            "doc_to_text: context\ndoc_to_target: target\n")
+    with torch.no_grad():  # ln_f's weight and bias doubled: every logit doubled, the greedy token likelier
+        model.transformer.ln_f.weight.mul_(2)
+        model.transformer.ln_f.bias.mul_(2)
+    model.save_pretrained(tmp_path / "sharp")
+    project(**{"tasks.names": ["tasks/ll.yaml"], "tasks.merge_check": 0})
+    got = {}
+    for name, folder in (("plain", str(TINY_MODEL)), ("sharp", "sharp")):
+        run_main(tasks, "--model", folder, "--base", str(TINY_MODEL), "--out", f"m/{name}.json",
+                 "--info", f"m/{name}.info.json", "--items", f"items/{name}.npz")
+        got[name] = (json.loads((tmp_path / f"m/{name}.json").read_text())[name]["tasks"]["ll"],
+                     benchmarks.read_items(np.load(tmp_path / f"items/{name}.npz"))["ll"],
+                     json.loads((tmp_path / f"m/{name}.info.json").read_text())["tasks"]["ll"]["metrics"])
+    (plain, plain_items, facts), (sharp, sharp_items, _) = got["plain"], got["sharp"]
+    assert facts == {"acc": {"higher_is_better": True, "aggregation": "mean", "paired": True},
+                     "perplexity": {"higher_is_better": False, "aggregation": "perplexity", "paired": False}}
+    assert (sharp_items["loglik"] > plain_items["loglik"]).all() and len(rows) >= 10
+    for row, items in ((plain, plain_items), (sharp, sharp_items)):
+        assert row["perplexity"] == pytest.approx(np.exp(-items["loglik"].mean()))  # lm-eval's, not a mean of scores
+        assert "perplexity_lo" not in row and set(items) >= {"acc,none", "doc_hash"} and "perplexity,none" not in items
+    assert sharp["perplexity"] < plain["perplexity"]
+    from ftstudy.report import task_report
+
+    section = "\n".join(task_report.tasks_section({"pretrained": {"ll": plain}, "full": {"ll": sharp}, "lora": {"ll": sharp}},
+                                                  {}, {"pretrained": "P", "full": "F", "lora": "L"}, [],
+                                                  {"ll": {k: v["higher_is_better"] for k, v in facts.items()}}))
+    assert "ll (perplexity, lower is better)" in section and "perplexity as lm-eval aggregates it" in section

@@ -182,9 +182,11 @@ def _no_machine_survey():
         lm_eval.evaluator.add_env_info = survey
 
 
-def evaluate(model, tokenizer, p_tasks, seed: int, manager, commits: dict, samples: dict | None = None) -> dict:
+def evaluate(model, tokenizer, p_tasks, seed: int, split_seed: int, manager, commits: dict,
+             samples: dict | None = None) -> dict:
     """lm-eval's results for `model` on params tasks, Hub datasets at `commits` (resolve_datasets);
-    `samples`: only these items of each task."""
+    `samples`: only these items of each task. The few-shot examples are drawn with `split_seed`
+    (data.split_seed), not the training seed: every seed of a study is scored on the same prompts."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -197,7 +199,7 @@ def evaluate(model, tokenizer, p_tasks, seed: int, manager, commits: dict, sampl
                 model=lm, tasks=task_specs(p_tasks.names, manager, commits), num_fewshot=p_tasks.num_fewshot,
                 limit=None if samples is not None else p_tasks.limit, samples=samples,
                 apply_chat_template=p_tasks.chat_template, log_samples=True, bootstrap_iters=0,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=split_seed,
                 task_manager=manager)
     except FileNotFoundError as e:  # a local task's data file (a Hub task's dataset was resolved before)
         raise TaskError(f"tasks.names: a task's data file was not found ({e}); local tasks read their data_files "
@@ -221,37 +223,55 @@ def _number(v) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer))
 
 
-def paired_metrics(config: dict) -> set[str] | None:
-    """The metrics of a task that are a mean of per-item scores, higher better: those an interval
-    over items and a paired difference describe (accuracy, exact match, F1). Others, such as
-    LAMBADA's perplexity (an exponent of the mean log-likelihood) or corpus-level BLEU, are left to
-    lm-eval's own output. None where the task lists no metrics (lm-eval's defaults, all means)."""
-    listed = config.get("metric_list")
-    if not listed:
-        return None
+def metric_specs(results: dict, task: str) -> dict[str, dict]:
+    """metric -> {"higher_is_better", "aggregation"}, as lm-eval itself scores `task`: the direction
+    from lm-eval's results (the task's metric_list where it says, else lm-eval's registry) and the
+    aggregation from the metric_list entry, else lm-eval's default for that metric. Ours never
+    replace lm-eval's: a log-likelihood task without metric_list has `perplexity` (lower is better,
+    aggregated as a perplexity) beside `acc` (a mean, higher is better)."""
+    from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation
 
-    def mean(m) -> bool:
-        agg = m.get("aggregation", "mean")
-        return (agg if isinstance(agg, str) else getattr(agg, "__name__", "")) == "mean"
-    return {m["metric"] for m in listed if mean(m) and m.get("higher_is_better", True) is True}
+    names = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
+    listed = {m["metric"]: m for m in results["configs"].get(task, {}).get("metric_list") or []
+              if isinstance(m, dict) and isinstance(m.get("metric"), str)}
+    out = {}
+    for metric, better in results.get("higher_is_better", {}).get(task, {}).items():
+        agg = listed.get(metric, {}).get("aggregation")
+        if agg is None:
+            try:
+                agg = get_metric_aggregation(metric)
+            except (KeyError, ValueError):  # a metric of the task's own process_results
+                agg = None
+        name = agg if isinstance(agg, str) or agg is None else names.get(agg, getattr(agg, "__name__", None))
+        out[metric] = {"higher_is_better": better, "aggregation": name}
+    return out
+
+
+def _our_name(metric: str, filt: str) -> str:
+    return metric if filt == "none" else f"{metric}_{filt}"
 
 
 def per_item(results: dict) -> dict[str, dict[str, np.ndarray]]:
-    """task -> {"doc_id", "<metric>,<filter>" per-item scores..., "loglik" (every request's
-    log-likelihood, in item order), "text" (each item's generated text, if any)} from lm-eval's
-    logged samples, sorted by item. A task's filters (lm-eval's answer extractions) share items."""
+    """task -> {"doc_id", "doc_hash" (lm-eval's hash of each document: what pairing checks),
+    "<metric>,<filter>" per-item scores of every metric lm-eval aggregates as a mean (those an
+    interval over items and a paired difference describe; a perplexity or corpus BLEU is not a mean
+    of per-item scores: aggregated_scores), "loglik" (every request's log-likelihood, in item
+    order), "text" (each item's generated text, if any)} from lm-eval's logged samples, sorted by
+    item. A task's filters (lm-eval's answer extractions) share items."""
     out = {}
     for task, samples in results["samples"].items():
         if not samples:
             raise TaskError(f"tasks.names: {task} logged no items; check its test split and tasks.limit")
         arrays: dict[str, np.ndarray] = {}
         filters = sorted({s.get("filter", "none") for s in samples})
-        keep = paired_metrics(results["configs"].get(task, {}))
+        specs = metric_specs(results, task)
         for f in filters:
             rows = sorted((s for s in samples if s.get("filter", "none") == f), key=lambda s: s["doc_id"])
             arrays.setdefault("doc_id", np.array([s["doc_id"] for s in rows]))
+            arrays.setdefault("doc_hash", np.array([str(s.get("doc_hash", "")) for s in rows]))
             for metric in rows[0].get("metrics", []):
-                if (keep is None or metric in keep) and all(_number(s.get(metric)) for s in rows):
+                mean = specs.get(metric, {}).get("aggregation", "mean") == "mean"
+                if mean and all(_number(s.get(metric)) for s in rows):
                     arrays[f"{metric},{f}"] = np.array([float(s[metric]) for s in rows])
             if f == filters[0]:
                 lls = [_logliks(s["resps"]) for s in rows]
@@ -262,6 +282,40 @@ def per_item(results: dict) -> dict[str, dict[str, np.ndarray]]:
                 if all(t is not None for t in texts):
                     arrays["text"] = np.array(texts)
         out[task] = arrays
+    return out
+
+
+def stamp_commits(items: dict, commits: dict) -> None:
+    """Each task's dataset commit ("" for local data) beside its items: what compare checks, with
+    the documents' hashes, before pairing two models' items."""
+    for task, arrays in items.items():
+        arrays["dataset_commit"] = np.array(commits.get(task, {}).get("commit") or "")
+
+
+def aggregated_scores(results: dict) -> dict[str, dict[str, float]]:
+    """task -> {our metric name: lm-eval's own aggregate} for each metric not aggregated as a mean
+    (a perplexity, corpus BLEU): reported as lm-eval reports it, with no interval and not paired."""
+    out: dict = {}
+    for task, values in results["results"].items():
+        specs = metric_specs(results, task)
+        for key, value in values.items():
+            metric, _, filt = key.partition(",")
+            if filt and metric in specs and specs[metric]["aggregation"] != "mean" and _number(value):
+                out.setdefault(task, {})[_our_name(metric, filt)] = float(value)
+    return out
+
+
+def metric_facts(results: dict) -> dict[str, dict[str, dict]]:
+    """task -> {our metric name: {"higher_is_better", "aggregation", "paired"}} for the info file:
+    which way is better, and whether the score is a mean over items (paired between models)."""
+    out: dict = {}
+    for task in results["configs"]:
+        specs = metric_specs(results, task)
+        for key in results["results"].get(task, {}):
+            metric, _, filt = key.partition(",")
+            if filt and metric in specs:
+                out.setdefault(task, {})[_our_name(metric, filt)] = specs[metric] | {
+                    "paired": specs[metric]["aggregation"] == "mean"}
     return out
 
 
@@ -282,12 +336,7 @@ def read_items(npz) -> dict[str, dict[str, np.ndarray]]:
 def metric_keys(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """A task's per-item score arrays: lm-eval's "<metric>,<filter>" -> our name, the metric alone
     when unfiltered ("acc"), else "<metric>_<filter>" ("exact_match_strip")."""
-    keys = {}
-    for key in arrays:
-        if "," in key:
-            metric, _, filt = key.partition(",")
-            keys[key] = metric if filt == "none" else f"{metric}_{filt}"
-    return keys
+    return {key: _our_name(*key.split(",", 1)) for key in arrays if "," in key}
 
 
 def scores(items: dict[str, dict[str, np.ndarray]], samples: int, seed: int) -> dict:
@@ -339,7 +388,7 @@ def info(results: dict, p_tasks, seed: int, commits: dict) -> dict:
     """What the scores depend on: settings, versions, and each task's data source."""
     from importlib.metadata import version
 
-    tasks = {}
+    tasks, facts = {}, metric_facts(results)
     for task in results["configs"]:
         cfg = results["configs"][task]
         kwargs = dict(cfg.get("dataset_kwargs") or {})
@@ -351,7 +400,7 @@ def info(results: dict, p_tasks, seed: int, commits: dict) -> dict:
             source |= {k: commits[task][k] for k in ("revision", "commit", "from")}
         tasks[task] = {"version": results["versions"].get(task), "num_fewshot": results["n-shot"].get(task),
                        "output_type": cfg.get("output_type"), "items": results["n-samples"].get(task, {}).get("effective"),
-                       "source": source}
+                       "source": source, "metrics": facts.get(task, {})}
     return {"tasks": tasks, "settings": {"num_fewshot": p_tasks.num_fewshot, "batch_size": p_tasks.batch_size,
                                          "limit": p_tasks.limit, "chat_template": p_tasks.chat_template, "seed": seed},
             "lm_eval": version("lm_eval"), "chat_template": p_tasks.chat_template}

@@ -377,8 +377,9 @@ def render(r: Inputs, figures_dir: Path | None = None, link: str = "") -> str:
     """The report as markdown, from the inputs (Inputs.read); with `figures_dir`, its pictures
     drawn there and linked as `link` + file name (the folder's path from the report's)."""
     found = findings(r.ev, r.tr, r.gq, r.compare)
+    better = task_report.directions(r.task_info["pretrained"])
     found += [named(f, r.tr) for f in task_report.task_findings(r.tasks, r.compare.get("tasks", {}),
-                                                                      lowest(r.ev, r.compare["paired"]))]
+                                                                      lowest(r.ev, r.compare["paired"]), better)]
     pictures = {}
     labels = {m: r.label(m) for m in MODELS}
     if figures_dir is not None:
@@ -387,6 +388,7 @@ def render(r: Inputs, figures_dir: Path | None = None, link: str = "") -> str:
     return "\n".join([*headline(r), *_picture(pictures, "test_ppl.png"), *efficiency(r), *validation(r),
                       *_picture(pictures, "val_loss.png"), *quality(r), *_picture(pictures, "tradeoff.png"),
                       *paired_comparisons(r),
-                      *task_report.tasks_section(r.tasks, r.compare.get("tasks", {}), labels, _picture(pictures, "tasks.png")),
+                      *task_report.tasks_section(r.tasks, r.compare.get("tasks", {}), labels, _picture(pictures, "tasks.png"),
+                                                 better),
                       *generation_quality(r), "## Findings", "",
                       *[f"- {f}" for f in found], "", *environment(r)])
