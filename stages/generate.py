@@ -6,13 +6,16 @@ reruns the others' generation too, which comes out the same (each prompt and sam
 For each model folder, the texts go to <--out>/<model>.json and distinct-n, repetition, length
 and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folder's name. For
 instruction data (the prepared meta's format), each model also answers generate.answer_examples
-held-out test examples (a sample seeded by `seed`, the same for every model; greedy, each stopped
-at EOS, end of turn or twice its reference's tokens), each kept beside its reference with its
-generate.answer_metrics scores (ftstudy.measure.answers), whose means and 95% intervals over examples go to
-the metrics ("answers"); stage compare pairs them between models. The report shows the first
-generate.test_prompts of them. generate.prompt: auto prompts with the user's own held-out data: the openings
-of a seeded sample of test documents (articles, or evenly spaced points of a running text), or the
-held-out prompts of instruction data; every answer stops at EOS or the chat template's end of turn.
+held-out test examples (a sample drawn by data.split_seed, the same for every model and every
+training seed; greedy, each stopped at EOS, end of turn or twice its reference's tokens), each kept
+beside its reference with its generate.answer_metrics scores (ftstudy.measure.answers), whose means and 95%
+intervals over examples (resampled by `seed`) go to the metrics ("answers"); stage compare pairs them
+between models. An example whose reference data.block_size cut is never drawn (a whole, correct
+answer would score below 1 against it): the metrics count them ("answers_truncated_left_out"). The
+report shows the first generate.test_prompts of them. generate.prompt: auto prompts with the user's
+own held-out data: the openings of test documents drawn by data.split_seed (articles, or evenly
+spaced points of a running text), or the held-out prompts of instruction data; every answer stops at
+EOS or the chat template's end of turn.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from ftstudy.measure import generation
 from ftstudy.measure.answers import score
 from ftstudy.measure.stats import score_row
 from ftstudy.outputs import write_json
+
+CUT = ("their reference (the last answer) was cut to data.block_size tokens, and a whole, correct answer scores "
+       "below 1 against it; raise data.block_size to score them")
 
 
 def main() -> None:
@@ -50,7 +56,10 @@ def main() -> None:
     meta = token_files.read_meta(args.data)
     test = examples.load(args.data, "test", meta) if token_files.is_instruct(meta) else None
     g = p.generate
-    scored = generation.heldout(len(test), max(g.answer_examples, g.test_prompts), p.seed) if test is not None else []
+    # Drawn by data.split_seed: a study's seeds vary training alone, and every run answers the same examples.
+    scored = (generation.heldout(len(test), max(g.answer_examples, g.test_prompts), p.data.split_seed, test.cut)
+              if test is not None else [])
+    left_out = len(test.cut) if test is not None else 0  # examples whose reference data.block_size cut: none drawn
     shown = scored[:g.test_prompts]  # the report's few are the first of the scored ones
     prompts = panel_prompts(p, args.data, meta, tokenizer, test, shown)
     generation.check_room({t: len(ids) for t, ids in prompts}, p.generate.max_new_tokens, context)
@@ -66,17 +75,22 @@ def main() -> None:
                 a["scores"] = score(a["answer"], a["reference"], g.answer_metrics)
             quality["answers"] = score_row({m: [a["scores"][m] for a in answers] for m in g.answer_metrics},
                                            p.evaluate.bootstrap_samples, p.seed)
-        write_json(Path(args.out) / f"{name}.json", {"prompts": panel, "heldout": answers, "shown": len(shown)})
+        texts = {"prompts": panel, "heldout": answers, "shown": len(shown)}
+        if test is not None:
+            quality["answers_truncated_left_out"] = left_out
+            texts["left_out"] = {"answers_truncated": left_out, "why": CUT}
+        write_json(Path(args.out) / f"{name}.json", texts)
         write_json(Path(args.metrics) / f"{name}.json", {name: quality})  # keyed by the model, as evaluate's
         print(f"generate: {name}: {quality['texts']} distinct continuations of up to {p.generate.max_new_tokens} "
               f"tokens for {len(panel)} prompt(s), distinct-2 {quality['distinct_2']:.3f}")
-    print(f"generate: wrote {len(tokenizers)} models' texts to {args.out}/ and metrics to {args.metrics}/")
+    print(f"generate: wrote {len(tokenizers)} models' texts to {args.out}/ and metrics to {args.metrics}/"
+          + (f"; {left_out} held-out example(s) left out of answer scoring: {CUT}" if left_out else ""))
 
 
 def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -> list[tuple[str, list[int]]]:
     """The panel's prompts, (text, ids) each: generate.prompt and generate.extra_prompts; with
     generate.prompt auto, in its place the openings of generate.test_prompts held-out test
-    documents (a seeded sample), or for instruction data the held-out prompts themselves."""
+    documents (drawn by data.split_seed), or for instruction data the held-out prompts themselves."""
     g = p.generate
     if g.prompt != "auto":
         own = [(g.prompt, tokenizer(g.prompt)["input_ids"])]
@@ -84,7 +98,8 @@ def panel_prompts(p, data_dir, meta: dict, tokenizer, test, picked: list[int]) -
         own = generation.heldout_prompts(tokenizer, test, picked)
     else:
         own = generation.openings(tokenizer, token_files.load_tokens(data_dir, "test", meta),
-                                  token_files.unit_starts(data_dir, "test", meta), max(1, g.test_prompts), p.seed)
+                                  token_files.unit_starts(data_dir, "test", meta), max(1, g.test_prompts),
+                                  p.data.split_seed)
     return own + [(t, tokenizer(t)["input_ids"]) for t in g.extra_prompts]
 
 

@@ -77,7 +77,8 @@ def main() -> None:
         write_json(tmp / token_files.META_FILE, meta)
     with atomic_dir(args.pretrained) as tmp:
         modeling.snapshot(p.model.name, tmp, model_commit)
-    counted = ("tokens", "bytes", "documents", "duplicates_removed", "answer_tokens", "truncated", "dropped_no_answer")
+    counted = ("tokens", "bytes", "documents", "duplicates_removed", "answer_tokens", "truncated", "dropped_no_answer",
+               "answers_cut")
     write_json(args.metrics, {"corpus": {s: {k: v[k] for k in counted if k in v} for s, v in meta["splits"].items()}})
     write_json(args.info, {"inputs": inputs, "format": meta["format"], "columns": meta["columns"],
                            "split": meta["split"], "made": {s: v["made"] for s, v in meta["splits"].items()}})

@@ -128,6 +128,9 @@ def test_revision_keys_are_params_of_exactly_the_stages_that_read_them():
     # does not, so a study's seeds share prepare's outputs and its test split.
     assert covers(spec["stages"]["prepare"]["params"], "data.split_seed")
     assert not covers(spec["stages"]["prepare"]["params"], "seed")
+    # generate draws its held-out examples by data.split_seed, and samples and resamples by seed.
+    assert covers(spec["stages"]["generate"]["params"], "data.split_seed")
+    assert covers(spec["stages"]["generate"]["params"], "seed")
 
 
 # Command-line flags through which a stage is told where to write.

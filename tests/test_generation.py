@@ -83,6 +83,22 @@ def test_auto_prompts_are_openings_of_held_out_test_documents(project, tmp_path)
     prompts = [p["prompt"] for p in read_json("gen/pre.json")["prompts"]]
     test = modeling.load_tokenizer(TINY_MODEL).decode(__import__("ftstudy.data.token_files", fromlist=["x"]).load_tokens("prep", "test"))
     assert len(prompts) == 2 and all(p.startswith("Module number ") and p in " ".join(test.split()) for p in prompts)
+    # Drawn by data.split_seed, not the training seed: every seed's models open the same documents.
+    tok, meta = modeling.load_tokenizer("pre"), read_json("prep/meta.json")
+    by_seed = [generate.panel_prompts(parse_params(demo_params(**{"seed": seed, "generate.test_prompts": 2})), "prep",
+                                      meta, tok, None, []) for seed in (1, 2)]
+    assert by_seed[0] == by_seed[1] and len(by_seed[0]) == 2
+    other = parse_params(demo_params(**{"data.split_seed": 7, "generate.test_prompts": 2}))
+    assert generate.panel_prompts(other, "prep", meta, tok, None, []) != by_seed[0]
+
+
+def test_the_held_out_draw_follows_the_split_seed_and_leaves_out_cut_references():
+    drawn = generation.heldout(30, 5, 42)
+    assert drawn == sorted(drawn) and len(set(drawn)) == 5 and drawn != generation.heldout(30, 5, 43)
+    cut = [drawn[0], drawn[3], 7]
+    assert not set(generation.heldout(30, 5, 42, cut)) & set(cut) and len(generation.heldout(30, 5, 42, cut)) == 5
+    assert generation.heldout(30, 100, 42, cut) == sorted(set(range(30)) - set(cut))  # all of them when fewer
+    assert generation.heldout(3, 2, 42, [0, 1, 2]) == []
 
 
 def test_chat_prompts_read_without_glued_role_names_and_answers_stop_at_the_end_of_turn(tmp_path):

@@ -34,9 +34,12 @@ def instruct_params(project, fmt: str, root, **overrides):
     if not model.exists():
         write_tiny_model(family, model)
     # Held-out answers: the fewest that still get an interval (stats.MIN_CHUNKS); each is a generation.
+    # The tiny Llama's 128 tokens cut the last answer of most conversations (three in four of the
+    # test split), which answer scoring leaves out: a larger test split keeps enough whole ones.
     return project(**{"model.name": str(model), "data.name": str(source), "data.format": fmt, "train.epochs": 1,
                       "train.eval_every": 0, "evaluate.bootstrap_samples": 200, "generate.test_prompts": 2,
-                      "generate.answer_examples": stats.MIN_CHUNKS, "generate.max_new_tokens": 12, "generate.num_samples": 0} | overrides)
+                      "generate.answer_examples": stats.MIN_CHUNKS, "generate.max_new_tokens": 12, "generate.num_samples": 0}
+                   | ({"data.test_fraction": 0.2} if fmt == "messages" else {}) | overrides)
 
 
 def stage_args(method: str) -> tuple[str, ...]:
@@ -101,7 +104,10 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     assert f"{meta['splits']['test']['answer_tokens']:,} answer tokens of {meta['splits']['test']['documents']:,} test examples" in text
     assert "### Answers to held-out test prompts" in text and re.search(r"\| Prompt +\| Reference +\|", text)
     held = read_json(root / "gen/lora.json")["heldout"]
-    assert len(held) == min(stats.MIN_CHUNKS, meta["splits"]["test"]["documents"]) and all(h["reference"] and h["prompt"] for h in held)
+    test = meta["splits"]["test"]
+    assert len(held) == stats.MIN_CHUNKS <= test["documents"] - test["answers_cut"]
+    assert all(h["reference"] and h["prompt"] for h in held)
+    assert read_json(root / "m/generate/lora.json")["lora"]["answers_truncated_left_out"] == test["answers_cut"]
     assert [h["example"] for h in held] == [h["example"] for h in read_json(root / "gen/pretrained.json")["heldout"]]
     # Every answer scored; the report shows the first two (generate.test_prompts) and pairs the scores.
     assert all(set(h["scores"]) == {"exact_match", "f1", "rouge_l"} for h in held)
@@ -204,6 +210,58 @@ def test_a_long_example_is_cut_to_the_block_and_counted(project, tmp_path):
     assert train["truncated"] > 0
     ex = examples.load(tmp_path / "prep", "train", read_json(tmp_path / "prep/meta.json"))
     assert max(np.diff(ex.offsets)) <= 44
+
+
+GENERATE_ARGS = ("--model", "pre", "--base", "pre", "--data", "prep")
+
+
+def test_an_answer_cut_by_the_block_is_left_out_of_scoring_and_counted(project, tmp_path, capsys):
+    """Against a reference that data.block_size cut, a whole, correct answer scores below 1: such an
+    example is never asked, and counted; an uncut one is scored against its whole completion."""
+    instruct_params(project, "prompt_completion", tmp_path, **{"data.block_size": 90, "generate.answer_examples": 1000})
+    run_main(prepare, *PREPARE_ARGS)
+    test = examples.load("prep", "test", read_json("prep/meta.json"))
+    tok = modeling.load_tokenizer("pre")
+    completion = {json.loads(line)["prompt"]: json.loads(line)["completion"].strip()
+                  for line in (INSTRUCT / "prompt_completion.jsonl").read_text().splitlines()}
+
+    def reference(i):  # (its prompt, its reference) as prepared
+        tokens, _ = test.example(i)
+        start, end = test.last_answer(i)
+        return tok.decode(tokens[:start].tolist()), tok.decode(tokens[start:end].tolist(), skip_special_tokens=True).strip()
+
+    cut = set(test.cut.tolist())
+    assert 0 < len(cut) < len(test)
+    assert read_json("prep/meta.json")["splits"]["test"]["truncated"] > len(cut)  # one lost only its EOS: whole, scored
+    assert all(reference(i)[1] != completion[reference(i)[0]] for i in cut)  # cut short, each of them
+    run_main(generate, *GENERATE_ARGS, "--out", "gen", "--metrics", "m/generate")
+    texts = read_json("gen/pre.json")
+    held = texts["heldout"]
+    assert {h["example"] for h in held} == set(range(len(test))) - cut
+    assert all(h["reference"] == completion[reference(h["example"])[0]] and "scores" in h for h in held)
+    metrics = read_json("m/generate/pre.json")["pre"]
+    assert metrics["answers_truncated_left_out"] == texts["left_out"]["answers_truncated"] == len(cut)
+    assert metrics["answers"]["items"] == len(held) and "data.block_size" in texts["left_out"]["why"]
+    assert f"; {len(cut)} held-out example(s) left out of answer scoring: their reference" in capsys.readouterr().out
+
+
+def test_every_training_seed_answers_the_same_held_out_examples(project, tmp_path):
+    """A study's seeds vary training alone: the held-out examples (and so the panel's prompts) are
+    drawn by data.split_seed; the sampled continuations still follow seed."""
+    runs = []
+    for seed in (1, 2):
+        instruct_params(project, "prompt_completion", tmp_path, **{"seed": seed, "generate.answer_examples": 3,
+                                                                    "generate.num_samples": 1, "generate.max_new_tokens": 6})
+        if seed == 1:  # prepare reads no seed: a study's seeds share its outputs
+            run_main(prepare, *PREPARE_ARGS)
+        run_main(generate, *GENERATE_ARGS, "--out", f"gen-{seed}", "--metrics", f"m/generate-{seed}")
+        runs.append(read_json(f"gen-{seed}/pre.json"))
+    one, two = runs
+    assert len(one["heldout"]) == 3 < len(examples.load("prep", "test", read_json("prep/meta.json")))
+    assert [(h["example"], h["prompt"], h["reference"]) for h in one["heldout"]] == [
+        (h["example"], h["prompt"], h["reference"]) for h in two["heldout"]]
+    assert [p["prompt"] for p in one["prompts"]] == [p["prompt"] for p in two["prompts"]]
+    assert [p["samples"] for p in one["prompts"]] != [p["samples"] for p in two["prompts"]]
 
 
 def test_a_block_that_leaves_no_answer_is_refused_saying_what_to_raise(project, tmp_path):

@@ -9,14 +9,16 @@ data.format chooses how a record becomes an example:
   chat template; each assistant turn, as the template renders it (its end-of-turn token
   included), is answer. A tokenizer without a chat template is refused before any work.
 An example longer than data.block_size is cut to its first block_size tokens, counted; one left
-with no answer token is dropped, counted.
+with no answer token is dropped, counted; one whose last answer the cut shortens (drops text of,
+not only its EOS or end of turn) is listed: as a held-out reference it is no longer the answer.
 
 Token files per split: <split>.bin (the tokens of every example in order), <split>.mask.bin (one
-byte per token: 1 for an answer token) and <split>.offsets.npy (where each example starts, and
-the end). Training batches pad the examples of a micro-batch to the longest of them (attention
-mask, no loss on padding) rather than packing them into blocks: with padding no example can
-attend to another in any model family or attention kernel, and the cost is the padding itself,
-reported as the share of padded positions (ftstudy.data.batches).
+byte per token: 1 for an answer token), <split>.offsets.npy (where each example starts, and the
+end) and <split>.cut.npy (the examples whose last answer the cut shortened). Training batches
+pad the examples of a micro-batch to the longest of them (attention mask, no loss on padding)
+rather than packing them into blocks: with padding no example can attend to another in any model
+family or attention kernel, and the cost is the padding itself, reported as the share of padded
+positions (ftstudy.data.batches).
 """
 
 from __future__ import annotations
@@ -134,17 +136,28 @@ class ExampleWriter:
         self.tokens_file = open(self.folder / f"{split}.bin", "wb")
         self.mask_file = open(self.folder / f"{split}.mask.bin", "wb")
         self.offsets = [0]
+        self.cut: list[int] = []  # examples whose last answer the block_size cut shortened
         self.answer_tokens = self.truncated = self.dropped = self.duplicates = self.bytes = 0
         self.digest = hashlib.sha256()
 
     def write(self, ids: list[int], mask: list[int], digest: bytes, size: int) -> None:
+        answer_cut = False
         if len(ids) > self.block_size:
+            # An answer running across the cut is the example's last; it counts as cut when what the
+            # cut drops of it spells text (not only its EOS or end of turn).
+            end = self.block_size
+            while end < len(mask) and mask[end]:
+                end += 1
+            answer_cut = bool(mask[self.block_size - 1]) and bool(
+                self.tokenizer.decode(ids[self.block_size:end], skip_special_tokens=True).strip())
             ids, mask = ids[:self.block_size], mask[:self.block_size]
             self.truncated += 1
         mask[0] = 0  # the first token is never a target: nothing comes before it
         if not any(mask):
             self.dropped += 1
             return
+        if answer_cut:
+            self.cut.append(len(self.offsets) - 1)
         np.asarray(ids, dtype=self.dtype).tofile(self.tokens_file)
         np.asarray(mask, dtype=np.uint8).tofile(self.mask_file)
         self.offsets.append(self.offsets[-1] + len(ids))
@@ -170,18 +183,21 @@ class ExampleWriter:
             f.flush()
             f.close()
         np.save(self.folder / f"{self.split}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        np.save(self.folder / f"{self.split}.cut.npy", np.asarray(self.cut, dtype=np.int64))
         return {"tokens": self.offsets[-1], "bytes": self.bytes, "documents": len(self.offsets) - 1,
                 "answer_tokens": self.answer_tokens, "answer_bytes": self.answer_bytes, "truncated": self.truncated,
-                "dropped_no_answer": self.dropped,
+                "dropped_no_answer": self.dropped, "answers_cut": len(self.cut),
                 "duplicates_removed": self.duplicates, "documents_sha256": self.digest.hexdigest()}
 
 
 @dataclass(frozen=True)
 class Examples:
-    """A prepared split of instruction examples: tokens, answer mask, example offsets."""
+    """A prepared split of instruction examples: tokens, answer mask, example offsets, and the
+    examples whose last answer data.block_size cut (`cut`, in order)."""
     tokens: np.ndarray
     mask: np.ndarray
     offsets: np.ndarray
+    cut: np.ndarray
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -209,4 +225,7 @@ def load(data_dir: str | Path, split: str, meta: dict) -> Examples:
     if len(mask) != len(tokens) or offsets[-1] != len(tokens):
         raise DataError(f"{data_dir}: {split}'s mask or offsets do not match its {len(tokens)} tokens; rerun "
                         "`dvc repro -f prepare`")
-    return Examples(tokens, mask, offsets)
+    cut = Path(data_dir) / f"{split}.cut.npy"
+    if not cut.is_file():  # prepared before the cut answers were listed
+        raise DataError(f"{cut}: not found; rerun `dvc repro -f prepare`")
+    return Examples(tokens, mask, offsets, np.load(cut))

@@ -106,15 +106,15 @@ def readable_prompt(tokenizer, ids) -> str:
     return " / ".join(turns)  # a trailing role alone (the generation prompt) is left out
 
 
-def openings(tokenizer, tokens: np.ndarray, starts: np.ndarray | None, count: int, seed: int,
+def openings(tokenizer, tokens: np.ndarray, starts: np.ndarray | None, count: int, split_seed: int,
              n_tokens: int = 16) -> list[tuple[str, list[int]]]:
     """(text shown, ids) of the openings, their first n_tokens tokens as the data holds them, of a
-    seeded sample of `count` held-out units (documents, articles; `starts`: where each begins), or
-    of as many evenly spaced points of a running text without them: own-data prompts, instead of an
-    encyclopedia's."""
+    sample of `count` held-out units (documents, articles; `starts`: where each begins) drawn by
+    data.split_seed, the same for every training seed, or of as many evenly spaced points of a
+    running text without them: own-data prompts, instead of an encyclopedia's."""
     points = (np.asarray(starts) if starts is not None
               else np.linspace(0, max(0, len(tokens) - n_tokens), num=max(count, 1), dtype=np.int64))
-    chosen = sorted(np.random.default_rng(seed).choice(len(points), size=min(count, len(points)), replace=False))
+    chosen = sorted(np.random.default_rng(split_seed).choice(len(points), size=min(count, len(points)), replace=False))
     out = []
     for i in chosen:
         ids = [int(t) for t in tokens[int(points[i]):int(points[i]) + n_tokens]]
@@ -153,11 +153,14 @@ def generate(model, tokenizer, g: GenerateParams, seed: int, device,
     return panel, ids
 
 
-def heldout(n_examples: int, count: int, seed: int) -> list[int]:
-    """A seeded sample of `count` test examples (in order): the held-out prompts the models answer."""
-    if count == 0 or n_examples == 0:
+def heldout(n_examples: int, count: int, split_seed: int, leave_out=()) -> list[int]:
+    """The held-out prompts the models answer: a sample of `count` test examples (in order) drawn by
+    data.split_seed, not the training seed, so that every seed's models answer the same ones; none
+    of `leave_out` (those whose reference data.block_size cut)."""
+    pool = np.setdiff1d(np.arange(n_examples), leave_out)
+    if count == 0 or len(pool) == 0:
         return []
-    return sorted(np.random.default_rng(seed).choice(n_examples, size=min(count, n_examples), replace=False).tolist())
+    return sorted(np.random.default_rng(split_seed).choice(pool, size=min(count, len(pool)), replace=False).tolist())
 
 
 def heldout_prompts(tokenizer, ex, indices: list[int]) -> list[tuple[str, list[int]]]:

@@ -350,9 +350,12 @@ def heldout(r: Inputs) -> list[str]:
     return ["### Answers to held-out test prompts", "",
             _table(rows, ["Prompt", "Reference", *(r.label(m) for m in MODELS)]), "",
             f"The first {len(rows)} (generate.test_prompts) of the held-out test examples every model answered (a sample "
-            "drawn with the seed, the same for every model); greedy answers, each stopped at EOS or the chat template's "
+            "drawn with data.split_seed, the same for every model and training seed); greedy answers, each stopped at EOS or the chat template's "
             "end of turn, or at twice its reference's tokens."
-            + (" Their scores over all of them: Tasks, held-out answers." if answers.TASK in r.tasks["pretrained"] else ""),
+            + (" Their scores over all of them: Tasks, held-out answers." if answers.TASK in r.tasks["pretrained"] else "")
+            + (f" {cut} held-out example(s) were left out of answer scoring: their reference was cut to "
+               "data.block_size tokens, and a whole, correct answer would score below 1 against it."
+               if (cut := r.gq["pretrained"].get("answers_truncated_left_out")) else ""),
             ""]
 
 
