@@ -44,7 +44,7 @@ def main() -> None:
     from ftstudy import hub, modeling, runtime
 
     modeling.leave_out_bitsandbytes(args.base)
-    from ftstudy.measure import benchmarks
+    from ftstudy.measure import benchmarks, task_metrics
 
     benchmarks.task_names(p.tasks.names)  # a missing or misplaced local file fails here, before any import
     unreachable = hub.hub_unreachable() if benchmarks.has_hub_tasks(p.tasks.names) else None  # one probe
@@ -70,7 +70,7 @@ def main() -> None:
             p.tasks.merge_check, p.tasks.merge_tolerance)
     benchmarks.stamp_commits(items, commits)
     scores = benchmarks.scores(items, p.evaluate.bootstrap_samples, p.seed)
-    for task, aggregated in benchmarks.aggregated_scores(results).items():
+    for task, aggregated in task_metrics.aggregated_scores(results).items():
         scores.setdefault(task, {}).update(aggregated)
     info = benchmarks.info(results, p.tasks, p.seed, commits) | {
         "device": runtime.device_name(device), "dtype": dtype,

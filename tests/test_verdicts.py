@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ftstudy.errors import StudyError
-from ftstudy.measure import benchmarks
+from ftstudy.measure import benchmarks, task_metrics
 from ftstudy.measure.stats import (clopper_pearson, mcnemar_exact_p, mean_metrics, paired_mean_difference,
                                    wilson_interval)
 from ftstudy.report import task_report
@@ -171,18 +171,18 @@ def test_a_loglikelihood_task_without_metric_list_keeps_lm_evals_defaults():
     a perplexity) and acc (a mean). Ours once read every metric as a mean, higher better."""
     results = lm_eval_results({"output_type": "loglikelihood"}, {"perplexity": False, "acc": True},
                               {"perplexity,none": 12.5, "acc,none": 0.4, "acc_stderr,none": 0.05, "alias": "t"})
-    specs = benchmarks.metric_specs(results, "t")
+    specs = task_metrics.metric_specs(results, "t")
     assert specs == {"perplexity": {"higher_is_better": False, "aggregation": "perplexity"},
                      "acc": {"higher_is_better": True, "aggregation": "mean"}}
-    assert benchmarks.aggregated_scores(results) == {"t": {"perplexity": 12.5}}
-    assert benchmarks.metric_facts(results)["t"]["perplexity"] == {"higher_is_better": False,
+    assert task_metrics.aggregated_scores(results) == {"t": {"perplexity": 12.5}}
+    assert task_metrics.metric_facts(results)["t"]["perplexity"] == {"higher_is_better": False,
                                                                    "aggregation": "perplexity", "paired": False}
 
 
 def test_a_metric_list_entry_without_aggregation_takes_lm_evals_default_not_a_mean():
     results = lm_eval_results({"metric_list": [{"metric": "perplexity"}, {"metric": "acc", "higher_is_better": False}]},
                               {"perplexity": False, "acc": False}, {"perplexity,none": 3.0, "acc,none": 0.2})
-    specs = benchmarks.metric_specs(results, "t")
+    specs = task_metrics.metric_specs(results, "t")
     assert specs["perplexity"]["aggregation"] == "perplexity"
     assert specs["acc"] == {"higher_is_better": False, "aggregation": "mean"}
     samples = [{"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "metrics": ["perplexity", "acc"],

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from ftstudy.errors import StudyError
+from ftstudy.measure.task_metrics import is_number, metric_facts, metric_specs, our_name
 
 TASKS_DIR = "tasks"  # local task YAML files and their data: a dependency of stage tasks (dvc.yaml)
 # datasets' packaged loaders, which read local data_files: no Hub dataset to pin
@@ -219,43 +220,11 @@ def _logliks(resps) -> list[float]:
     return out
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float, np.floating, np.integer))
-
-
-def metric_specs(results: dict, task: str) -> dict[str, dict]:
-    """metric -> {"higher_is_better", "aggregation"}, as lm-eval itself scores `task`: the direction
-    from lm-eval's results (the task's metric_list where it says, else lm-eval's registry) and the
-    aggregation from the metric_list entry, else lm-eval's default for that metric. Ours never
-    replace lm-eval's: a log-likelihood task without metric_list has `perplexity` (lower is better,
-    aggregated as a perplexity) beside `acc` (a mean, higher is better)."""
-    from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation
-
-    names = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
-    listed = {m["metric"]: m for m in results["configs"].get(task, {}).get("metric_list") or []
-              if isinstance(m, dict) and isinstance(m.get("metric"), str)}
-    out = {}
-    for metric, better in results.get("higher_is_better", {}).get(task, {}).items():
-        agg = listed.get(metric, {}).get("aggregation")
-        if agg is None:
-            try:
-                agg = get_metric_aggregation(metric)
-            except (KeyError, ValueError):  # a metric of the task's own process_results
-                agg = None
-        name = agg if isinstance(agg, str) or agg is None else names.get(agg, getattr(agg, "__name__", None))
-        out[metric] = {"higher_is_better": better, "aggregation": name}
-    return out
-
-
-def _our_name(metric: str, filt: str) -> str:
-    return metric if filt == "none" else f"{metric}_{filt}"
-
-
 def per_item(results: dict) -> dict[str, dict[str, np.ndarray]]:
     """task -> {"doc_id", "doc_hash" (lm-eval's hash of each document: what pairing checks),
     "<metric>,<filter>" per-item scores of every metric lm-eval aggregates as a mean (those an
     interval over items and a paired difference describe; a perplexity or corpus BLEU is not a mean
-    of per-item scores: aggregated_scores), "loglik" (every request's log-likelihood, in item
+    of per-item scores: task_metrics.aggregated_scores), "loglik" (every request's log-likelihood, in item
     order), "text" (each item's generated text, if any)} from lm-eval's logged samples, sorted by
     item. A task's filters (lm-eval's answer extractions) share items."""
     out = {}
@@ -271,7 +240,7 @@ def per_item(results: dict) -> dict[str, dict[str, np.ndarray]]:
             arrays.setdefault("doc_hash", np.array([str(s.get("doc_hash", "")) for s in rows]))
             for metric in rows[0].get("metrics", []):
                 mean = specs.get(metric, {}).get("aggregation", "mean") == "mean"
-                if mean and all(_number(s.get(metric)) for s in rows):
+                if mean and all(is_number(s.get(metric)) for s in rows):
                     arrays[f"{metric},{f}"] = np.array([float(s[metric]) for s in rows])
             if f == filters[0]:
                 lls = [_logliks(s["resps"]) for s in rows]
@@ -292,33 +261,6 @@ def stamp_commits(items: dict, commits: dict) -> None:
         arrays["dataset_commit"] = np.array(commits.get(task, {}).get("commit") or "")
 
 
-def aggregated_scores(results: dict) -> dict[str, dict[str, float]]:
-    """task -> {our metric name: lm-eval's own aggregate} for each metric not aggregated as a mean
-    (a perplexity, corpus BLEU): reported as lm-eval reports it, with no interval and not paired."""
-    out: dict = {}
-    for task, values in results["results"].items():
-        specs = metric_specs(results, task)
-        for key, value in values.items():
-            metric, _, filt = key.partition(",")
-            if filt and metric in specs and specs[metric]["aggregation"] != "mean" and _number(value):
-                out.setdefault(task, {})[_our_name(metric, filt)] = float(value)
-    return out
-
-
-def metric_facts(results: dict) -> dict[str, dict[str, dict]]:
-    """task -> {our metric name: {"higher_is_better", "aggregation", "paired"}} for the info file:
-    which way is better, and whether the score is a mean over items (paired between models)."""
-    out: dict = {}
-    for task in results["configs"]:
-        specs = metric_specs(results, task)
-        for key in results["results"].get(task, {}):
-            metric, _, filt = key.partition(",")
-            if filt and metric in specs:
-                out.setdefault(task, {})[_our_name(metric, filt)] = specs[metric] | {
-                    "paired": specs[metric]["aggregation"] == "mean"}
-    return out
-
-
 def flat_arrays(items: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """For the .npz: "<task>::<key>" -> array."""
     return {f"{task}::{key}": a for task, arrays in items.items() for key, a in arrays.items()}
@@ -336,7 +278,7 @@ def read_items(npz) -> dict[str, dict[str, np.ndarray]]:
 def metric_keys(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """A task's per-item score arrays: lm-eval's "<metric>,<filter>" -> our name, the metric alone
     when unfiltered ("acc"), else "<metric>_<filter>" ("exact_match_strip")."""
-    return {key: _our_name(*key.split(",", 1)) for key in arrays if "," in key}
+    return {key: our_name(*key.split(",", 1)) for key in arrays if "," in key}
 
 
 def scores(items: dict[str, dict[str, np.ndarray]], samples: int, seed: int) -> dict:
