@@ -9,9 +9,10 @@ intervals overlap. The report's findings call a winner only when the paired inte
 and no winner at all from fewer than ftstudy.measure.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
 other's final validation loss (none when it never did). Benchmarks (stage tasks): for each task
-metric and pair, the difference of their mean scores with a 95% paired bootstrap interval over the
-task's items, both models' scores on each item drawn together (ftstudy.measure.stats.paired_mean_difference);
-the same for the held-out answers' scores of instruction data (stage generate), over examples.
+metric and pair, the difference of their mean scores with a 95% paired interval over the task's items
+(ftstudy.measure.stats.paired_mean_difference: exact, on McNemar's test, for 0/1 scores; else a paired
+bootstrap), only once every model is shown to have scored the very same documents (same_items); the
+same for the held-out answers' scores of instruction data (stage generate), over examples.
 """
 
 from __future__ import annotations
