@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.sandbox import refuse_uncommitted
+
 # Runs every command of a trial: its own session and process group (start_new_session), the command
 # its child; when the worker that started it dies (its parent pid changes), the whole group is killed.
 GUARD = """
@@ -129,9 +131,7 @@ def study_remotes(repo: Path, git_remote: str, dvc_remote: str | None) -> tuple[
     """(commit, git URL, DVC remote name, its URL) for a Dask study of `repo`, after the checks a clone needs:
     a clean workspace (a clone sees only committed work), the commit on the git remote, a DVC
     remote. Each failure is one line naming the fix."""
-    if _git(repo, "status", "--porcelain", "--untracked-files=no"):
-        raise SystemExit("study --backend dask: the workspace has uncommitted changes, and the workers clone only "
-                         "committed work; commit them (or stash them) and run again")
+    refuse_uncommitted(repo, "study --backend dask", "the workers clone only committed work")
     commit = _git(repo, "rev-parse", "HEAD")
     try:
         git_url = _git(repo, "remote", "get-url", git_remote)

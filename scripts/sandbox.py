@@ -56,14 +56,77 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return proc
 
 
-def run_queue(repo: Path, poll_s: float = 2.0) -> str:
-    """`dvc queue start` one experiment at a time, then wait until the queue is empty; raises
-    DvcError when an experiment failed. Returns the final `dvc queue status`."""
-    dvc(repo, "queue", "start", "-j", "1")
-    while re.search(r"\b(Queued|Running)\b", status := dvc(repo, "queue", "status").stdout):
+def refuse_uncommitted(repo: Path, who: str, why: str) -> None:
+    """Stop with one line when `repo`'s tracked files differ from its last commit: `who` is the
+    command, `why` what committed work it relies on. Untracked files (the study's own study.md and
+    study.json) do not count."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{who}: git status failed in {repo}: {(proc.stderr.strip() or '?').splitlines()[-1]}")
+    if proc.stdout.strip():
+        raise SystemExit(f"{who}: the workspace has uncommitted changes, and {why}; commit them (or stash them) "
+                         "and run again")
+
+
+def queue_tasks(repo: Path) -> dict[str, list[str]]:
+    """`dvc queue status`'s tasks: task id (its stash commit's first 7 hex digits) -> the rest of its
+    row's words, Name first (for an unnamed task, Created's first word stands there) and Status last."""
+    rows = {}
+    for line in dvc(repo, "queue", "status").stdout.splitlines():
+        words = line.split()
+        if len(words) >= 3 and re.fullmatch(r"[0-9a-f]{7}", words[0]):
+            rows[words[0]] = words[1:]
+    return rows
+
+
+def start_queue(repo: Path) -> None:
+    """`dvc queue start` one experiment at a time. Its output goes to a file, not through dvc()'s pipes:
+    the worker it spawns inherits them, which would hold this process until the worker leaves (within
+    10 s of the queue's emptying)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, stdout=out, stderr=subprocess.STDOUT,
+                              text=True, env=os.environ | ENV)
+        if proc.returncode != 0:
+            out.seek(0)
+            raise DvcError(f"dvc queue start -j 1 failed ({proc.returncode}):\n{out.read()}")
+
+
+# A worker that finds the queue empty leaves (it looks every 10 s); one of an earlier run may do so
+# just as new tasks arrive, after `dvc queue start` saw it and started none. Tasks of ours queued with
+# nothing running for this long: start a worker again (a no-op when one is there).
+STALLED_S = 30.0
+
+
+def run_queue(repo: Path, experiments: dict[str, list[str]], poll_s: float = 2.0) -> dict[str, str]:
+    """Queue `experiments` (name -> `dvc exp run` arguments), `dvc queue start` one at a time, and wait
+    until each of them is done; raises DvcError naming those that failed. Returns name -> status.
+
+    Only these tasks count: the queue also keeps every earlier failure until `dvc queue remove
+    --failed`, of other experiments or of these names (a study's names repeat from run to run), and
+    may hold another's. They are told apart by task id: the tasks that queueing added."""
+    before = set(queue_tasks(repo))
+    for name, args in experiments.items():
+        dvc(repo, "exp", "run", "--queue", "-n", name, *args)
+    rows = queue_tasks(repo)
+    ours = {task: row[0] for task, row in rows.items() if task not in before and row[0] in experiments}
+    if lost := set(experiments) - set(ours.values()):
+        raise DvcError(f"queued {', '.join(sorted(lost))}, which `dvc queue status` does not show:\n"
+                       f"{dvc(repo, 'queue', 'status').stdout}")
+    start_queue(repo)
+    moving = time.monotonic()  # when a task last ran (or a worker was started)
+    while {"Queued", "Running"} & set(mine := [rows.get(task, [""])[-1] for task in ours]):
+        if any(row[-1] == "Running" for row in rows.values()):
+            moving = time.monotonic()
+        elif False:  # UNDONE
+            start_queue(repo)
+            moving = time.monotonic()
         time.sleep(poll_s)
-    if "Failed" in status:
-        raise DvcError(f"some experiments failed (dvc queue logs <name> says why):\n{status}")
+        rows = queue_tasks(repo)
+    status = {name: rows.get(task, ["gone from the queue"])[-1] for task, name in ours.items()}
+    if failed := [f"{name} (dvc queue logs {task})" for task, name in ours.items() if status[name] == "Failed"]:
+        raise DvcError(f"{len(failed)} of {len(ours)} experiment(s) failed, `dvc queue logs <task>` says why: "
+                       + ", ".join(failed))
     return status
 
 

@@ -125,10 +125,14 @@ def run_missing(repo: Path, wanted: list[tuple], dask: dict | None = None) -> tu
             raise SystemExit(f"study: {len(failures)} trial(s) failed, each reported above; the others are pushed "
                              "and are reused by the next run")
         return ran, finished_runs(repo)
-    for name, values in sets.items():
-        dvc(repo, "exp", "run", "--queue", "-n", name, *set_args(values))
+    from scripts.sandbox import refuse_uncommitted
+
+    # Reuse compares params alone, and the names stand for seed and rates alone: an experiment of
+    # uncommitted code would pass for the commit's, and a second setup at one commit would clash.
+    refuse_uncommitted(repo, "study", "the DVC queue would run them under names and params that stand for the "
+                                      "last commit (a later study would reuse their results as its own)")
     print(f"study: running {len(missing)} experiment(s) through the DVC queue", flush=True)
-    run_queue(repo)
+    run_queue(repo, {name: set_args(values) for name, values in sets.items()})
     return len(missing), finished_runs(repo)
 
 
@@ -155,8 +159,9 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
-    """The study's numbers from the runs of every grid point (pure: no DVC, testable)."""
+def summarize(runs: dict[tuple, dict], grid: dict, items: dict[tuple, dict] | None = None) -> dict:
+    """The study's numbers from the runs of every grid point (pure: no DVC, testable); `items`: each
+    run's per-item task scores (run_items), for the correlation's interval over items."""
     seeds = grid["seeds"]
     out: dict = {"seeds": seeds, "grid": grid, "methods": {}}
     at_chosen: dict = {}  # method -> its runs at the chosen rate, one a seed
@@ -190,7 +195,9 @@ def summarize(runs: dict[tuple, dict], grid: dict) -> dict:
     out["full_minus_lora_tasks"] = {
         k: t_interval([a[f"full.{k}"] - b[f"lora.{k}"] for a, b in zip(at_chosen["full"], at_chosen["lora"])])
         for k in out["methods"]["full"]["tasks"] if k in out["methods"]["lora"]["tasks"]}
-    out["ppl_vs_tasks"] = rank_correlations([runs[_key(*p)] for p in points(grid)], grid["seeds"][0])
+    ordered = points(grid)
+    out["ppl_vs_tasks"] = rank_correlations([runs[_key(*p)] for p in ordered], grid["seeds"][0],
+                                            None if items is None else [items[_key(*p)] for p in ordered])
     out["full_minus_lora_general_change"] = {
         g: t_interval([a - b for a, b in zip(*(out["methods"][m]["general_change_by_seed"][g] for m in METHODS))])
         for g in out["methods"]["full"]["general_change"]}
@@ -206,42 +213,118 @@ def task_keys(row: dict, model: str) -> list[str]:
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties given their average rank."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + ends - 1) / 2)[inverse]
+    """Ranks from 0 along the last axis, ties given their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    less = (x[..., None, :] < x[..., :, None]).sum(-1)
+    equal = (x[..., None, :] == x[..., :, None]).sum(-1)
+    return less + (equal - 1) / 2
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = _ranks(np.asarray(x)), _ranks(np.asarray(y))
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray | float:
+    """Spearman's rho along the last axis (nan where either side never varies)."""
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(den > 0, (rx * ry).sum(-1) / np.where(den > 0, den, 1), np.nan)
+    return float(rho) if np.ndim(rho) == 0 else rho
 
 
-def rank_correlations(rows: list[dict], seed: int, samples: int = 2000) -> dict:
-    """Over the study's runs (every grid point and seed) and their two fine-tuned models: Spearman's
-    rank correlation between test perplexity and each task score, with a 95% percentile bootstrap
-    interval that resamples runs (a run's two models share its data and seed). The pretrained model
-    is left out: it is the same model in every run, and would count once per run. A negative
-    correlation: lower perplexity, higher score. None where a score never varies."""
+# A correlation over runs is stated only from this many runs of each method. The runs that make it
+# meaningful differ in more than the seed: the shipped study's 3 rates x 3 seeds give 9 a method;
+# the demo's 2 x 2 give 4, too few, and a study at one tuned point varies the seed alone.
+MIN_RUNS = 6
+
+
+def _stratified_z(ppl: dict, scores: dict) -> tuple[np.ndarray, int]:
+    """Fisher's z of Spearman's rho within each method (ppl[m]: its runs' test perplexities;
+    scores[m]: their scores, runs on the last axis, resamples before it), averaged with weights
+    n - 3: the gap between the two methods never enters. Methods whose score never varies are left
+    out. Returns the z (per resample) and the summed weights."""
+    zs, weights = [], []
+    for m in ppl:
+        rho = spearman(np.broadcast_to(ppl[m], np.shape(scores[m])), scores[m])
+        if np.all(np.isnan(rho)):
+            continue
+        zs.append(np.arctanh(np.clip(np.nan_to_num(rho), -0.9999, 0.9999)))
+        weights.append(len(ppl[m]) - 3)
+    if not zs:
+        return np.full(np.shape(next(iter(scores.values())))[:-1], np.nan), 0
+    return sum(w * z for w, z in zip(weights, zs)) / sum(weights), sum(weights)
+
+
+def correlation(ppl: dict, scores: dict, items: dict | None, seed: int, min_runs: int = MIN_RUNS,
+                samples: int = 500) -> dict:
+    """Spearman's rho between test perplexity and a task score within each method (ppl[m], scores[m]:
+    one value a run), combined across methods in Fisher's z (weights n - 3), never pooled: pooled,
+    the gap between full fine-tuning and LoRA alone made the call. Its 95% interval, in z: the
+    variance over runs (Fieller, Hartley and Pearson's 1.06 / (n - 3) for Spearman's rho) plus the
+    variance over items, from bootstrap resamples of the items, the same resample for every run,
+    each run's score recomputed from its per-item scores (items[m]: runs x items; None where the
+    runs' items could not be read, and then the interval holds the runs' variance alone). No call
+    from fewer than `min_runs` runs of each method."""
+    runs = {m: len(v) for m, v in ppl.items()}
+    if min(runs.values()) < min_runs:
+        return {"rho": None, "runs": runs, "min_runs": min_runs, "why": "too few runs"}
+    ppl = {m: np.asarray(v, dtype=np.float64) for m, v in ppl.items()}
+    z, weight = _stratified_z(ppl, {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()})
+    if weight == 0:
+        return {"rho": None, "runs": runs, "min_runs": min_runs, "why": "the score never varies"}
+    within = {m: spearman(ppl[m], np.asarray(scores[m], dtype=np.float64)) for m in ppl}
+    var, item_var = 1.06 / weight, 0.0
+    if items is not None:
+        n_items = next(iter(items.values())).shape[1]
+        idx = np.random.default_rng(seed).integers(0, n_items, size=(samples, n_items))
+        boot, _ = _stratified_z(ppl, {m: np.asarray(a, dtype=np.float64)[:, idx].mean(-1).T for m, a in items.items()})
+        item_var = float(np.nanvar(boot))
+    half = 1.959964 * math.sqrt(var + item_var)
+    return {"rho": float(np.tanh(z)), "lo": float(np.tanh(z - half)), "hi": float(np.tanh(z + half)), "runs": runs,
+            "min_runs": min_runs, "items_resampled": items is not None,
+            **{f"rho_{m}": (None if math.isnan(r) else float(r)) for m, r in within.items()}}
+
+
+def rank_correlations(rows: list[dict], seed: int, items: list[dict] | None = None) -> dict:
+    """For each task score: correlation() over the study's runs (every grid point and seed) of each
+    fine-tuned method. The pretrained model is left out: the same model in every run. `items`:
+    each run's per-item scores, {method: {score key: array}}, in the order of `rows` (run_items)."""
     out = {}
     for key in task_keys(rows[0], "full"):
-        pts = [[(r[f"{m}.test_ppl"], r[f"{m}.{key}"]) for m in METHODS if f"{m}.{key}" in r] for r in rows]
-        flat = np.array([p for run in pts for p in run])
-        rho = spearman(flat[:, 0], flat[:, 1])
-        if math.isnan(rho):
-            out[key] = {"rho": None, "points": len(flat), "runs": len(rows)}
-            continue
-        rng = np.random.default_rng(seed)
-        boot = []
-        for _ in range(samples):
-            pick = np.array([p for i in rng.integers(0, len(pts), len(pts)) for p in pts[i]])
-            boot.append(spearman(pick[:, 0], pick[:, 1]))
-        boot = np.array(boot)
-        boot = boot[~np.isnan(boot)]
-        out[key] = {"rho": rho, "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
-                    "points": len(flat), "runs": len(rows)}
+        have = [m for m in METHODS if all(f"{m}.{key}" in r for r in rows)]
+        ppl = {m: [r[f"{m}.test_ppl"] for r in rows] for m in have}
+        scores = {m: [r[f"{m}.{key}"] for r in rows] for m in have}
+        per_item = None
+        if items is not None and all(key in run.get(m, {}) for run in items for m in have):
+            per_item = {m: np.array([run[m][key] for run in items]) for m in have}
+        out[key] = correlation(ppl, scores, per_item, seed)
+    return out
+
+
+def run_items(repo: Path, rows: list[dict], keys: list[tuple]) -> dict[tuple, dict] | None:
+    """Each run's per-item task scores, key -> {method: {"tasks.<task>.<metric>": array}}, read at
+    its experiment's commit through DVC (from the local cache, or the DVC remote a Dask study pushed
+    to); None, said in one line, where a run's cannot be read: the correlation's interval then
+    resamples runs alone, and the findings say so."""
+    import io
+
+    import dvc.api
+    import yaml
+
+    from ftstudy.measure import benchmarks
+
+    folder = next(v["task_items"] for v in yaml.safe_load((repo / "dvc.yaml").read_text())["vars"] if "task_items" in v)
+    out = {}
+    for key, row in zip(keys, rows):
+        out[key] = {}
+        for m in METHODS:
+            try:
+                with dvc.api.open(f"{folder}/{m}.npz", repo=str(repo), rev=row["rev"], mode="rb") as f:
+                    items = benchmarks.read_items(np.load(io.BytesIO(f.read())))
+            except Exception as e:  # noqa: BLE001 - any failure to read means: no item noise, said so
+                print(f"study: the per-item scores of run {key} could not be read at {row.get('rev')} "
+                      f"({type(e).__name__}); the correlation's interval resamples runs alone", flush=True)
+                return None
+            out[key][m] = {f"tasks.{task}.{name}": arrays[k] for task, arrays in items.items()
+                           for k, name in benchmarks.metric_keys(arrays).items()}
     return out
 
 
@@ -268,6 +351,8 @@ def grid_edge(s: dict, grid: dict) -> list[str]:
 
 
 def findings(s: dict) -> list[str]:
+    from ftstudy.report.task_report import signed
+
     full, lora, d = s["methods"]["full"], s["methods"]["lora"], s["full_minus_lora_test_ppl"]
     n = d["n"]
     if n < 2:
@@ -303,27 +388,41 @@ def findings(s: dict) -> list[str]:
     for k, d in s.get("full_minus_lora_tasks", {}).items():
         text = (f"On {k}, full fine-tuning scores {full['tasks'][k]['mean']:.3f} ± {full['tasks'][k]['sd']:.3f} and LoRA "
                 f"{lora['tasks'][k]['mean']:.3f} ± {lora['tasks'][k]['sd']:.3f} (mean ± sd over seeds); full minus LoRA, "
-                f"paired by seed: {d['mean']:+.3f}")
+                f"paired by seed: {signed(d['mean'])}")
         if d["n"] < 2:
             text += ": with one seed there is no interval over seeds."
         elif d["sd"] == 0:
             text += f": the same on every one of {d['n']} seeds, which gives no interval, so no method is said to score higher."
         elif d["lo"] > 0 or d["hi"] < 0:
-            text += (f" (95% t interval over {d['n']} seeds {d['lo']:+.3f} to {d['hi']:+.3f}): "
+            text += (f" (95% t interval over {d['n']} seeds {signed(d['lo'])} to {signed(d['hi'])}): "
                      f"{'full fine-tuning' if d['lo'] > 0 else 'LoRA'} scores higher.")
         else:
-            text += f" (95% t interval over {d['n']} seeds {d['lo']:+.3f} to {d['hi']:+.3f}, which includes 0)."
+            text += f" (95% t interval over {d['n']} seeds {signed(d['lo'])} to {signed(d['hi'])}, which includes 0)."
         out.append(text)
     for k, c in s.get("ppl_vs_tasks", {}).items():
-        if c["rho"] is None:
-            out.append(f"{k} took one value over all runs: no rank correlation with perplexity.")
-            continue
-        said = ("lower perplexity went with a higher score" if c["hi"] < 0 else
-                "lower perplexity went with a lower score" if c["lo"] > 0 else "the interval includes 0: no relation shown")
-        out.append(f"Over the study's {c['runs']} runs and their fine-tuned models ({c['points']} points), test perplexity and {k} have "
-                   f"Spearman's rho {c['rho']:+.2f} (95% bootstrap interval over runs {c['lo']:+.2f} to {c['hi']:+.2f}): "
-                   f"{said}.")
+        out.append(correlation_finding(k, c))
     return out + grid_edge(s, s["grid"])
+
+
+def correlation_finding(k: str, c: dict) -> str:
+    """What a correlation() says, and no more: an association over runs within each method, no cause."""
+    if c["rho"] is None:
+        if c["why"] == "too few runs":
+            return (f"Test perplexity and {k}: no correlation is stated from "
+                    f"{' and '.join(f'{n} {m} runs' for m, n in c['runs'].items())}; it needs {c['min_runs']} runs of "
+                    "each method that differ in more than the seed (a grid of rates, make study).")
+        return f"{k} took one value in every run of each method: no rank correlation with perplexity."
+    said = ("lower perplexity went with a higher score" if c["hi"] < 0 else
+            "lower perplexity went with a lower score" if c["lo"] > 0 else "the interval includes 0: no relation shown")
+    noise = "runs and items" if c["items_resampled"] else "runs (the runs' items could not be read, so item noise is not in it)"
+    return (f"Within each method over the study's runs ({', '.join(f'{n} {m}' for m, n in c['runs'].items())}), test "
+            f"perplexity and {k} have Spearman's rho {c['rho']:+.2f} (full {_rho(c.get('rho_full'))}, LoRA "
+            f"{_rho(c.get('rho_lora'))}; 95% interval over {noise} {c['lo']:+.2f} to {c['hi']:+.2f}): {said}. An "
+            "association across runs, not a cause.")
+
+
+def _rho(r) -> str:
+    return "–" if r is None else f"{r:+.2f}"
 
 
 def task_table(s: dict) -> list[str]:
@@ -407,7 +506,7 @@ def main() -> None:
         raise SystemExit(f"study: {e}") from None
     if missing := [p for p in wanted if _key(*p) not in runs]:
         raise SystemExit(f"study: no finished run for (seed, full.lr, lora.lr) {missing}")
-    s = summarize(runs, grid)
+    s = summarize(runs, grid, run_items(repo, [runs[_key(*p)] for p in wanted], [_key(*p) for p in wanted]))
     md = render(s, grid, ran, len(wanted) - ran, "demo: tiny assets, CPU" if args.demo else "real study")
     (repo / "study.md").write_text(md + "\n")
     (repo / "study.json").write_text(json.dumps(s | {"ran": ran, "reused": len(wanted) - ran,
