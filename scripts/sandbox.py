@@ -118,7 +118,7 @@ def run_queue(repo: Path, experiments: dict[str, list[str]], poll_s: float = 2.0
     while {"Queued", "Running"} & set(mine := [rows.get(task, [""])[-1] for task in ours]):
         if any(row[-1] == "Running" for row in rows.values()):
             moving = time.monotonic()
-        elif False:  # UNDONE
+        elif "Queued" in mine and time.monotonic() - moving > STALLED_S:
             start_queue(repo)
             moving = time.monotonic()
         time.sleep(poll_s)
