@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.cluster import set_args
-from scripts.sandbox import MARKER, DvcError, dvc, make_sandbox, repro_and_commit, run_queue
+from scripts.sandbox import MARKER, DvcError, make_sandbox, refuse_uncommitted, repro_and_commit, run_queue
 
 # LoRA's best rate is about 10x full fine-tuning's ("LoRA Without Regret", Thinking Machines 2025;
 # docs/measurement.md): each grid brackets its method's usual best, and the two grids span 1x to 100x.
@@ -125,8 +125,6 @@ def run_missing(repo: Path, wanted: list[tuple], dask: dict | None = None) -> tu
             raise SystemExit(f"study: {len(failures)} trial(s) failed, each reported above; the others are pushed "
                              "and are reused by the next run")
         return ran, finished_runs(repo)
-    from scripts.sandbox import refuse_uncommitted
-
     # Reuse compares params alone, and the names stand for seed and rates alone: an experiment of
     # uncommitted code would pass for the commit's, and a second setup at one commit would clash.
     refuse_uncommitted(repo, "study", "the DVC queue would run them under names and params that stand for the "
