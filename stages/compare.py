@@ -5,7 +5,7 @@ perplexities with a 95% paired bootstrap interval over the split's independent u
 documents, WikiText articles; chunks of a running text without them), named in each pair as
 `unit`. The models are scored on the very same tokens, so the same resampled units are drawn for
 both (ftstudy.measure.stats.paired_ppl_ratio): a tighter and more honest test than whether two separate
-intervals overlap. The report's findings call a winner only when the paired interval excludes 1,
+intervals overlap. The units go to --info (a metrics file holds numbers only). The report's findings call a winner only when the paired interval excludes 1,
 and no winner at all from fewer than ftstudy.measure.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
 other's final validation loss (none when it never did). Benchmarks (stage tasks): for each task
@@ -40,18 +40,21 @@ def main() -> None:
                     help="folder of <model>.json generations (held-out answers and their scores, instruction data)")
     ap.add_argument("--curves", required=True, type=Path, help="folder of train_<method>/val_loss.csv")
     ap.add_argument("--out", required=True, help="metrics JSON to write")
+    ap.add_argument("--info", required=True, help="facts JSON to write: the unit each split's intervals resample")
     args = ap.parse_args()
     p = load_params()
     nll = {m: np.load(args.nll / f"{m}.npz") for m in {m for pair in PAIRS for m in pair}}
     ev = p.evaluate
 
+    units: dict[str, str] = {}  # split -> the unit its intervals resample, for the info file (metrics are numbers)
+
     def pairs(split: str) -> dict:
         # The resampled units: whole examples, documents or articles (their scored-token counts), else chunks.
         files = nll["pretrained"].files
         sizes = nll["pretrained"][f"{split}_sizes"] if f"{split}_sizes" in files else None
-        unit = str(nll["pretrained"][f"{split}_unit"]) if f"{split}_unit" in files else "chunks"
+        units[split] = str(nll["pretrained"][f"{split}_unit"]) if f"{split}_unit" in files else "chunks"
         return {f"{a}_vs_{b}": paired_ppl_ratio(nll[a][split], nll[b][split], ev.bootstrap_chunk,
-                                                ev.bootstrap_samples, p.seed, sizes=sizes) | {"unit": unit}
+                                                ev.bootstrap_samples, p.seed, sizes=sizes)
                 for a, b in PAIRS}
 
     paired = pairs("test")
@@ -64,10 +67,11 @@ def main() -> None:
              for m in nll}
     tasks = task_pairs(items, ev.bootstrap_samples, p.seed)
     bootstrap = {"chunk": ev.bootstrap_chunk, "min_chunks": MIN_CHUNKS}
+    write_json(args.info, {"units": units})
     write_json(args.out, {"paired": paired, "forgetting": forgetting, "tasks": tasks, "time_to_quality": reach,
                           "bootstrap": bootstrap})
-    print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v)}" for k, v in paired.items())
-          + f"; {len(forgetting)} general set(s), {len(tasks)} task(s); wrote {args.out}")
+    print("compare: test perplexity ratios " + ", ".join(f"{k} {_ratio(v, units['test'])}" for k, v in paired.items())
+          + f"; {len(forgetting)} general set(s), {len(tasks)} task(s); wrote {args.out}, {args.info}")
 
 
 def answer_items(path: Path) -> dict:
@@ -118,8 +122,8 @@ def same_items(items: dict[str, dict], task: str) -> None:
                      f"same data (pin a Hub task as {task}@<commit> in tasks.names to keep it fixed)")
 
 
-def _ratio(v: dict) -> str:
-    return f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} (too few {v['unit']})"
+def _ratio(v: dict, unit: str) -> str:
+    return f"{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" if "lo" in v else f"{v['ratio']:.3f} (too few {unit})"
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def run_every_stage(fmt: str, root):
                  "--base", "models/pretrained", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
         run_tasks(base="models/pretrained")
         run_main(compare, "--nll", "nll", "--tasks", "task-items", "--generations", "gen", "--curves", "m/plots",
-                 "--out", "m/compare.json")
+                 "--out", "m/compare.json", "--info", "m/compare.info.json")
         run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md", "--figures", "figures",
                  "--cards", "cards", "--headline", "m/headline.json")
         reset_accelerate()

@@ -96,6 +96,22 @@ def test_repro_runs_every_stage_and_writes_every_output(demo_build):
                  *[f"generations/{m}.json" for m in ("pretrained", "full", "lora")]):
         assert (dest / path).is_file(), path
     assert not (dest / "models/lora/model.safetensors").exists()
+    # Metrics files hold numbers only; their descriptions (units, protocols) sit in <name>.info.json beside them.
+    strings = [(str(f.relative_to(dest)), path) for f in (dest / "metrics").rglob("*.json") if not f.name.endswith(".info.json")
+               for path, v in _leaves(read_json(f)) if isinstance(v, str)]
+    assert strings == []
+
+
+def _leaves(x, path: str = ""):
+    """(path, value) of every leaf of a JSON value."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, x
 
 
 def test_fine_tuning_beats_the_pretrained_model(demo_build):
@@ -419,9 +435,9 @@ def test_a_test_split_too_small_for_an_interval_gets_no_interval_and_no_verdict(
     compare = read_json(dest / "metrics/compare.json")
     documents = read_json(dest / "metrics/prepare.json")["corpus"]["test"]["documents"]
     assert 0 < documents < 20
-    assert all(set(pair) == {"ratio", "chunks", "unit"} and pair["chunks"] == documents and pair["unit"] == "documents"
-               for pair in compare["paired"].values())
-    assert all(pair["unit"] == "chunks" and pair["chunks"] == 7 for pair in compare["forgetting"]["tiny-general-test"].values())
+    assert all(set(pair) == {"ratio", "chunks"} and pair["chunks"] == documents for pair in compare["paired"].values())
+    assert all(pair["chunks"] == 7 for pair in compare["forgetting"]["tiny-general-test"].values())
+    assert read_json(dest / "metrics/compare.info.json")["units"] == {"test": "documents", "tiny-general-test": "chunks"}
     report = (dest / "metrics/report.md").read_text()
     assert (f"The test split is too small to call a difference: it has {documents} documents, its independent units, "
             "and an interval needs at least 20") in report

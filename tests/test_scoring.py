@@ -230,7 +230,7 @@ def test_a_general_set_whose_label_starts_with_validation_is_kept_for_compare(pr
     for model in ("pretrained", "full", "lora"):  # running text: no held-out answers
         (root / f"gen/{model}.json").write_text('{"prompts": [], "heldout": []}')
     run_main(compare, "--nll", "nll", "--tasks", "task-items", "--generations", "gen", "--curves", "m/plots", "--out",
-             "m/compare.json")
+             "m/compare.json", "--info", "m/compare.info.json")
     forgetting = read_json(root / "m/compare.json")["forgetting"]
     assert "validation-notes.txt-test" in forgetting
 

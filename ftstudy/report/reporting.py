@@ -44,6 +44,15 @@ def _with_info(metrics_file: Path) -> dict:
     return _metrics(metrics_file) | read_json(info_path(metrics_file))
 
 
+def _with_units(compare: dict, info: dict) -> dict:
+    """compare's pairs, each with the unit its split's interval resamples (from compare.info.json:
+    a metrics file holds numbers only), as the report's sentences name it."""
+    units = info["units"]
+    return compare | {"paired": {k: v | {"unit": units["test"]} for k, v in compare["paired"].items()},
+                      "forgetting": {g: {k: v | {"unit": units[g]} for k, v in pairs.items()}
+                                     for g, pairs in compare["forgetting"].items()}}
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
@@ -92,7 +101,7 @@ class Inputs:
     @classmethod
     def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
         ev = {m: _with_info(metrics_dir / "evaluate" / f"{m}.json") for m in MODELS}
-        compare = read_json(metrics_dir / "compare.json")
+        compare = _with_units(read_json(metrics_dir / "compare.json"), read_json(metrics_dir / "compare.info.json"))
         gq = {m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS}
         gen = {m: read_json(generations_dir / f"{m}.json") for m in MODELS}
         return cls(ev=ev, gq=gq, gen={m: gen[m]["prompts"] for m in MODELS},
