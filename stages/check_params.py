@@ -9,7 +9,8 @@ depends on the model: data.block_size against its context, a chat template for d
 messages, and a list of lora.target_modules against its layers (the model's skeleton on the meta
 device: torch and transformers are imported for that alone). The config is read, not declared a
 dependency: the stages themselves check again, for a model whose files change under the same
-params. It writes no output, and nothing depends on it.
+params. It checks the local task files params tasks.names lists too (found under tasks/, and of
+the keys and output types lm-eval knows). It writes no output, and nothing depends on it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def main() -> None:
     ap.add_argument("--prepared", required=True, type=Path, help="the prepared folder, whose meta names that snapshot")
     args = ap.parse_args()
     p = load_params()
+    from ftstudy.measure import benchmarks
+
+    # Local task files are checked here, before any stage runs and DVC deletes an output: else a
+    # typo stops tasks@pretrained after both trainings and every evaluation.
+    if problems := benchmarks.local_task_problems(p.tasks.names):
+        raise ConfigError(f"{PARAMS_FILE}: " + "; ".join(problems))
     from ftstudy import modeling
 
     folder = modeling.config_on_this_machine(p.model.name, p.model.revision, args.snapshot, args.prepared / "meta.json")

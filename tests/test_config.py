@@ -157,3 +157,32 @@ def test_check_params_refuses_what_does_not_fit_the_models_config(project, tmp_p
     project(**{"model.name": "someone/not-cached", "lora.target_modules": ["qkv"]})
     run_main(check_params, *args)
     assert "(the model's config is not on this machine yet)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setup,entry,message", [
+    (None, "tasks/nowhere.yaml", "tasks.names: tasks/nowhere.yaml not found; local task files live in tasks/"),
+    ("elsewhere/t.yaml", "elsewhere/t.yaml", "tasks.names: elsewhere/t.yaml is outside tasks/; move it"),
+    ("tasks/t.yaml", "tasks/t.yaml", "tasks.names: tasks/t.yaml has the key 'doc_to_choise', which lm-eval task files "
+                                     "do not have (did you mean 'doc_to_choice'?)"),
+    ("tasks/t.yaml", "tasks/t.yaml", "tasks.names: tasks/t.yaml has output_type 'multiple_choise', which lm-eval does "
+                                     "not know; it takes"),
+])
+def test_check_params_refuses_a_local_task_file_it_cannot_run_in_one_line(project, tmp_path, setup, entry, message):
+    """A missing file, one outside tasks/, a misspelled field or output type: refused before any
+    stage runs (a typo once stopped tasks@pretrained after both trainings, in 40 lines of lm-eval)."""
+    from conftest import run_main
+    from stages import check_params
+
+    if setup is not None:
+        (tmp_path / setup).parent.mkdir(parents=True, exist_ok=True)
+        typo = ("doc_to_choise: choices\noutput_type: multiple_choice\n" if "doc_to_choise" in message
+                else "doc_to_choice: choices\noutput_type: multiple_choise\n")
+        (tmp_path / setup).write_text("task: t\ndataset_path: json\ndoc_to_text: context\n" + typo)
+    project(**{"tasks.names": [entry]})
+    with pytest.raises(ConfigError) as e:
+        run_main(check_params, "--snapshot", str(tmp_path / "none"), "--prepared", str(tmp_path / "none"))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    project(**{"tasks.names": ["tasks/tiny_cloze.yaml"]})  # a sound one passes
+    (tmp_path / "tasks").mkdir(exist_ok=True)
+    (tmp_path / "tasks/tiny_cloze.yaml").write_text((ROOT / "tasks/tiny_cloze.yaml").read_text())
+    run_main(check_params, "--snapshot", str(tmp_path / "none"), "--prepared", str(tmp_path / "none"))

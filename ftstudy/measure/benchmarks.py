@@ -16,6 +16,7 @@ commit as `name@commit`.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import io
 import logging
@@ -53,6 +54,43 @@ def local_task_name(path: str | Path) -> str:
     if not isinstance(name, str):
         raise TaskError(f"tasks.names: {path} has no `task:` name; lm-eval task files name their task there")
     return name
+
+
+# lm-eval's output types (lm_eval.api.task.ALL_OUTPUT_TYPES, asked only when a file names another)
+OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until", "multiple_choice")
+
+
+def local_task_problems(entries: tuple[str, ...]) -> list[str]:
+    """What is wrong with the local task files params `tasks.names` lists, one sentence each: a file
+    missing or outside tasks/, not YAML, a key lm-eval's TaskConfig does not have (a misspelled
+    field, which lm-eval would report in a long traceback naming neither file nor field), or an
+    output_type lm-eval does not know. Checked by stage check_params before any stage runs."""
+    import dataclasses
+
+    problems = []
+    for entry in (e for e in entries if is_local(e)):
+        try:
+            local_task_name(entry)
+            config = yaml.safe_load(Path(entry).read_text(encoding="utf-8"))
+        except (TaskError, yaml.YAMLError) as e:
+            problems.append(str(e).splitlines()[0])
+            continue
+        from lm_eval.config.task import TaskConfig
+
+        known = {f.name for f in dataclasses.fields(TaskConfig)} | {"include", "class", "group"}
+        for key in sorted(set(config) - known):
+            near = difflib.get_close_matches(key, known, n=1)
+            problems.append(f"tasks.names: {entry} has the key {key!r}, which lm-eval task files do not have"
+                            + (f" (did you mean {near[0]!r}?)" if near else ""))
+        kind = config.get("output_type")
+        if kind is not None and kind not in OUTPUT_TYPES:
+            from lm_eval.api.task import ALL_OUTPUT_TYPES
+
+            if kind not in ALL_OUTPUT_TYPES:
+                near = difflib.get_close_matches(str(kind), ALL_OUTPUT_TYPES, n=1)
+                problems.append(f"tasks.names: {entry} has output_type {kind!r}, which lm-eval does not know; it takes "
+                                + ", ".join(ALL_OUTPUT_TYPES) + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return problems
 
 
 def is_local(entry: str) -> bool:
