@@ -148,9 +148,10 @@ def use_cpu_threads(device: torch.device, policy: str | int = "auto") -> None:
         torch.set_num_threads(cpu_threads(policy))
 
 
-def to_eval_device(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.device]:
+def to_eval_device(model: torch.nn.Module, policy: str | int) -> tuple[torch.nn.Module, torch.device]:
     """A loaded model moved to where evaluation and generation run: the GPU when there is one, else
-    the CPU with the threads use_cpu_threads chooses by default (the usable cores)."""
+    the CPU with the threads train.cpu_threads (`policy`) gives training too: one setting governs
+    every stage that runs a model, so `by-load` or 1 beside other work reaches scoring as well."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_cpu_threads(device)
+    use_cpu_threads(device, policy)
     return model.to(device), device

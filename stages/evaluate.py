@@ -47,7 +47,8 @@ def main() -> None:
     name = Path(args.out).stem
     torch.manual_seed(p.seed)
     modeling.check_context(args.base, p.data.block_size)
-    model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
+    model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name),
+                                           p.train.cpu_threads)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     meta = token_files.read_meta(args.data)
     t0 = time.perf_counter()

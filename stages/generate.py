@@ -65,7 +65,8 @@ def main() -> None:
     generation.check_room({t: len(ids) for t, ids in prompts}, p.generate.max_new_tokens, context)
     for folder, tokenizer in tokenizers.items():
         name = Path(folder).name
-        model, device = runtime.to_eval_device(modeling.load_for_eval(folder, args.base, p.model.name))
+        model, device = runtime.to_eval_device(modeling.load_for_eval(folder, args.base, p.model.name),
+                                               p.train.cpu_threads)
         with torch.no_grad():
             panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device, prompts)
             answers = generation.answer_heldout(model, tokenizer, test, scored, context, device) if scored else []

@@ -55,7 +55,8 @@ def main() -> None:
     benchmarks.quiet_lm_eval()
     manager = benchmarks.task_manager(p.tasks.names)
     commits = benchmarks.resolve_datasets(p.tasks.names, manager, unreachable)
-    model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name))
+    model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name),
+                                           p.train.cpu_threads)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     tokenizer = modeling.load_tokenizer(args.base)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_WIKI, prepare_in, run_main, run_tasks, train_args
+from conftest import ROOT, TINY_MODEL, TINY_WIKI, prepare_in, run_main, run_tasks, train_args
 from ftstudy import modeling
 from ftstudy.config import ConfigError, load_params
 from ftstudy.data import token_files
@@ -272,3 +272,29 @@ def test_intervals_resample_documents_and_articles_and_chunks_only_without_them(
     assert str(kept["test_unit"]) == "documents" and len(kept["test_sizes"]) == 20
     per_doc = [len(tok(d + "\n\n")["input_ids"]) for d in docs[180:]]
     assert list(kept["test_sizes"]) == [per_doc[0] - 1, *per_doc[1:]]
+
+
+def test_train_cpu_threads_reaches_every_stage_that_runs_a_model(project, tmp_path):
+    """train.cpu_threads: 1 once reached training alone: evaluate, tasks and generate kept every
+    core beside other work (290-410 s each for evaluate on a real model, where 1 thread was faster)."""
+    import shutil
+
+    from stages import evaluate, generate, tasks
+
+    root = prepare_in(project, **{"train.cpu_threads": 1, "tasks.names": ["tasks/tiny_cloze.yaml"], "tasks.limit": 5,
+                                  "tasks.merge_check": 0, "generate.max_new_tokens": 4, "generate.num_samples": 0})
+    shutil.copytree(ROOT / "tasks", root / "tasks")
+    before = torch.get_num_threads()
+    runs = {"evaluate": (evaluate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "m/e.json",
+                         "--info", "m/e.info.json", "--nll", "nll/e.npz"),
+            "tasks": (tasks, "--model", "pre", "--base", "pre", "--out", "m/t.json", "--info", "m/t.info.json",
+                      "--items", "items/t.npz"),
+            "generate": (generate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "gen",
+                         "--metrics", "m/generate")}
+    try:
+        for name, (module, *args) in runs.items():
+            torch.set_num_threads(2)
+            run_main(module, *args)
+            assert torch.get_num_threads() == 1, name
+    finally:
+        torch.set_num_threads(before)
