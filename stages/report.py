@@ -15,7 +15,8 @@ from pathlib import Path
 from ftstudy.errors import run_stage
 from ftstudy.outputs import write_json, write_text
 from ftstudy.report import cards
-from ftstudy.report.reporting import Inputs, headline_metrics, render
+from ftstudy.report.inputs import Inputs
+from ftstudy.report.reporting import headline_metrics, render
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def task_results(r, model: str) -> list:
 
 
 def card(r, model: str) -> str:
-    """The card of `model` ("full" or "lora"), as README.md text; `r`: ftstudy.report.reporting.Inputs."""
+    """The card of `model` ("full" or "lora"), as README.md text; `r`: ftstudy.report.inputs.Inputs."""
     from huggingface_hub import EvalResult, ModelCardData
 
     inputs = r.prepared["inputs"]
