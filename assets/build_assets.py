@@ -267,6 +267,11 @@ TASK_SEED = SEED + 7  # items drawn apart from every corpus above: none is a tra
 
 
 def cloze_items(r: random.Random, n: int) -> list[dict]:
+    """Four choices, one of each kind (place, thing, person, name), the context's grammar picking the
+    kind: a type the tiny model has learned. But "<a> felt <feeling> because" asks for a name other
+    than a's (the corpus never repeats it there), and there a's own name stands in for the person:
+    that rule the tiny model has barely learned (about half right), so the task leaves its pretrained
+    score off the ceiling, with room to forget and to learn (issue #53)."""
     items = []
     while len(items) < n:
         a, b = r.sample(NAMES, 2)
@@ -276,9 +281,12 @@ def cloze_items(r: random.Random, n: int) -> list[dict]:
             ("place", f"It was {r.choice(WEATHER)} {r.choice(TIMES)}, so {a} stayed at"),
             ("thing", f"{a} and {b} met at {r.choice(PLACES)} and talked about"),
             ("name", f"The {r.choice(JOBS)} told"),
-            ("name", f"{a} felt {r.choice(FEELINGS)} because"),
+            ("self", f"{a} felt {r.choice(FEELINGS)} because"),
+            ("self", f"{a} felt {r.choice(FEELINGS)} because"),
         ])
         choices = [r.choice(CLOZE[k]) for k in CLOZE]  # one of each kind, in a fixed order
+        if kind == "self":
+            choices[list(CLOZE).index("person")], choices[list(CLOZE).index("name")], kind = a, b, "name"
         items.append({"context": opening, "choices": choices, "answer": list(CLOZE).index(kind)})
     return items
 
