@@ -1,9 +1,9 @@
-"""Stage generate: each model + generate.* -> its continuations (JSON) and their quality metrics.
+"""Stage generate@<model>: a model + generate.* -> its continuations (JSON) and their quality metrics.
 
-One stage for every model, where evaluate has one per model: generating is a second's work a
-model, and a process a model cost more than that (about 4 s of imports each). A retrained model
-reruns the others' generation too, which comes out the same (each prompt and sample is seeded).
-For each model folder, the texts go to <--out>/<model>.json and distinct-n, repetition, length
+One stage entry per model, as evaluate has: a retrained model (`-S lora.r=16`) regenerates its
+own texts alone. On a real model answering held-out examples is minutes a model (1,059 s for three
+once, on a 135M model on 2 CPU cores); on the demo a process a model costs a second or two warm.
+The command takes one --model or several. For each model folder, the texts go to <--out>/<model>.json and distinct-n, repetition, length
 and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folder's name. For
 instruction data (the prepared meta's format), each model also answers generate.answer_examples
 held-out test examples (a sample drawn by data.split_seed, the same for every model and every

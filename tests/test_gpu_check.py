@@ -43,7 +43,7 @@ def test_the_pipeline_half_gets_every_stage_as_dvc_resolves_it():
 
     stages = dict(pipeline_commands())
     assert list(stages)[:4] == ["check_params", "prepare", "train_lora", "train_full"]
-    assert {f"evaluate@{m}" for m in ("pretrained", "full", "lora")} | {"generate"} <= set(stages)
+    assert {f"{stage}@{m}" for stage in ("evaluate", "generate") for m in ("pretrained", "full", "lora")} <= set(stages)
     assert list(stages)[-2:] == ["compare", "report"]
     assert not any("${" in cmd for cmd in stages.values())  # vars and matrix items expanded by DVC
     assert "--model models/lora --base models/pretrained" in stages["evaluate@lora"]

@@ -28,9 +28,9 @@ from scripts import sandbox
 
 pytestmark = pytest.mark.slow
 
-LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "tasks@lora", "generate", "compare", "report"}
-ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "generate", "compare", "report"} | {
-    f"{stage}@{m}" for stage in ("evaluate", "tasks") for m in ("pretrained", "full", "lora")}
+LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "tasks@lora", "generate@lora", "compare", "report"}
+ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "compare", "report"} | {
+    f"{stage}@{m}" for stage in ("evaluate", "tasks", "generate") for m in ("pretrained", "full", "lora")}
 # Other data: everything reruns but the pretrained model's benchmarks, which do not read the data.
 DATA_STAGES = ALL_STAGES - {"tasks@pretrained"}
 
