@@ -208,7 +208,8 @@ def paired_binary_difference(a, b, level: float = 0.95) -> dict:
 
 
 def score_row(per_item_scores: dict, samples: int, seed: int) -> dict:
-    """{"<metric>": mean, "<metric>_lo", "<metric>_hi" (its 95% interval: mean_metrics), "items"} from each metric's per-item scores: a task's row in the metrics."""
+    """{"<metric>": mean, "<metric>_lo", "<metric>_hi" (its 95% interval: mean_metrics), "items"} from
+    each metric's per-item scores: a task's row in the metrics."""
     row: dict = {}
     for metric, values in per_item_scores.items():
         m = mean_metrics(values, samples, seed)
