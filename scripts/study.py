@@ -14,9 +14,9 @@ through DVC's Python API (dvc.api.exp_show). Each method's rate is chosen on val
 (mean over seeds); at the chosen rates the study reports test perplexity (mean ± sd, range), the
 full-vs-LoRA difference with a t interval over seeds, training time, peak memory, the change
 on general text, and each task score (stage tasks; held-out answers for instruction data) with
-its full-vs-LoRA t interval; over every run's two fine-tuned models, the rank correlation between
-test perplexity and each task score, with a bootstrap interval over runs. Writes <dir>/study.md and
-<dir>/study.json.
+its full-vs-LoRA t interval; within each method over its runs, the rank correlation between test
+perplexity and each task score (correlation: never pooled across methods, its interval over runs and
+items, no call from fewer than MIN_RUNS runs a method). Writes <dir>/study.md and <dir>/study.json.
 """
 
 from __future__ import annotations
