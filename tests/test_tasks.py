@@ -268,6 +268,12 @@ def test_a_loglikelihood_task_reports_lm_evals_perplexity_the_right_way_round(pr
         assert row["perplexity"] == pytest.approx(np.exp(-items["loglik"].mean()))  # lm-eval's, not a mean of scores
         assert "perplexity_lo" not in row and set(items) >= {"acc,none", "doc_hash"} and "perplexity,none" not in items
     assert sharp["perplexity"] < plain["perplexity"]
+    # Both models ace acc (each target is the greedy token): its interval keeps Wilson's width, not [1, 1].
+    from ftstudy.measure.stats import wilson_interval
+
+    for row in (plain, sharp):
+        assert row["acc"] == 1.0 and row["acc_lo"] == pytest.approx(wilson_interval(len(rows), len(rows))[0])
+        assert row["acc_lo"] < 0.95 and row["acc_hi"] == 1.0
     from ftstudy.report import task_report
 
     section = "\n".join(task_report.tasks_section({"pretrained": {"ll": plain}, "full": {"ll": sharp}, "lora": {"ll": sharp}},
