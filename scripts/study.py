@@ -412,7 +412,8 @@ def correlation_finding(k: str, c: dict) -> str:
         return f"{k} took one value in every run of each method: no rank correlation with perplexity."
     said = ("lower perplexity went with a higher score" if c["hi"] < 0 else
             "lower perplexity went with a lower score" if c["lo"] > 0 else "the interval includes 0: no relation shown")
-    noise = "runs and items" if c["items_resampled"] else "runs (the runs' items could not be read, so item noise is not in it)"
+    noise = ("runs and items" if c["items_resampled"]
+             else "runs (the runs' items could not be read, so item noise is not in it)")
     return (f"Within each method over the study's runs ({', '.join(f'{n} {m}' for m, n in c['runs'].items())}), test "
             f"perplexity and {k} have Spearman's rho {c['rho']:+.2f} (full {_rho(c.get('rho_full'))}, LoRA "
             f"{_rho(c.get('rho_lora'))}; 95% interval over {noise} {c['lo']:+.2f} to {c['hi']:+.2f}): {said}. An "

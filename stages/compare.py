@@ -5,8 +5,9 @@ perplexities with a 95% paired bootstrap interval over the split's independent u
 documents, WikiText articles; chunks of a running text without them), named in each pair as
 `unit`. The models are scored on the very same tokens, so the same resampled units are drawn for
 both (ftstudy.measure.stats.paired_ppl_ratio): a tighter and more honest test than whether two separate
-intervals overlap. The units go to --info (a metrics file holds numbers only). The report's findings call a winner only when the paired interval excludes 1,
-and no winner at all from fewer than ftstudy.measure.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
+intervals overlap. The units go to --info (a metrics file holds numbers only). The report's findings
+call a winner only when the paired interval excludes 1, and no winner at all from fewer than
+ftstudy.measure.stats.MIN_CHUNKS units. The same pairs on each general set (data.general) measure
 forgetting. Time to quality: the training seconds and tokens each method needed to reach the
 other's final validation loss (none when it never did). Benchmarks (stage tasks): for each task
 metric and pair, the difference of their mean scores with a 95% paired interval over the task's items

@@ -3,8 +3,9 @@
 One stage entry per model, as evaluate has: a retrained model (`-S lora.r=16`) regenerates its
 own texts alone. On a real model answering held-out examples is minutes a model (1,059 s for three
 once, on a 135M model on 2 CPU cores); on the demo a process a model costs a second or two warm.
-The command takes one --model or several. For each model folder, the texts go to <--out>/<model>.json and distinct-n, repetition, length
-and EOS rate to <--metrics>/<model>.json (a DVC metric), <model> being the folder's name. For
+The command takes one --model or several. For each model folder, the texts go to
+<--out>/<model>.json and distinct-n, repetition, length and EOS rate to <--metrics>/<model>.json
+(a DVC metric), <model> being the folder's name. For
 instruction data (the prepared meta's format), each model also answers generate.answer_examples
 held-out test examples (a sample drawn by data.split_seed, the same for every model and every
 training seed; greedy, each stopped at EOS, end of turn or twice its reference's tokens), each kept

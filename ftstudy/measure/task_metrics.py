@@ -40,16 +40,23 @@ def our_name(metric: str, filt: str) -> str:
     return metric if filt == "none" else f"{metric}_{filt}"
 
 
-def aggregated_scores(results: dict) -> dict[str, dict[str, float]]:
-    """task -> {our metric name: lm-eval's own aggregate} for each metric not aggregated as a mean
-    (a perplexity, corpus BLEU): reported as lm-eval reports it, with no interval and not paired."""
-    out: dict = {}
+def _reported(results: dict):
+    """(task, our metric name, its spec, lm-eval's aggregate) for every metric lm-eval reports."""
     for task, values in results["results"].items():
         specs = metric_specs(results, task)
         for key, value in values.items():
             metric, _, filt = key.partition(",")
-            if filt and metric in specs and specs[metric]["aggregation"] != "mean" and is_number(value):
-                out.setdefault(task, {})[our_name(metric, filt)] = float(value)
+            if filt and metric in specs:
+                yield task, our_name(metric, filt), specs[metric], value
+
+
+def aggregated_scores(results: dict) -> dict[str, dict[str, float]]:
+    """task -> {our metric name: lm-eval's own aggregate} for each metric not aggregated as a mean
+    (a perplexity, corpus BLEU): reported as lm-eval reports it, with no interval and not paired."""
+    out: dict = {}
+    for task, name, spec, value in _reported(results):
+        if spec["aggregation"] != "mean" and is_number(value):
+            out.setdefault(task, {})[name] = float(value)
     return out
 
 
@@ -57,11 +64,6 @@ def metric_facts(results: dict) -> dict[str, dict[str, dict]]:
     """task -> {our metric name: {"higher_is_better", "aggregation", "paired"}} for the info file:
     which way is better, and whether the score is a mean over items (paired between models)."""
     out: dict = {}
-    for task in results["configs"]:
-        specs = metric_specs(results, task)
-        for key in results["results"].get(task, {}):
-            metric, _, filt = key.partition(",")
-            if filt and metric in specs:
-                out.setdefault(task, {})[our_name(metric, filt)] = specs[metric] | {
-                    "paired": specs[metric]["aggregation"] == "mean"}
+    for task, name, spec, _ in _reported(results):
+        out.setdefault(task, {})[name] = spec | {"paired": spec["aggregation"] == "mean"}
     return out
