@@ -144,6 +144,13 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class UpdatesParams:
+    energy: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    top_k: int = field(metadata=_positive)
+    epsilon: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+
+
+@dataclass(frozen=True)
 class GenerateParams:
     prompt: str = field(metadata=_check(lambda v: v.strip() != "", "must not be empty"))
     extra_prompts: list[str] = field(metadata=_check(lambda v: all(t.strip() for t in v), "must not hold an empty prompt"))
@@ -189,6 +196,7 @@ class Params:
     evaluate: EvaluateParams
     generate: GenerateParams
     tasks: TasksParams
+    updates: UpdatesParams
 
 
 def _is_union(tp) -> bool:

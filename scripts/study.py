@@ -196,6 +196,12 @@ def summarize(runs: dict[tuple, dict], grid: dict, items: dict[tuple, dict] | No
     ordered = points(grid)
     out["ppl_vs_tasks"] = rank_correlations([runs[_key(*p)] for p in ordered], grid["seeds"][0],
                                             None if items is None else [items[_key(*p)] for p in ordered])
+    # Stage updates' intruder dimensions (runs from before that stage have none): a mean over seeds each, and
+    # LoRA minus full paired by seed.
+    if all(f"updates.{m}.intruders" in r for m in METHODS for r in at_chosen[m]):
+        by_seed = {m: [r[f"updates.{m}.intruders"] for r in at_chosen[m]] for m in METHODS}
+        out["intruders"] = {m: dict(zip(("mean", "sd"), mean_sd(v))) for m, v in by_seed.items()}
+        out["lora_minus_full_intruders"] = t_interval([b - a for a, b in zip(by_seed["full"], by_seed["lora"])])
     out["full_minus_lora_general_change"] = {
         g: t_interval([a - b for a, b in zip(*(out["methods"][m]["general_change_by_seed"][g] for m in METHODS))])
         for g in out["methods"]["full"]["general_change"]}
@@ -397,9 +403,26 @@ def findings(s: dict) -> list[str]:
         else:
             text += f" (95% t interval over {d['n']} seeds {signed(d['lo'])} to {signed(d['hi'])}, which includes 0)."
         out.append(text)
+    if "intruders" in s:
+        out.append(intruder_finding(s["intruders"], s["lora_minus_full_intruders"]))
     for k, c in s.get("ppl_vs_tasks", {}).items():
         out.append(correlation_finding(k, c))
     return out + grid_edge(s, s["grid"])
+
+
+def intruder_finding(means: dict, d: dict) -> str:
+    """Each method's intruder dimensions over seeds (stage updates), and whether LoRA's excess holds."""
+    text = (f"Intruder dimensions, summed over the matrices LoRA wraps: {means['full']['mean']:.1f} ± "
+            f"{means['full']['sd']:.1f} after full fine-tuning and {means['lora']['mean']:.1f} ± {means['lora']['sd']:.1f} "
+            f"after LoRA (mean ± sd over seeds); LoRA minus full, paired by seed: {d['mean']:+.1f}")
+    if d["n"] < 2:
+        return text + ": with one seed there is no interval over seeds."
+    if d["sd"] == 0:
+        return text + f", the same on every one of {d['n']} seeds, which gives no interval."
+    interval = f" (95% t interval over {d['n']} seeds {d['lo']:+.1f} to {d['hi']:+.1f}"
+    if d["lo"] > 0 or d["hi"] < 0:
+        return text + interval + f"): {'LoRA' if d['lo'] > 0 else 'full fine-tuning'} gains more, on every reading of the interval."
+    return text + interval + ", which includes 0): neither method is shown to gain more."
 
 
 def correlation_finding(k: str, c: dict) -> str:

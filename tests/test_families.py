@@ -15,7 +15,7 @@ from ftstudy.data import token_files
 from ftstudy.measure import scoring, stats
 from ftstudy.outputs import read_json
 from ftstudy.synthetic import FAMILIES, local_params, write_corpus, write_params, write_tiny_model
-from stages import evaluate, generate, prepare, train_full, train_lora
+from stages import evaluate, generate, prepare, train_full, train_lora, updates
 
 # One pytest-xdist worker runs this file: its module-scoped fixtures are built once.
 pytestmark = pytest.mark.xdist_group("families")
@@ -60,6 +60,8 @@ def _run_every_stage(family, tmp_path):
                  f"m/evaluate/{model}.json", "--info", f"m/evaluate/{model}.info.json", "--nll", f"nll/{model}.npz")
     run_main(generate, "--model", "models/full", "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "gen",
              "--metrics", "m/generate")
+    run_main(updates, "--base", "pre", "--full", "models/full", "--lora", "models/lora", "--out", "m/updates.json",
+             "--info", "m/updates.info.json", "--values", "updates.npz")
     reset_accelerate()
 
 
@@ -100,3 +102,37 @@ def test_training_lowers_the_loss_and_scoring_equals_the_models_own_logits(famil
         ev = read_json(root / f"m/evaluate/{method}.json")[method]
         assert ev["test_ppl"] == pytest.approx(stats.perplexity(own), rel=1e-5), (family, method)
     assert read_json(root / "gen/lora.json")["prompts"][0]["prompt"] == "The town of"
+
+
+def test_loras_intruders_are_counted_as_peft_counts_them(family_run):
+    """Stage updates' intruder count of each LoRA layer against PEFT's own detector
+    (reduce_intruder_dimension, the same top_k and epsilon, its log line per layer). PEFT takes the
+    layer's stored weight: for nn.Linear that is out x in, as ours, and the counts agree; GPT-2's
+    Conv1D stores in x out, so PEFT's left singular vectors are the input side's: its counts equal
+    ours taken on the transposed matrices."""
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    from ftstudy.measure import updates as measure
+
+    family, root = family_run
+    info = read_json(root / "m/updates.info.json")
+    assert (info["top_k"], info["epsilon"]) == (10, 0.5) and info["layers"]
+    model = modeling.load_for_eval(root / "models/lora", root / "pre", str(root / "model"))
+    lines = []
+    reduce_intruder_dimension(model, top_k=info["top_k"], threshold_epsilon=info["epsilon"], logging_sink=lines.append)
+    peft = {}
+    for line in lines[:-1]:  # the last: "Enabling new adapter ..."
+        name, _, said = line.partition(": ")
+        peft[name.removeprefix("base_model.model.")] = 0 if said == "No intruders" else int(said.split(": ")[1])
+    ours = {row["name"]: row["lora"]["intruders"] for row in info["layers"]}
+    assert set(peft) == set(ours)
+    if family != "gpt2":
+        assert peft == ours
+        return
+    pre = modeling.load_causal_lm(root / "pre")
+    merged = modeling.load_for_eval(root / "models/lora", root / "pre", str(root / "model")).merge_and_unload()
+    stored = {}
+    for name in ours:
+        w, tuned = measure.as_matrix(pre.get_submodule(name)).T, measure.as_matrix(merged.get_submodule(name)).T
+        stored[name] = measure.intruders(measure.left_vectors(w), tuned, info["top_k"], info["epsilon"])
+    assert peft == stored

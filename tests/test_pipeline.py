@@ -28,8 +28,9 @@ from scripts import sandbox
 
 pytestmark = pytest.mark.slow
 
-LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "tasks@lora", "generate@lora", "compare", "report"}
-ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "compare", "report"} | {
+LORA_STAGES = {"check_params", "train_lora", "evaluate@lora", "tasks@lora", "generate@lora", "updates", "compare",
+               "report"}
+ALL_STAGES = {"check_params", "prepare", "train_full", "train_lora", "updates", "compare", "report"} | {
     f"{stage}@{m}" for stage in ("evaluate", "tasks", "generate") for m in ("pretrained", "full", "lora")}
 # Other data: everything reruns but the pretrained model's benchmarks, which do not read the data.
 DATA_STAGES = ALL_STAGES - {"tasks@pretrained"}
@@ -149,7 +150,12 @@ def test_the_model_cards_are_real_hub_cards_and_the_report_has_its_pictures(demo
         assert "## How to load" in card.text
     assert not (dest / "models/lora/README.md").exists()  # PEFT's empty template is not left to mislead
     report = (dest / "metrics/report.md").read_text()
-    for name in ("val_loss", "test_ppl", "tradeoff"):
+    # What each method changed: the section, its picture and a finding, for both fine-tuned models.
+    assert "## What each method changed in the weights" in report and "intruder dimensions" in report
+    updates = read_json(dest / "metrics/updates.json")["updates"]
+    assert updates["lora"]["rank"] == 8 and updates["full"]["effective_rank"] > 8 and updates["full"]["matrices"] == 8
+    assert "Full fine-tuning's update took an effective rank of" in report
+    for name in ("val_loss", "test_ppl", "tradeoff", "updates"):
         path = dest / f"metrics/report-figures/{name}.png"
         assert f"(report-figures/{name}.png)" in report and path.read_bytes()[:4] == b"\x89PNG"
         assert path.stat().st_size < 100_000
@@ -181,7 +187,11 @@ def test_exp_run_reruns_only_the_lora_stages_and_metrics_diff_shows_it(demo_buil
     assert "lora.test_ppl" in diff["metrics/evaluate/lora.json"]
     changed = {f for f, keys in diff.items() if keys}
     assert changed <= {"metrics/train_lora.json", "metrics/evaluate/lora.json", "metrics/generate/lora.json",
-                       "metrics/tasks/lora.json", "metrics/compare.json", "metrics/headline.json"}, changed
+                       "metrics/tasks/lora.json", "metrics/compare.json", "metrics/headline.json",
+                       "metrics/updates.json"}, changed
+    # What the update changed: LoRA's measured rank follows r; full fine-tuning's numbers stay.
+    assert diff["metrics/updates.json"]["updates.lora.rank"]["new"] == 16
+    assert not [k for k, v in diff["metrics/updates.json"].items() if k.startswith("updates.full.") and v.get("diff")]
     assert {k for k in diff.get("metrics/headline.json", {}) if diff["metrics/headline.json"][k].get("diff")} <= {
         "lora_ppl", "lora_ppl_lo", "lora_ppl_hi", "lora_train_s", "lora_peak_gib",
         "lora_vs_pretrained", "lora_vs_pretrained_lo", "lora_vs_pretrained_hi", "full_vs_lora", "full_vs_lora_lo",

@@ -52,7 +52,19 @@ def run_real_shapes(root):
     stage(root, "evaluate", "--model", "models/lora", "--base", "pre", "--data", "prep",
           "--out", "m/evaluate/lora.json", "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npz")
     stage(root, "generate", "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "gen", "--metrics", "m/generate")
+    stage(root, "updates", "--base", "pre", "--full", "models/full", "--lora", "models/lora", "--out", "m/updates.json",
+          "--info", "m/updates.info.json", "--values", "updates.npz")
     return root
+
+
+def test_the_updates_step_runs_at_124m_and_its_time_is_recorded(run):
+    """Every linear layer of GPT-2 124M's 12 blocks (48 matrices, 768 to 3,072 wide): about five SVDs
+    each, the stage's seconds recorded in its info (docs/performance.md, "The updates step")."""
+    info = read_json(run / "m/updates.info.json")
+    summary = read_json(run / "m/updates.json")["updates"]
+    assert len(info["layers"]) == summary["full"]["matrices"] == 48
+    assert {tuple(row["shape"]) for row in info["layers"]} == {(2304, 768), (768, 768), (3072, 768), (768, 3072)}
+    print(f"\nreal shapes: the updates step took {info['seconds']:.1f} s for 48 matrices on {info['device']}")
 
 
 def test_tokens_are_uint16_for_gpt2s_vocabulary(run):

@@ -109,10 +109,30 @@ def test_study_demo_runs_a_small_grid_and_reuses_it(demo_build, tmp_path):
     assert result["ppl_vs_tasks"]["tasks.tiny_complete.exact_match_strip"]["runs"] == {"full": 2, "lora": 2}
     assert "no correlation is stated from 2 full runs and 2 lora runs" in (repo / "study.md").read_text()
     assert "## Task scores at the chosen rates" in (repo / "study.md").read_text()
+    assert "Intruder dimensions, summed over the matrices LoRA wraps" in (repo / "study.md").read_text()
     second = subprocess.run(args, cwd=sandbox.ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((repo / "study.json").read_text())["ran"] == 0
     assert "study: 0 experiment(s) ran, 2 reused" in second.stdout
+
+
+def test_intruder_dimensions_are_summarized_over_seeds_with_a_paired_interval():
+    """Stage updates' intruder counts at the chosen rates: each method's mean over seeds, and LoRA
+    minus full paired by seed with a t interval; a study of runs without that stage says nothing."""
+    runs = fake_runs()
+    assert "intruders" not in study.summarize(runs, GRID)
+    for (seed, *_), row in runs.items():
+        row["updates.full.intruders"], row["updates.lora.intruders"] = 1 + seed % 2, 30 + seed
+    s = study.summarize(runs, GRID)
+    assert s["intruders"]["lora"]["mean"] == pytest.approx(32.0) and s["intruders"]["full"]["sd"] > 0
+    d = s["lora_minus_full_intruders"]
+    assert d["n"] == 3 and 0 < d["lo"] < d["mean"] < d["hi"]
+    text = " ".join(study.findings(s))
+    assert "after LoRA (mean ± sd over seeds); LoRA minus full, paired by seed: +30.3" in text
+    assert "LoRA gains more" in text
+    for (seed, *_), row in runs.items():  # no systematic difference: the interval includes 0
+        row["updates.lora.intruders"] = row["updates.full.intruders"] + (1 if seed == 1 else -1 if seed == 2 else 0)
+    assert "neither method is shown to gain more" in " ".join(study.findings(study.summarize(runs, GRID)))
 
 
 def test_task_scores_are_summarized_over_seeds_and_rank_correlated_with_perplexity():

@@ -44,6 +44,14 @@ def _with_units(compare: dict, info: dict) -> dict:
                                      for g, pairs in compare["forgetting"].items()}}
 
 
+def _updates(metrics_file: Path) -> dict:
+    """Stage updates' metrics with their per-layer facts as "info"; {} where the stage did not run
+    (a report rendered from an older run's metrics)."""
+    if not metrics_file.is_file():
+        return {}
+    return _metrics(metrics_file) | {"info": read_json(info_path(metrics_file))}
+
+
 def _check_protocols(ev: dict) -> dict:
     protocols = {m: ev[m]["protocol"] for m in MODELS}
     if any(p != protocols["pretrained"] for p in protocols.values()):
@@ -72,6 +80,7 @@ class Inputs:
     curves: dict     # method -> its validation curve (step, seconds, tokens, loss), from the plots
     tasks: dict      # model -> task -> benchmark scores with intervals (stage tasks), and the held-out answers' (generate)
     task_info: dict  # model -> stage tasks' facts: settings, versions, each task's few-shot count and data source
+    updates: dict    # stage updates: per method, effective ranks, intruders and update sizes, with "info" (per layer); {} without it
 
     @classmethod
     def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
@@ -88,7 +97,8 @@ class Inputs:
                    curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")},
                    tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json")["tasks"]
                           | ({answers.TASK: gq[m]["answers"]} if "answers" in gq[m] else {}) for m in MODELS},
-                   task_info={m: read_json(metrics_dir / "tasks" / f"{m}.info.json") for m in MODELS})
+                   task_info={m: read_json(metrics_dir / "tasks" / f"{m}.info.json") for m in MODELS},
+                   updates=_updates(metrics_dir / "updates.json"))
 
     def label(self, model: str) -> str:
         """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""

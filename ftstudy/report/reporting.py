@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ftstudy.data import token_files
 from ftstudy.measure import answers
-from ftstudy.report import figures, task_report
+from ftstudy.report import figures, task_report, update_report
 from ftstudy.report.findings import (NAMES, as_change, by_ratio, conditions_differ, duration, findings, lowest, named,
                                      paired_verdict)
 from ftstudy.report.inputs import MODELS, Inputs, short_name
@@ -312,10 +312,14 @@ def render(r: Inputs, figures_dir: Path | None = None, link: str = "") -> str:
     if figures_dir is not None:
         for alt, name in figures.draw(r.ev, r.curves, labels, figures_dir, r.tasks):
             pictures[name] = (alt, link + name)
+        if alt := update_report.figure(r.updates, labels, Path(figures_dir) / "updates.png"):
+            pictures["updates.png"] = (alt, link + "updates.png")
+    found += [named(f, r.tr) for f in update_report.finding(r.updates, r.compare["forgetting"])]
     return "\n".join([*headline(r), *_picture(pictures, "test_ppl.png"), *efficiency(r), *validation(r),
                       *_picture(pictures, "val_loss.png"), *quality(r), *_picture(pictures, "tradeoff.png"),
                       *paired_comparisons(r),
                       *task_report.tasks_section(r.tasks, r.compare.get("tasks", {}), labels, _picture(pictures, "tasks.png"),
                                                  better),
+                      *update_report.section(r.updates, labels, _picture(pictures, "updates.png")),
                       *generation_quality(r), "## Findings", "",
                       *[f"- {f}" for f in found], "", *environment(r)])

@@ -1,0 +1,109 @@
+"""The report's section on what each method changed in the weights (stage updates): per layer type,
+full fine-tuning's effective rank beside LoRA's r and its update's measured rank, each method's
+intruder dimensions and the update's size; its picture (per layer, against depth); and a finding
+that puts them beside the forgetting compare measured, with no causal claim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftstudy.report import task_report
+from ftstudy.report.findings import paired_verdict
+
+METHODS = ("full", "lora")
+
+
+def _row(label: str, s: dict, r: int) -> list[str]:
+    full, lora = s["full"], s["lora"]
+    return [label, str(full["matrices"]), f"{full['effective_rank']:.1f}", f"{r} / {lora['rank']:.1f}",
+            f"{lora['effective_rank']:.1f}", f"{full['intruders']} ({full['intruders_per_matrix']:.2f})",
+            f"{lora['intruders']} ({lora['intruders_per_matrix']:.2f})", f"{full['relative_norm']:.3f}",
+            f"{lora['relative_norm']:.3f}"]
+
+
+def section(updates: dict, labels: dict, picture: list[str]) -> list[str]:
+    """`updates`: stage updates' metrics and info ({} when absent: no section)."""
+    if not updates:
+        return []
+    s, info = updates, updates["info"]
+    types = sorted(s["full"]["by_type"])
+    rows = [_row(t, {m: s[m]["by_type"][t] for m in METHODS}, info["lora_r"]) for t in types]
+    if len(types) > 1:
+        rows.append(_row("all", s, info["lora_r"]))
+    widest = max(min(row["shape"]) for row in info["layers"])
+    return ["## What each method changed in the weights", "",
+            task_report.table(rows, ["Layer type", "Matrices", "Full: effective rank", "LoRA: r / measured rank",
+                                     "LoRA: effective rank", "Intruders: full (per matrix)",
+                                     "Intruders: LoRA (per matrix)", "‖ΔW‖/‖W‖ full", "‖ΔW‖/‖W‖ LoRA"]), "",
+            f"At each of the {s['full']['matrices']} matrices {labels['lora']} wraps (at most {widest} wide here), "
+            f"ΔW is the fine-tuned matrix minus the pretrained one. Its effective rank is the fewest singular values "
+            f"holding {info['energy']:.0%} of its squared norm (Biderman et al. 2024), a mean over matrices; its "
+            "measured rank counts the singular values above float32's noise. An intruder dimension is one of a "
+            f"fine-tuned matrix's top {info['top_k']} left singular vectors whose |cosine| with every pretrained one "
+            f"stays below {info['epsilon']} (Shuttleworth et al. 2024). LoRA is measured against "
+            f"{info['lora_base']}; matrices are taken out × in, fused ones (GPT-2's c_attn) whole.", "", *picture]
+
+
+def finding(updates: dict, forgetting: dict) -> list[str]:
+    """Full fine-tuning's effective rank against LoRA's r, the intruders of each, and beside them
+    what compare found about forgetting on the first general set: together, never as a cause."""
+    if not updates:
+        return []
+    s, info = updates, updates["info"]
+    full, lora = s["full"], s["lora"]
+    text = (f"Full fine-tuning's update took an effective rank of {full['effective_rank']:.1f} on average to hold "
+            f"{info['energy']:.0%} of its change, against LoRA's r of {info['lora_r']} (its update's measured rank "
+            f"{lora['rank']:.1f}); LoRA's matrices gained {lora['intruders']} intruder dimensions "
+            f"({lora['intruders_per_matrix']:.2f} per matrix), full fine-tuning's {full['intruders']}")
+    if forgetting:
+        name, pairs = next(iter(forgetting.items()))
+        between = paired_verdict(pairs["full_vs_lora"])
+        kept = {"higher": "LoRA retained more of the general text", "lower": "full fine-tuning retained more of "
+                "the general text", "tie": "which method retained more of the general text is within its paired "
+                "interval"}.get(between, "no call on forgetting was made (too few units)")
+        text += f". Beside them, on {name} {kept}"
+    return [text + ". One run: these go together here, and nothing in it shows that one causes the other."]
+
+
+def figure(updates: dict, labels: dict, path: Path) -> str | None:
+    """Per matrix against depth: full fine-tuning's effective rank (LoRA's r as a line), and each
+    method's intruder count. Returns the alt text, or None when there is nothing to draw."""
+    if not updates:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from ftstudy.report.figures import COLORS, _save
+
+    info = updates["info"]
+    layers = [row for row in info["layers"] if row["depth"] is not None]
+    if not layers:
+        return None
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(7.2, 3.4), dpi=100)
+    ax.grid(alpha=0.3)
+    marker = {"attention": "o", "mlp": "s", "other": "^"}
+    for kind in sorted({row["type"] for row in layers}):
+        rows = [row for row in layers if row["type"] == kind]
+        x = [row["depth"] for row in rows]
+        ax.scatter(x, [row["full"]["effective_rank"] for row in rows], marker=marker[kind], color=COLORS["full"],
+                   label=f"{labels['full']}: {kind}", s=22)
+        for offset, method in ((-0.1, "full"), (0.1, "lora")):
+            right.scatter([d + offset for d in x], [row[method]["intruders"] for row in rows], marker=marker[kind],
+                          color=COLORS[method], s=22, label=f"{labels[method]}: {kind}")
+    ax.axhline(info["lora_r"], color=COLORS["lora"], linestyle="--", label=f"LoRA's r ({info['lora_r']})")
+    ax.set_xlabel("block (depth)")
+    ax.set_ylabel(f"effective rank ({info['energy']:.0%} of ‖ΔW‖²)")
+    ax.set_title("Full fine-tuning's update rank", fontsize=9)
+    ax.legend(fontsize=6)
+    right.grid(alpha=0.3)
+    for panel in (ax, right):
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("block (depth)")
+    right.set_ylabel(f"intruders among the top {info['top_k']}")
+    right.set_title("Intruder dimensions per matrix", fontsize=9)
+    right.legend(fontsize=6)
+    _save(plt, fig, path)
+    return "Effective rank of full fine-tuning's update and intruder dimensions, per matrix against depth"
