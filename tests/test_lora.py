@@ -122,7 +122,7 @@ def test_every_variant_trains_through_the_stage_with_a_sound_adapter(project, tm
     from conftest import prepare_in, reset_accelerate, run_main, train_args
     from ftstudy.outputs import read_json
     from ftstudy.synthetic import write_tiny_model
-    from stages import evaluate, train_lora
+    from stages import evaluate, train_lora, updates
 
     model = TINY_MODEL if family == "gpt2" else write_tiny_model(family, tmp_path / family)
     prepare_in(project, **{"model.name": str(model), "train.epochs": 1, "lora.dropout": 0.0} | overrides)
@@ -140,6 +140,19 @@ def test_every_variant_trains_through_the_stage_with_a_sound_adapter(project, tm
     run_main(evaluate, "--model", "models/lora", "--base", "pre", "--data", "prep", "--out", "m/evaluate/lora.json",
              "--info", "m/evaluate/lora.info.json", "--nll", "nll/lora.npz")
     assert math.isfinite(read_json("m/evaluate/lora.json")["lora"]["test_ppl"])
+    # Stage updates reports the update's measured rank, not the configured one: r for LoRA, rsLoRA and
+    # QLoRA, 2r for the converted PiSSA and OLoRA adapters, more for DoRA (its magnitude rescales whole
+    # columns); a 4-bit base is the one measured against. (The pretrained snapshot stands in for full.)
+    run_main(updates, "--base", "pre", "--full", "pre", "--lora", "models/lora", "--out", "m/updates.json",
+             "--info", "m/updates.info.json", "--values", "updates.npz")
+    u, u_info = read_json("m/updates.json")["updates"], read_json("m/updates.info.json")
+    ranks = {row["lora"]["rank"] for row in u_info["layers"]}
+    if p.use_dora:
+        assert min(ranks) > p.r
+    else:
+        assert ranks == {2 * p.r if lora.reshapes_base(p) else p.r}
+    assert ("4-bit" in u_info["lora_base"]) == (p.quantize == "nf4") and u_info["lora_variant"] == lora.variant(p)
+    assert (u["full"]["rank"], u["full"]["intruders"], u["full"]["relative_norm"]) == (0, 0, 0)
 
 
 @pytest.mark.early
