@@ -53,6 +53,7 @@ def main() -> None:
         warm.start_cold("offline mode, which the Hub clients read at import", imported="huggingface_hub")
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     benchmarks.quiet_lm_eval()
+    benchmarks.no_download_counts()
     manager = benchmarks.task_manager(p.tasks.names)
     commits = benchmarks.resolve_datasets(p.tasks.names, manager, unreachable)
     model, device = runtime.to_eval_device(modeling.load_for_eval(args.model, args.base, p.model.name),

@@ -267,22 +267,85 @@ def pytest_runtest_protocol(item, nextitem):
             yield
 
 
+@contextlib.contextmanager
+def hanging_network():
+    """A local socket that accepts and never answers, as a silent firewall does: yields (its URL,
+    the list of connections it saw); every connection is held open until the block ends."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    seen: list = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the block is over
+                return
+            seen.append(conn)
+
+    listener = threading.Thread(target=accept, daemon=True)
+    listener.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+    finally:
+        server.close()
+        listener.join(5)
+        for conn in seen:
+            conn.close()
+
+
+# What a newcomer has not exported: the Hub's and transformers' offline switches, DVC's analytics
+# switch, and any proxy exemption.
+UNEXPORTED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "DVC_NO_ANALYTICS", "HF_ENDPOINT")
+
+
+def behind_a_hanging_network(url: str) -> dict:
+    """This process's environment as a newcomer's behind a silent firewall: none of UNEXPORTED,
+    and every proxy variable and the Hub's endpoint pointing at `url`."""
+    env = {k: v for k, v in os.environ.items() if k not in UNEXPORTED and k.lower() != "no_proxy"}
+    proxies = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+    return env | dict.fromkeys(proxies, url) | {"HF_ENDPOINT": url}
+
+
+def demo_record(tmp_path_factory) -> Path:
+    """Where demo_build keeps its first repro's output, and the connections it saw."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return shared / "pipeline" / "first-repro.json"
+
+
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory):
     """One demo sandbox, built once for the test run, whatever the number of pytest-xdist workers
     (the first to need it builds it under a lock, in the run's shared temp folder; the others wait
-    and read it): (folder, first repro's output, outcome). Tests copy it before changing it."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    dest, record = shared / "pipeline" / "sandbox", shared / "pipeline" / "first-repro.json"
-    with open(shared / "pipeline.lock", "w") as lock:
+    and read it): (folder, first repro's output, outcome). Tests copy it before changing it.
+
+    Its `dvc repro` runs as a newcomer's would behind a silent firewall (behind_a_hanging_network:
+    no offline variable exported, every proxy at a socket that never answers), its stages warm from
+    a server with that environment; the connections that socket saw are in the record
+    (tests/test_offline.py holds them at none)."""
+    record = demo_record(tmp_path_factory)
+    dest = record.parent / "sandbox"
+    with open(record.parent.parent / "pipeline.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not record.is_file():
-            sandbox.make_sandbox(dest, SETTINGS)
-            first = dvc(dest, "repro")
+            with hanging_network() as (url, seen):
+                env = behind_a_hanging_network(url)
+                with sandbox.warm_server(env, export=False) as address:
+                    sandbox.make_sandbox(dest, SETTINGS)
+                    first = subprocess.run(["dvc", "repro"], cwd=dest, env=env | {"FTSTUDY_WARM": address or ""},
+                                           capture_output=True, text=True)
+                connections = len(seen)
+            if first.returncode != 0:
+                raise sandbox.DvcError(f"dvc repro failed ({first.returncode}):\n{first.stdout}\n{first.stderr}")
             # As a user would (and make demo does): commit the baseline that experiments compare against.
             subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
             subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
-            record.write_text(json.dumps({"stdout": first.stdout, "stderr": first.stderr}))
+            record.write_text(json.dumps({"stdout": first.stdout, "stderr": first.stderr, "connections": connections,
+                                          "unexported": [k for k in UNEXPORTED if k in env and k != "HF_ENDPOINT"]}))
     first = json.loads(record.read_text())
     return dest, subprocess.CompletedProcess(["dvc", "repro"], 0, first["stdout"], first["stderr"]), outcome(dest)

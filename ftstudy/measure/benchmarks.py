@@ -108,6 +108,17 @@ def task_names(entries: tuple[str, ...]) -> list[str]:
     return [local_task_name(e) if is_local(e) else split_pin(e)[0] for e in entries]
 
 
+def no_download_counts() -> None:
+    """Switch off datasets' download counter. Unless the Hub is in offline mode, every
+    `load_dataset` sends it a HEAD request to S3 first, even for a packaged loader reading local
+    files (a local task's data): behind a firewall that drops packets, each waited its 3 s timeout,
+    twice a task stage in the demo (tests/test_offline.py counts the connections). It is telemetry;
+    a Hub task's data still downloads. datasets reads the switch at each load."""
+    import datasets.config
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
+
 def quiet_lm_eval() -> None:
     """lm-eval's logs stay out of a stage's output but for its errors: its info and warnings are
     about its own machinery (a model passed as an object, few-shot defaults overridden), and what
