@@ -50,6 +50,10 @@ def load_tokenizer(name: str | Path, revision: str | None = None):
     if not getattr(tok, "is_fast", True):
         raise ModelError(f"{name}: only a slow tokenizer is available; this project needs a fast one "
                          "(tokenizer.json)")
+    # A loading option, not the tokenizer's: transformers keeps it among the kwargs save_pretrained writes
+    # to tokenizer_config.json, true or false as HF_HUB_OFFLINE was exported, so the snapshot's and the
+    # models' bytes (and every stage after prepare) followed the caller's environment.
+    tok.init_kwargs.pop("local_files_only", None)
     return tok
 
 

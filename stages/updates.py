@@ -67,8 +67,8 @@ def main() -> None:
     write_json(args.info, {"layers": rows, "seconds": round(seconds, 3), "energy": u.energy, "top_k": u.top_k,
                            "epsilon": u.epsilon, "lora_r": p.lora.r, "lora_variant": lora.variant(p.lora),
                            "lora_base": "the 4-bit (nf4) base it trained against, dequantized" if four_bit
-                           else "the full-precision base", "layout": "out x in (GPT-2's Conv1D transposed); "
-                           "fused layers (GPT-2's c_attn) as one matrix", "device": runtime.device_name(device)})
+                           else "the full-precision base", "layout": "out x in (Conv1D transposed); a fused "
+                           "query-key-value layer as one matrix", "device": runtime.device_name(device)})
     write_json(args.out, {"updates": summary})
     f, lo = summary["full"], summary["lora"]
     print(f"updates: {len(rows)} matrices in {seconds:.1f} s; full fine-tuning's effective rank "

@@ -126,7 +126,8 @@ def test_fine_tuning_beats_the_pretrained_model(demo_build):
     report = (dest / "metrics/report.md").read_text()
     assert f"{ppl['full']:.2f}" in report and "| Model" in report
     headings = [line for line in report.splitlines() if line.startswith("## ")]
-    assert headings == ["## Efficiency", "## Quality", "## Tasks", "## Generation quality", "## Findings", "## Environment"]
+    assert headings == ["## Efficiency", "## Quality", "## Tasks", "## What each method changed in the weights",
+                        "## Generation quality", "## Findings", "## Environment"]
     assert "### Validation during training" in report and "Test ppl ratio [95% paired CI]" in report
     assert "tiny-general-test ppl [95% CI]" in report and "LoRA integrity" in report
     # Named after model.name (assets/tiny-gpt2), never an assumed GPT-2.

@@ -41,7 +41,16 @@ def section(updates: dict, labels: dict, picture: list[str]) -> list[str]:
             "measured rank counts the singular values above float32's noise. An intruder dimension is one of a "
             f"fine-tuned matrix's top {info['top_k']} left singular vectors whose |cosine| with every pretrained one "
             f"stays below {info['epsilon']} (Shuttleworth et al. 2024). LoRA is measured against "
-            f"{info['lora_base']}; matrices are taken out × in, fused ones (GPT-2's c_attn) whole.", "", *picture]
+            f"{info['lora_base']}; matrices are taken out × in{_fused(info['layers'])}.", "", *picture]
+
+
+FUSED = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")  # query, key and value in one matrix
+
+
+def _fused(layers: list[dict]) -> str:
+    """', the fused query-key-value ones (c_attn) whole' where the model has them."""
+    names = sorted({row["name"].rsplit(".", 1)[-1] for row in layers} & set(FUSED))
+    return f", the fused query-key-value ones ({', '.join(names)}) whole" if names else ""
 
 
 def finding(updates: dict, forgetting: dict) -> list[str]:
