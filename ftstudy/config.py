@@ -52,6 +52,7 @@ _revision = _check(lambda v: v is None or v.strip() != "", "must be a commit sha
 class ModelParams:
     name: str = field(metadata=_non_empty)
     revision: str | None = field(metadata=_revision)
+    label: str | None = field(metadata=_check(lambda v: v is None or v.strip() != "", "must not be empty (null: the name's last part)"))
     dtype: Literal["auto", "fp32", "bf16", "fp16"]
 
 

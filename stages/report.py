@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ftstudy.config import load_params
 from ftstudy.errors import run_stage
 from ftstudy.outputs import write_json, write_text
 from ftstudy.report import cards
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--headline", required=True, help="the headline metrics JSON to write (for dvc exp show)")
     args = ap.parse_args()
     link = os.path.relpath(args.figures, Path(args.out).parent) + "/"
-    inputs = Inputs.read(Path(args.metrics), Path(args.generations))
+    inputs = Inputs.read(Path(args.metrics), Path(args.generations), load_params().model.label)
     write_text(args.out, render(inputs, Path(args.figures), link))
     for model in ("full", "lora"):
         write_text(Path(args.cards) / model / "README.md", cards.card(inputs, model))

@@ -356,3 +356,25 @@ def test_the_bundled_chat_model_takes_chat_data(project, tmp_path):
         tokens, mask = test.example(i)
         assert tokens[mask.astype(bool)][-1] == tok.eos_token_id  # each answer ends at the end of its turn
         assert tok.decode(tokens[:test.last_answer(i)[0]].tolist()).endswith("assistant:\n")
+
+
+def test_model_label_names_the_model_in_the_report_and_the_cards(instruct_run, tmp_path, monkeypatch):
+    """params model.label, where set, names the model everywhere the report and the cards do (its
+    folder's name otherwise: 'Fully fine-tuned model' for a folder called model)."""
+    import shutil
+
+    import yaml
+
+    fmt, root = instruct_run
+    for folder in ("m", "gen"):
+        shutil.copytree(root / folder, tmp_path / folder)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"]["label"] = "SmolLM2-135M"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    run_main(report, "--metrics", "m", "--generations", "gen", "--out", "report.md", "--figures", "figures",
+             "--cards", "cards", "--headline", "m/headline.json")
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# SmolLM2-135M on ") and "| Fully fine-tuned SmolLM2-135M " in text
+    assert "Fully fine-tuned SmolLM2-135M" in (tmp_path / "cards/full/README.md").read_text()
+    assert params["model"]["name"].rstrip("/").rsplit("/", 1)[-1] not in text.splitlines()[0]

@@ -80,11 +80,14 @@ class Inputs:
     curves: dict     # method -> its validation curve (step, seconds, tokens, loss), from the plots
     tasks: dict      # model -> task -> benchmark scores with intervals (stage tasks), and the held-out answers' (generate)
     task_info: dict  # model -> stage tasks' facts: settings, versions, each task's few-shot count and data source
+    name: str        # the model's name in the report: params model.label, else model.name's last part
     updates: dict    # stage updates: per method, effective ranks, intruders and update sizes, with "info" (per layer); {} without it
 
     @classmethod
-    def read(cls, metrics_dir: Path, generations_dir: Path) -> Inputs:
+    def read(cls, metrics_dir: Path, generations_dir: Path, label: str | None = None) -> Inputs:
+        """Every metrics file under `metrics_dir`; `label` (params model.label) names the model."""
         ev = {m: _with_info(metrics_dir / "evaluate" / f"{m}.json") for m in MODELS}
+        protocol = _check_protocols(ev)
         compare = _with_units(read_json(metrics_dir / "compare.json"), read_json(metrics_dir / "compare.info.json"))
         gq = {m: _metrics(metrics_dir / "generate" / f"{m}.json") for m in MODELS}
         gen = {m: read_json(generations_dir / f"{m}.json") for m in MODELS}
@@ -93,7 +96,7 @@ class Inputs:
                    tr={m: _with_info(metrics_dir / f"train_{m}.json") for m in ("full", "lora")},
                    corpus=read_json(metrics_dir / "prepare.json")["corpus"],
                    prepared=read_json(metrics_dir / "prepare.info.json"), compare=compare,
-                   protocol=_check_protocols(ev),
+                   protocol=protocol, name=label or short_name(protocol["model"]),
                    curves={m: curves.read_val(metrics_dir / "plots" / f"train_{m}") for m in ("full", "lora")},
                    tasks={m: _metrics(metrics_dir / "tasks" / f"{m}.json")["tasks"]
                           | ({answers.TASK: gq[m]["answers"]} if "answers" in gq[m] else {}) for m in MODELS},
@@ -101,5 +104,6 @@ class Inputs:
                    updates=_updates(metrics_dir / "updates.json"))
 
     def label(self, model: str) -> str:
-        """'LoRA fine-tuned gpt2-medium': the model's own name (model.name), never an assumed one."""
-        return LABELS[model].format(short_name(self.protocol["model"]), variant=self.tr["lora"].get("variant", "LoRA"))
+        """'LoRA fine-tuned gpt2-medium': the model's own name (model.label, else model.name's last
+        part), never an assumed one."""
+        return LABELS[model].format(self.name, variant=self.tr["lora"].get("variant", "LoRA"))

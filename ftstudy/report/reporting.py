@@ -41,7 +41,7 @@ def headline(r: Inputs) -> list[str]:
     prompt = r.gen["pretrained"][0]["prompt"]
     texts = [f"- **{r.label(m)}**: {_one_line(prompt + r.gen[m][0]['greedy'])}" for m in MODELS]
     source = short_name(r.protocol["source"]) + (f" ({r.protocol['config']})" if r.protocol.get("config") else "")
-    return [f"# {short_name(r.protocol['model'])} on {source}: pretrained vs full fine-tuning vs LoRA", "",
+    return [f"# {r.name} on {source}: pretrained vs full fine-tuning vs LoRA", "",
             ("Test perplexity on the answer tokens, each example scored alone; lower is better." if instruct(r)
              else "Test perplexity: sliding window, lower is better."), "",
             _table(rows, ["Model", "Test perplexity", "Training time", "Peak memory"]), "",
