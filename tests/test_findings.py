@@ -8,7 +8,8 @@ PAIRS = (("full", "pretrained"), ("lora", "pretrained"), ("full", "lora"))
 BOOTSTRAP = {"chunk": 1024, "min_chunks": 20}
 
 
-def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, full_rep=0.09, half_width=0.02):
+def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, full_rep=0.09, half_width=0.02,
+             full_len=40.0):
     def ev(test, general):
         return {"test_ppl": test, "test_ppl_lo": test * 0.95, "test_ppl_hi": test * 1.05,
                 "general": {"tiny-general-test": {"ppl": general, "ppl_lo": general * 0.97, "ppl_hi": general * 1.03}}}
@@ -17,7 +18,8 @@ def _metrics(full_ppl=3.0, lora_ppl=7.0, full_general=15.0, lora_general=4.5, fu
     tr = {m: {"trainable_params": n, "tokens_per_s": t, "peak_mem_gib": 1.0, "peak_mem_kind": "cpu_peak_rss",
               "artifact_mb": a, "train_s": 10.0, "device": "cpu (x86_64, 2 threads)", "precision": "fp32", "processes": 1, "val_loss_best": best, "val_best_step": 100, "val_rise_after_best": rise}
           for m, n, t, a, best, rise in (("full", 170_000, 20_000, 0.7, 1.1, 0.0), ("lora", 4096, 25_000, 0.07, 1.9, 0.0))}
-    gq = {m: {"repetition_4gram": r, "distinct_2": 0.5} for m, r in (("pretrained", 0.01), ("full", full_rep), ("lora", 0.13))}
+    gq = {m: {"repetition_4gram": r, "distinct_2": 0.5, "mean_length": n}
+          for m, r, n in (("pretrained", 0.01, 40.0), ("full", full_rep, full_len), ("lora", 0.13, 38.0))}
     paired = {f"{a}_vs_{b}": paired_ratio(evs[a]["test_ppl"] / evs[b]["test_ppl"]) for a, b in PAIRS}
     general = {m: evs[m]["general"]["tiny-general-test"]["ppl"] for m in evs}
     forgetting = {"tiny-general-test": {f"{a}_vs_{b}": paired_ratio(general[a] / general[b], half_width)
@@ -58,6 +60,7 @@ def test_findings_follow_the_metrics():
 
     no_forgetting = findings.findings(*_metrics(full_general=3.75, lora_general=3.72))
     assert "no measurable forgetting" in no_forgetting[4]
+    assert "neither paired interval lies wholly above +0%" in no_forgetting[4]  # in the terms printed: a percentage
     # Forgetting is called from the paired interval of each method against the pretrained model,
     # and which method kept more from the paired interval between them.
     # A change of a factor of 2 or more reads as the factor (once "+95952.0%"), a smaller one in percent.
@@ -73,6 +76,11 @@ def test_findings_follow_the_metrics():
 
     repetitive = findings.findings(*_metrics(full_rep=0.5))
     assert "came with the most repetitive text" in repetitive[5]
+    assert "over texts of 40 tokens on average (vs the pretrained model 40, LoRA 38)" in repetitive[5]
+    assert "not like for like" not in repetitive[5]
+    # Short answers against long rambles: the rates are set side by side with their lengths, and flagged.
+    short = findings.findings(*_metrics(full_rep=0.5, full_len=5.0))
+    assert "over texts of 5 tokens on average" in short[5] and "so these rates are not like for like" in short[5]
 
 
 def test_training_findings_give_time_to_quality_and_overfitting():

@@ -118,6 +118,12 @@ def test_every_stage_runs_and_the_report_states_format_masking_and_answer_tokens
     assert set(pairs) == {"exact_match", "f1", "rouge_l"} and pairs["f1"]["full_vs_lora"]["items"] == len(held)
     assert "| held-out answers (f1)" in text and "On held-out answers (rouge_l), against the pretrained model:" in text
     assert headline["lora_held_out_answers_f1"] == answers["f1"]
+    # The prompt panel shows each prompt once and each answer alone: never the chat template's system
+    # prompt repeated on every answer, nor a prompt glued to its answer.
+    first = read_json(root / "gen/lora.json")["prompts"][0]
+    assert "Greedy answers to the prompt *" in text and "- Prompt 1: *" in text
+    glued = " ".join((first["prompt"] + first["greedy"]).split())
+    assert glued not in " ".join(text.split())
 
 
 def test_answer_only_perplexity_equals_a_brute_force_per_example_computation(instruct_run):

@@ -135,7 +135,9 @@ def forgetting_finding(ev: dict, forgetting: dict, bootstrap: dict) -> list[str]
             continue
         forgot = {k: paired_verdict(pairs[f"{k}_vs_pretrained"]) == "higher" for k in ("full", "lora")}
         if not any(forgot.values()):
-            text += "; neither paired interval lies above 1: no measurable forgetting."
+            # in the terms the changes are printed in: a factor (1x) or a percentage (+0%)
+            none = "1x" if any(by_ratio(pairs[f"{k}_vs_pretrained"]) for k in ("full", "lora")) else "+0%"
+            text += f"; neither paired interval lies wholly above {none}: no measurable forgetting."
         else:
             between = paired_verdict(pairs["full_vs_lora"])
             if between == "tie":
@@ -159,9 +161,15 @@ def text_finding(ev: dict, gq: dict, paired: dict) -> list[str]:
     more_repetitive = all(gq[best]["repetition_4gram"] > gq[k]["repetition_4gram"] for k in others)
     verdict = ("so here the lowest perplexity came with the most repetitive text" if more_repetitive
                else "so here the lowest perplexity did not come with the most repetitive text")
+    lengths = {k: gq[k]["mean_length"] for k in gq}
+    span = (f" over texts of {lengths[best]:.0f} tokens on average (vs "
+            + ", ".join(f"{NAMES[k]} {lengths[k]:.0f}" for k in others) + ")")
+    if max(lengths.values()) > 2 * max(min(lengths.values()), 1e-9):
+        span += ("; the lengths differ by more than 2x, and longer texts repeat more by themselves, so these rates "
+                 "are not like for like")
     return [f"The lowest-perplexity model ({NAMES[best]}) repeats 4-grams at rate "
             f"{gq[best]['repetition_4gram']:.3f} (vs {rep}) with distinct-2 {gq[best]['distinct_2']:.3f} "
-            f"(vs {dist}), {verdict}."]
+            f"(vs {dist}){span}; {verdict}."]
 
 
 def _times(ratio: float) -> str:

@@ -39,14 +39,22 @@ def headline(r: Inputs) -> list[str]:
     rows = [[r.label(m), f"{r.ev[m]['test_ppl']:.2f}", duration(r.tr[m]["train_s"]) if m in r.tr else "no training",
              f"{r.tr[m]['peak_mem_gib']:.2f} GiB" if m in r.tr else "–"] for m in MODELS]
     prompt = r.gen["pretrained"][0]["prompt"]
-    texts = [f"- **{r.label(m)}**: {_one_line(prompt + r.gen[m][0]['greedy'])}" for m in MODELS]
+    texts = [f"- **{r.label(m)}**: {_shown(r, prompt, r.gen[m][0]['greedy'])}" for m in MODELS]
     source = short_name(r.protocol["source"]) + (f" ({r.protocol['config']})" if r.protocol.get("config") else "")
     return [f"# {r.name} on {source}: pretrained vs full fine-tuning vs LoRA", "",
             ("Test perplexity on the answer tokens, each example scored alone; lower is better." if instruct(r)
              else "Test perplexity: sliding window, lower is better."), "",
             _table(rows, ["Model", "Test perplexity", "Training time", "Peak memory"]), "",
             *([named(differ, r.tr), ""] if (differ := conditions_differ(r.tr)) else []),
-            f"Greedy continuations of the prompt *{prompt}*:", "", *texts, ""]
+            f"Greedy {'answers to' if instruct(r) else 'continuations of'} the prompt *{_one_line(prompt)}*:", "",
+            *texts, ""]
+
+
+def _shown(r: Inputs, prompt: str, text: str) -> str:
+    """A generated text as the report shows it: running text goes on from its prompt, shown with it;
+    an instruction model's answer stands alone, its prompt (the chat template's system prompt
+    included) shown once above it, never glued to it."""
+    return _one_line(text) if instruct(r) else _one_line(prompt + text)
 
 
 def headline_metrics(r: Inputs) -> dict:
@@ -250,8 +258,14 @@ def generation_quality(r: Inputs) -> list[str]:
     gq, gen = r.gq, r.gen
     rows = [[r.label(m), f"{gq[m]['distinct_1']:.3f}", f"{gq[m]['distinct_2']:.3f}", f"{gq[m]['repetition_4gram']:.3f}",
              f"{gq[m]['mean_length']:.1f}", f"{gq[m]['eos_rate']:.2f}", str(gq[m]["texts"])] for m in MODELS]
-    samples = [f"- **{r.label(m)}** ({'greedy' if i == 0 else f'sample {i}'}): {_one_line(p['prompt'] + t)}"
-               for m in MODELS for p in gen[m] for i, t in enumerate([p["greedy"], *p["samples"]])]
+    if instruct(r):  # each prompt once, then every model's answers to it
+        samples = [line for k, p in enumerate(gen["pretrained"]) for line in (
+            f"- Prompt {k + 1}: *{_one_line(p['prompt'])}*",
+            *(f"  - **{r.label(m)}** ({'greedy' if i == 0 else f'sample {i}'}): {_one_line(t)}"
+              for m in MODELS for i, t in enumerate([gen[m][k]["greedy"], *gen[m][k]["samples"]])))]
+    else:
+        samples = [f"- **{r.label(m)}** ({'greedy' if i == 0 else f'sample {i}'}): {_one_line(p['prompt'] + t)}"
+                   for m in MODELS for p in gen[m] for i, t in enumerate([p["greedy"], *p["samples"]])]
     return ["## Generation quality", "",
             _table(rows, ["Model", "Distinct-1", "Distinct-2", "Repeated 4-grams", "Mean length (tokens)",
                           "Stops at EOS", "Texts"]), "",
