@@ -1,12 +1,14 @@
 """Make a self-contained copy of the project, its own git and DVC repo, pointed at the tiny assets.
 
-    python -m scripts.sandbox DIR [--repro [--cold]] [-S key=value ...]
+    python -m scripts.sandbox DIR [--repro [--cold]] [--shipped] [-S key=value ...]
 
 Copies the pipeline (dvc.yaml, params.yaml, stages/, ftstudy/, assets/, tasks/) to DIR, applies
 assets/demo-params.yaml and any -S overrides to DIR/params.yaml (comments kept), then runs
 git init, dvc init and a first commit, so `dvc repro`, `dvc exp run -S ...`, `dvc metrics diff`
 and `dvc exp show` work there. The project's own params, lock file and outputs are never touched.
 DIR is rebuilt from scratch if it is an earlier sandbox; any other existing folder is refused.
+With --shipped, params.yaml keeps the shipped settings (the demo's tiny-model rates would train a
+real model at many times its rate) and only the -S overrides apply: a sandbox for one's own model.
 With --repro, the stages start warm, from a server that imports torch and transformers while the
 sandbox is built (ftstudy/warm.py); --cold starts each of them as `dvc repro` alone does.
 """
@@ -166,7 +168,10 @@ def warm_server(env: dict, ready_s: float = 120.0, export: bool = True):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
+def make_sandbox(dest: Path, overrides: dict | None = None, demo: bool = True) -> Path:
+    """The sandbox at `dest`: the demo's params (assets/demo-params.yaml) and `overrides` applied to
+    params.yaml; without `demo`, params.yaml as shipped (GPT-2 on WikiText-2 from the Hub) and the
+    overrides alone, for a sandbox of one's own model and data."""
     dest = Path(dest).resolve()
     if dest.exists():
         if not (dest / MARKER).is_file():
@@ -179,7 +184,7 @@ def make_sandbox(dest: Path, overrides: dict | None = None) -> Path:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, dest / name)
-    override_file(dest / "params.yaml", demo_overrides() | (overrides or {}))
+    override_file(dest / "params.yaml", (demo_overrides() if demo else {}) | (overrides or {}))
     (dest / MARKER).write_text("made by scripts/sandbox.py; `make demo` rebuilds this folder\n")
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "config", "user.name", "sandbox"], dest)
@@ -237,6 +242,9 @@ def main() -> None:
     ap.add_argument("--repro", action="store_true", help="run dvc repro in the sandbox")
     ap.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra params override, as for dvc exp run -S")
+    ap.add_argument("--shipped", action="store_true",
+                    help="keep params.yaml as shipped (not the demo's tiny settings): a sandbox for your own model and "
+                         "data, set with -S")
     ap.add_argument("--cold", action="store_true",
                     help="start every stage's process cold, without the warm server (ftstudy/warm.py)")
     args = ap.parse_args()
@@ -245,12 +253,12 @@ def main() -> None:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)  # as dvc exp run -S parses values
     if not args.repro:
-        print(f"sandbox: {make_sandbox(args.dir, overrides)}", file=sys.stderr)
+        print(f"sandbox: {make_sandbox(args.dir, overrides, demo=not args.shipped)}", file=sys.stderr)
         return
     # The server imports torch and transformers while the sandbox is built; the stages then start
     # from it in a fraction of a second each, with the same results as cold.
     with warm_server(os.environ | ENV) if not args.cold else contextlib.nullcontext():
-        dest = make_sandbox(args.dir, overrides)
+        dest = make_sandbox(args.dir, overrides, demo=not args.shipped)
         print(f"sandbox: {dest}", file=sys.stderr)
         repro_and_commit(dest)
 

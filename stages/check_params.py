@@ -19,8 +19,30 @@ import argparse
 import json
 from pathlib import Path
 
-from ftstudy.config import PARAMS_FILE, ConfigError, load_params
+import yaml
+
+from ftstudy.config import PARAMS_FILE, ConfigError, flatten, load_params
 from ftstudy.errors import run_stage
+
+DEMO = Path("assets/demo-params.yaml")  # the demo sandbox's overrides, sized for its tiny model
+DEMO_ONLY = ("full.lr", "lora.lr", "train.checkpoint_every")
+
+
+def demo_settings_left(p) -> str | None:
+    """A warning when model.name is not the demo's but the rates are still the demo's (a sandbox
+    made by make demo, then -S model.name=...): they suit a 64-wide random model, and train a real
+    one at about 40x its rate."""
+    if not DEMO.is_file():
+        return None
+    demo = flatten(yaml.safe_load(DEMO.read_text(encoding="utf-8")))
+    mine = flatten(yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")))
+    kept = [f"{k} {mine[k]}" for k in DEMO_ONLY if mine.get(k) == demo.get(k)]
+    if p.model.name == demo.get("model.name") or len(kept) < 2:
+        return None
+    return (f"check_params: warning: model.name is {p.model.name}, but {', '.join(kept)} are the demo's settings for "
+            f"its tiny model ({DEMO}), many times a real model's rate; set them (-S full.lr=... -S lora.lr=...), or "
+            "make a sandbox of the shipped params for your model: python -m scripts.sandbox DIR --shipped "
+            "-S model.name=... (README, \"Your own model\")")
 
 
 def model_problems(p, folder: Path) -> list[str]:
@@ -57,6 +79,8 @@ def main() -> None:
         raise ConfigError(f"{PARAMS_FILE}: " + "; ".join(problems))
     from ftstudy import modeling
 
+    if warning := demo_settings_left(p):
+        print(warning, flush=True)
     folder = modeling.config_on_this_machine(p.model.name, p.model.revision, args.snapshot, args.prepared / "meta.json")
     if folder is not None and (problems := model_problems(p, folder)):
         raise ConfigError(f"{PARAMS_FILE} does not fit {p.model.name}: " + "; ".join(problems))

@@ -186,3 +186,49 @@ def test_check_params_refuses_a_local_task_file_it_cannot_run_in_one_line(projec
     (tmp_path / "tasks").mkdir(exist_ok=True)
     (tmp_path / "tasks/tiny_cloze.yaml").write_text((ROOT / "tasks/tiny_cloze.yaml").read_text())
     run_main(check_params, "--snapshot", str(tmp_path / "none"), "--prepared", str(tmp_path / "none"))
+
+
+def test_check_params_warns_when_another_model_keeps_the_demos_rates(project, tmp_path, capsys):
+    """The demo sandbox, then `-S model.name=<a real model>`: the demo's rates (for a 64-wide random
+    model) would train it at many times its rate; check_params says so, and how to make a sandbox of
+    the shipped params instead. Nothing is refused: the rates may be meant."""
+    from conftest import run_main
+    from stages import check_params
+
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets/demo-params.yaml").write_text((ROOT / "assets/demo-params.yaml").read_text())
+    args = ("--snapshot", str(tmp_path / "none"), "--prepared", str(tmp_path / "none"))
+    demo = {"full.lr": 2.0e-3, "lora.lr": 1.0e-2, "train.checkpoint_every": 10}
+
+    def write(model: str, **overrides) -> None:
+        params = demo_params(**overrides)
+        params["model"]["name"] = model  # as -S writes it (demo_params makes names absolute)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    write("HuggingFaceTB/SmolLM2-135M", **demo)
+    run_main(check_params, *args)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("check_params: warning: model.name is HuggingFaceTB/SmolLM2-135M, but full.lr 0.002, lora.lr "
+                      "0.01, train.checkpoint_every 10 are the demo's settings for its tiny model "
+                      "(assets/demo-params.yaml), many times a real model's rate; set them (-S full.lr=... -S "
+                      "lora.lr=...), or make a sandbox of the shipped params for your model: python -m scripts.sandbox "
+                      "DIR --shipped -S model.name=... (README, \"Your own model\")")
+    write("HuggingFaceTB/SmolLM2-135M", **{"full.lr": 5e-5, "lora.lr": 2e-4})
+    run_main(check_params, *args)
+    assert "warning" not in capsys.readouterr().out
+    write("assets/tiny-gpt2", **demo)  # the demo's own model: its own rates
+    run_main(check_params, *args)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_sandbox_of_the_shipped_params_keeps_them(tmp_path):
+    """python -m scripts.sandbox DIR --shipped: the project's params.yaml as shipped, only -S applied."""
+    import yaml
+
+    from scripts import sandbox
+
+    dest = sandbox.make_sandbox(tmp_path / "own", {"model.label": "mine"}, demo=False)
+    params, shipped = (yaml.safe_load(f.read_text()) for f in (dest / "params.yaml", ROOT / "params.yaml"))
+    assert params["model"]["label"] == "mine" and params["full"]["lr"] == shipped["full"]["lr"]
+    params["model"]["label"] = None
+    assert params == shipped
