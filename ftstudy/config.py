@@ -163,6 +163,7 @@ class GenerateParams:
     top_p: float = field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     test_prompts: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0"))
     answer_examples: int = field(metadata=_check(lambda v: v >= 0, "must be >= 0 (0 scores no answers)"))
+    batch_size: int = field(metadata=_positive)
     answer_metrics: list[str] = field(metadata=_check(
         lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(ANSWER_METRICS),
         f"must list some of {', '.join(ANSWER_METRICS)}, each once"))

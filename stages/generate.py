@@ -2,7 +2,8 @@
 
 One stage entry per model, as evaluate has: a retrained model (`-S lora.r=16`) regenerates its
 own texts alone. On a real model answering held-out examples is minutes a model (1,059 s for three
-once, on a 135M model on 2 CPU cores); on the demo a process a model costs a second or two warm.
+once, one example at a time, on a 135M model on 2 CPU cores; they are answered generate.batch_size
+at a time now); on the demo a process a model costs a second or two warm.
 The command takes one --model or several. For each model folder, the texts go to
 <--out>/<model>.json and distinct-n, repetition, length and EOS rate to <--metrics>/<model>.json
 (a DVC metric), <model> being the folder's name. For
@@ -70,7 +71,8 @@ def main() -> None:
                                                p.train.cpu_threads)
         with torch.no_grad():
             panel, ids = generation.generate(model, tokenizer, p.generate, p.seed, device, prompts)
-            answers = generation.answer_heldout(model, tokenizer, test, scored, context, device) if scored else []
+            answers = (generation.answer_heldout(model, tokenizer, test, scored, context, device, g.batch_size)
+                       if scored else [])
         quality = generation.text_quality(ids, tokenizer.eos_token_id)
         if g.answer_examples and answers:
             for a in answers:

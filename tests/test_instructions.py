@@ -384,3 +384,24 @@ def test_model_label_names_the_model_in_the_report_and_the_cards(instruct_run, t
     assert text.startswith("# SmolLM2-135M on ") and "| Fully fine-tuned SmolLM2-135M " in text
     assert "Fully fine-tuned SmolLM2-135M" in (tmp_path / "cards/full/README.md").read_text()
     assert params["model"]["name"].rstrip("/").rsplit("/", 1)[-1] not in text.splitlines()[0]
+
+
+def test_held_out_answers_in_batches_equal_those_one_at_a_time(instruct_run):
+    """generate answers the held-out prompts generate.batch_size at a time, left-padded: the same
+    answers, token for token, as one prompt at a time."""
+    import yaml
+
+    from ftstudy.measure import generation
+
+    fmt, root = instruct_run
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["generate"]["batch_size"] > 1
+    held = read_json(root / "gen/lora.json")["heldout"]
+    test = examples.load(root / "prep", "test", read_json(root / "prep/meta.json"))
+    model = modeling.load_for_eval(root / "models/lora", root / "models/pretrained", params["model"]["name"])
+    tokenizer = modeling.load_tokenizer(root / "models/pretrained")
+    with torch.no_grad():
+        one = generation.answer_heldout(model, tokenizer, test, [h["example"] for h in held],
+                                        modeling.context_length(root / "models/pretrained"), torch.device("cpu"))
+    assert [a["answer"] for a in one] == [h["answer"] for h in held]
+    assert len({len(a["answer"]) for a in one}) > 1  # answers of several lengths: the padding was exercised

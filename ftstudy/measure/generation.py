@@ -169,20 +169,58 @@ def heldout_prompts(tokenizer, ex, indices: list[int]) -> list[tuple[str, list[i
     return [(readable_prompt(tokenizer, ids), ids) for ids in prompts]
 
 
-def answer_heldout(model, tokenizer, ex, indices: list[int], context: int | None, device) -> list[dict]:
+def _batches(order: list[int], lengths: list[int], rooms: list[int], size: int, context: int | None) -> list[list[int]]:
+    """`order` cut into batches of at most `size` whose longest prompt plus largest answer limit fits
+    the context: every row of a batch generates as many tokens as its largest limit."""
+    out: list[list[int]] = []
+    for k in order:
+        last = out[-1] if out else []
+        fits = context is None or max(lengths[j] for j in [*last, k]) + max(rooms[j] for j in [*last, k]) <= context
+        if last and len(last) < size and fits:
+            last.append(k)
+        else:
+            out.append([k])
+    return out
+
+
+def answer_heldout(model, tokenizer, ex, indices: list[int], context: int | None, device,
+                   batch_size: int = 1) -> list[dict]:
     """Per held-out example: its prompt (everything before its last answer, as people read it), the
     reference answer and the model's greedy answer, stopping at EOS or the chat template's end of
     turn (never at the reference's last token, which for a cut example is wherever the cut fell), or
-    at twice the reference's tokens, within the model's context."""
-    out, stops = [], stop_ids(tokenizer)
-    for i, (text, prompt_ids) in zip(indices, heldout_prompts(tokenizer, ex, indices)):
+    at twice the reference's tokens, within the model's context.
+
+    `batch_size` prompts at a time (generate.batch_size), left-padded, in order of length (the least
+    padding); each answer is cut at its own limit and first stop, so a batch answers as one at a
+    time does, up to float rounding between batch shapes (tests/test_instructions.py checks that the
+    tiny models give the same answers)."""
+    stops = stop_ids(tokenizer)
+    prompts = heldout_prompts(tokenizer, ex, indices)
+    rooms = []
+    for i in indices:
+        start, end = ex.last_answer(i)
+        rooms.append(2 * (end - start) if context is None else max(1, min(2 * (end - start), context - start)))
+    answers: dict[int, list[int]] = {}
+    for batch in _batches(sorted(range(len(indices)), key=lambda k: len(prompts[k][1])),
+                          [len(ids) for _, ids in prompts], rooms, batch_size, context):
+        width = max(len(prompts[k][1]) for k in batch)
+        ids = torch.full((len(batch), width), stops[0], dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, k in enumerate(batch):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompts[k][1]):] = torch.tensor(prompts[k][1])
+            mask[row, width - len(prompts[k][1]):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max(rooms[k] for k in batch), do_sample=False, eos_token_id=stops,
+                                   pad_token_id=stops[0])[:, width:].tolist()
+        for row, k in enumerate(batch):
+            mine = generated[row][:rooms[k]]
+            cut = next((j for j, t in enumerate(mine) if t in stops), None)
+            answers[k] = mine if cut is None else mine[:cut + 1]
+    out = []
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    for k, (i, (text, _)) in enumerate(zip(indices, prompts)):
         tokens, _ = ex.example(i)
         start, end = ex.last_answer(i)
-        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        room = 2 * (end - start) if context is None else max(1, min(2 * (end - start), context - start))
-        generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=room,
-                                   do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, start:].tolist()
-        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
         out.append({"example": i, "prompt": text, "reference": decode(tokens[start:end].tolist()),
-                    "answer": decode(generated)})
+                    "answer": decode(answers[k])})
     return out
