@@ -279,7 +279,7 @@ def test_train_cpu_threads_reaches_every_stage_that_runs_a_model(project, tmp_pa
     core beside other work (290-410 s each for evaluate on a real model, where 1 thread was faster)."""
     import shutil
 
-    from stages import evaluate, generate, tasks
+    from stages import evaluate, generate, tasks, updates
 
     root = prepare_in(project, **{"train.cpu_threads": 1, "tasks.names": ["tasks/tiny_cloze.yaml"], "tasks.limit": 5,
                                   "tasks.merge_check": 0, "generate.max_new_tokens": 4, "generate.num_samples": 0})
@@ -290,7 +290,9 @@ def test_train_cpu_threads_reaches_every_stage_that_runs_a_model(project, tmp_pa
             "tasks": (tasks, "--model", "pre", "--base", "pre", "--out", "m/t.json", "--info", "m/t.info.json",
                       "--items", "items/t.npz"),
             "generate": (generate, "--model", "pre", "--base", "pre", "--data", "prep", "--out", "gen",
-                         "--metrics", "m/generate")}
+                         "--metrics", "m/generate"),
+            "updates": (updates, "--base", "pre", "--full", "pre", "--lora", "pre", "--out", "m/u.json",
+                        "--info", "m/u.info.json", "--values", "u.npz")}
     try:
         for name, (module, *args) in runs.items():
             torch.set_num_threads(2)
