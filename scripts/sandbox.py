@@ -252,13 +252,16 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)  # as dvc exp run -S parses values
+    if args.shipped and args.repro:
+        ap.error("--shipped makes a sandbox of the shipped params, for your own model and data: run dvc repro in it "
+                 "yourself (its prepare reaches the Hub unless model.name and data.name are local), not --repro")
     if not args.repro:
         print(f"sandbox: {make_sandbox(args.dir, overrides, demo=not args.shipped)}", file=sys.stderr)
         return
     # The server imports torch and transformers while the sandbox is built; the stages then start
     # from it in a fraction of a second each, with the same results as cold.
     with warm_server(os.environ | ENV) if not args.cold else contextlib.nullcontext():
-        dest = make_sandbox(args.dir, overrides, demo=not args.shipped)
+        dest = make_sandbox(args.dir, overrides)
         print(f"sandbox: {dest}", file=sys.stderr)
         repro_and_commit(dest)
 

@@ -54,6 +54,7 @@ def _key(seed, full_lr, lora_lr) -> tuple:
 
 
 SWEPT = ("seed", "full.lr", "lora.lr")
+PRESENTATION = ("model.label",)  # read by the report alone: a run under another label is the same run
 
 
 def _normal(value):
@@ -79,7 +80,7 @@ def _normal(value):
 def same_setup(row: dict, params: dict) -> bool:
     """Whether an experiment ran with `params` (flattened params.yaml) in every key but the swept
     ones: an earlier `-S lora.r=16 -S seed=1` is not a grid point of a study at lora.r=8."""
-    return all(_normal(row.get(k)) == _normal(v) for k, v in params.items() if k not in SWEPT)
+    return all(_normal(row.get(k)) == _normal(v) for k, v in params.items() if k not in SWEPT + PRESENTATION)
 
 
 def finished_runs(repo: Path) -> dict[tuple, dict]:
@@ -196,9 +197,9 @@ def summarize(runs: dict[tuple, dict], grid: dict, items: dict[tuple, dict] | No
     ordered = points(grid)
     out["ppl_vs_tasks"] = rank_correlations([runs[_key(*p)] for p in ordered], grid["seeds"][0],
                                             None if items is None else [items[_key(*p)] for p in ordered])
-    # Stage updates' intruder dimensions (runs from before that stage have none): a mean over seeds each, and
-    # LoRA minus full paired by seed.
-    if all(f"updates.{m}.intruders" in r for m in METHODS for r in at_chosen[m]):
+    # Stage updates' intruder dimensions (dvc exp show gives None where a run has none): a mean over seeds
+    # each, and LoRA minus full paired by seed.
+    if all(r.get(f"updates.{m}.intruders") is not None for m in METHODS for r in at_chosen[m]):
         by_seed = {m: [r[f"updates.{m}.intruders"] for r in at_chosen[m]] for m in METHODS}
         out["intruders"] = {m: dict(zip(("mean", "sd"), mean_sd(v))) for m, v in by_seed.items()}
         out["lora_minus_full_intruders"] = t_interval([b - a for a, b in zip(by_seed["full"], by_seed["lora"])])

@@ -28,6 +28,14 @@ DEMO = Path("assets/demo-params.yaml")  # the demo sandbox's overrides, sized fo
 DEMO_ONLY = ("full.lr", "lora.lr", "train.checkpoint_every")
 
 
+def _number(value):
+    """A params value as a number where it reads as one (PyYAML reads 2e-3, without a dot, as text)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
 def demo_settings_left(p) -> str | None:
     """A warning when model.name is not the demo's but the rates are still the demo's (a sandbox
     made by make demo, then -S model.name=...): they suit a 64-wide random model, and train a real
@@ -36,7 +44,7 @@ def demo_settings_left(p) -> str | None:
         return None
     demo = flatten(yaml.safe_load(DEMO.read_text(encoding="utf-8")))
     mine = flatten(yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")))
-    kept = [f"{k} {mine[k]}" for k in DEMO_ONLY if mine.get(k) == demo.get(k)]
+    kept = [f"{k} {mine[k]}" for k in DEMO_ONLY if k in mine and _number(mine[k]) == _number(demo.get(k))]
     if p.model.name == demo.get("model.name") or len(kept) < 2:
         return None
     return (f"check_params: warning: model.name is {p.model.name}, but {', '.join(kept)} are the demo's settings for "

@@ -66,8 +66,7 @@ def main() -> None:
     write_arrays(args.values, values)
     write_json(args.info, {"layers": rows, "seconds": round(seconds, 3), "energy": u.energy, "top_k": u.top_k,
                            "epsilon": u.epsilon, "lora_r": p.lora.r, "lora_variant": lora.variant(p.lora),
-                           "lora_base": "the 4-bit (nf4) base it trained against, dequantized" if four_bit
-                           else "the full-precision base", "layout": "out x in (Conv1D transposed); a fused "
+                           "lora_base": _lora_base(p.lora) if four_bit else "the full-precision base", "layout": "out x in (Conv1D transposed); a fused "
                            "query-key-value layer as one matrix", "device": runtime.device_name(device)})
     write_json(args.out, {"updates": summary})
     f, lo = summary["full"], summary["lora"]
@@ -75,6 +74,17 @@ def main() -> None:
           f"{f['effective_rank']:.1f} on average (LoRA's r {p.lora.r}, its update's measured rank {lo['rank']:.1f}), "
           f"intruder dimensions: full {f['intruders']}, LoRA {lo['intruders']}; wrote {args.out}, {args.info}, "
           f"{args.values}")
+
+
+def _lora_base(p_lora) -> str:
+    """What LoRA on a 4-bit base is measured against. Its update is merged on the full-precision base and
+    added to the dequantized one: exact for plain LoRA (B A), not for DoRA (its magnitude rescales by the
+    base's column norms) nor a PiSSA or OLoRA init (the 4-bit base that trained was their residual)."""
+    text = "the 4-bit (nf4) base it trained against, dequantized"
+    if p_lora.use_dora or lora.reshapes_base(p_lora):
+        text += (" (with its update as merged on the full-precision base: an approximation for DoRA and for a "
+                 "PiSSA or OLoRA init)")
+    return text
 
 
 if __name__ == "__main__":

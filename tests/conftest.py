@@ -292,23 +292,25 @@ def hanging_network():
     try:
         yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
     finally:
+        try:
+            server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (close alone does not, on Linux)
+        except OSError:
+            pass
         server.close()
         listener.join(5)
         for conn in seen:
             conn.close()
 
 
-# What a newcomer has not exported: the Hub's and transformers' offline switches, DVC's analytics
-# switch, and any proxy exemption.
-UNEXPORTED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "DVC_NO_ANALYTICS", "HF_ENDPOINT")
-
-
 def behind_a_hanging_network(url: str) -> dict:
-    """This process's environment as a newcomer's behind a silent firewall: none of UNEXPORTED,
-    and every proxy variable and the Hub's endpoint pointing at `url`."""
-    env = {k: v for k, v in os.environ.items() if k not in UNEXPORTED and k.lower() != "no_proxy"}
+    """This process's environment as a newcomer's behind a silent firewall: no Hugging Face variable
+    (no offline switch, nor any other that could keep a client off the network) but this run's
+    HF_HOME, no TRANSFORMERS_OFFLINE, no DVC_NO_ANALYTICS, no proxy exemption; every proxy variable and
+    the Hub's endpoint pointing at `url`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE", "DVC_NO_ANALYTICS")) and k.lower() != "no_proxy"}
     proxies = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-    return env | dict.fromkeys(proxies, url) | {"HF_ENDPOINT": url}
+    return env | dict.fromkeys(proxies, url) | {"HF_ENDPOINT": url, "HF_HOME": os.environ["HF_HOME"]}
 
 
 def demo_record(tmp_path_factory) -> Path:
@@ -338,14 +340,13 @@ def demo_build(tmp_path_factory):
                 with sandbox.warm_server(env, export=False) as address:
                     sandbox.make_sandbox(dest, SETTINGS)
                     first = subprocess.run(["dvc", "repro"], cwd=dest, env=env | {"FTSTUDY_WARM": address or ""},
-                                           capture_output=True, text=True)
+                                           capture_output=True, text=True, timeout=900)
                 connections = len(seen)
             if first.returncode != 0:
                 raise sandbox.DvcError(f"dvc repro failed ({first.returncode}):\n{first.stdout}\n{first.stderr}")
             # As a user would (and make demo does): commit the baseline that experiments compare against.
             subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
             subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dest, check=True)
-            record.write_text(json.dumps({"stdout": first.stdout, "stderr": first.stderr, "connections": connections,
-                                          "unexported": [k for k in UNEXPORTED if k in env and k != "HF_ENDPOINT"]}))
+            record.write_text(json.dumps({"stdout": first.stdout, "stderr": first.stderr, "connections": connections}))
     first = json.loads(record.read_text())
     return dest, subprocess.CompletedProcess(["dvc", "repro"], 0, first["stdout"], first["stderr"]), outcome(dest)

@@ -114,3 +114,38 @@ def test_chat_prompts_read_without_glued_role_names_and_answers_stop_at_the_end_
     gpt2 = modeling.load_tokenizer(TINY_MODEL)
     assert generation.stop_ids(gpt2) == [gpt2.eos_token_id]
     assert generation.readable_prompt(gpt2, gpt2("The town of")["input_ids"]) == "The town of"
+
+
+class ShortAnswers:
+    """Held-out examples as answer_heldout reads them (ex.example(i)[0], ex.last_answer(i)): prompts of
+    different lengths, each followed by a short reference, so that batches mix lengths within the
+    tiny model's 128-token context."""
+
+    def __init__(self, tok, texts):
+        self.rows = [tok(prompt)["input_ids"] + tok(answer)["input_ids"] for prompt, answer in texts]
+        self.starts = [len(tok(prompt)["input_ids"]) for prompt, _ in texts]
+
+    def example(self, i):
+        return torch.tensor(self.rows[i]), None
+
+    def last_answer(self, i):
+        return self.starts[i], len(self.rows[i])
+
+
+def test_held_out_answers_left_padded_in_batches_equal_those_one_at_a_time():
+    model = modeling.load_for_eval(TINY_MODEL, TINY_MODEL, str(TINY_MODEL))
+    tok = modeling.load_tokenizer(TINY_MODEL)
+    texts = [("The town of", " Dunvin is"), ("= Sulalwen = Historians such as Tharard have", " described the"),
+             ("The river", " Sulthar is 29 km"), ("= Ardesetor = The town holds a market every", " day ."),
+             ("Its main tributary , the", " Dunese"), ("The name Tharcor is derived from the old word for", " the")]
+    ex = ShortAnswers(tok, texts)
+    indices = list(range(len(texts)))
+    lengths = [ex.starts[i] for i in indices]
+    rooms = [generation.answer_room(*ex.last_answer(i), 128) for i in indices]
+    batches = generation._batches(sorted(indices, key=lengths.__getitem__), lengths, rooms, 4, 128)
+    assert any(len({lengths[k] for k in batch}) > 1 for batch in batches)  # left padding is exercised
+    with torch.no_grad():
+        one, four = (generation.answer_heldout(model, tok, ex, indices, 128, torch.device("cpu"), size)
+                     for size in (1, 4))
+    assert [a["answer"] for a in four] == [a["answer"] for a in one]
+    assert [a["example"] for a in four] == indices and len({a["answer"] for a in one}) > 1

@@ -104,3 +104,27 @@ def test_full_fine_tuning_at_a_tiny_rate_gains_no_intruder_on_the_demo(tmp_path,
     assert len(numbers) == 8 and all(max(w.shape) <= 256 and min(w.shape) == 64 for w in pre.values())
     assert sum(n["relative_norm"] for n in numbers.values()) > 0  # it did train
     assert {name: n["intruders"] for name, n in numbers.items() if n["intruders"]} == {}
+
+
+def test_the_finding_sets_the_updates_beside_compares_forgetting_call_and_claims_no_cause():
+    from ftstudy.report import update_report
+
+    numbers = {"matrices": 8, "effective_rank": 27.75, "rank": 8.0, "intruders": 37, "intruders_per_matrix": 4.625}
+    updates_ = {"full": numbers | {"intruders": 1, "intruders_per_matrix": 0.125, "rank": 64.0},
+                "lora": numbers | {"effective_rank": 6.4}, "info": {"energy": 0.9, "lora_r": 8}}
+
+    def pair(ratio, lo, hi):
+        return {"ratio": ratio, "lo": lo, "hi": hi, "unit": "chunks"}
+
+    forgot = {"g": {"full_vs_pretrained": pair(4.0, 3.9, 4.1), "lora_vs_pretrained": pair(2.2, 2.1, 2.3),
+                    "full_vs_lora": pair(1.8, 1.7, 1.9)}}
+    text = update_report.finding(updates_, forgot)[0]
+    assert text.startswith("Full fine-tuning's update took an effective rank of 27.8 on average to hold 90% of its "
+                           "change, against LoRA's r of 8 (its update's measured rank 8.0); LoRA's matrices gained 37 "
+                           "intruder dimensions (4.62 per matrix), full fine-tuning's 1.")
+    assert "on g LoRA retained more of the general text" in text and "nothing in it shows that one causes" in text
+    # Both improved on general text: no method "retained more", whatever their ratio to each other.
+    better = {"g": {"full_vs_pretrained": pair(0.9, 0.85, 0.95), "lora_vs_pretrained": pair(0.8, 0.75, 0.85),
+                    "full_vs_lora": pair(1.12, 1.05, 1.2)}}
+    assert "on g neither method forgot measurably" in update_report.finding(updates_, better)[0]
+    assert update_report.finding({}, forgot) == []

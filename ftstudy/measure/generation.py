@@ -169,6 +169,11 @@ def heldout_prompts(tokenizer, ex, indices: list[int]) -> list[tuple[str, list[i
     return [(readable_prompt(tokenizer, ids), ids) for ids in prompts]
 
 
+def answer_room(start: int, end: int, context: int | None) -> int:
+    """How many tokens a held-out answer may take: twice its reference's, within the context."""
+    return 2 * (end - start) if context is None else max(1, min(2 * (end - start), context - start))
+
+
 def _batches(order: list[int], lengths: list[int], rooms: list[int], size: int, context: int | None) -> list[list[int]]:
     """`order` cut into batches of at most `size` whose longest prompt plus largest answer limit fits
     the context: every row of a batch generates as many tokens as its largest limit."""
@@ -196,10 +201,7 @@ def answer_heldout(model, tokenizer, ex, indices: list[int], context: int | None
     tiny models give the same answers)."""
     stops = stop_ids(tokenizer)
     prompts = heldout_prompts(tokenizer, ex, indices)
-    rooms = []
-    for i in indices:
-        start, end = ex.last_answer(i)
-        rooms.append(2 * (end - start) if context is None else max(1, min(2 * (end - start), context - start)))
+    rooms = [answer_room(*ex.last_answer(i), context) for i in indices]
     answers: dict[int, list[int]] = {}
     for batch in _batches(sorted(range(len(indices)), key=lambda k: len(prompts[k][1])),
                           [len(ids) for _, ids in prompts], rooms, batch_size, context):

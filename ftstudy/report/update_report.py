@@ -35,7 +35,8 @@ def section(updates: dict, labels: dict, picture: list[str]) -> list[str]:
             task_report.table(rows, ["Layer type", "Matrices", "Full: effective rank", "LoRA: r / measured rank",
                                      "LoRA: effective rank", "Intruders: full (per matrix)",
                                      "Intruders: LoRA (per matrix)", "‖ΔW‖/‖W‖ full", "‖ΔW‖/‖W‖ LoRA"]), "",
-            f"At each of the {s['full']['matrices']} matrices {labels['lora']} wraps (at most {widest} wide here), "
+            f"At each of the {s['full']['matrices']} matrices {info['lora_variant']} wraps (at most {widest} wide "
+            "here), "
             f"ΔW is the fine-tuned matrix minus the pretrained one. Its effective rank is the fewest singular values "
             f"holding {info['energy']:.0%} of its squared norm (Biderman et al. 2024), a mean over matrices; its "
             "measured rank counts the singular values above float32's noise. An intruder dimension is one of a "
@@ -64,12 +65,17 @@ def finding(updates: dict, forgetting: dict) -> list[str]:
             f"{info['energy']:.0%} of its change, against LoRA's r of {info['lora_r']} (its update's measured rank "
             f"{lora['rank']:.1f}); LoRA's matrices gained {lora['intruders']} intruder dimensions "
             f"({lora['intruders_per_matrix']:.2f} per matrix), full fine-tuning's {full['intruders']}")
-    if forgetting:
+    if forgetting:  # compare's call, by the rule of the forgetting finding (ftstudy/report/findings.py)
         name, pairs = next(iter(forgetting.items()))
-        between = paired_verdict(pairs["full_vs_lora"])
-        kept = {"higher": "LoRA retained more of the general text", "lower": "full fine-tuning retained more of "
-                "the general text", "tie": "which method retained more of the general text is within its paired "
-                "interval"}.get(between, "no call on forgetting was made (too few units)")
+        verdicts = {k: paired_verdict(pairs[k]) for k in ("full_vs_pretrained", "lora_vs_pretrained", "full_vs_lora")}
+        if "too few" in verdicts.values():
+            kept = "no call on forgetting was made (too few units)"
+        elif "higher" not in (verdicts["full_vs_pretrained"], verdicts["lora_vs_pretrained"]):
+            kept = "neither method forgot measurably"
+        else:
+            kept = {"higher": "LoRA retained more of the general text", "lower": "full fine-tuning retained more of "
+                    "the general text"}.get(verdicts["full_vs_lora"], "which method retained more of the general text "
+                                                                       "is within its paired interval")
         text += f". Beside them, on {name} {kept}"
     return [text + ". One run: these go together here, and nothing in it shows that one causes the other."]
 
