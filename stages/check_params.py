@@ -25,15 +25,6 @@ from ftstudy.config import PARAMS_FILE, ConfigError, flatten, load_params
 from ftstudy.errors import run_stage
 
 DEMO = Path("assets/demo-params.yaml")  # the demo sandbox's overrides, sized for its tiny model
-DEMO_ONLY = ("full.lr", "lora.lr", "train.checkpoint_every")
-
-
-def _number(value):
-    """A params value as a number where it reads as one (PyYAML reads 2e-3, without a dot, as text)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
 
 
 def demo_settings_left(p) -> str | None:
@@ -43,8 +34,8 @@ def demo_settings_left(p) -> str | None:
     if not DEMO.is_file():
         return None
     demo = flatten(yaml.safe_load(DEMO.read_text(encoding="utf-8")))
-    mine = flatten(yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")))
-    kept = [f"{k} {mine[k]}" for k in DEMO_ONLY if k in mine and _number(mine[k]) == _number(demo.get(k))]
+    mine = {"full.lr": p.full.lr, "lora.lr": p.lora.lr, "train.checkpoint_every": p.train.checkpoint_every}
+    kept = [f"{k} {v}" for k, v in mine.items() if v == demo.get(k)]
     if p.model.name == demo.get("model.name") or len(kept) < 2:
         return None
     return (f"check_params: warning: model.name is {p.model.name}, but {', '.join(kept)} are the demo's settings for "

@@ -55,8 +55,6 @@ def main() -> None:
     for method, load in (("full", lambda: modeling.load_causal_lm(args.full)), ("lora", merged)):
         with torch.no_grad():
             fine_tuned = updates.matrices(load(), names, device)
-            if method == "lora" and base is not None:  # its update, applied to the 4-bit base it trained against
-                fine_tuned = {n: base[n] + (fine_tuned[n] - pretrained[n]) for n in names}
             numbers[method], by_layer = updates.measure_method(pretrained, vectors, fine_tuned, u.energy, u.top_k,
                                                                u.epsilon, base if method == "lora" else None)
         values |= {f"{method}/{n}": v.numpy() for n, v in by_layer.items()}
@@ -66,8 +64,9 @@ def main() -> None:
     write_arrays(args.values, values)
     write_json(args.info, {"layers": rows, "seconds": round(seconds, 3), "energy": u.energy, "top_k": u.top_k,
                            "epsilon": u.epsilon, "lora_r": p.lora.r, "lora_variant": lora.variant(p.lora),
-                           "lora_base": _lora_base(p.lora) if four_bit else "the full-precision base", "layout": "out x in (Conv1D transposed); a fused "
-                           "query-key-value layer as one matrix", "device": runtime.device_name(device)})
+                           "lora_base": _lora_base(p.lora) if four_bit else "the full-precision base",
+                           "layout": "out x in (Conv1D transposed); a fused query-key-value layer as one matrix",
+                           "device": runtime.device_name(device)})
     write_json(args.out, {"updates": summary})
     f, lo = summary["full"], summary["lora"]
     print(f"updates: {len(rows)} matrices in {seconds:.1f} s; full fine-tuning's effective rank "

@@ -117,14 +117,17 @@ def measure_method(pretrained: dict[str, torch.Tensor], vectors: dict[str, torch
                    fine_tuned: dict[str, torch.Tensor], energy: float, top_k: int, epsilon: float,
                    base: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """One method's numbers and update singular values per layer (name -> out × in matrix).
-    `vectors` are the pre-trained matrices' left singular vectors; `base`, where the method trained
-    against other pre-trained weights than `pretrained` (a 4-bit base, dequantized), is what its
-    update and intruders are measured against instead."""
+    `vectors` are the pre-trained matrices' left singular vectors. `base`, where the method trained
+    against other pre-trained weights than `pretrained` (a 4-bit base, dequantized): its update
+    (fine-tuned − pretrained, as merged on the full-precision weights) is applied to that base, and
+    measured against it."""
     numbers, values = {}, {}
     for name, w in pretrained.items():
-        against = w if base is None else base[name]
-        numbers[name], values[name] = update_numbers(against, fine_tuned[name], energy, top_k, epsilon,
-                                                     vectors[name] if base is None else None)
+        if base is None:
+            numbers[name], values[name] = update_numbers(w, fine_tuned[name], energy, top_k, epsilon, vectors[name])
+        else:
+            numbers[name], values[name] = update_numbers(base[name], base[name] + (fine_tuned[name] - w), energy,
+                                                         top_k, epsilon)
     return numbers, values
 
 
@@ -165,5 +168,6 @@ def dequantized_4bit(base_dir, names: list[str], device: torch.device | None = N
         module = model.get_submodule(name)
         weight = module.weight
         state = getattr(weight, "quant_state", None)
-        out[name] = (bnb.dequantize_4bit(weight.data, state) if state is not None else as_matrix(module)).float().to(device)
+        matrix = bnb.dequantize_4bit(weight.data, state) if state is not None else as_matrix(module)
+        out[name] = matrix.float().to(device)
     return out

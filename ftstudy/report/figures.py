@@ -3,7 +3,8 @@
 - val_loss.png: validation loss against training seconds, both methods;
 - test_ppl.png: each model's test perplexity with its 95% interval (none drawn where there is none);
 - tradeoff.png: learning against forgetting, test perplexity against the first general set's;
-- tasks.png: each benchmark score against test perplexity, one point per model, with both intervals.
+- tasks.png: each benchmark score against test perplexity, one point per model, with both intervals;
+- updates.png: what each method changed (stage updates), per matrix against depth.
 
 PNG files of a few tens of kB, written atomically; the report links them beside its tables, which
 say the same in numbers.
@@ -86,7 +87,8 @@ def tradeoff(ev: dict, general: str, labels: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
-def draw(ev: dict, curves: dict, labels: dict, folder: Path, tasks: dict | None = None) -> list[tuple[str, str]]:
+def draw(ev: dict, curves: dict, labels: dict, folder: Path, tasks: dict | None = None,
+         updates: dict | None = None) -> list[tuple[str, str]]:
     """Every picture into `folder`: (alt text, file name) for each, in the report's order."""
     folder = Path(folder)
     val_loss(curves, labels, folder / "val_loss.png")
@@ -99,6 +101,8 @@ def draw(ev: dict, curves: dict, labels: dict, folder: Path, tasks: dict | None 
     if tasks and tasks["pretrained"]:
         tasks_vs_ppl(ev, tasks, labels, folder / "tasks.png")
         out.append(("Task scores against test perplexity", "tasks.png"))
+    if updates and (alt := updates_by_depth(updates, labels, folder / "updates.png")):
+        out.append((alt, "updates.png"))
     return out
 
 
@@ -131,3 +135,44 @@ def tasks_vs_ppl(ev: dict, tasks: dict, labels: dict, path: Path) -> None:
         ax.set_title(task, fontsize=9)
     axes.flat[0].legend(fontsize=7)
     _save(plt, fig, path)
+
+
+def updates_by_depth(updates: dict, labels: dict, path: Path) -> str | None:
+    """Stage updates' numbers per matrix against depth: full fine-tuning's effective rank (LoRA's r
+    as a line), and each method's intruder count. Returns the alt text, or None when there is
+    nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    info = updates["info"]
+    layers = [row for row in info["layers"] if row["depth"] is not None]
+    if not layers:
+        return None
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(7.2, 3.4), dpi=100)
+    ax.grid(alpha=0.3)
+    marker = {"attention": "o", "mlp": "s", "other": "^"}
+    for kind in sorted({row["type"] for row in layers}):
+        rows = [row for row in layers if row["type"] == kind]
+        x = [row["depth"] for row in rows]
+        ax.scatter(x, [row["full"]["effective_rank"] for row in rows], marker=marker[kind], color=COLORS["full"],
+                   label=f"{labels['full']}: {kind}", s=22)
+        for offset, method in ((-0.1, "full"), (0.1, "lora")):
+            right.scatter([d + offset for d in x], [row[method]["intruders"] for row in rows], marker=marker[kind],
+                          color=COLORS[method], s=22, label=f"{labels[method]}: {kind}")
+    ax.axhline(info["lora_r"], color=COLORS["lora"], linestyle="--", label=f"LoRA's r ({info['lora_r']})")
+    ax.set_xlabel("block (depth)")
+    ax.set_ylabel(f"effective rank ({info['energy']:.0%} of ‖ΔW‖²)")
+    ax.set_title("Full fine-tuning's update rank", fontsize=9)
+    ax.legend(fontsize=6)
+    right.grid(alpha=0.3)
+    for panel in (ax, right):
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("block (depth)")
+    right.set_ylabel(f"intruders among the top {info['top_k']}")
+    right.set_title("Intruder dimensions per matrix", fontsize=9)
+    right.legend(fontsize=6)
+    _save(plt, fig, path)
+    return "Effective rank of full fine-tuning's update and intruder dimensions, per matrix against depth"

@@ -121,6 +121,17 @@ def perplexity_finding(ev: dict, paired: dict, bootstrap: dict) -> list[str]:
     return out
 
 
+def retained(pairs: dict) -> str:
+    """compare's forgetting call on one general set: "too few" (units for an interval), "none" (neither
+    method's paired interval lies above the pretrained model's), else which method retains more,
+    "lora" or "full", or "tie" (within the paired interval of the two)."""
+    if any(paired_verdict(pair) == "too few" for pair in pairs.values()):
+        return "too few"
+    if "higher" not in (paired_verdict(pairs["full_vs_pretrained"]), paired_verdict(pairs["lora_vs_pretrained"])):
+        return "none"
+    return {"higher": "lora", "lower": "full"}.get(paired_verdict(pairs["full_vs_lora"]), "tie")
+
+
 def forgetting_finding(ev: dict, forgetting: dict, bootstrap: dict) -> list[str]:
     """Per general set: each method's change against the pretrained model, called from the paired
     interval of their ratio (the same tokens scored by both), and which method kept more."""
@@ -130,23 +141,20 @@ def forgetting_finding(ev: dict, forgetting: dict, bootstrap: dict) -> list[str]
         text = (f"On general text ({name}), perplexity changed {change(pairs['full_vs_pretrained'])} after full "
                 f"fine-tuning and {change(pairs['lora_vs_pretrained'])} after LoRA, against the pretrained model's "
                 f"{base['ppl']:.2f}")
-        if any(paired_verdict(pair) == "too few" for pair in pairs.values()):
+        call = retained(pairs)
+        if call == "too few":
             out.append(f"{text}; but {too_small('the set', pairs['full_vs_pretrained'], bootstrap)}.")
             continue
-        forgot = {k: paired_verdict(pairs[f"{k}_vs_pretrained"]) == "higher" for k in ("full", "lora")}
-        if not any(forgot.values()):
+        if call == "none":
             # in the terms the changes are printed in: a factor (1x) or a percentage (+0%)
             none = "1x" if any(by_ratio(pairs[f"{k}_vs_pretrained"]) for k in ("full", "lora")) else "+0%"
             text += f"; neither paired interval lies wholly above {none}: no measurable forgetting."
+        elif call == "tie":
+            text += (f"; which method retains more is within the paired interval (full fine-tuning over LoRA: "
+                     f"{_ratio(pairs['full_vs_lora'])}).")
         else:
-            between = paired_verdict(pairs["full_vs_lora"])
-            if between == "tie":
-                text += (f"; which method retains more is within the paired interval (full fine-tuning over LoRA: "
-                         f"{_ratio(pairs['full_vs_lora'])}).")
-            else:
-                less = "lora" if between == "higher" else "full"
-                text += (f"; {NAMES[less]} retains more of the pretrained model's general ability (full "
-                         f"fine-tuning over LoRA: {_ratio(pairs['full_vs_lora'])}).")
+            text += (f"; {NAMES[call]} retains more of the pretrained model's general ability (full "
+                     f"fine-tuning over LoRA: {_ratio(pairs['full_vs_lora'])}).")
         out.append(text)
     return out
 

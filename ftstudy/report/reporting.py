@@ -324,10 +324,8 @@ def render(r: Inputs, figures_dir: Path | None = None, link: str = "") -> str:
     pictures = {}
     labels = {m: r.label(m) for m in MODELS}
     if figures_dir is not None:
-        for alt, name in figures.draw(r.ev, r.curves, labels, figures_dir, r.tasks):
+        for alt, name in figures.draw(r.ev, r.curves, labels, figures_dir, r.tasks, r.updates):
             pictures[name] = (alt, link + name)
-        if alt := update_report.figure(r.updates, labels, Path(figures_dir) / "updates.png"):
-            pictures["updates.png"] = (alt, link + "updates.png")
     found += [named(f, r.tr) for f in update_report.finding(r.updates, r.compare["forgetting"])]
     return "\n".join([*headline(r), *_picture(pictures, "test_ppl.png"), *efficiency(r), *validation(r),
                       *_picture(pictures, "val_loss.png"), *quality(r), *_picture(pictures, "tradeoff.png"),

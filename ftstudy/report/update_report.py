@@ -1,14 +1,15 @@
 """The report's section on what each method changed in the weights (stage updates): per layer type,
 full fine-tuning's effective rank beside LoRA's r and its update's measured rank, each method's
-intruder dimensions and the update's size; its picture (per layer, against depth); and a finding
-that puts them beside the forgetting compare measured, with no causal claim."""
+intruder dimensions and the update's size (its picture, per matrix against depth, is
+ftstudy.report.figures.updates_by_depth); and a finding that puts them beside the forgetting compare
+measured, with no causal claim."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ftstudy.report import task_report
-from ftstudy.report.findings import paired_verdict
+from ftstudy.report.findings import retained
 
 METHODS = ("full", "lora")
 
@@ -65,60 +66,11 @@ def finding(updates: dict, forgetting: dict) -> list[str]:
             f"{info['energy']:.0%} of its change, against LoRA's r of {info['lora_r']} (its update's measured rank "
             f"{lora['rank']:.1f}); LoRA's matrices gained {lora['intruders']} intruder dimensions "
             f"({lora['intruders_per_matrix']:.2f} per matrix), full fine-tuning's {full['intruders']}")
-    if forgetting:  # compare's call, by the rule of the forgetting finding (ftstudy/report/findings.py)
+    if forgetting:  # compare's call, as the forgetting finding makes it
         name, pairs = next(iter(forgetting.items()))
-        verdicts = {k: paired_verdict(pairs[k]) for k in ("full_vs_pretrained", "lora_vs_pretrained", "full_vs_lora")}
-        if "too few" in verdicts.values():
-            kept = "no call on forgetting was made (too few units)"
-        elif "higher" not in (verdicts["full_vs_pretrained"], verdicts["lora_vs_pretrained"]):
-            kept = "neither method forgot measurably"
-        else:
-            kept = {"higher": "LoRA retained more of the general text", "lower": "full fine-tuning retained more of "
-                    "the general text"}.get(verdicts["full_vs_lora"], "which method retained more of the general text "
-                                                                       "is within its paired interval")
+        kept = {"too few": "no call on forgetting was made (too few units)",
+                "none": "neither method forgot measurably", "lora": "LoRA retained more of the general text",
+                "full": "full fine-tuning retained more of the general text",
+                "tie": "which method retained more of the general text is within its paired interval"}[retained(pairs)]
         text += f". Beside them, on {name} {kept}"
     return [text + ". One run: these go together here, and nothing in it shows that one causes the other."]
-
-
-def figure(updates: dict, labels: dict, path: Path) -> str | None:
-    """Per matrix against depth: full fine-tuning's effective rank (LoRA's r as a line), and each
-    method's intruder count. Returns the alt text, or None when there is nothing to draw."""
-    if not updates:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    from ftstudy.report.figures import COLORS, _save
-
-    info = updates["info"]
-    layers = [row for row in info["layers"] if row["depth"] is not None]
-    if not layers:
-        return None
-    fig, (ax, right) = plt.subplots(1, 2, figsize=(7.2, 3.4), dpi=100)
-    ax.grid(alpha=0.3)
-    marker = {"attention": "o", "mlp": "s", "other": "^"}
-    for kind in sorted({row["type"] for row in layers}):
-        rows = [row for row in layers if row["type"] == kind]
-        x = [row["depth"] for row in rows]
-        ax.scatter(x, [row["full"]["effective_rank"] for row in rows], marker=marker[kind], color=COLORS["full"],
-                   label=f"{labels['full']}: {kind}", s=22)
-        for offset, method in ((-0.1, "full"), (0.1, "lora")):
-            right.scatter([d + offset for d in x], [row[method]["intruders"] for row in rows], marker=marker[kind],
-                          color=COLORS[method], s=22, label=f"{labels[method]}: {kind}")
-    ax.axhline(info["lora_r"], color=COLORS["lora"], linestyle="--", label=f"LoRA's r ({info['lora_r']})")
-    ax.set_xlabel("block (depth)")
-    ax.set_ylabel(f"effective rank ({info['energy']:.0%} of ‖ΔW‖²)")
-    ax.set_title("Full fine-tuning's update rank", fontsize=9)
-    ax.legend(fontsize=6)
-    right.grid(alpha=0.3)
-    for panel in (ax, right):
-        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_xlabel("block (depth)")
-    right.set_ylabel(f"intruders among the top {info['top_k']}")
-    right.set_title("Intruder dimensions per matrix", fontsize=9)
-    right.legend(fontsize=6)
-    _save(plt, fig, path)
-    return "Effective rank of full fine-tuning's update and intruder dimensions, per matrix against depth"
